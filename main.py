@@ -1,0 +1,18 @@
+"""Cloud Functions entry points. The work lives in sona/; this file only names the targets."""
+
+import functions_framework
+from flask import Request, Response
+
+from sona import handlers
+
+
+@functions_framework.http
+def process_job(request: Request) -> Response:
+    """Database webhook on INSERT into jobs."""
+    return handlers.process_job(request)
+
+
+@functions_framework.http
+def reclaim_jobs(request: Request) -> Response:
+    """Cloud Scheduler: recover crashed, timed-out and lost jobs."""
+    return handlers.reclaim_jobs(request)

@@ -1,0 +1,74 @@
+"""`python -m sona COMMAND`: validate, demo, dev, reclaim, webhook-sql, stats, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sona.config import ConfigError, load_settings
+
+
+def _validate(_: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for warning in settings.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    print(
+        f"Configuration is valid (function timeout {settings.function_timeout_s} s, "
+        f"lease {settings.lease_seconds} s, model {settings.stable_audio_model})."
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sona.local.demo import demo
+
+    return demo(args.prompt, args.duration, args.quality)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from sona.local.demo import dev
+
+    return dev(args.json)
+
+
+def _reclaim(_: argparse.Namespace) -> int:
+    from sona.errors import DatabaseUnavailable
+    from sona.reclaim import run_reclaim
+    from sona.services import Services
+
+    try:
+        summary = run_reclaim(Services(load_settings()))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except DatabaseUnavailable as exc:
+        print(f"reclaim failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sona", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("validate", help="check the configuration").set_defaults(run=_validate)
+    demo = commands.add_parser("demo", help="run one job end to end on the local stack")
+    demo.add_argument("prompt")
+    demo.add_argument("--duration", type=int, default=10)
+    demo.add_argument("--quality", choices=["low", "medium", "high"], default="medium")
+    demo.set_defaults(run=_demo)
+    dev = commands.add_parser("dev", help="run the local stack until interrupted")
+    dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
+    dev.set_defaults(run=_dev)
+    commands.add_parser("reclaim", help="run reclaim_jobs once").set_defaults(run=_reclaim)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

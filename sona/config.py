@@ -1,0 +1,178 @@
+"""Settings from the environment (and an optional .env), validated all at once."""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/audio/stable-audio-2"
+# The earlier worker's default: not a real route, so validation warns about it.
+OLD_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/stable-audio"
+
+# Cloud Functions 2nd gen caps an HTTP function at 3600 s.
+MAX_FUNCTION_TIMEOUT_S = 3600
+# The function's --timeout is the job budget plus this, so the platform never kills a job
+# that is still recording its own failure.
+FUNCTION_TIMEOUT_MARGIN_S = 10
+# The lease outlives the invocation by this much, so reclaim never races a live invocation.
+LEASE_MARGIN_S = 30
+
+SECRET_FIELDS = ("supabase_service_role_key", "stable_audio_api_key", "webhook_secret")
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class ConfigError(Exception):
+    """Every configuration problem at once, in one readable message (never a secret value)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        hide_input_in_errors=True,
+    )
+
+    # Required.
+    supabase_url: str = Field(description="Supabase project URL, e.g. https://abc.supabase.co")
+    supabase_service_role_key: SecretStr = Field(description="Supabase service role key")
+    stable_audio_api_key: SecretStr = Field(description="Stability AI API key")
+    webhook_secret: SecretStr = Field(
+        description="Shared secret the database webhook sends in X-Webhook-Secret"
+    )
+
+    # Provider.
+    stable_audio_api_url: str = DEFAULT_STABLE_AUDIO_API_URL
+    stable_audio_model: Literal["stable-audio-2.5", "stable-audio-2"] = "stable-audio-2.5"
+    stable_audio_cfg_scale: float | None = Field(default=None, ge=1, le=25)
+    max_retries: int = Field(default=3, ge=0, le=10)
+    retry_delay_ms: int = Field(default=2000, ge=0)
+
+    # Jobs.
+    jobs_schema: str = "public"
+    jobs_table: str = "jobs"
+    job_timeout_ms: int = Field(default=300_000, ge=10_000)
+    deadline_margin_ms: int = Field(default=5_000, ge=1_000)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    max_concurrent_jobs: int = Field(default=2, ge=1, le=1000)
+    poll_interval_ms: int = Field(default=5000, ge=100)  # kept for the earlier worker's .env files
+    retry_backoff_cap_ms: int = Field(default=300_000, ge=0)
+
+    # Audio and storage.
+    mp3_bitrate: str = Field(default="192k", pattern=r"^\d{2,3}k$")
+    ffmpeg_binary: str | None = None
+    supabase_storage_bucket: str = "audio-files"
+    storage_path_prefix: str = "generated"
+    storage_public: bool = True
+    storage_signed_url_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    storage_file_size_limit: str = "100MB"
+
+    # Reclaim.
+    process_job_url: str | None = None
+    reclaim_grace_s: int = Field(default=60, ge=0)
+    reclaim_batch_size: int = Field(default=50, ge=1, le=10_000)
+    reclaim_concurrency: int = Field(default=8, ge=1, le=100)
+    reclaim_timeout_ms: int | None = Field(default=None, ge=10_000)
+    reclaim_schedule: str = "every 2 minutes"
+
+    log_level: LogLevel = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("supabase_url", "stable_audio_api_url", "process_job_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("storage_path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if ".." in value.split("/"):
+            raise ValueError("must not contain '..'")
+        return value
+
+    @model_validator(mode="after")
+    def _within_platform_limits(self) -> Settings:
+        if self.function_timeout_s > MAX_FUNCTION_TIMEOUT_S:
+            raise ValueError(
+                f"JOB_TIMEOUT_MS={self.job_timeout_ms} needs a function timeout of "
+                f"{self.function_timeout_s} s, above Cloud Functions' {MAX_FUNCTION_TIMEOUT_S} s"
+            )
+        if self.deadline_margin_ms >= self.job_timeout_ms // 2:
+            raise ValueError("DEADLINE_MARGIN_MS must be less than half of JOB_TIMEOUT_MS")
+        return self
+
+    # Everything below follows from JOB_TIMEOUT_MS, the one knob (DESIGN.md, Timeouts).
+    @property
+    def function_timeout_s(self) -> int:
+        return math.ceil(self.job_timeout_ms / 1000) + FUNCTION_TIMEOUT_MARGIN_S
+
+    @property
+    def lease_seconds(self) -> int:
+        return self.function_timeout_s + LEASE_MARGIN_S
+
+    @property
+    def job_budget_s(self) -> float:
+        """How long the pipeline may run before it records its own failure."""
+        return (self.job_timeout_ms - self.deadline_margin_ms) / 1000
+
+    @property
+    def reclaim_budget_s(self) -> float:
+        return (self.reclaim_timeout_ms or self.job_timeout_ms) / 1000 - self.deadline_margin_ms / 1000
+
+    @property
+    def webhook_timeout_ms(self) -> int:
+        return self.function_timeout_s * 1000
+
+    @cached_property
+    def secret_values(self) -> tuple[str, ...]:
+        values = (getattr(self, name).get_secret_value() for name in SECRET_FIELDS)
+        return tuple(v for v in values if len(v) >= 4)
+
+    def warnings(self) -> list[str]:
+        notes = []
+        if self.stable_audio_api_url.rstrip("/") == OLD_STABLE_AUDIO_API_URL:
+            notes.append(
+                f"STABLE_AUDIO_API_URL is the earlier worker's default {OLD_STABLE_AUDIO_API_URL}, "
+                f"which is not a real route; use {DEFAULT_STABLE_AUDIO_API_URL}"
+            )
+        return notes
+
+
+def _describe(error: dict[str, object]) -> str:
+    loc = error.get("loc") or ()
+    name = str(loc[0]).upper() if isinstance(loc, tuple) and loc else "configuration"
+    message = str(error.get("msg", "is invalid"))
+    if error.get("type") == "missing":
+        message = "is required but not set"
+    elif message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    if name == "CONFIGURATION":
+        return message
+    return f"{name} {message}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings; raise ConfigError listing every problem (values are never echoed)."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError([_describe(dict(e)) for e in exc.errors(include_input=False)]) from None

@@ -1,0 +1,42 @@
+"""The few kinds of failure the pipeline tells apart. Code branches on the kind, never on text."""
+
+from __future__ import annotations
+
+
+class SonaError(Exception):
+    """Base. `public_message` is what a musician may read in the plug-in: plain, no secrets."""
+
+    retryable = False
+
+    def __init__(self, public_message: str, *, detail: str | None = None) -> None:
+        super().__init__(public_message if detail is None else f"{public_message} ({detail})")
+        self.public_message = public_message
+        self.detail = detail
+
+
+class PermanentError(SonaError):
+    """Retrying cannot help (bad input, moderation, no credits): fail the job now."""
+
+
+class TransientError(SonaError):
+    """May work later (rate limit, 5xx, network): retry within the deadline, then release."""
+
+    retryable = True
+
+    def __init__(
+        self, public_message: str, *, detail: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(public_message, detail=detail)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(TransientError):
+    """The job's own budget ran out before the platform's timeout."""
+
+
+class DatabaseUnavailable(TransientError):
+    """The jobs store could not be reached: answer 503 and leave the row as it was."""
+
+
+class StaleLease(SonaError):
+    """A fenced write matched no row: the lease was reclaimed and this worker's result is dropped."""

@@ -1,0 +1,145 @@
+"""The jobs store: calls the state functions in SQL over PostgREST RPC and returns typed rows.
+
+Every transition lives in supabase/migrations; this module only names them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import httpx
+from postgrest import SyncPostgrestClient
+from postgrest.exceptions import APIError
+from pydantic import BaseModel
+
+from sona.config import Settings
+from sona.errors import DatabaseUnavailable, SonaError, StaleLease
+from sona.models import AudioInfo, ClaimedJob, Job
+
+# SQLSTATE classes and PostgREST codes that mean "the database is not reachable right now".
+_UNAVAILABLE_PREFIXES = ("08", "53", "57P", "PGRST000", "PGRST001", "PGRST002", "PGRST003")
+
+
+class StoreError(SonaError):
+    """The database answered with an error that retrying will not fix (a bug or a bad schema)."""
+
+
+class ReclaimAction(BaseModel):
+    job_id: uuid.UUID
+    action: str
+
+
+def _unavailable(code: str | None) -> bool:
+    if not code:  # e.g. the API gateway's own "Invalid API key": not an outage
+        return False
+    return code.startswith(_UNAVAILABLE_PREFIXES) or (code.isdigit() and code.startswith("5"))
+
+
+class JobsStore:
+    def __init__(self, settings: Settings, *, timeout_s: float = 10.0) -> None:
+        key = settings.supabase_service_role_key.get_secret_value()
+        self._settings = settings
+        self._client = SyncPostgrestClient(
+            f"{settings.supabase_url}/rest/v1",
+            schema=settings.jobs_schema,
+            headers={"apikey": key, "Authorization": f"Bearer {key}"},
+            http_client=httpx.Client(
+                headers={"apikey": key, "Authorization": f"Bearer {key}"},
+                timeout=timeout_s,
+            ),
+        )
+
+    def _rpc(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with _translated_errors(name):
+            data = self._client.rpc(name, cast(Any, params)).execute().data
+        return cast(list[dict[str, Any]], data or [])
+
+    def claim(self, job_id: uuid.UUID) -> ClaimedJob | None:
+        """Claim a pending job for this invocation; None when it is a duplicate or finished."""
+        rows = self._rpc(
+            "claim_job",
+            {
+                "p_job_id": str(job_id),
+                "p_lease_seconds": self._settings.lease_seconds,
+                "p_max_attempts": self._settings.max_attempts,
+            },
+        )
+        return ClaimedJob.model_validate(rows[0]) if rows else None
+
+    def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job:
+        rows = self._rpc(
+            "complete_job",
+            {
+                "p_job_id": str(job.id),
+                "p_lease_token": str(job.lease_token),
+                "p_wav_url": wav_url,
+                "p_mp3_url": mp3_url,
+                "p_audio": audio.model_dump(mode="json"),
+            },
+        )
+        return self._fenced(rows, job, "complete")
+
+    def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job:
+        """Fail the job, or release it for a retry with backoff when retryable and attempts remain."""
+        rows = self._rpc(
+            "fail_job",
+            {
+                "p_job_id": str(job.id),
+                "p_lease_token": str(job.lease_token),
+                "p_error": message,
+                "p_retryable": retryable,
+                "p_max_attempts": self._settings.max_attempts,
+                "p_base_delay_ms": self._settings.retry_delay_ms,
+                "p_max_delay_ms": self._settings.retry_backoff_cap_ms,
+            },
+        )
+        return self._fenced(rows, job, "fail")
+
+    def reclaim(self) -> list[ReclaimAction]:
+        """Expire lost leases and pick the jobs due for dispatch (single-flight in SQL)."""
+        rows = self._rpc(
+            "reclaim_jobs",
+            {
+                "p_max_attempts": self._settings.max_attempts,
+                "p_grace_seconds": self._settings.reclaim_grace_s,
+                "p_limit": self._settings.reclaim_batch_size,
+                "p_base_delay_ms": self._settings.retry_delay_ms,
+                "p_max_delay_ms": self._settings.retry_backoff_cap_ms,
+            },
+        )
+        return [ReclaimAction.model_validate(r) for r in rows]
+
+    def stats(self, window_hours: int) -> dict[str, Any]:
+        with _translated_errors("job_stats"):
+            data = self._client.rpc("job_stats", cast(Any, {"p_window_hours": window_hours})).execute().data
+        return cast(dict[str, Any], data or {})
+
+    @staticmethod
+    def _fenced(rows: list[dict[str, Any]], job: ClaimedJob, verb: str) -> Job:
+        if not rows:
+            raise StaleLease(
+                f"Dropped the {verb} of job {job.id}: its lease was reclaimed by another attempt"
+            )
+        return Job.model_validate(rows[0])
+
+
+@contextmanager
+def _translated_errors(name: str) -> Iterator[None]:
+    """PostgREST and network errors become the project's own kinds (by code, not by text)."""
+    try:
+        yield
+    except APIError as exc:
+        if _unavailable(exc.code):
+            raise DatabaseUnavailable(
+                "The job database is unavailable", detail=f"{name}: {exc.code}"
+            ) from None
+        raise StoreError(
+            "The job database rejected a request", detail=f"{name}: {exc.code} {exc.message}"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise DatabaseUnavailable(
+            "The job database is unavailable", detail=f"{name}: {type(exc).__name__}"
+        ) from None

@@ -1,0 +1,92 @@
+"""`python -m sona demo` and `python -m sona dev`: the local stack for a person at a terminal."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sona.local.database import REPO_ROOT
+from sona.local.stack import TERMINAL, LocalStack
+from sona.local.synth import LABEL
+
+DEMO_ROOT = REPO_ROOT / ".sona"
+
+
+def _banner(stack: LocalStack) -> str:
+    if stack.real_provider:
+        return "Provider: Stable Audio (STABLE_AUDIO_API_KEY is set; this call is paid)"
+    return f"Provider: {LABEL}.\n  Set STABLE_AUDIO_API_KEY to generate with the real model."
+
+
+def demo(prompt: str, duration: int, quality: str) -> int:
+    root = DEMO_ROOT / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"Starting the local stack in {root} ...", flush=True)
+    started = time.monotonic()
+    with LocalStack(root) as stack:
+        print(
+            f"Ready in {time.monotonic() - started:.1f} s: PostgreSQL, gateway {stack.supabase_url},"
+            f" process_job {stack.process_job_url}",
+            flush=True,
+        )
+        print(_banner(stack), flush=True)
+        job_id = stack.insert_job(prompt, duration, quality)
+        print(f"Inserted job {job_id} ({duration} s, {quality}): {prompt!r}", flush=True)
+        row = _follow(stack, job_id, stack.settings().job_timeout_ms / 1000 + 30)
+        _report(stack, row)
+        return 0 if row["status"] == "completed" else 1
+
+
+def _follow(stack: LocalStack, job_id: uuid.UUID, timeout_s: float) -> dict[str, Any]:
+    seen = None
+    started = time.monotonic()
+    while True:
+        row = stack.job(job_id)
+        if row["status"] != seen:
+            seen = row["status"]
+            print(
+                f"  {time.monotonic() - started:6.2f} s  {seen}"
+                f"{' (attempt ' + str(row['attempts']) + ')' if row['attempts'] else ''}",
+                flush=True,
+            )
+        if seen in TERMINAL or time.monotonic() - started > timeout_s:
+            return row
+        time.sleep(0.1)
+
+
+def _report(stack: LocalStack, row: dict[str, Any]) -> None:
+    shown = {
+        k: (str(v) if v is not None and not isinstance(v, (int, float, dict)) else v)
+        for k, v in row.items()
+        if k not in ("lease_token",)
+    }
+    print(json.dumps(shown, indent=2, default=str))
+    if row["status"] == "completed":
+        print(f"WAV: {row['wav_url']}\n     {stack.local_file(row['wav_url'])}")
+        print(f"MP3: {row['mp3_url']}\n     {stack.local_file(row['mp3_url'])}")
+        print("(The URLs are served while the stack runs; the files stay.)")
+    else:
+        print(f"Job {row['status']}: {row['error_message']}", file=sys.stderr)
+
+
+def dev(as_json: bool, root: Path | None = None) -> int:
+    root = root or DEMO_ROOT / "dev"
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalStack(root) as stack:
+        info = stack.describe()
+        if as_json:
+            print(json.dumps(info), flush=True)
+        else:
+            print(_banner(stack))
+            for key, value in info.items():
+                print(f"{key:>22}: {value}")
+            print("Running; Ctrl-C stops it.", flush=True)
+        stop.wait()
+    return 0

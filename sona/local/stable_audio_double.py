@@ -1,0 +1,298 @@
+"""A loopback stand-in for Stability AI's text-to-audio endpoint, following its documented contract.
+
+It validates requests like the real API (multipart only, bearer auth, field ranges and defaults),
+answers WAV or MP3 at 44.1 kHz stereo (or base64 JSON), overshoots the requested length like the
+real service, and can be scripted to answer any documented error, to be slow, or to send truncated
+or corrupt audio. It counts calls, so tests can assert how many paid generations happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+
+from werkzeug.formparser import parse_form_data
+
+from sona.local.synth import synthesize_wav
+
+# The real service returns about 61.6 s for a 60 s request.
+OVERSHOOT = 61.6 / 60
+MODELS = {"stable-audio-2": (30, 100, 50), "stable-audio-2.5": (4, 8, 8)}  # min, max, default steps
+
+ERRORS: dict[int, tuple[str, str]] = {
+    400: ("bad_request", "prompt: cannot be empty"),
+    401: ("unauthorized", "authorization: invalid or missing header value"),
+    402: (
+        "payment_required",
+        "You lack sufficient credits to make this request. Please purchase "
+        "more credits at https://platform.stability.ai/account/credits and try again.",
+    ),
+    403: (
+        "content_moderation",
+        "Your request was flagged by our content moderation system, as a "
+        "result your request was denied and you were not charged.",
+    ),
+    404: ("not_found", "The requested resource was not found."),
+    413: ("payload_too_large", "body: payloads cannot be larger than 10MiB in size"),
+    422: ("invalid_language", "English is the only supported language for this service."),
+    429: (
+        "rate_limit_exceeded",
+        "You have exceeded the rate limit of 150 requests within a 10 "
+        "second period, and have been timed out for 60 seconds.",
+    ),
+    500: ("internal_error", "An unexpected server error has occurred, please try again later."),
+    502: ("bad_gateway", "Bad gateway."),
+    503: ("service_unavailable", "The service is temporarily unavailable."),
+}
+
+CDN_403_HTML = b"<html><head><title>403 Forbidden</title></head><body><h1>403 Forbidden</h1></body></html>"
+
+Kind = Literal["ok", "error", "html403", "slow", "truncate", "corrupt", "empty", "drop", "filtered"]
+
+
+@dataclass
+class Behaviour:
+    """One scripted answer. `ok` is the default for an empty script."""
+
+    kind: Kind = "ok"
+    status: int = 200
+    delay_s: float = 0.0  # before the first byte
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Call:
+    headers: dict[str, str]
+    fields: dict[str, str]
+    content_type: str
+    answered: int = 0
+    paid: bool = False
+
+
+def error_body(status: int, errors: list[str] | None = None) -> bytes:
+    name, message = ERRORS.get(status, ("error", f"HTTP {status}"))
+    return json.dumps({"id": uuid.uuid4().hex, "name": name, "errors": errors or [message]}).encode()
+
+
+class StableAudioDouble:
+    def __init__(self, api_key: str, *, latency_s: float = 0.0, overshoot: float = OVERSHOOT) -> None:
+        self.api_key = api_key
+        self.latency_s = latency_s
+        self.overshoot = overshoot
+        self.calls: list[Call] = []
+        self._script: deque[Behaviour] = deque()
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self.url = ""
+
+    # -- control ---------------------------------------------------------------------------
+    def script(self, *behaviours: Behaviour) -> None:
+        with self._lock:
+            self._script.extend(behaviours)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._script.clear()
+            self.calls.clear()
+
+    @property
+    def paid_generations(self) -> int:
+        with self._lock:
+            return sum(1 for c in self.calls if c.paid)
+
+    @property
+    def call_count(self) -> int:
+        with self._lock:
+            return len(self.calls)
+
+    def _next(self) -> Behaviour:
+        with self._lock:
+            return self._script.popleft() if self._script else Behaviour()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        double = self
+
+        class Handler(_Handler):
+            owner = double
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="stable-audio").start()
+        self.url = f"http://{host}:{self._server.server_port}/v2beta/audio/stable-audio-2"
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # -- the contract ----------------------------------------------------------------------
+    def validate(self, call: Call) -> tuple[int, list[str]] | None:
+        auth = call.headers.get("authorization", "")
+        if auth != f"Bearer {self.api_key}":
+            return 401, [ERRORS[401][1]]
+        if not call.content_type.startswith("multipart/form-data"):
+            return 400, ["content-type: must be multipart/form-data"]
+        accept = call.headers.get("accept", "audio/*")
+        if accept not in ("audio/*", "application/json", "audio/mpeg", "audio/wav"):
+            return 400, ["accept: must be one of audio/* or application/json"]
+        f = call.fields
+        problems = []
+        prompt = f.get("prompt", "")
+        if not prompt.strip():
+            problems.append("prompt: cannot be empty")
+        elif len(prompt) > 10_000:
+            problems.append("prompt: must be at most 10000 characters")
+        model = f.get("model", "stable-audio-2")
+        if model not in MODELS:
+            problems.append(f"model: must be one of {', '.join(MODELS)}")
+        else:
+            low, high, _ = MODELS[model]
+            if "steps" in f and not _int_in(f["steps"], low, high):
+                problems.append(f"steps: must be an integer from {low} to {high}")
+        if "duration" in f and not _number_in(f["duration"], 1, 190):
+            problems.append("duration: must be a number from 1 to 190")
+        if "seed" in f and not _int_in(f["seed"], 0, 4294967294):
+            problems.append("seed: must be an integer from 0 to 4294967294")
+        if "cfg_scale" in f and not _number_in(f["cfg_scale"], 1, 25):
+            problems.append("cfg_scale: must be a number from 1 to 25")
+        if f.get("output_format", "mp3") not in ("mp3", "wav"):
+            problems.append("output_format: must be one of mp3, wav")
+        return (400, problems) if problems else None
+
+    def render(self, call: Call) -> tuple[bytes, str]:
+        seconds = float(call.fields.get("duration", "190")) * self.overshoot
+        wav = synthesize_wav(call.fields["prompt"], seconds)
+        if call.fields.get("output_format", "mp3") == "mp3":
+            from sona.audio import encode_mp3, find_ffmpeg
+
+            return encode_mp3(wav, "192k", find_ffmpeg()), "audio/mpeg"
+        return wav, "audio/wav"
+
+
+def _int_in(value: str, low: int, high: int) -> bool:
+    return value.lstrip("-").isdigit() and low <= int(value) <= high
+
+
+def _number_in(value: str, low: float, high: float) -> bool:
+    try:
+        return low <= float(value) <= high
+    except ValueError:
+        return False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: StableAudioDouble
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        return
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length)
+        content_type = self.headers.get("content-type", "")
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        fields = _form_fields(body, content_type)
+        call = Call(headers, fields, content_type)
+        double = self.owner
+        with double._lock:
+            double.calls.append(call)
+        if not self.path.endswith("/text-to-audio"):
+            return self._send(call, 404, error_body(404), "application/json")
+        behaviour = double._next()
+        time.sleep(behaviour.delay_s)
+        invalid = double.validate(call)
+        if invalid is not None:
+            return self._send(call, invalid[0], error_body(*invalid), "application/json")
+        if behaviour.kind == "error":
+            return self._send(
+                call,
+                behaviour.status,
+                error_body(behaviour.status),
+                "application/json",
+                behaviour.headers,
+            )
+        if behaviour.kind == "html403":
+            return self._send(call, 403, CDN_403_HTML, "text/html")
+        if behaviour.kind == "drop":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        time.sleep(double.latency_s)
+        audio, audio_type = double.render(call)
+        call.paid = True  # a finished generation is charged, whatever happens to the bytes
+        seed = call.fields.get("seed", "0")
+        seed = seed if seed != "0" else str(uuid.uuid4().int % 4294967294)
+        finish = "CONTENT_FILTERED" if behaviour.kind == "filtered" else "SUCCESS"
+        if behaviour.kind == "corrupt":
+            audio = b"RIFF\x00\x00\x00\x00WAVEnot really audio" + bytes(64)
+        elif behaviour.kind == "empty":
+            audio = b""
+        if headers.get("accept") == "application/json":
+            body = json.dumps(
+                {
+                    "audio": base64.b64encode(audio).decode(),
+                    "finish_reason": finish,
+                    "seed": int(seed),
+                }
+            ).encode()
+            return self._send(call, 200, body, "application/json", truncate=behaviour.kind == "truncate")
+        return self._send(
+            call,
+            200,
+            audio,
+            audio_type,
+            {"finish-reason": finish, "seed": seed},
+            truncate=behaviour.kind == "truncate",
+        )
+
+    def _send(
+        self,
+        call: Call,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+        *,
+        truncate: bool = False,
+    ) -> None:
+        call.answered = status
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if truncate:
+            # Half the promised bytes, then the connection drops.
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+
+def _form_fields(body: bytes, content_type: str) -> dict[str, str]:
+    environ = {
+        "wsgi.input": io.BytesIO(body),
+        "CONTENT_LENGTH": str(len(body)),
+        "CONTENT_TYPE": content_type,
+        "REQUEST_METHOD": "POST",
+    }
+    _, form, files = parse_form_data(environ)
+    fields = {k: v for k, v in form.items()}
+    fields.update({k: v.read().decode(errors="replace") for k, v in files.items()})
+    return fields

@@ -1,0 +1,314 @@
+"""The whole flow on one machine: embedded PostgreSQL with the migrations, the Supabase gateway,
+the webhook relay, both functions as real functions-framework processes, and Stable Audio (the real
+API when STABLE_AUDIO_API_KEY is set, otherwise the offline synthesiser behind the same contract)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from sona.config import Settings
+from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
+from sona.local.gateway import Gateway, make_jwt
+from sona.local.relay import WebhookRelay
+from sona.local.stable_audio_double import StableAudioDouble
+from sona.webhook_sql import webhook_sql
+
+log = logging.getLogger(__name__)
+
+# Settings the stack owns: the function must talk to this stack, whatever the shell says.
+STACK_OWNED = {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WEBHOOK_SECRET", "PROCESS_JOB_URL"}
+TERMINAL = ("completed", "failed")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout_s} s")
+
+
+class FunctionProcess:
+    """One functions-framework process serving a target of main.py."""
+
+    def __init__(self, target: str, env: Mapping[str, str], log_path: Path, port: int = 0) -> None:
+        self.target = target
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "functions_framework",
+                "--target",
+                target,
+                "--source",
+                str(REPO_ROOT / "main.py"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO_ROOT,
+            env=dict(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group, so a kill takes gunicorn's worker too
+        )
+
+    def wait_ready(self, timeout_s: float = 30) -> FunctionProcess:
+        wait_for_port(self.port, timeout_s, self.process)
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=10)
+        self._log.close()
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class LocalStack:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        start_functions: bool = True,
+        with_relay: bool = True,
+        double_latency_s: float = 0.0,
+        process_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        self.overrides = dict(env or {})
+        self.start_functions = start_functions
+        self.with_relay = with_relay
+        self.double_latency_s = double_latency_s
+        self.process_env = dict(os.environ if process_env is None else process_env)
+        self.jwt_secret = secrets.token_urlsafe(32)
+        self.service_role_key = make_jwt(self.jwt_secret, "service_role")
+        self.anon_key = make_jwt(self.jwt_secret, "anon")
+        self.webhook_secret = secrets.token_urlsafe(24)
+        self.postgres = EmbeddedPostgres(root / "pgdata")
+        self.double: StableAudioDouble | None = None
+        self.functions: dict[str, FunctionProcess] = {}
+        self.relay: WebhookRelay | None = None
+        self.database_url = ""
+
+    @property
+    def real_provider(self) -> bool:
+        return (
+            bool(self.process_env.get("STABLE_AUDIO_API_KEY"))
+            and "STABLE_AUDIO_API_KEY" not in self.overrides
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> LocalStack:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.database_url = self.postgres.start()
+        migrate(self.database_url)
+        apply_sql(self.database_url, _stand_in("supabase_functions_stand_in.sql"))
+        self.gateway = Gateway(
+            self.database_url,
+            self.root / "storage",
+            service_role_key=self.service_role_key,
+            anon_key=self.anon_key,
+            jwt_secret=self.jwt_secret,
+        )
+        self.supabase_url = self.gateway.start()
+        if not self.real_provider:
+            self.double = StableAudioDouble(
+                self.overrides.get("STABLE_AUDIO_API_KEY") or "sk-local-" + secrets.token_hex(8),
+                latency_s=self.double_latency_s,
+            )
+            self.double.start()
+        self.process_job_port = free_port()
+        self.process_job_url = f"http://127.0.0.1:{self.process_job_port}"
+        if self.start_functions:
+            self.start_function("process_job", self.process_job_port)
+            self.start_function("reclaim_jobs")
+        self.install_webhook(self.process_job_url)
+        if self.with_relay:
+            self.relay = WebhookRelay(self.database_url)
+            self.relay.start()
+        return self
+
+    def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+        for function in self.functions.values():
+            function.stop()
+        if self.double is not None:
+            self.double.stop()
+        gateway = getattr(self, "gateway", None)
+        if gateway is not None:
+            gateway.stop()
+        self.postgres.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- configuration -------------------------------------------------------------------------
+    def function_env(self, **extra: str) -> dict[str, str]:
+        """What a function process sees: the shell's settings, then the stack's own, then overrides."""
+        env = {k: v for k, v in self.process_env.items() if k.upper() not in STACK_OWNED}
+        env.update(
+            {
+                "SUPABASE_URL": self.supabase_url,
+                "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key,
+                "WEBHOOK_SECRET": self.webhook_secret,
+                "PROCESS_JOB_URL": self.process_job_url,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if self.double is not None:
+            env["STABLE_AUDIO_API_KEY"] = self.double.api_key
+            env.setdefault("STABLE_AUDIO_API_URL", self.double.url)  # the shell's URL wins
+        env.setdefault("THREADS", "8")
+        env.update(self.overrides)
+        env.update(extra)
+        return env
+
+    def settings(self, **extra: Any) -> Settings:
+        env = self.function_env()
+        fields = {name for name in Settings.model_fields}
+        values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k.lower() in fields}
+        values.update(extra)
+        return Settings(**values)
+
+    def start_function(self, target: str, port: int = 0, **extra_env: str) -> FunctionProcess:
+        old = self.functions.get(target)
+        if old is not None:
+            old.stop()
+        function = FunctionProcess(
+            target, self.function_env(**extra_env), self.root / "logs" / f"{target}.log", port
+        )
+        self.functions[target] = function.wait_ready()
+        return function
+
+    def install_webhook(self, url: str) -> None:
+        apply_sql(self.database_url, webhook_sql(self.settings(), url))
+
+    @property
+    def reclaim_jobs_url(self) -> str:
+        return self.functions["reclaim_jobs"].url
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "supabase_url": self.supabase_url,
+            "service_role_key": self.service_role_key,
+            "anon_key": self.anon_key,
+            "database_url": self.database_url,
+            "webhook_secret": self.webhook_secret,
+            "process_job_url": self.process_job_url,
+            "reclaim_jobs_url": self.functions["reclaim_jobs"].url
+            if "reclaim_jobs" in self.functions
+            else "",
+            "stable_audio_api_url": self.double.url
+            if self.double
+            else self.process_env.get("STABLE_AUDIO_API_URL", ""),
+            "storage_dir": str(self.root / "storage"),
+        }
+
+    # -- the plug-in's side --------------------------------------------------------------------
+    def create_user(self) -> uuid.UUID:
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            row = conn.execute(
+                "insert into auth.users (email) values (%s) returning id",
+                (f"musician-{uuid.uuid4().hex[:8]}@example.com",),
+            ).fetchone()
+        assert row is not None
+        return uuid.UUID(str(row[0]))
+
+    def insert_job(
+        self,
+        prompt: str,
+        duration: int = 10,
+        quality: str = "medium",
+        mode: str = "default",
+        user_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """Insert as the plug-in's user would: the authenticated role, under row level security."""
+        user_id = user_id or self.create_user()
+        with psycopg.connect(self.database_url) as conn:
+            conn.execute("set local role authenticated")
+            conn.execute(
+                "select set_config('request.jwt.claims', %s, true)",
+                (f'{{"sub": "{user_id}", "role": "authenticated"}}',),
+            )
+            row = conn.execute(
+                "insert into public.jobs (user_id, prompt, duration, quality, mode)"
+                " values (%s, %s, %s, %s, %s) returning id",
+                (user_id, prompt, duration, quality, mode),
+            ).fetchone()
+            conn.commit()
+        assert row is not None
+        return uuid.UUID(str(row[0]))
+
+    def job(self, job_id: uuid.UUID) -> dict[str, Any]:
+        with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
+            row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return dict(row)
+
+    def wait_for(
+        self, job_id: uuid.UUID, statuses: tuple[str, ...] = TERMINAL, timeout_s: float = 60
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            row = self.job(job_id)
+            if row["status"] in statuses or time.monotonic() > deadline:
+                return row
+            time.sleep(0.05)
+
+    def local_file(self, url: str) -> Path:
+        """Where the gateway keeps the object a public or signed URL names."""
+        path = url.split("/storage/v1/object/", 1)[1].split("?", 1)[0]
+        for prefix in ("public/", "sign/", "authenticated/"):
+            path = path.removeprefix(prefix)
+        return self.root / "storage" / path
+
+
+def _stand_in(name: str) -> str:
+    from importlib import resources
+
+    return resources.files("sona.local").joinpath(f"sql/{name}").read_text()

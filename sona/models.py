@@ -1,0 +1,103 @@
+"""Typed shapes at the boundaries: the job row, the webhook payload, generated and rendered audio."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+CLAIMABLE = frozenset({JobStatus.PENDING, JobStatus.QUEUED})
+
+
+class Quality(StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class Job(BaseModel):
+    """A row of public.jobs as the state functions return it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: uuid.UUID
+    user_id: uuid.UUID | None = None
+    prompt: str
+    duration: int
+    quality: str
+    mode: str
+    status: JobStatus
+    attempts: int = 0
+    lease_token: uuid.UUID | None = None
+    lease_expires_at: datetime | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    error_message: str | None = None
+    wav_url: str | None = None
+    mp3_url: str | None = None
+    result_url: str | None = None
+    audio: dict[str, Any] | None = None
+
+
+class ClaimedJob(Job):
+    """A job this invocation holds: the lease token fences every later write."""
+
+    lease_token: uuid.UUID
+
+
+class WebhookRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: uuid.UUID
+    status: str | None = None
+
+
+class WebhookPayload(BaseModel):
+    """What a Supabase database webhook POSTs (and what reclaim_jobs re-sends)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    type: Literal["INSERT", "UPDATE"]
+    table: str
+    schema_: str = Field(alias="schema")
+    record: WebhookRecord
+    old_record: dict[str, Any] | None = None
+
+
+class AudioInfo(BaseModel):
+    """What the stored files really are, measured from them; kept on the row as `audio`."""
+
+    duration_s: float
+    sample_rate: int
+    channels: int
+    sample_width_bytes: int
+    wav_bytes: int
+    mp3_bytes: int
+    mp3_bitrate: str
+    provider_duration_s: float
+    trimmed: bool
+    model: str
+    seed: int | None = None
+
+
+class GeneratedAudio(BaseModel):
+    """The provider's answer: raw audio bytes and what it said about them."""
+
+    data: bytes
+    content_type: str
+    seed: int | None = None
+    finish_reason: str | None = None
+    model: str

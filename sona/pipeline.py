@@ -1,0 +1,171 @@
+"""One claimed job under its deadline: generate, encode, upload, complete. Every failure is
+classified (permanent or transient) and every terminal write is fenced by the claim's lease token."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
+
+from sona.audio import Master, encode_mp3, make_master
+from sona.config import Settings
+from sona.deadline import Deadline
+from sona.errors import DatabaseUnavailable, SonaError, StaleLease
+from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job
+from sona.stable_audio import GenerationRequest
+from sona.storage import attempt_stamp, object_path
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Outcome = Literal["completed", "failed", "retrying", "stale", "interrupted"]
+
+
+class Store(Protocol):
+    def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job: ...
+    def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job: ...
+
+
+class Provider(Protocol):
+    def generate(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio: ...
+
+
+class Storage(Protocol):
+    def ensure_bucket(self) -> None: ...
+    def upload(self, path: str, data: bytes, ext: str, deadline: Deadline) -> str: ...
+
+
+@dataclass
+class Result:
+    job_id: str
+    attempt: int
+    outcome: Outcome
+    status: str | None = None
+    error: str | None = None
+    timings_ms: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "outcome": self.outcome,
+            "attempt": self.attempt,
+            "status": self.status,
+            "error": self.error,
+            "timings_ms": self.timings_ms,
+        }
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    store: Store
+    provider: Provider
+    storage: Storage
+    ffmpeg: str
+
+    def run(self, job: ClaimedJob, deadline: Deadline) -> Result:
+        result = Result(str(job.id), job.attempts, "completed")
+        try:
+            row = self._produce(job, deadline, result.timings_ms)
+            result.status = row.status
+            log.info("completed in %d ms", deadline.elapsed() * 1000)
+        except StaleLease as exc:
+            return self._stale(result, exc)
+        except DatabaseUnavailable as exc:
+            # The row keeps its lease; when it expires, reclaim_jobs runs the job again.
+            log.error("database unavailable, leaving the job to reclaim: %s", exc)
+            result.outcome, result.error = "interrupted", exc.public_message
+        except SonaError as exc:
+            self._fail(job, result, exc.public_message, exc.retryable, str(exc))
+        except Exception:
+            log.exception("unexpected error")
+            self._fail(
+                job,
+                result,
+                "An unexpected error occurred; it will be retried",
+                True,
+                "unexpected error",
+            )
+        result.timings_ms["total"] = round(deadline.elapsed() * 1000)
+        return result
+
+    def _produce(self, job: ClaimedJob, deadline: Deadline, timings: dict[str, int]) -> Job:
+        settings = self.settings
+        request = GenerationRequest.from_job(job, settings)  # bad input fails before any payment
+        log.info("generating %d s with %s (%d steps)", request.duration, request.model, request.steps)
+        generated = _timed(timings, "generate", lambda: self.provider.generate(request, deadline))
+        deadline.check("encode")
+        master = _timed(timings, "master", lambda: make_master(generated.data, job.duration, self.ffmpeg))
+        stamp = attempt_stamp()
+        wav_path = object_path(settings.storage_path_prefix, job.id, stamp, "wav")
+        mp3_path = object_path(settings.storage_path_prefix, job.id, stamp, "mp3")
+        _timed(timings, "bucket", self.storage.ensure_bucket)
+        # The WAV upload overlaps the MP3 encode: the encode is the only real work left.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as pool:
+            started = time.monotonic()
+            wav_future = pool.submit(self.storage.upload, wav_path, master.wav, "wav", deadline)
+            mp3 = _timed(
+                timings,
+                "encode_mp3",
+                lambda: encode_mp3(master.wav, settings.mp3_bitrate, self.ffmpeg),
+            )
+            mp3_url = _timed(
+                timings, "upload_mp3", lambda: self.storage.upload(mp3_path, mp3, "mp3", deadline)
+            )
+            wav_url = wav_future.result()
+            timings["upload"] = round((time.monotonic() - started) * 1000)
+        log.info("stored %s and %s", wav_path, mp3_path)
+        info = _audio_info(master, mp3, settings, generated)
+        return _timed(
+            timings,
+            "complete",
+            lambda: self.store.complete(job, wav_url=wav_url, mp3_url=mp3_url, audio=info),
+        )
+
+    def _fail(self, job: ClaimedJob, result: Result, message: str, retryable: bool, detail: str) -> None:
+        log.warning("attempt failed (%s): %s", "transient" if retryable else "permanent", detail)
+        try:
+            row = self.store.fail(job, message=message, retryable=retryable)
+        except StaleLease as exc:
+            self._stale(result, exc)
+            return
+        except DatabaseUnavailable as exc:
+            log.error("could not record the failure; the lease will expire: %s", exc)
+            result.outcome, result.error = "interrupted", message
+            return
+        result.status = row.status
+        result.outcome = "retrying" if row.status == "pending" else "failed"
+        result.error = row.error_message
+
+    @staticmethod
+    def _stale(result: Result, exc: StaleLease) -> Result:
+        log.warning("%s", exc)
+        result.outcome, result.error = "stale", exc.public_message
+        return result
+
+
+def _timed(timings: dict[str, int], name: str, step: Callable[[], T]) -> T:
+    started = time.monotonic()
+    try:
+        return step()
+    finally:
+        timings[name] = round((time.monotonic() - started) * 1000)
+
+
+def _audio_info(master: Master, mp3: bytes, settings: Settings, generated: GeneratedAudio) -> AudioInfo:
+    return AudioInfo(
+        duration_s=round(master.duration_s, 4),
+        sample_rate=master.sample_rate,
+        channels=master.channels,
+        sample_width_bytes=master.sample_width,
+        wav_bytes=len(master.wav),
+        mp3_bytes=len(mp3),
+        mp3_bitrate=settings.mp3_bitrate,
+        provider_duration_s=round(master.provider_duration_s, 4),
+        trimmed=master.trimmed,
+        model=generated.model,
+        seed=generated.seed,
+    )

@@ -1,0 +1,59 @@
+"""One retry policy for every remote call: transient errors only, exponential backoff with equal
+jitter (or the server's Retry-After), at most MAX_RETRIES retries, and never past the job's deadline."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_any
+from tenacity.stop import stop_base
+
+from sona.deadline import Deadline
+from sona.errors import TransientError
+
+log = logging.getLogger(__name__)
+
+# A retry needs at least this long after its sleep to be worth starting.
+MIN_CALL_S = 1.0
+
+
+class stop_at_deadline(stop_base):  # noqa: N801  tenacity names its stops in lower case
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+
+    def __call__(self, state: RetryCallState) -> bool:
+        return bool(state.upcoming_sleep + MIN_CALL_S >= self.deadline.remaining())
+
+
+def backoff_s(attempt: int, base_s: float, cap_s: float = 60.0) -> float:
+    """Attempt 1 waits base/2..base, attempt 2 base..2*base, and so on (equal jitter)."""
+    ceiling = min(cap_s, base_s * 2 ** (attempt - 1))
+    return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+
+
+def retrying(what: str, *, max_retries: int, base_delay_s: float, deadline: Deadline) -> Retrying:
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, TransientError) and exc.retry_after_s is not None:
+            return float(exc.retry_after_s)
+        return backoff_s(state.attempt_number, base_delay_s)
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        detail = getattr(exc, "detail", None) or type(exc).__name__
+        log.warning(
+            "%s failed (try %d: %s); retrying in %.2f s",
+            what,
+            state.attempt_number,
+            detail,
+            state.upcoming_sleep,
+        )
+
+    return Retrying(
+        retry=retry_if_exception_type(TransientError),
+        stop=stop_any(stop_after_attempt(max_retries + 1), stop_at_deadline(deadline)),
+        wait=wait,
+        before_sleep=before_sleep,
+        reraise=True,
+    )

@@ -1,0 +1,74 @@
+"""What one function instance builds once and reuses for every request (settings, clients, ffmpeg).
+
+Adapters are imported on first use, so a cold start pays only for what its first request needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from sona.config import Settings, load_settings
+from sona.logs import setup_logging
+
+if TYPE_CHECKING:
+    from sona.jobs_store import JobsStore
+    from sona.pipeline import Pipeline
+    from sona.stable_audio import StableAudioClient
+    from sona.storage import AudioStorage
+
+
+class Services:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        setup_logging(settings.log_level, settings.secret_values)
+
+    @cached_property
+    def store(self) -> JobsStore:
+        from sona.jobs_store import JobsStore
+
+        return JobsStore(self.settings)
+
+    @cached_property
+    def ffmpeg(self) -> str:
+        from sona.audio import find_ffmpeg
+
+        return find_ffmpeg(self.settings.ffmpeg_binary)
+
+    @cached_property
+    def provider(self) -> StableAudioClient:
+        from sona.stable_audio import StableAudioClient
+
+        return StableAudioClient(self.settings)
+
+    @cached_property
+    def storage(self) -> AudioStorage:
+        from sona.storage import AudioStorage
+
+        return AudioStorage(self.settings)
+
+    @cached_property
+    def pipeline(self) -> Pipeline:
+        from sona.pipeline import Pipeline
+
+        return Pipeline(self.settings, self.store, self.provider, self.storage, self.ffmpeg)
+
+
+_lock = threading.Lock()
+_services: Services | None = None
+
+
+def get_services() -> Services:
+    """The instance's services, built on the first request (a ConfigError propagates)."""
+    global _services
+    with _lock:
+        if _services is None:
+            _services = Services(load_settings())
+        return _services
+
+
+def reset_services(services: Services | None = None) -> None:
+    global _services
+    with _lock:
+        _services = services

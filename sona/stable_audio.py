@@ -1,0 +1,215 @@
+"""Stability AI's Stable Audio text-to-audio API: the request contract and its errors as typed kinds."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import platform
+from typing import Any
+
+import requests
+from pydantic import BaseModel
+from requests.structures import CaseInsensitiveDict
+
+from sona import __version__
+from sona.config import Settings
+from sona.deadline import Deadline
+from sona.errors import PermanentError, TransientError
+from sona.models import GeneratedAudio, Job
+from sona.retrying import retrying
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"sona-audio-function/{__version__} (python {platform.python_version()})"
+TEXT_TO_AUDIO_MODES = frozenset({"default", "text-to-audio"})
+MAX_PROMPT_CHARS = 10_000
+# stable-audio-2.5 takes 4..8 steps; stable-audio-2 takes 30..100.
+STEPS = {
+    "stable-audio-2.5": {"low": 4, "medium": 6, "high": 8},
+    "stable-audio-2": {"low": 30, "medium": 50, "high": 100},
+}
+_CHUNK = 256 * 1024
+
+
+class GenerationRequest(BaseModel):
+    prompt: str
+    duration: int
+    model: str
+    steps: int
+    output_format: str = "wav"
+    seed: int | None = None
+    cfg_scale: float | None = None
+
+    @classmethod
+    def from_job(cls, job: Job, settings: Settings) -> GenerationRequest:
+        """Check the row before paying for anything: bad input fails the job with a plain reason."""
+        if job.mode not in TEXT_TO_AUDIO_MODES:
+            raise PermanentError(
+                f"The '{job.mode}' mode is not supported yet; only text-to-audio is available."
+            )
+        prompt = job.prompt.strip()
+        if not prompt:
+            raise PermanentError("The prompt is empty. Describe the sound you want.")
+        if len(job.prompt) > MAX_PROMPT_CHARS:
+            raise PermanentError(
+                f"The prompt is {len(job.prompt)} characters long; the limit is {MAX_PROMPT_CHARS}."
+            )
+        if not 1 <= job.duration <= 60:
+            raise PermanentError(f"The duration must be 1 to 60 seconds, not {job.duration}.")
+        steps = STEPS[settings.stable_audio_model].get(job.quality)
+        if steps is None:
+            raise PermanentError(f"The quality '{job.quality}' is unknown; choose low, medium or high.")
+        return cls(
+            prompt=job.prompt,
+            duration=job.duration,
+            model=settings.stable_audio_model,
+            steps=steps,
+            cfg_scale=settings.stable_audio_cfg_scale,
+        )
+
+    def form_fields(self) -> dict[str, tuple[None, str]]:
+        """multipart/form-data fields (the API refuses a url-encoded body even with no file)."""
+        fields: dict[str, Any] = {
+            "prompt": self.prompt,
+            "duration": self.duration,  # always sent: the API's default is 190 s
+            "model": self.model,  # always sent: the API's default is stable-audio-2
+            "steps": self.steps,
+            "output_format": self.output_format,
+            "seed": self.seed,
+            "cfg_scale": self.cfg_scale,
+        }
+        return {k: (None, str(v)) for k, v in fields.items() if v is not None}
+
+
+# What each documented error status means for the job, in words a musician can act on.
+_PERMANENT = {
+    400: "The audio service rejected the request",
+    401: "The audio service rejected our credentials; the team has been alerted",
+    402: "The audio service account is out of credits; please try again later",
+    403: "The prompt was flagged by the audio service's content moderation; please rephrase it",
+    404: "The audio service address is misconfigured; the team has been alerted",
+    413: "The request was too large for the audio service",
+    422: "The audio service could not accept the prompt; prompts must be in English",
+}
+
+
+def classify(status: int, body: bytes, headers: CaseInsensitiveDict[str]) -> Exception:
+    """An HTTP error answer becomes a PermanentError or a TransientError (by status, not by text)."""
+    name, errors = _error_body(body)
+    detail = f"HTTP {status} {name or ''} {'; '.join(errors)}".strip()
+    if status == 429:
+        return TransientError(
+            "The audio service is busy; retrying",
+            detail=detail,
+            retry_after_s=_retry_after(headers),
+        )
+    if status >= 500:
+        return TransientError(
+            "The audio service had a temporary problem; retrying",
+            detail=detail,
+            retry_after_s=_retry_after(headers),
+        )
+    message = _PERMANENT.get(status, f"The audio service refused the request (HTTP {status})")
+    if status == 400 and errors:
+        message = f"{message}: {'; '.join(errors)[:300]}"
+    return PermanentError(message, detail=detail)
+
+
+def _error_body(body: bytes) -> tuple[str | None, list[str]]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, []  # a CDN's HTML page: the status alone decides
+    if not isinstance(data, dict):
+        return None, []
+    errors = data.get("errors")
+    return data.get("name"), [str(e) for e in errors] if isinstance(errors, list) else []
+
+
+def _retry_after(headers: CaseInsensitiveDict[str]) -> float | None:
+    value = headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class StableAudioClient:
+    def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
+        self._settings = settings
+        self._url = f"{settings.stable_audio_api_url}/text-to-audio"
+        self._session = session or requests.Session()
+        self.calls = 0
+
+    def generate(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio:
+        """One paid generation, retrying transient failures with backoff inside the deadline."""
+        policy = retrying(
+            "provider call",
+            max_retries=self._settings.max_retries,
+            base_delay_s=self._settings.retry_delay_ms / 1000,
+            deadline=deadline,
+        )
+        return policy(self._call_once, request, deadline)
+
+    def _call_once(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio:
+        left = deadline.check("generate", need_s=0.5)
+        key = self._settings.stable_audio_api_key.get_secret_value()
+        headers = {
+            "authorization": f"Bearer {key}",
+            "accept": "audio/*",
+            "user-agent": USER_AGENT,
+        }
+        self.calls += 1
+        try:
+            response = self._session.post(
+                self._url,
+                headers=headers,
+                files=request.form_fields(),
+                timeout=(min(10.0, left), left),
+                stream=True,
+            )
+            with response:
+                body = _read_within(response, deadline)
+        except requests.Timeout:
+            raise TransientError("The audio service did not answer in time", detail="timeout") from None
+        except requests.RequestException as exc:
+            raise TransientError("Could not reach the audio service", detail=type(exc).__name__) from None
+        if response.status_code != 200:
+            raise classify(response.status_code, body, response.headers)
+        return _generated(response, body, request.model)
+
+
+def _read_within(response: requests.Response, deadline: Deadline) -> bytes:
+    chunks = []
+    for chunk in response.iter_content(_CHUNK):
+        chunks.append(chunk)
+        deadline.check("generate: reading audio")
+    return b"".join(chunks)
+
+
+def _generated(response: requests.Response, body: bytes, model: str) -> GeneratedAudio:
+    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    finish_reason = response.headers.get("finish-reason")
+    seed = response.headers.get("seed")
+    if content_type == "application/json":
+        try:
+            data = json.loads(body)
+            body = base64.b64decode(data["audio"], validate=True)
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise PermanentError(
+                "The audio service returned audio that could not be read", detail="bad JSON audio"
+            ) from None
+        finish_reason = data.get("finish_reason", finish_reason)
+        seed = data.get("seed", seed)
+        content_type = "audio/wav" if body[:4] == b"RIFF" else "audio/mpeg"
+    if finish_reason == "CONTENT_FILTERED":
+        raise PermanentError(_PERMANENT[403], detail="finish_reason CONTENT_FILTERED")
+    return GeneratedAudio(
+        data=body,
+        content_type=content_type,
+        model=model,
+        seed=int(seed) if seed not in (None, "") else None,
+        finish_reason=finish_reason,
+    )

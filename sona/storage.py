@@ -1,0 +1,136 @@
+"""Supabase Storage through storage3 (the package supabase-py ships): uploads and their URLs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+from typing import Any, ClassVar, cast
+
+import httpx
+from storage3 import SyncStorageClient
+from storage3.exceptions import StorageApiError
+
+from sona.config import Settings
+from sona.deadline import Deadline
+from sona.errors import PermanentError, TransientError
+from sona.retrying import retrying
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg"}
+CACHE_CONTROL_S = "31536000"  # a path is never rewritten with other audio: cache it for a year
+
+
+def object_path(prefix: str, job_id: object, stamp: datetime, ext: str) -> str:
+    """{STORAGE_PATH_PREFIX}/{job_id}_{timestamp}.{ext}; one timestamp for both files of an attempt."""
+    name = f"{job_id}_{stamp.strftime('%Y%m%dT%H%M%S%fZ')}.{ext}"
+    return f"{prefix}/{name}" if prefix else name
+
+
+def attempt_stamp() -> datetime:
+    return datetime.now(UTC)
+
+
+class AudioStorage:
+    # One bucket check per instance, not per job.
+    _checked: ClassVar[set[tuple[str, str]]] = set()
+    _check_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, settings: Settings, *, timeout_s: float = 30.0) -> None:
+        key = settings.supabase_service_role_key.get_secret_value()
+        headers = {"apikey": key, "Authorization": f"Bearer {key}"}
+        self._settings = settings
+        self._client = SyncStorageClient(
+            f"{settings.supabase_url}/storage/v1/",
+            headers,
+            http_client=httpx.Client(headers=headers, timeout=timeout_s),
+        )
+
+    @property
+    def bucket(self) -> str:
+        return self._settings.supabase_storage_bucket
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when it is missing (public unless configured otherwise)."""
+        key = (self._settings.supabase_url, self.bucket)
+        with self._check_lock:
+            if key in self._checked:
+                return
+            try:
+                self._client.get_bucket(self.bucket)
+            except StorageApiError as exc:
+                if str(exc.status) != "404":
+                    raise _translate(exc) from None
+                self._create_bucket()
+            except httpx.HTTPError as exc:
+                raise TransientError("The file storage is unavailable", detail=type(exc).__name__) from None
+            self._checked.add(key)
+
+    def _create_bucket(self) -> None:
+        try:
+            self._client.create_bucket(
+                self.bucket,
+                options=cast(
+                    Any,
+                    {
+                        "public": self._settings.storage_public,
+                        "file_size_limit": self._settings.storage_file_size_limit,
+                        "allowed_mime_types": sorted(set(CONTENT_TYPES.values())),
+                    },
+                ),
+            )
+            log.info("created storage bucket %s", self.bucket)
+        except StorageApiError as exc:
+            if str(exc.status) != "409":  # another instance created it first
+                raise _translate(exc) from None
+
+    def upload(self, path: str, data: bytes, ext: str, deadline: Deadline) -> str:
+        """Upload (upsert, so a retried attempt can write again) and return the file's URL."""
+        options = {
+            "content-type": CONTENT_TYPES[ext],
+            "cache-control": CACHE_CONTROL_S,
+            "upsert": "true",  # storage3 wants the string; a bool crashes it
+        }
+        policy = retrying(
+            f"upload of {path}",
+            max_retries=self._settings.max_retries,
+            base_delay_s=self._settings.retry_delay_ms / 4000,
+            deadline=deadline,
+        )
+        for attempt in policy:
+            with attempt:
+                deadline.check("upload")
+                self._upload_once(path, data, options)
+        return self.url(path)
+
+    def _upload_once(self, path: str, data: bytes, options: dict[str, str]) -> None:
+        try:
+            self._client.from_(self.bucket).upload(path, data, options)  # type: ignore[arg-type]
+        except StorageApiError as exc:
+            raise _translate(exc) from None
+        except httpx.HTTPError as exc:
+            raise TransientError("The file storage is unavailable", detail=type(exc).__name__) from None
+
+    def url(self, path: str) -> str:
+        if self._settings.storage_public:
+            # Built locally: the public URL needs no request.
+            return f"{self._settings.supabase_url}/storage/v1/object/public/{self.bucket}/{path}"
+        try:
+            signed = self._client.from_(self.bucket).create_signed_url(
+                path, self._settings.storage_signed_url_ttl_s
+            )
+        except StorageApiError as exc:
+            raise _translate(exc) from None
+        return str(signed["signedURL"])
+
+
+def _translate(exc: StorageApiError) -> Exception:
+    """Storage's original status travels as a string in the body; the kind follows from it."""
+    status = str(exc.status)
+    detail = f"storage {status} {exc.code}"
+    if status.startswith("5") or status in ("429", "408"):
+        return TransientError("The file storage had a temporary problem", detail=detail)
+    if status == "413":
+        return PermanentError("The generated audio is larger than the storage allows", detail=detail)
+    return PermanentError("The generated audio could not be stored", detail=detail)

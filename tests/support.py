@@ -1,0 +1,96 @@
+"""Helpers the tests share: database access as a given role, rows, audio, settings."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+import uuid
+import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from sona.config import Settings, load_settings
+
+SECRETS = {
+    "supabase_service_role_key": "sentinel-service-key-7f3a9",
+    "stable_audio_api_key": "sk-sentinel-stability-1c2d",
+    "webhook_secret": "sentinel-webhook-secret-42",
+}
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"supabase_url": "http://127.0.0.1:9", **SECRETS}
+    values.update(overrides)
+    return load_settings(_env_file=None, **values)
+
+
+@contextmanager
+def connect(
+    url: str, role: str | None = None, user_id: uuid.UUID | None = None
+) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """A transaction as a Supabase role (with the JWT subject set), committed on success."""
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        if role:
+            conn.execute(f"set role {role}")
+        if user_id:
+            claims = json.dumps({"sub": str(user_id), "role": role or "authenticated"})
+            conn.execute("select set_config('request.jwt.claims', %s, false)", (claims,))
+        yield conn
+
+
+def new_user(url: str) -> uuid.UUID:
+    with connect(url) as conn:
+        row = conn.execute("insert into auth.users default values returning id").fetchone()
+    assert row is not None
+    return uuid.UUID(str(row["id"]))
+
+
+def insert_job(url: str, **columns: Any) -> uuid.UUID:
+    """Insert a row as the service role would (bypassing the plug-in's checks)."""
+    values = {"user_id": columns.pop("user_id", None) or new_user(url), "prompt": "warm pad", **columns}
+    names = ", ".join(values)
+    marks = ", ".join(["%s"] * len(values))
+    with connect(url) as conn:
+        row = conn.execute(
+            f"insert into public.jobs ({names}) values ({marks}) returning id",  # type: ignore[arg-type]
+            list(values.values()),
+        ).fetchone()
+    assert row is not None
+    return uuid.UUID(str(row["id"]))
+
+
+def job_row(url: str, job_id: uuid.UUID) -> dict[str, Any]:
+    with connect(url) as conn:
+        row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def sql(url: str, query: str, *params: Any, role: str | None = "service_role") -> list[dict[str, Any]]:
+    with connect(url, role) as conn:
+        cur = conn.execute(query, params or None)  # type: ignore[arg-type]
+        return list(cur.fetchall()) if cur.description else []
+
+
+def wav_bytes(seconds: float, rate: int = 44_100, channels: int = 2, width: int = 2) -> bytes:
+    """A sine tone WAV (stereo 16-bit by default)."""
+    frames = round(seconds * rate)
+    one = b"".join(
+        struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate))) * channels for i in range(rate)
+    )
+    raw = (one * (frames // rate + 1))[: frames * channels * 2]
+    if width == 3:
+        raw = b"".join(b"\x00" + raw[i : i + 2] for i in range(0, len(raw), 2))
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(width)
+        writer.setframerate(rate)
+        writer.writeframes(raw)
+    return out.getvalue()

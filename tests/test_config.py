@@ -1,0 +1,122 @@
+"""Configuration: every problem at once, no secret ever printed, everything derived from JOB_TIMEOUT_MS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sona.config import DEFAULT_STABLE_AUDIO_API_URL, OLD_STABLE_AUDIO_API_URL, ConfigError, load_settings
+from tests.support import SECRETS, make_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_keep_the_earlier_workers_names_and_values() -> None:
+    s = make_settings()
+    assert (s.max_concurrent_jobs, s.poll_interval_ms, s.job_timeout_ms) == (2, 5000, 300_000)
+    assert (s.supabase_storage_bucket, s.storage_path_prefix) == ("audio-files", "generated")
+    assert (s.max_retries, s.retry_delay_ms, s.log_level) == (3, 2000, "info")
+    assert s.stable_audio_api_url == DEFAULT_STABLE_AUDIO_API_URL
+    assert s.stable_audio_model == "stable-audio-2.5"
+
+
+def test_timeouts_follow_job_timeout_ms() -> None:
+    s = make_settings(job_timeout_ms=60_500)
+    assert s.function_timeout_s == 61 + 10  # rounded up, plus the margin
+    assert s.lease_seconds > s.function_timeout_s  # the lease outlives the invocation
+    assert s.job_budget_s < 60.5  # the job records its own failure before the platform kills it
+    assert s.webhook_timeout_ms >= 60_500
+
+
+def test_a_timeout_above_cloud_functions_limit_is_refused() -> None:
+    with pytest.raises(ConfigError, match="3600"):
+        make_settings(job_timeout_ms=3_595_000)
+
+
+def test_all_problems_are_reported_at_once_without_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "STABLE_AUDIO_API_KEY", "WEBHOOK_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            _env_file=None,
+            supabase_url="ftp://x",
+            job_timeout_ms=5,
+            webhook_secret=SECRETS["webhook_secret"],
+            mp3_bitrate="loud",
+        )
+    text = str(caught.value)
+    for expected in (
+        "SUPABASE_URL must start with http",
+        "SUPABASE_SERVICE_ROLE_KEY is required",
+        "STABLE_AUDIO_API_KEY is required",
+        "JOB_TIMEOUT_MS",
+        "MP3_BITRATE",
+    ):
+        assert expected in text
+    assert len(caught.value.problems) == 5
+    assert SECRETS["webhook_secret"] not in text
+
+
+def test_the_old_provider_url_gets_a_warning() -> None:
+    s = make_settings(stable_audio_api_url=OLD_STABLE_AUDIO_API_URL)
+    assert any("not a real route" in w for w in s.warnings())
+    assert make_settings().warnings() == []
+
+
+def test_secrets_do_not_show_in_repr() -> None:
+    text = repr(make_settings())
+    assert not any(secret in text for secret in SECRETS.values())
+
+
+def run_validate(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    return subprocess.run(
+        [sys.executable, "-m", "sona", "validate"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**base, "PYTHONPATH": str(REPO), **env},
+        check=False,
+    )
+
+
+def test_validate_command_lists_every_problem_and_no_secret(tmp_path: Path) -> None:
+    result = run_validate(
+        {
+            "SUPABASE_SERVICE_ROLE_KEY": SECRETS["supabase_service_role_key"],
+            "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+            "JOB_TIMEOUT_MS": "999",
+            "MAX_RETRIES": "many",
+        },
+        tmp_path,
+    )
+    assert result.returncode == 1
+    out = result.stdout + result.stderr
+    for expected in (
+        "SUPABASE_URL is required",
+        "WEBHOOK_SECRET is required",
+        "JOB_TIMEOUT_MS",
+        "MAX_RETRIES",
+    ):
+        assert expected in out
+    assert not any(secret in out for secret in SECRETS.values())
+
+
+def test_validate_command_passes_a_good_environment_and_reads_dotenv(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(f"WEBHOOK_SECRET={SECRETS['webhook_secret']}\n")
+    result = run_validate(
+        {
+            "SUPABASE_URL": "https://abc.supabase.co",
+            "SUPABASE_SERVICE_ROLE_KEY": SECRETS["supabase_service_role_key"],
+            "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+            "STABLE_AUDIO_API_URL": OLD_STABLE_AUDIO_API_URL,
+        },
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Configuration is valid" in result.stdout
+    assert "not a real route" in result.stderr
