@@ -21,6 +21,7 @@ with warnings.catch_warnings():
     # pydub warns at import when ffmpeg is not on PATH; we find and pass ffmpeg ourselves.
     warnings.simplefilter("ignore", RuntimeWarning)
     from pydub import AudioSegment as AudioSegment
+    from pydub.utils import audioop  # the stdlib module, or audioop-lts on Python 3.13+
 
 from sona.errors import PermanentError
 
@@ -67,34 +68,18 @@ class Master:
 def make_master(data: bytes, requested_s: float, ffmpeg: str) -> Master:
     """Decode the provider's audio and cut it to exactly the requested duration."""
     segment = decode(data, ffmpeg)
-    provider_s = segment.frame_count() / segment.frame_rate
-    requested_frames = round(requested_s * segment.frame_rate)
+    width = _declared_width(data) or segment.sample_width  # pydub holds 24-bit as 32-bit
+    rate, channels = segment.frame_rate, segment.channels
+    provider_s = segment.frame_count() / rate
+    requested_frames = round(requested_s * rate)
     if segment.frame_count() <= requested_frames and data[:4] == b"RIFF":
         # Nothing to cut: the provider's own bytes are the master (rate, width, channels kept).
-        return Master(
-            data,
-            provider_s,
-            segment.frame_rate,
-            segment.channels,
-            segment.sample_width,
-            provider_s,
-            trimmed=False,
-        )
-    if segment.frame_count() > requested_frames:
+        return Master(data, provider_s, rate, channels, width, provider_s, trimmed=False)
+    trimmed = segment.frame_count() > requested_frames
+    if trimmed:
         segment = segment.get_sample_slice(0, requested_frames).fade_out(FADE_MS)
-        trimmed = True
-    else:
-        trimmed = False
-    wav = to_wav(segment)
-    return Master(
-        wav,
-        segment.frame_count() / segment.frame_rate,
-        segment.frame_rate,
-        segment.channels,
-        segment.sample_width,
-        provider_s,
-        trimmed,
-    )
+    wav = to_wav(segment, width)
+    return Master(wav, segment.frame_count() / rate, rate, channels, width, provider_s, trimmed)
 
 
 def decode(data: bytes, ffmpeg: str) -> AudioSegment:
@@ -138,14 +123,26 @@ def _data_chunk(data: bytes) -> bytes:
     raise ValueError("no data chunk")
 
 
-def to_wav(segment: AudioSegment) -> bytes:
+def to_wav(segment: AudioSegment, width: int | None = None) -> bytes:
+    """A PCM WAV at the given sample width (the provider's, so a 24-bit master stays 24-bit)."""
+    width = width or segment.sample_width
+    raw = segment.raw_data
+    if width != segment.sample_width:
+        raw = audioop.lin2lin(raw, segment.sample_width, width)
     out = io.BytesIO()
     with wave.open(out, "wb") as writer:
         writer.setnchannels(segment.channels)
-        writer.setsampwidth(segment.sample_width)
+        writer.setsampwidth(width)
         writer.setframerate(segment.frame_rate)
-        writer.writeframes(segment.raw_data)
+        writer.writeframes(raw)
     return out.getvalue()
+
+
+def _declared_width(data: bytes) -> int | None:
+    if data[:4] != b"RIFF":
+        return None
+    with wave.open(io.BytesIO(data)) as reader:
+        return int(reader.getsampwidth())
 
 
 def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str) -> bytes:

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # Provider.
     stable_audio_api_url: str = DEFAULT_STABLE_AUDIO_API_URL
     stable_audio_model: Literal["stable-audio-2.5", "stable-audio-2"] = "stable-audio-2.5"
+    # audio/* answers raw bytes; application/json answers base64 (both are handled).
+    stable_audio_accept: Literal["audio/*", "application/json"] = "audio/*"
     stable_audio_cfg_scale: float | None = Field(default=None, ge=1, le=25)
     max_retries: int = Field(default=3, ge=0, le=10)
     retry_delay_ms: int = Field(default=2000, ge=0)

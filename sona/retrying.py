@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from collections.abc import Callable
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_any
 from tenacity.stop import stop_base
@@ -32,7 +34,14 @@ def backoff_s(attempt: int, base_s: float, cap_s: float = 60.0) -> float:
     return float(ceiling / 2 + random.uniform(0, ceiling / 2))
 
 
-def retrying(what: str, *, max_retries: int, base_delay_s: float, deadline: Deadline) -> Retrying:
+def retrying(
+    what: str,
+    *,
+    max_retries: int,
+    base_delay_s: float,
+    deadline: Deadline,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Retrying:
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, TransientError) and exc.retry_after_s is not None:
@@ -55,5 +64,6 @@ def retrying(what: str, *, max_retries: int, base_delay_s: float, deadline: Dead
         stop=stop_any(stop_after_attempt(max_retries + 1), stop_at_deadline(deadline)),
         wait=wait,
         before_sleep=before_sleep,
+        sleep=sleep,
         reraise=True,
     )

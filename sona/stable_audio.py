@@ -7,6 +7,8 @@ import binascii
 import json
 import logging
 import platform
+import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -137,8 +139,14 @@ def _retry_after(headers: CaseInsensitiveDict[str]) -> float | None:
 
 
 class StableAudioClient:
-    def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._settings = settings
+        self._sleep = sleep
         self._url = f"{settings.stable_audio_api_url}/text-to-audio"
         self._session = session or requests.Session()
         self.calls = 0
@@ -150,6 +158,7 @@ class StableAudioClient:
             max_retries=self._settings.max_retries,
             base_delay_s=self._settings.retry_delay_ms / 1000,
             deadline=deadline,
+            sleep=self._sleep,
         )
         return policy(self._call_once, request, deadline)
 
@@ -158,7 +167,7 @@ class StableAudioClient:
         key = self._settings.stable_audio_api_key.get_secret_value()
         headers = {
             "authorization": f"Bearer {key}",
-            "accept": "audio/*",
+            "accept": self._settings.stable_audio_accept,
             "user-agent": USER_AGENT,
         }
         self.calls += 1

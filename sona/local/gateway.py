@@ -28,6 +28,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from sona.local.postgrest_errors import http_status
+from sona.local.serving import serve_in_thread, stop_server
 
 
 def make_jwt(secret: str, role: str, ttl_s: int = 10 * 365 * 24 * 3600) -> str:
@@ -146,18 +147,13 @@ class Gateway:
         self._pool.open(wait=True)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self._server = make_server(host, port, self, threaded=True, request_handler=_QuietHandler)
-        self._server.daemon_threads = True  # type: ignore[attr-defined]
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="gateway"
-        ).start()
+        serve_in_thread(self._server, "gateway")
         self.url = f"http://{host}:{self._server.server_port}"
         return self.url
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_server(self._server)
+        self._server = None
         self._pool.close()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from werkzeug.formparser import parse_form_data
 
+from sona.local.serving import serve_in_thread, stop_server
 from sona.local.synth import synthesize_wav
 
 # The real service returns about 61.6 s for a 60 s request.
@@ -126,16 +127,13 @@ class StableAudioDouble:
             owner = double
 
         self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True, name="stable-audio").start()
+        serve_in_thread(self._server, "stable-audio")
         self.url = f"http://{host}:{self._server.server_port}/v2beta/audio/stable-audio-2"
         return self.url
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_server(self._server)
+        self._server = None
 
     # -- the contract ----------------------------------------------------------------------
     def validate(self, call: Call) -> tuple[int, list[str]] | None:
@@ -145,7 +143,7 @@ class StableAudioDouble:
         if not call.content_type.startswith("multipart/form-data"):
             return 400, ["content-type: must be multipart/form-data"]
         accept = call.headers.get("accept", "audio/*")
-        if accept not in ("audio/*", "application/json", "audio/mpeg", "audio/wav"):
+        if accept not in ("*/*", "audio/*", "application/json", "audio/mpeg", "audio/wav"):
             return 400, ["accept: must be one of audio/* or application/json"]
         f = call.fields
         problems = []

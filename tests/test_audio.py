@@ -1,0 +1,130 @@
+"""Audio: the provider's overshoot is trimmed to the exact duration, the WAV master keeps the
+provider's format when nothing is cut, the MP3 preview is a real MP3 at the set bitrate."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import wave
+
+import pytest
+
+from sona.audio import decode, encode_mp3, find_ffmpeg, make_master
+from sona.errors import PermanentError
+from tests.support import wav_bytes
+
+FFMPEG = find_ffmpeg()
+
+
+def ffmpeg_duration(data: bytes, fmt: str) -> float:
+    """Decode with ffmpeg and count the samples it really produces."""
+    pcm = subprocess.run(
+        [
+            FFMPEG,
+            "-v",
+            "error",
+            "-f",
+            fmt,
+            "-i",
+            "pipe:0",
+            "-f",
+            "s16le",
+            "-ac",
+            "1",
+            "-ar",
+            "44100",
+            "pipe:1",
+        ],
+        input=data,
+        capture_output=True,
+        check=True,
+    ).stdout
+    return len(pcm) / 2 / 44100
+
+
+def ffmpeg_info(data: bytes, fmt: str) -> str:
+    return subprocess.run(
+        [FFMPEG, "-hide_banner", "-f", fmt, "-i", "pipe:0"], input=data, capture_output=True, check=False
+    ).stderr.decode()
+
+
+def test_a_61_6_second_answer_becomes_exactly_60_seconds_of_wav_and_mp3() -> None:
+    master = make_master(wav_bytes(61.6), 60, FFMPEG)
+    mp3 = encode_mp3(master.wav, "192k", FFMPEG)
+
+    assert master.trimmed
+    assert round(master.provider_duration_s, 2) == 61.6
+    assert f"{master.duration_s:.2f}" == "60.00"
+    assert f"{ffmpeg_duration(master.wav, 'wav'):.2f}" == "60.00"
+    assert f"{ffmpeg_duration(mp3, 'mp3'):.2f}" == "60.00"
+
+
+def test_the_mp3_preview_is_an_mp3_at_the_set_bitrate() -> None:
+    mp3 = encode_mp3(wav_bytes(3), "128k", FFMPEG)
+    info = ffmpeg_info(mp3, "mp3")
+    assert re.search(r"Audio: mp3.*44100 Hz, stereo.*128 kb/s", info), info
+
+
+def test_a_trimmed_end_fades_out_instead_of_clicking() -> None:
+    master = make_master(wav_bytes(2.5), 2, FFMPEG)
+    with wave.open(io.BytesIO(master.wav)) as reader:
+        frames = reader.readframes(reader.getnframes())
+    last = int.from_bytes(frames[-4:-2], "little", signed=True)
+    assert abs(last) < 50  # the tone is at 8000; the fade brings the last sample near zero
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_without_a_trim_the_master_is_the_providers_own_bytes(width: int) -> None:
+    original = wav_bytes(4, width=width)
+    master = make_master(original, 5, FFMPEG)
+    assert master.wav == original
+    assert (master.sample_rate, master.channels, master.sample_width, master.trimmed) == (
+        44100,
+        2,
+        width,
+        False,
+    )
+
+
+def test_a_mono_48k_answer_keeps_its_format_when_trimmed() -> None:
+    master = make_master(wav_bytes(3.2, rate=48_000, channels=1), 3, FFMPEG)
+    assert (master.sample_rate, master.channels, master.duration_s) == (48_000, 1, 3.0)
+
+
+def test_an_mp3_answer_is_decoded_through_ffmpeg() -> None:
+    mp3 = encode_mp3(wav_bytes(6.2), "192k", FFMPEG)
+    master = make_master(mp3, 6, FFMPEG)
+    assert master.trimmed
+    assert master.duration_s == 6.0
+    assert master.wav[:4] == b"RIFF"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"<html>403</html>",
+        b"RIFF\x00\x00\x00\x00WAVEjunk",
+        wav_bytes(1)[:30],
+        b"ID3" + bytes(200),
+        bytes(1000),
+    ],
+    ids=["empty", "html", "riff-junk", "truncated-header", "id3-only", "zeros"],
+)
+def test_what_is_not_audio_fails_with_a_clear_message(data: bytes) -> None:
+    with pytest.raises(PermanentError, match="audio service returned"):
+        decode(data, FFMPEG)
+
+
+def test_a_truncated_wav_is_not_taken_for_audio() -> None:
+    data = wav_bytes(2)
+    with pytest.raises(PermanentError):
+        decode(data[: len(data) // 2], FFMPEG)
+
+
+def test_a_24_bit_master_stays_24_bit_when_trimmed() -> None:
+    master = make_master(wav_bytes(2.4, width=3), 2, FFMPEG)
+    with wave.open(io.BytesIO(master.wav)) as reader:
+        assert (reader.getsampwidth(), reader.getnframes()) == (3, 88_200)
+    assert master.sample_width == 3

@@ -1,0 +1,223 @@
+"""The Stable Audio client against the loopback double: the request contract, both answer modes,
+and what every documented error means for the job."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from sona.config import Settings
+from sona.deadline import Deadline
+from sona.errors import PermanentError, TransientError
+from sona.local.stable_audio_double import Behaviour, StableAudioDouble
+from sona.models import Job, JobStatus
+from sona.stable_audio import USER_AGENT, GenerationRequest, StableAudioClient
+from tests.support import SECRETS, make_settings
+
+
+def job(**fields: Any) -> Job:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "prompt": "warm analog pad",
+        "duration": 2,
+        "quality": "medium",
+        "mode": "default",
+        "status": JobStatus.PROCESSING,
+    }
+    values.update(fields)
+    return Job(**values)
+
+
+def settings_for(double: StableAudioDouble, **overrides: Any) -> Settings:
+    return make_settings(**{"stable_audio_api_url": double.url, "retry_delay_ms": 100, **overrides})
+
+
+class Sleeps(list[float]):
+    """Records the client's backoff sleeps instead of waiting."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def generate(double: StableAudioDouble, budget_s: float = 30, sleep: Any = None, **overrides: Any) -> Any:
+    settings = settings_for(double, **overrides)
+    client = StableAudioClient(settings, sleep=sleep if sleep is not None else Sleeps())
+    return client.generate(GenerationRequest.from_job(job(), settings), Deadline(budget_s))
+
+
+# -- the contract ---------------------------------------------------------------------------------
+
+
+def test_the_request_is_multipart_with_every_field_and_the_real_headers(double: StableAudioDouble) -> None:
+    generate(double, stable_audio_cfg_scale=7)
+    (call,) = double.calls
+    assert call.content_type.startswith("multipart/form-data; boundary=")
+    assert call.fields == {
+        "prompt": "warm analog pad",
+        "duration": "2",
+        "model": "stable-audio-2.5",
+        "steps": "6",
+        "output_format": "wav",
+        "cfg_scale": "7.0",
+    }
+    assert call.headers["authorization"] == f"Bearer {SECRETS['stable_audio_api_key']}"
+    assert call.headers["accept"] == "audio/*"
+    assert call.headers["user-agent"] == USER_AGENT
+    assert call.answered == 200
+
+
+@pytest.mark.parametrize(
+    ("model", "quality", "steps"),
+    [
+        ("stable-audio-2.5", "low", 4),
+        ("stable-audio-2.5", "medium", 6),
+        ("stable-audio-2.5", "high", 8),
+        ("stable-audio-2", "low", 30),
+        ("stable-audio-2", "medium", 50),
+        ("stable-audio-2", "high", 100),
+    ],
+)
+def test_steps_follow_quality_within_the_models_range(model: str, quality: str, steps: int) -> None:
+    request = GenerationRequest.from_job(job(quality=quality), make_settings(stable_audio_model=model))
+    assert (request.model, request.steps) == (model, steps)
+
+
+def test_both_accept_modes_decode_to_the_same_audio(double: StableAudioDouble) -> None:
+    raw = generate(double)
+    base64_json = generate(double, stable_audio_accept="application/json")
+    assert double.calls[1].headers["accept"] == "application/json"
+    assert raw.data == base64_json.data
+    assert raw.data[:4] == b"RIFF"
+    assert raw.finish_reason == base64_json.finish_reason == "SUCCESS"
+
+
+def test_the_double_refuses_what_the_real_api_refuses(double: StableAudioDouble) -> None:
+    import requests
+
+    url = f"{double.url}/text-to-audio"
+    urlencoded = requests.post(
+        url, data={"prompt": "x"}, headers={"authorization": f"Bearer {double.api_key}"}, timeout=5
+    )
+    no_auth = requests.post(url, files={"prompt": (None, "x")}, timeout=5)
+    bad_steps = requests.post(
+        url,
+        files={"prompt": (None, "x"), "model": (None, "stable-audio-2.5"), "steps": (None, "50")},
+        headers={"authorization": f"Bearer {double.api_key}"},
+        timeout=5,
+    )
+    assert (urlencoded.status_code, urlencoded.json()["name"]) == (400, "bad_request")
+    assert (no_auth.status_code, no_auth.json()["name"]) == (401, "unauthorized")
+    assert bad_steps.status_code == 400
+    assert "steps" in bad_steps.json()["errors"][0]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"mode": "audio-to-audio"}, "'audio-to-audio' mode is not supported yet"),
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"prompt": "x" * 10_001}, "limit is 10000"),
+        ({"duration": 61}, "1 to 60 seconds"),
+        ({"quality": "ultra"}, "quality 'ultra' is unknown"),
+    ],
+)
+def test_bad_rows_fail_before_any_call(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(PermanentError, match=message):
+        GenerationRequest.from_job(job(**fields), make_settings())
+
+
+@pytest.mark.parametrize("mode", ["default", "text-to-audio"])
+def test_default_and_text_to_audio_modes_are_text_to_audio(mode: str) -> None:
+    assert GenerationRequest.from_job(job(mode=mode), make_settings()).prompt == "warm analog pad"
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+PERMANENT = [
+    (Behaviour("error", 400), "rejected the request"),
+    (Behaviour("error", 401), "rejected our credentials"),
+    (Behaviour("error", 402), "out of credits"),
+    (Behaviour("error", 403), "content moderation"),
+    (Behaviour("html403"), "content moderation"),
+    (Behaviour("filtered"), "content moderation"),
+    (Behaviour("error", 413), "too large"),
+    (Behaviour("error", 422), "must be in English"),
+]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "message"), PERMANENT, ids=[f"{b.kind}-{b.status}" for b, _ in PERMANENT]
+)
+def test_a_permanent_error_fails_after_exactly_one_call(
+    double: StableAudioDouble, behaviour: Behaviour, message: str
+) -> None:
+    double.script(behaviour)
+    with pytest.raises(PermanentError, match=message) as caught:
+        generate(double)
+    assert double.call_count == 1
+    assert SECRETS["stable_audio_api_key"] not in str(caught.value)
+
+
+TRANSIENT = [
+    Behaviour("error", 429),
+    Behaviour("error", 500),
+    Behaviour("error", 502),
+    Behaviour("error", 503),
+    Behaviour("drop"),
+    Behaviour("truncate"),
+]
+
+
+@pytest.mark.parametrize("behaviour", TRANSIENT, ids=[f"{b.kind}-{b.status}" for b in TRANSIENT])
+def test_a_transient_error_is_retried_then_succeeds(double: StableAudioDouble, behaviour: Behaviour) -> None:
+    double.script(behaviour, behaviour)
+    result = generate(double)
+    assert double.call_count == 3
+    assert result.data[:4] == b"RIFF"
+
+
+def test_retries_stop_at_max_retries_with_growing_delays(double: StableAudioDouble) -> None:
+    double.script(*[Behaviour("error", 503)] * 10)
+    sleeps = Sleeps()
+    with pytest.raises(TransientError):
+        generate(double, sleep=sleeps, max_retries=3)
+    assert double.call_count == 4
+    # equal jitter from RETRY_DELAY_MS=100: 50..100, 100..200, 200..400 ms
+    assert [
+        lo <= s <= hi for s, (lo, hi) in zip(sleeps, [(0.05, 0.1), (0.1, 0.2), (0.2, 0.4)], strict=True)
+    ] == [True] * 3
+
+
+def test_retry_after_is_honoured(double: StableAudioDouble) -> None:
+    double.script(Behaviour("error", 429, headers={"retry-after": "0.25"}))
+    sleeps = Sleeps()
+    generate(double, sleep=sleeps)
+    assert sleeps == [0.25]
+
+
+def test_retries_stop_at_the_deadline_before_max_retries(double: StableAudioDouble) -> None:
+    double.script(*[Behaviour("error", 503)] * 20)
+    started = time.monotonic()
+    with pytest.raises(TransientError):
+        generate(double, budget_s=2.5, sleep=time.sleep, max_retries=10, retry_delay_ms=400)
+    assert 2 <= double.call_count < 11
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_429_penalty_longer_than_the_deadline_is_not_waited_out(double: StableAudioDouble) -> None:
+    double.script(Behaviour("error", 429, headers={"retry-after": "60"}))
+    sleeps = Sleeps()
+    with pytest.raises(TransientError, match="busy"):
+        generate(double, budget_s=5, sleep=sleeps)
+    assert (double.call_count, sleeps) == (1, [])
+
+
+def test_a_slow_first_byte_past_the_deadline_is_a_timeout(double: StableAudioDouble) -> None:
+    double.script(Behaviour("ok", delay_s=2.0))
+    started = time.monotonic()
+    with pytest.raises(TransientError):
+        generate(double, budget_s=1.2)
+    assert time.monotonic() - started < 1.9

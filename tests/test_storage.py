@@ -1,0 +1,115 @@
+"""Storage through storage3 against the local gateway: paths, content types, upsert, URLs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from sona.deadline import Deadline
+from sona.errors import PermanentError
+from sona.local.gateway import Gateway
+from sona.storage import AudioStorage, object_path
+from tests.support import make_settings, sql
+
+
+@pytest.fixture(autouse=True)
+def fresh_bucket_cache() -> None:
+    AudioStorage._checked.clear()
+
+
+def storage(gateway: Gateway, **overrides: object) -> AudioStorage:
+    return AudioStorage(
+        make_settings(
+            supabase_url=gateway.url, supabase_service_role_key=gateway.service_role_key, **overrides
+        )
+    )
+
+
+def test_object_paths_follow_prefix_job_and_timestamp() -> None:
+    job = uuid.UUID(int=1)
+    stamp = datetime(2026, 11, 28, 15, 4, 5, 123456, tzinfo=UTC)
+    assert object_path("generated", job, stamp, "wav") == (
+        "generated/00000000-0000-0000-0000-000000000001_20261128T150405123456Z.wav"
+    )
+
+
+def test_the_bucket_is_created_once_public_with_a_size_limit_and_audio_types(
+    gateway: Gateway, db_url: str
+) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    s.ensure_bucket()
+    bucket = sql(db_url, "select * from storage.buckets", role=None)
+    assert [(b["id"], b["public"], b["file_size_limit"]) for b in bucket] == [
+        ("audio-files", True, 100 * 1024 * 1024)
+    ]
+    assert sorted(bucket[0]["allowed_mime_types"]) == ["audio/mpeg", "audio/wav"]
+    assert gateway.counts["storage:bucket_get"] == 1
+
+
+@pytest.mark.parametrize(("ext", "content_type"), [("wav", "audio/wav"), ("mp3", "audio/mpeg")])
+def test_uploads_land_with_their_content_type_and_the_public_url_serves_them(
+    gateway: Gateway, ext: str, content_type: str
+) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    url = s.upload(f"generated/job.{ext}", b"audio bytes " + ext.encode(), ext, Deadline(10))
+    assert url == f"{gateway.url}/storage/v1/object/public/audio-files/generated/job.{ext}"
+    got = httpx.get(url)
+    assert got.content == b"audio bytes " + ext.encode()
+    assert got.headers["content-type"] == content_type
+    assert (gateway.storage_dir / "audio-files" / "generated" / f"job.{ext}").exists()
+
+
+def test_a_second_attempt_can_write_the_same_path(gateway: Gateway) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    s.upload("generated/a.wav", b"first", "wav", Deadline(10))
+    url = s.upload("generated/a.wav", b"second", "wav", Deadline(10))
+    assert httpx.get(url).content == b"second"
+
+
+def test_without_upsert_the_gateway_answers_storages_duplicate_error(gateway: Gateway) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    s.upload("generated/a.wav", b"first", "wav", Deadline(10))
+    response = httpx.post(
+        f"{gateway.url}/storage/v1/object/audio-files/generated/a.wav",
+        content=b"again",
+        headers={"apikey": gateway.service_role_key, "content-type": "audio/wav"},
+    )
+    assert response.status_code == 400
+    assert response.json() == {
+        "statusCode": "409",
+        "error": "Duplicate",
+        "message": "The resource already exists",
+    }
+
+
+def test_a_private_bucket_gets_signed_urls_that_download(gateway: Gateway) -> None:
+    s = storage(gateway, storage_public=False, storage_signed_url_ttl_s=120)
+    s.ensure_bucket()
+    url = s.upload("generated/p.mp3", b"private", "mp3", Deadline(10))
+    assert "/object/sign/audio-files/generated/p.mp3?token=" in url
+    assert httpx.get(url).content == b"private"
+    public = f"{gateway.url}/storage/v1/object/public/audio-files/generated/p.mp3"
+    assert httpx.get(public).status_code == 400
+
+
+def test_a_5xx_is_retried_within_the_deadline(gateway: Gateway) -> None:
+    s = storage(gateway, retry_delay_ms=40)
+    s.ensure_bucket()
+    gateway.faults.add("storage:upload", 500, {"statusCode": "500", "error": "internal", "message": "boom"})
+    s.upload("generated/r.wav", b"data", "wav", Deadline(10))
+    assert gateway.counts["storage:upload"] == 2
+
+
+def test_payload_too_large_is_permanent(gateway: Gateway) -> None:
+    s = storage(gateway, storage_file_size_limit="10B")
+    s.ensure_bucket()
+    with pytest.raises(PermanentError, match="larger than the storage allows"):
+        s.upload("generated/big.wav", b"x" * 100, "wav", Deadline(10))
+    assert gateway.counts["storage:upload"] == 1
