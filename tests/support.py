@@ -94,3 +94,22 @@ def wav_bytes(seconds: float, rate: int = 44_100, channels: int = 2, width: int 
         writer.setframerate(rate)
         writer.writeframes(raw)
     return out.getvalue()
+
+
+def decoded_seconds(data: bytes, suffix: str) -> float:
+    """Decode a file with ffmpeg, as a player would (from a file: an MP3's LAME header tells the
+    decoder the encoder's padding, which a pipe cannot), and count the samples it produces."""
+    import subprocess
+    import tempfile
+
+    from sona.audio import find_ffmpeg
+
+    with tempfile.NamedTemporaryFile(suffix=f".{suffix}") as f:
+        f.write(data)
+        f.flush()
+        pcm = subprocess.run(
+            [find_ffmpeg(), "-v", "error", "-i", f.name, "-f", "s16le", "-ac", "1", "-ar", "44100", "pipe:1"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    return len(pcm) / 2 / 44100

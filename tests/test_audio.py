@@ -12,35 +12,9 @@ import pytest
 
 from sona.audio import decode, encode_mp3, find_ffmpeg, make_master
 from sona.errors import PermanentError
-from tests.support import wav_bytes
+from tests.support import decoded_seconds, wav_bytes
 
 FFMPEG = find_ffmpeg()
-
-
-def ffmpeg_duration(data: bytes, fmt: str) -> float:
-    """Decode with ffmpeg and count the samples it really produces."""
-    pcm = subprocess.run(
-        [
-            FFMPEG,
-            "-v",
-            "error",
-            "-f",
-            fmt,
-            "-i",
-            "pipe:0",
-            "-f",
-            "s16le",
-            "-ac",
-            "1",
-            "-ar",
-            "44100",
-            "pipe:1",
-        ],
-        input=data,
-        capture_output=True,
-        check=True,
-    ).stdout
-    return len(pcm) / 2 / 44100
 
 
 def ffmpeg_info(data: bytes, fmt: str) -> str:
@@ -56,8 +30,8 @@ def test_a_61_6_second_answer_becomes_exactly_60_seconds_of_wav_and_mp3() -> Non
     assert master.trimmed
     assert round(master.provider_duration_s, 2) == 61.6
     assert f"{master.duration_s:.2f}" == "60.00"
-    assert f"{ffmpeg_duration(master.wav, 'wav'):.2f}" == "60.00"
-    assert f"{ffmpeg_duration(mp3, 'mp3'):.2f}" == "60.00"
+    assert f"{decoded_seconds(master.wav, 'wav'):.2f}" == "60.00"
+    assert f"{decoded_seconds(mp3, 'mp3'):.2f}" == "60.00"
 
 
 def test_the_mp3_preview_is_an_mp3_at_the_set_bitrate() -> None:

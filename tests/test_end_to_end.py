@@ -1,0 +1,133 @@
+"""End to end through real processes: embedded PostgreSQL, the gateway, the webhook relay, both
+functions under functions-framework, ffmpeg, and the Stable Audio double."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from sona.local.stable_audio_double import Behaviour
+from sona.local.stack import LocalStack
+from tests.support import decoded_seconds, sql
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(
+        tmp_path_factory.mktemp("stack"), env={"RETRY_DELAY_MS": "50"}, process_env={"PATH": "/usr/bin:/bin"}
+    ) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def fresh_double(stack: LocalStack) -> None:
+    assert stack.double is not None
+    stack.double.reset()
+    assert stack.relay is not None
+    stack.relay.enabled = True
+
+
+def seconds_of(url: str, suffix: str) -> float:
+    return decoded_seconds(requests.get(url, timeout=10).content, suffix)
+
+
+def test_an_inserted_job_is_delivered_generated_stored_and_completed(stack: LocalStack) -> None:
+    job_id = stack.insert_job("ambient forest at dawn", duration=4, quality="low")
+    row = stack.wait_for(job_id, timeout_s=60)
+    assert row["status"] == "completed", row["error_message"]
+    assert row["result_url"] == row["mp3_url"]
+    assert row["completed_at"] is not None
+    assert round(seconds_of(row["wav_url"], "wav"), 2) == 4.0
+    assert round(seconds_of(row["mp3_url"], "mp3"), 2) == 4.0
+    assert stack.double is not None and stack.double.paid_generations == 1
+    delivered = sql(
+        stack.database_url, "select status_code, body from supabase_functions.local_queue", role=None
+    )
+    assert delivered[-1]["status_code"] == 200
+    body = delivered[-1]["body"]
+    assert (body["type"], body["table"], body["schema"], body["old_record"]) == (
+        "INSERT",
+        "jobs",
+        "public",
+        None,
+    )
+    assert body["record"]["id"] == str(job_id)
+
+
+def test_fifty_simultaneous_deliveries_make_one_provider_call(stack: LocalStack) -> None:
+    assert stack.relay is not None and stack.double is not None
+    stack.relay.enabled = False  # take the payload the database built, then deliver it 50 times
+    job_id = stack.insert_job("fifty at once", duration=2)
+    payload = sql(
+        stack.database_url,
+        "select body, headers from supabase_functions.local_queue where body->'record'->>'id' = %s",
+        str(job_id),
+        role=None,
+    )[0]
+    barrier = threading.Barrier(50)
+    answers: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def deliver() -> None:
+        barrier.wait()
+        response = requests.post(
+            stack.process_job_url, data=json.dumps(payload["body"]), headers=payload["headers"], timeout=60
+        )
+        with lock:
+            answers.append(response.json())
+
+    threads = [threading.Thread(target=deliver) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    outcomes = sorted(a["outcome"] for a in answers)
+    assert outcomes == ["completed"] + ["skipped"] * 49
+    assert stack.double.call_count == 1
+    assert stack.job(job_id)["status"] == "completed"
+
+
+def test_a_moderated_prompt_ends_failed_after_one_call(stack: LocalStack) -> None:
+    assert stack.double is not None
+    stack.double.script(Behaviour("error", 403))
+    job_id = stack.insert_job("something the moderation flags", duration=2)
+    row = stack.wait_for(job_id, timeout_s=30)
+    assert row["status"] == "failed"
+    assert "content moderation" in row["error_message"]
+    assert stack.double.call_count == 1
+
+
+def test_a_bad_request_to_the_real_server_gets_a_json_error(stack: LocalStack) -> None:
+    response = requests.post(stack.process_job_url, json={"type": "INSERT"}, timeout=10)
+    assert response.status_code == 401
+    assert response.json()["error"] == "unauthorized"
+    response = requests.get(stack.process_job_url, timeout=10)
+    assert response.status_code == 405
+
+
+def test_demo_completes_with_no_keys_and_no_network(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "sona", "demo", "ambient forest at dawn", "--duration", "5"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "offline synthesiser (not Stable Audio)" in result.stdout
+    assert '"status": "completed"' in result.stdout
+    assert "WAV: http://127.0.0.1" in result.stdout

@@ -1,0 +1,234 @@
+"""process_job in-process (functions-framework's create_app(...).test_client()), against the local
+gateway, the Stable Audio double and real ffmpeg."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from functions_framework import create_app
+
+from sona.local.gateway import Gateway
+from sona.local.stable_audio_double import Behaviour, StableAudioDouble
+from sona.services import reset_services
+from sona.storage import AudioStorage
+from tests.support import SECRETS, insert_job, job_row, sql
+
+MAIN = str(Path(__file__).resolve().parents[1] / "main.py")
+
+
+@pytest.fixture
+def client(
+    gateway: Gateway, double: StableAudioDouble, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FlaskClient]:
+    env = {
+        "SUPABASE_URL": gateway.url,
+        "SUPABASE_SERVICE_ROLE_KEY": gateway.service_role_key,
+        "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+        "STABLE_AUDIO_API_URL": double.url,
+        "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+        "RETRY_DELAY_MS": "50",
+        "LOG_FORMAT": "text",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reset_services()
+    AudioStorage._checked.clear()
+    yield create_app(target="process_job", source=MAIN).test_client()
+    reset_services()
+
+
+def payload(job_id: object, **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": "INSERT",
+        "table": "jobs",
+        "schema": "public",
+        "record": {"id": str(job_id), "status": "pending"},
+        "old_record": None,
+    }
+    body.update(changes)
+    return body
+
+
+def post(
+    client: FlaskClient, body: Any, secret: str | None = SECRETS["webhook_secret"], **kwargs: Any
+) -> Any:
+    headers = {"X-Webhook-Secret": secret} if secret is not None else {}
+    if "data" not in kwargs:
+        kwargs["json"] = body
+    return client.post("/", headers=headers, **kwargs)
+
+
+def snapshot(db_url: str) -> list[dict[str, Any]]:
+    return sql(
+        db_url,
+        "select j.*, (select count(*) from job_attempts a where a.job_id = j.id) as n"
+        " from jobs j order by id",
+        role=None,
+    )
+
+
+def test_a_job_is_claimed_generated_stored_and_completed(
+    client: FlaskClient, db_url: str, double: StableAudioDouble
+) -> None:
+    job_id = insert_job(db_url, duration=3, quality="high")
+    response = post(client, payload(job_id))
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert (body["job_id"], body["outcome"], body["attempt"], body["status"]) == (
+        str(job_id),
+        "completed",
+        1,
+        "completed",
+    )
+    assert {"generate", "encode_mp3", "upload", "complete", "total"} <= set(body["timings_ms"])
+    row = job_row(db_url, job_id)
+    assert row["status"] == "completed"
+    assert row["result_url"] == row["mp3_url"]
+    assert row["audio"]["duration_s"] == 3.0
+    assert double.paid_generations == 1
+    assert double.calls[0].fields["steps"] == "8"
+
+
+def test_a_second_delivery_is_skipped_without_a_provider_call(
+    client: FlaskClient, db_url: str, double: StableAudioDouble
+) -> None:
+    job_id = insert_job(db_url, duration=1)
+    post(client, payload(job_id))
+    response = post(client, payload(job_id))
+    assert response.status_code == 200
+    assert response.get_json()["outcome"] == "skipped"
+    assert double.call_count == 1
+
+
+def test_a_moderated_prompt_fails_the_job_with_a_readable_message(
+    client: FlaskClient, db_url: str, double: StableAudioDouble
+) -> None:
+    double.script(Behaviour("error", 403))
+    job_id = insert_job(db_url, duration=1)
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"]) == ("failed", "failed")
+    row = job_row(db_url, job_id)
+    assert row["error_message"] == (
+        "The prompt was flagged by the audio service's content moderation; please rephrase it"
+    )
+    assert double.call_count == 1
+
+
+def test_a_transient_provider_failure_releases_the_job_for_a_retry(
+    client: FlaskClient, db_url: str, double: StableAudioDouble
+) -> None:
+    double.script(*[Behaviour("error", 503)] * 4)
+    job_id = insert_job(db_url, duration=1)
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"]) == ("retrying", "pending")
+    row = job_row(db_url, job_id)
+    assert row["run_after"] is not None
+    assert "temporary problem" in row["error_message"]
+
+
+def test_an_update_to_pending_is_accepted(client: FlaskClient, db_url: str) -> None:
+    job_id = insert_job(db_url, duration=1)
+    body = post(client, payload(job_id, type="UPDATE", old_record={"status": "failed"})).get_json()
+    assert body["outcome"] == "completed"
+
+
+def test_an_unreachable_database_is_a_503_and_the_row_is_untouched(
+    client: FlaskClient, db_url: str, gateway: Gateway
+) -> None:
+    job_id = insert_job(db_url, duration=1)
+    before = snapshot(db_url)
+    gateway.faults.down.add("*")
+    response = post(client, payload(job_id))
+    assert response.status_code == 503
+    assert response.get_json()["error"] == "database_unavailable"
+    assert snapshot(db_url) == before
+
+
+BAD_REQUESTS = [
+    ("no secret", {"secret": None}, 401, "unauthorized"),
+    ("wrong secret", {"secret": "wrong"}, 401, "unauthorized"),
+    (
+        "secret off by its last character",
+        {"secret": SECRETS["webhook_secret"][:-1] + "X"},
+        401,
+        "unauthorized",
+    ),
+    ("empty secret", {"secret": ""}, 401, "unauthorized"),
+    ("not json", {"data": "hello", "content_type": "text/plain"}, 415, "unsupported_media_type"),
+    ("invalid json", {"data": "{nope", "content_type": "application/json"}, 400, "invalid_json"),
+    ("empty body", {"data": "", "content_type": "application/json"}, 400, "invalid_json"),
+    ("json array", {"body": [1, 2]}, 422, "invalid_payload"),
+    ("wrong table", {"changes": {"table": "users"}}, 422, "wrong_table"),
+    ("wrong schema", {"changes": {"schema": "auth"}}, 422, "wrong_table"),
+    ("delete event", {"changes": {"type": "DELETE"}}, 422, "invalid_payload"),
+    ("no record", {"changes": {"record": None}}, 422, "invalid_payload"),
+    ("no record id", {"changes": {"record": {"status": "pending"}}}, 422, "invalid_payload"),
+    ("record id not a uuid", {"changes": {"record": {"id": "42"}}}, 422, "invalid_payload"),
+    (
+        "update to completed",
+        {"changes": {"type": "UPDATE", "record": {"id": "ID", "status": "completed"}}},
+        422,
+        "not_claimable",
+    ),
+    (
+        "body over 1 MB",
+        {"data": "{" + " " * 1_000_001 + "}", "content_type": "application/json"},
+        413,
+        "payload_too_large",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "request_parts", "status", "error"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_a_bad_request_gets_its_status_and_a_json_error_and_changes_nothing(
+    client: FlaskClient,
+    db_url: str,
+    double: StableAudioDouble,
+    case: str,
+    request_parts: dict[str, Any],
+    status: int,
+    error: str,
+) -> None:
+    job_id = insert_job(db_url)
+    before = snapshot(db_url)
+    body = request_parts.get("body", payload(job_id, **request_parts.get("changes", {})))
+    if isinstance(body, dict) and isinstance(body.get("record"), dict) and body["record"].get("id") == "ID":
+        body["record"]["id"] = str(job_id)
+    kwargs = {k: v for k, v in request_parts.items() if k in ("data", "content_type")}
+    response = post(client, body, request_parts.get("secret", SECRETS["webhook_secret"]), **kwargs)
+    assert response.status_code == status
+    assert response.get_json()["error"] == error
+    assert response.get_json()["message"]
+    assert snapshot(db_url) == before
+    assert double.call_count == 0
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+def test_methods_other_than_post_get_405(client: FlaskClient, method: str) -> None:
+    response = client.open("/", method=method, headers={"X-Webhook-Secret": SECRETS["webhook_secret"]})
+    assert response.status_code == 405
+    assert response.get_json()["error"] == "method_not_allowed"
+    assert response.headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "processing"])
+def test_a_job_that_is_not_claimable_is_skipped(client: FlaskClient, db_url: str, status: str) -> None:
+    job_id = insert_job(db_url, status=status)
+    before = snapshot(db_url)
+    body = post(client, payload(job_id)).get_json()
+    assert body["outcome"] == "skipped"
+    assert snapshot(db_url) == before
+
+
+def test_an_unknown_id_is_skipped(client: FlaskClient, db_url: str) -> None:
+    body = post(client, payload(uuid.uuid4())).get_json()
+    assert body["outcome"] == "skipped"
+    assert json.dumps(body)
