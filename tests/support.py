@@ -16,6 +16,20 @@ import psycopg
 from psycopg.rows import dict_row
 
 from sona.config import Settings, load_settings
+from sona.models import AudioInfo
+
+AUDIO_INFO = AudioInfo(
+    duration_s=5,
+    sample_rate=44100,
+    channels=2,
+    sample_width_bytes=2,
+    wav_bytes=10,
+    mp3_bytes=5,
+    mp3_bitrate="192k",
+    provider_duration_s=5.1,
+    trimmed=True,
+    model="stable-audio-2.5",
+)
 
 SECRETS = {
     "supabase_service_role_key": "sentinel-service-key-7f3a9",

@@ -9,21 +9,9 @@ import pytest
 from sona.errors import DatabaseUnavailable, StaleLease
 from sona.jobs_store import JobsStore, StoreError
 from sona.local.gateway import Gateway
-from sona.models import AudioInfo, JobStatus
+from sona.models import JobStatus
+from tests.support import AUDIO_INFO as INFO
 from tests.support import insert_job, job_row, make_settings, sql
-
-INFO = AudioInfo(
-    duration_s=5,
-    sample_rate=44100,
-    channels=2,
-    sample_width_bytes=2,
-    wav_bytes=10,
-    mp3_bytes=5,
-    mp3_bitrate="192k",
-    provider_duration_s=5.1,
-    trimmed=True,
-    model="stable-audio-2.5",
-)
 
 
 @pytest.fixture

@@ -213,13 +213,21 @@ def test_a_worker_whose_lease_was_reclaimed_cannot_write(db_url: str) -> None:
 
 # -- reclaim -------------------------------------------------------------------------------------
 
-# (name, columns, backdate SQL, expected action or None, expected status, expected error)
-RECLAIM_CASES = [
+# (name, columns, backdate SQL, actions reclaim takes, status after, error_message after)
+RECLAIM_CASES: list[tuple[str, dict[str, Any], str, list[str], str, str | None]] = [
     (
         "expired lease, attempts left",
         {"status": "processing", "attempts": 1},
-        "lease_expires_at = now() - interval '1 second'",
-        "released",
+        "lease_expires_at = now() - interval '2 seconds'",
+        ["released", "dispatch"],
+        "pending",
+        "The attempt timed out; retrying.",
+    ),
+    (
+        "lease expired inside its backoff",
+        {"status": "processing", "attempts": 1},
+        "lease_expires_at = now() - interval '10 milliseconds'",
+        ["released"],
         "pending",
         "The attempt timed out; retrying.",
     ),
@@ -227,7 +235,7 @@ RECLAIM_CASES = [
         "expired lease, last attempt",
         {"status": "processing", "attempts": 3},
         "lease_expires_at = now() - interval '1 second'",
-        "failed",
+        ["failed"],
         "failed",
         "The job timed out after 3 attempts.",
     ),
@@ -235,7 +243,7 @@ RECLAIM_CASES = [
         "live lease",
         {"status": "processing", "attempts": 1},
         "lease_expires_at = now() + interval '5 seconds'",
-        None,
+        [],
         "processing",
         None,
     ),
@@ -243,7 +251,7 @@ RECLAIM_CASES = [
         "pending past the grace period",
         {"attempts": 0},
         "created_at = now() - interval '61 seconds'",
-        "dispatch",
+        ["dispatch"],
         "pending",
         None,
     ),
@@ -251,7 +259,7 @@ RECLAIM_CASES = [
         "pending inside the grace period",
         {"attempts": 0},
         "created_at = now() - interval '59 seconds'",
-        None,
+        [],
         "pending",
         None,
     ),
@@ -259,7 +267,7 @@ RECLAIM_CASES = [
         "queued past the grace period",
         {"status": "queued"},
         "created_at = now() - interval '2 minutes'",
-        "dispatch",
+        ["dispatch"],
         "queued",
         None,
     ),
@@ -267,7 +275,7 @@ RECLAIM_CASES = [
         "released retry past run_after",
         {"attempts": 1},
         "run_after = now() - interval '1 second'",
-        "dispatch",
+        ["dispatch"],
         "pending",
         None,
     ),
@@ -275,7 +283,7 @@ RECLAIM_CASES = [
         "released retry before run_after",
         {"attempts": 1},
         "run_after = now() + interval '5 seconds'",
-        None,
+        [],
         "pending",
         None,
     ),
@@ -283,7 +291,7 @@ RECLAIM_CASES = [
         "pending with no attempts left",
         {"attempts": 3},
         "created_at = now() - interval '2 minutes'",
-        "failed",
+        ["failed"],
         "failed",
         None,
     ),
@@ -291,7 +299,7 @@ RECLAIM_CASES = [
         "dispatched moments ago",
         {"attempts": 0},
         "created_at = now() - interval '2 minutes', dispatched_at = now() - interval '5 seconds'",
-        None,
+        [],
         "pending",
         None,
     ),
@@ -299,7 +307,7 @@ RECLAIM_CASES = [
         "completed long ago",
         {"status": "completed"},
         "created_at = now() - interval '1 day'",
-        None,
+        [],
         "completed",
         None,
     ),
@@ -307,7 +315,7 @@ RECLAIM_CASES = [
 
 
 @pytest.mark.parametrize(
-    ("name", "columns", "backdate", "action", "status", "error"),
+    ("name", "columns", "backdate", "actions", "status", "error"),
     RECLAIM_CASES,
     ids=[c[0] for c in RECLAIM_CASES],
 )
@@ -316,7 +324,7 @@ def test_reclaim_case(
     name: str,
     columns: dict[str, Any],
     backdate: str,
-    action: str | None,
+    actions: list[str],
     status: str,
     error: str | None,
 ) -> None:
@@ -325,9 +333,9 @@ def test_reclaim_case(
         sql(db_url, "update jobs set lease_token = gen_random_uuid() where id = %s", job_id, role=None)
     sql(db_url, f"update jobs set {backdate} where id = %s", job_id, role=None)
 
-    actions = [r["action"] for r in reclaim(db_url) if r["job_id"] == job_id]
+    taken = [r["action"] for r in reclaim(db_url) if r["job_id"] == job_id]
 
-    assert actions == ([action] if action else [])
+    assert taken == actions
     row = job_row(db_url, job_id)
     assert row["status"] == status
     if error:
@@ -353,7 +361,7 @@ def test_two_reclaims_at_once_do_not_both_act(db_url: str) -> None:
         acted = first.execute("select * from reclaim_jobs(3, 60, 100, 1000, 60000)").fetchall()
         # The first call's transaction is still open: a second call at this moment does nothing.
         assert reclaim(db_url) == []
-    assert [r["action"] for r in acted] == ["released"]
+    assert [r["action"] for r in acted] == ["released", "dispatch"]
     assert job_row(db_url, job_id)["status"] == "pending"
 
 

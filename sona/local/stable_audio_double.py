@@ -77,6 +77,8 @@ class Call:
     content_type: str
     answered: int = 0
     paid: bool = False
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
 
 
 def error_body(status: int, errors: list[str] | None = None) -> bytes:
@@ -109,6 +111,20 @@ class StableAudioDouble:
     def paid_generations(self) -> int:
         with self._lock:
             return sum(1 for c in self.calls if c.paid)
+
+    @property
+    def max_concurrency(self) -> int:
+        """The most calls (since the last reset) it was answering at the same moment."""
+        with self._lock:
+            edges = sorted(
+                [(c.started, 1) for c in self.calls]
+                + [(c.finished, -1) for c in self.calls if c.finished is not None]
+            )
+        most = now = 0
+        for _, step in edges:
+            now += step
+            most = max(most, now)
+        return most
 
     @property
     def call_count(self) -> int:
@@ -202,11 +218,17 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         content_type = self.headers.get("content-type", "")
         headers = {k.lower(): v for k, v in self.headers.items()}
-        fields = _form_fields(body, content_type)
-        call = Call(headers, fields, content_type)
+        call = Call(headers, _form_fields(body, content_type), content_type)
+        with self.owner._lock:
+            self.owner.calls.append(call)
+        try:
+            self._answer(call)
+        finally:
+            call.finished = time.monotonic()
+
+    def _answer(self, call: Call) -> None:
         double = self.owner
-        with double._lock:
-            double.calls.append(call)
+        headers = call.headers
         if not self.path.endswith("/text-to-audio"):
             return self._send(call, 404, error_body(404), "application/json")
         behaviour = double._next()

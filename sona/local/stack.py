@@ -54,6 +54,20 @@ def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] 
     raise TimeoutError(f"nothing listening on port {port} after {timeout_s} s")
 
 
+def wait_port_free(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.02)
+
+
 class FunctionProcess:
     """One functions-framework process serving a target of main.py."""
 
@@ -94,6 +108,9 @@ class FunctionProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)
             self.process.wait(timeout=10)
+            # gunicorn's worker is a grandchild: until it is gone its socket still accepts (and then
+            # resets) connections, so a new instance must not be trusted before the port is free.
+            wait_port_free(self.port, timeout_s=10)
         self._log.close()
 
     def stop(self) -> None:

@@ -167,7 +167,8 @@ exception when duplicate_object then null;
 end $$;
 
 -- reclaim: single-flight (a second concurrent call returns nothing), set-based.
---   'released'  expired lease, attempts remain: back to pending with backoff
+--   'released'  expired lease, attempts remain: back to pending with backoff counted from the
+--               lease's expiry (so it is also dispatched in the same call once that has passed)
 --   'failed'    expired lease (or leftover pending) with no attempts left
 --   'dispatch'  due now: a released retry past run_after, or a job whose webhook never came
 create or replace function public.reclaim_jobs(
@@ -184,8 +185,10 @@ begin
   with expired as (
     update public.jobs j
        set status = case when j.attempts < p_max_attempts then 'pending' else 'failed' end,
+           -- backoff counts from when the lease expired: a crash found late is due at once
            run_after = case when j.attempts < p_max_attempts
-                            then now() + public.sona_backoff(j.attempts, p_base_delay_ms, p_max_delay_ms) end,
+                            then j.lease_expires_at
+                                 + public.sona_backoff(j.attempts, p_base_delay_ms, p_max_delay_ms) end,
            error_message = case when j.attempts < p_max_attempts
                                 then 'The attempt timed out; retrying.'
                                 else 'The job timed out after ' || j.attempts || ' attempts.' end,
