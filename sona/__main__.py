@@ -1,4 +1,4 @@
-"""`python -m sona COMMAND`: validate, demo, dev, reclaim, webhook-sql, stats, bench."""
+"""`python -m sona COMMAND`: validate, demo, dev, reclaim, deploy-plan, webhook-sql, stats."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from sona.config import ConfigError, load_settings
+from sona.config import ConfigError, load, load_settings
 
 
 def _validate(_: argparse.Namespace) -> int:
@@ -53,6 +53,44 @@ def _reclaim(_: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_plan(_: argparse.Namespace) -> int:
+    import os
+
+    from sona.deploy import DeployConfig, render
+
+    try:
+        config = load(DeployConfig)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    sys.stdout.write(render(config, dict(os.environ)))
+    return 0
+
+
+def _webhook_sql(args: argparse.Namespace) -> int:
+    from sona.webhook_sql import WebhookConfig, webhook_sql
+
+    try:
+        print(webhook_sql(load(WebhookConfig), args.url, vault_secret=args.vault))
+    except (ConfigError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from sona.jobs_store import JobsStore
+    from sona.stats import render_table
+
+    try:
+        figures = JobsStore(load_settings()).stats(args.hours)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(json.dumps(figures, indent=2) if args.json else render_table(figures))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sona", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
     dev.set_defaults(run=_dev)
     commands.add_parser("reclaim", help="run reclaim_jobs once").set_defaults(run=_reclaim)
+    commands.add_parser(
+        "deploy-plan", help="print the gcloud commands that deploy both functions"
+    ).set_defaults(run=_deploy_plan)
+    hook = commands.add_parser("webhook-sql", help="print the SQL that installs the INSERT webhook")
+    hook.add_argument("--url", required=True, help="the deployed process_job URL")
+    hook.add_argument("--vault", metavar="NAME", help="read the secret from Supabase Vault at send time")
+    hook.set_defaults(run=_webhook_sql)
+    stats = commands.add_parser("stats", help="monitoring figures from the jobs table")
+    stats.add_argument("--hours", type=int, default=24, help="the window (default 24)")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(run=_stats)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +24,11 @@ LEASE_MARGIN_S = 30
 SECRET_FIELDS = ("supabase_service_role_key", "stable_audio_api_key", "webhook_secret")
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+def function_timeout_s(timeout_ms: int) -> int:
+    """A function's --timeout: its job budget rounded up to seconds, plus the margin."""
+    return math.ceil(timeout_ms / 1000) + FUNCTION_TIMEOUT_MARGIN_S
 
 
 class ConfigError(Exception):
@@ -85,7 +90,6 @@ class Settings(BaseSettings):
     reclaim_batch_size: int = Field(default=50, ge=1, le=10_000)
     reclaim_concurrency: int = Field(default=8, ge=1, le=100)
     reclaim_timeout_ms: int | None = Field(default=None, ge=10_000)
-    reclaim_schedule: str = "every 2 minutes"
 
     log_level: LogLevel = "info"
 
@@ -125,7 +129,7 @@ class Settings(BaseSettings):
     # Everything below follows from JOB_TIMEOUT_MS, the one knob (DESIGN.md, Timeouts).
     @property
     def function_timeout_s(self) -> int:
-        return math.ceil(self.job_timeout_ms / 1000) + FUNCTION_TIMEOUT_MARGIN_S
+        return function_timeout_s(self.job_timeout_ms)
 
     @property
     def lease_seconds(self) -> int:
@@ -172,9 +176,17 @@ def _describe(error: dict[str, object]) -> str:
     return f"{name} {message}"
 
 
+S = TypeVar("S", bound=BaseSettings)
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read settings; raise ConfigError listing every problem (values are never echoed)."""
+    """Read the function's settings; raise ConfigError listing every problem."""
+    return load(Settings, **overrides)
+
+
+def load(model: type[S], **overrides: object) -> S:
+    """Read any settings model; raise ConfigError listing every problem (values are never echoed)."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return model(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigError([_describe(dict(e)) for e in exc.errors(include_input=False)]) from None

@@ -1,11 +1,31 @@
-"""The SQL that installs the INSERT webhook calling supabase_functions.http_request."""
+"""The SQL that installs the INSERT webhook: supabase_functions.http_request with the secret in the
+trigger, or (--vault) a trigger function that reads the secret from Supabase Vault at send time."""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
 
-from sona.config import Settings
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sona.config import function_timeout_s
+
+
+class WebhookConfig(BaseSettings):
+    """Only what the trigger needs, so it can be printed without the function's other secrets."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    webhook_secret: SecretStr | None = None
+    job_timeout_ms: int = Field(default=300_000, ge=10_000)
+    jobs_schema: str = "public"
+    jobs_table: str = "jobs"
+
+    @property
+    def timeout_ms(self) -> int:
+        """The function's whole timeout: the connection stays open for the whole job."""
+        return function_timeout_s(self.job_timeout_ms) * 1000
 
 
 def quote_literal(value: str) -> str:
@@ -16,19 +36,25 @@ def quote_ident(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
 
-def webhook_sql(settings: Settings, url: str) -> str:
-    """The trigger, with the secret header and a timeout that outlasts the job."""
+def _template(name: str) -> str:
+    return resources.files("sona").joinpath(f"sql/{name}").read_text()
+
+
+def webhook_sql(config: WebhookConfig, url: str, *, vault_secret: str | None = None) -> str:
+    common = {
+        "schema": quote_ident(config.jobs_schema),
+        "table": quote_ident(config.jobs_table),
+        "url": quote_literal(url),
+        "timeout_ms": config.timeout_ms,
+    }
+    if vault_secret:
+        return _template("webhook_trigger_vault.sql").format(vault_name=quote_literal(vault_secret), **common)
+    if config.webhook_secret is None:
+        raise ValueError("WEBHOOK_SECRET is not set (or pass --vault NAME to read it from Vault)")
     headers = json.dumps(
         {
             "Content-Type": "application/json",
-            "X-Webhook-Secret": settings.webhook_secret.get_secret_value(),
+            "X-Webhook-Secret": config.webhook_secret.get_secret_value(),
         }
     )
-    template = resources.files("sona").joinpath("sql/webhook_trigger.sql").read_text()
-    return template.format(
-        schema=quote_ident(settings.jobs_schema),
-        table=quote_ident(settings.jobs_table),
-        url=quote_literal(url),
-        headers=quote_literal(headers),
-        timeout_ms=settings.webhook_timeout_ms,
-    )
+    return _template("webhook_trigger.sql").format(headers=quote_literal(headers), **common)

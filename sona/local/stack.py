@@ -26,7 +26,7 @@ from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.relay import WebhookRelay
 from sona.local.stable_audio_double import StableAudioDouble
-from sona.webhook_sql import webhook_sql
+from sona.webhook_sql import WebhookConfig, webhook_sql
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,15 @@ class LocalStack:
         return function
 
     def install_webhook(self, url: str) -> None:
-        apply_sql(self.database_url, webhook_sql(self.settings(), url))
+        settings = self.settings()
+        config = WebhookConfig(
+            _env_file=None,
+            webhook_secret=settings.webhook_secret,  # type: ignore[call-arg]
+            job_timeout_ms=settings.job_timeout_ms,
+            jobs_schema=settings.jobs_schema,
+            jobs_table=settings.jobs_table,
+        )
+        apply_sql(self.database_url, webhook_sql(config, url))
 
     @property
     def reclaim_jobs_url(self) -> str:

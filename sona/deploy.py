@@ -1,0 +1,221 @@
+"""The one source of truth for deployment: the exact gcloud commands, derived from the configuration.
+
+`scripts/deploy.sh` runs (or with --dry-run prints) them; Cloud Build runs the same script, so the
+two paths cannot drift.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sona.config import MAX_FUNCTION_TIMEOUT_S, SECRET_FIELDS, Settings, function_timeout_s
+
+RUNTIME = "python312"
+# Cloud Scheduler waits at most 30 minutes for an HTTP target.
+MAX_SCHEDULER_DEADLINE_S = 1800
+
+
+class DeployConfig(BaseSettings):
+    """What an operator sets to deploy: Google Cloud names plus the function's own settings."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    google_cloud_project: str
+    region: str = "us-central1"
+    process_job_function: str = "process-job"
+    reclaim_jobs_function: str = "reclaim-jobs"
+    scheduler_job: str = "sona-reclaim-jobs"
+    reclaim_schedule: str = "*/2 * * * *"
+    function_service_account: str = ""
+    scheduler_service_account: str = ""
+    function_memory: str = "1Gi"
+    function_cpu: float = Field(default=1, gt=0)
+    max_instances: int = Field(default=10, ge=1)
+    # Secret Manager secret names (never values).
+    supabase_service_role_key_secret: str = "sona-supabase-service-role-key"  # noqa: S105
+    stable_audio_api_key_secret: str = "sona-stable-audio-api-key"  # noqa: S105
+    webhook_secret_secret: str = "sona-webhook-secret"  # noqa: S105
+
+    # The function's non-secret settings that shape the deployment.
+    supabase_url: str
+    job_timeout_ms: int = Field(default=300_000, ge=10_000)
+    reclaim_timeout_ms: int | None = Field(default=None, ge=10_000)
+    max_concurrent_jobs: int = Field(default=2, ge=1, le=1000)
+
+    @field_validator("function_service_account", "scheduler_service_account", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return value or ""
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> DeployConfig:
+        for name, ms in (
+            ("JOB_TIMEOUT_MS", self.job_timeout_ms),
+            ("RECLAIM_TIMEOUT_MS", self.reclaim_timeout_ms),
+        ):
+            if ms is not None and function_timeout_s(ms) > MAX_FUNCTION_TIMEOUT_S:
+                raise ValueError(
+                    f"{name}={ms} needs a function timeout of {function_timeout_s(ms)} s, above "
+                    f"Cloud Functions' {MAX_FUNCTION_TIMEOUT_S} s limit"
+                )
+        if self.max_concurrent_jobs > 1 and self.function_cpu < 1:
+            raise ValueError(
+                f"MAX_CONCURRENT_JOBS={self.max_concurrent_jobs} needs FUNCTION_CPU of at least 1 "
+                "(Cloud Functions allows concurrency above 1 only with a whole vCPU)"
+            )
+        return self
+
+    @property
+    def runtime_account(self) -> str:
+        return (
+            self.function_service_account
+            or f"sona-functions@{self.google_cloud_project}.iam.gserviceaccount.com"
+        )
+
+    @property
+    def scheduler_account(self) -> str:
+        return (
+            self.scheduler_service_account
+            or f"sona-scheduler@{self.google_cloud_project}.iam.gserviceaccount.com"
+        )
+
+
+def passthrough_settings(environ: dict[str, str]) -> dict[str, str]:
+    """The function's non-secret settings present in the environment, as deployed env vars."""
+    names = {n.upper() for n in Settings.model_fields} - {n.upper() for n in SECRET_FIELDS}
+    names -= {"PROCESS_JOB_URL"}  # set from the deployed function's URL
+    return {k: environ[k] for k in sorted(names) if environ.get(k)}
+
+
+class Shell:
+    """Renders argv to a shell line; ${VAR} references stay expandable (double-quoted)."""
+
+    @staticmethod
+    def word(arg: str) -> str:
+        if "${" in arg:
+            return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`") + '"'
+        return shlex.quote(arg)
+
+    @classmethod
+    def line(cls, argv: list[str]) -> str:
+        return " ".join(cls.word(a) for a in argv)
+
+
+def _env_flag(values: dict[str, str]) -> str:
+    # gcloud's alternate delimiter syntax (^@^) so values may contain commas.
+    return "--set-env-vars=^@^" + "@".join(f"{k}={v}" for k, v in values.items())
+
+
+def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
+    common = [f"--region={config.region}", f"--project={config.google_cloud_project}"]
+    secrets = (
+        f"SUPABASE_SERVICE_ROLE_KEY={config.supabase_service_role_key_secret}:latest,"
+        f"STABLE_AUDIO_API_KEY={config.stable_audio_api_key_secret}:latest,"
+        f"WEBHOOK_SECRET={config.webhook_secret_secret}:latest"
+    )
+    settings = passthrough_settings(environ)
+    settings["SUPABASE_URL"] = config.supabase_url
+    settings["JOB_TIMEOUT_MS"] = str(config.job_timeout_ms)
+    settings["MAX_CONCURRENT_JOBS"] = str(config.max_concurrent_jobs)
+    settings["LOG_FORMAT"] = "json"
+    settings = dict(sorted(settings.items()))
+
+    def deploy(
+        name: str,
+        entry_point: str,
+        *,
+        public: bool,
+        timeout_s: int,
+        concurrency: int,
+        max_instances: int,
+        env: dict[str, str],
+    ) -> list[str]:
+        return [
+            "gcloud",
+            "functions",
+            "deploy",
+            name,
+            "--gen2",
+            f"--runtime={RUNTIME}",
+            *common,
+            "--source=.",
+            f"--entry-point={entry_point}",
+            "--trigger-http",
+            "--allow-unauthenticated" if public else "--no-allow-unauthenticated",
+            f"--service-account={config.runtime_account}",
+            f"--timeout={timeout_s}s",
+            f"--memory={config.function_memory}",
+            f"--cpu={config.function_cpu:g}",
+            f"--concurrency={concurrency}",
+            f"--max-instances={max_instances}",
+            # gunicorn serves as many requests at once as it has threads.
+            _env_flag({**env, "THREADS": str(concurrency)}),
+            f"--set-secrets={secrets}",
+        ]
+
+    reclaim_ms = config.reclaim_timeout_ms or config.job_timeout_ms
+    reclaim_timeout = function_timeout_s(reclaim_ms)
+    describe = ["gcloud", "functions", "describe"]
+    uri = ["--gen2", *common, "--format=value(serviceConfig.uri)"]
+    location = [f"--location={config.region}", f"--project={config.google_cloud_project}"]
+    scheduler_flags = [
+        *location,
+        f"--schedule={config.reclaim_schedule}",
+        "--time-zone=Etc/UTC",
+        "--uri=${RECLAIM_JOBS_URL}",
+        "--http-method=POST",
+        f"--oidc-service-account-email={config.scheduler_account}",
+        "--oidc-token-audience=${RECLAIM_JOBS_URL}",
+        f"--attempt-deadline={min(reclaim_timeout, MAX_SCHEDULER_DEADLINE_S)}s",
+    ]
+    scheduler = ["gcloud", "scheduler", "jobs"]
+    return [
+        "set -euo pipefail",
+        Shell.line(
+            deploy(
+                config.process_job_function,
+                "process_job",
+                public=True,
+                timeout_s=function_timeout_s(config.job_timeout_ms),
+                concurrency=config.max_concurrent_jobs,
+                max_instances=config.max_instances,
+                env=settings,
+            )
+        ),
+        f'PROCESS_JOB_URL="$({Shell.line([*describe, config.process_job_function, *uri])})"',
+        Shell.line(
+            deploy(
+                config.reclaim_jobs_function,
+                "reclaim_jobs",
+                public=False,
+                timeout_s=reclaim_timeout,
+                concurrency=1,
+                max_instances=1,
+                env={**settings, "PROCESS_JOB_URL": "${PROCESS_JOB_URL}"},
+            )
+        ),
+        f'RECLAIM_JOBS_URL="$({Shell.line([*describe, config.reclaim_jobs_function, *uri])})"',
+        Shell.line(
+            [
+                "gcloud",
+                "functions",
+                "add-invoker-policy-binding",
+                config.reclaim_jobs_function,
+                *common,
+                f"--member=serviceAccount:{config.scheduler_account}",
+            ]
+        ),
+        # create the first time, update in place after that
+        f"if {Shell.line([*scheduler, 'describe', config.scheduler_job, *location])} >/dev/null 2>&1; then",
+        "  " + Shell.line([*scheduler, "update", "http", config.scheduler_job, *scheduler_flags]),
+        "else",
+        "  " + Shell.line([*scheduler, "create", "http", config.scheduler_job, *scheduler_flags]),
+        "fi",
+    ]
+
+
+def render(config: DeployConfig, environ: dict[str, str]) -> str:
+    return "\n".join(deploy_commands(config, environ)) + "\n"

@@ -1,0 +1,267 @@
+"""Deployment: Cloud Build and scripts/deploy.sh give the same gcloud commands, derived from the
+configuration; the webhook SQL fires on INSERT with the secret header and a long enough timeout."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sona.config import ConfigError, load
+from sona.deploy import DeployConfig, render
+from sona.local.database import apply_sql
+from sona.webhook_sql import WebhookConfig, webhook_sql
+from tests.support import SECRETS, insert_job, sql
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = "sona-test-project"
+
+
+def cloudbuild() -> dict[str, Any]:
+    return dict(yaml.safe_load((REPO / "cloudbuild.yaml").read_text()))
+
+
+def cloudbuild_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The plan step's environment, with Cloud Build's substitutions applied."""
+    build = cloudbuild()
+    values = {**build["substitutions"], "_SUPABASE_URL": "https://abc.supabase.co", **(overrides or {})}
+    (plan,) = [s for s in build["steps"] if s["id"] == "plan"]
+    env = {}
+    for item in plan["env"]:
+        name, _, value = item.partition("=")
+        value = value.replace("$PROJECT_ID", PROJECT)
+        env[name] = re.sub(r"\$(_[A-Z_]+)", lambda m: str(values[m.group(1)]), value)
+    return env
+
+
+def dry_run(env: dict[str, str]) -> str:
+    base = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+    }
+    result = subprocess.run(
+        [str(REPO / "scripts" / "deploy.sh"), "--dry-run"],
+        cwd=REPO,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def deploys(script: str) -> dict[str, list[str]]:
+    """The argv of each `gcloud functions deploy NAME ...` line, by function name."""
+    found = {}
+    for line in script.splitlines():
+        if line.startswith("gcloud functions deploy "):
+            argv = shlex.split(line)
+            found[argv[3]] = argv
+    return found
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    for arg in argv:
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def test_cloud_build_and_deploy_sh_give_the_same_commands() -> None:
+    env = cloudbuild_env()
+    assert dry_run(env) == render(
+        load(DeployConfig, _env_file=None, **{k.lower(): v for k, v in env.items()}), env
+    )
+
+
+def test_cloud_build_runs_the_tests_before_it_deploys() -> None:
+    steps = [s["id"] for s in cloudbuild()["steps"]]
+    assert steps == ["test", "plan", "deploy"]
+    (test,) = [s for s in cloudbuild()["steps"] if s["id"] == "test"]
+    assert test["args"] == ["scripts/run.py", "test"]
+
+
+@pytest.mark.parametrize(
+    ("job_timeout_ms", "timeout"), [("300000", "310s"), ("60500", "71s"), ("3590000", "3600s")]
+)
+def test_timeout_follows_job_timeout_ms(job_timeout_ms: str, timeout: str) -> None:
+    functions = deploys(dry_run(cloudbuild_env({"_JOB_TIMEOUT_MS": job_timeout_ms})))
+    assert flag(functions["process-job"], "timeout") == timeout
+
+
+def test_a_timeout_above_3600_s_is_a_clear_error() -> None:
+    env = cloudbuild_env({"_JOB_TIMEOUT_MS": "3600000"})
+    with pytest.raises(ConfigError, match="above Cloud Functions' 3600 s limit"):
+        load(DeployConfig, _env_file=None, **{k.lower(): v for k, v in env.items()})
+
+
+def test_secrets_come_only_from_secret_manager() -> None:
+    env = {
+        **cloudbuild_env(),
+        "SUPABASE_SERVICE_ROLE_KEY": SECRETS["supabase_service_role_key"],
+        "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+        "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+    }
+    script = dry_run(env)
+    assert not any(secret in script for secret in SECRETS.values())
+    for argv in deploys(script).values():
+        assert flag(argv, "set-secrets") == (
+            "SUPABASE_SERVICE_ROLE_KEY=sona-supabase-service-role-key:latest,"
+            "STABLE_AUDIO_API_KEY=sona-stable-audio-api-key:latest,"
+            "WEBHOOK_SECRET=sona-webhook-secret:latest"
+        )
+        env_vars = flag(argv, "set-env-vars") or ""
+        assert not re.search(r"(KEY|SECRET)=", env_vars)
+
+
+def test_only_process_job_is_public() -> None:
+    functions = deploys(dry_run(cloudbuild_env()))
+    assert "--allow-unauthenticated" in functions["process-job"]
+    assert "--no-allow-unauthenticated" in functions["reclaim-jobs"]
+    assert "--allow-unauthenticated" not in functions["reclaim-jobs"]
+
+
+@pytest.mark.parametrize("concurrency", ["1", "2", "8"])
+def test_concurrency_and_threads_follow_max_concurrent_jobs(concurrency: str) -> None:
+    argv = deploys(dry_run(cloudbuild_env({"_MAX_CONCURRENT_JOBS": concurrency})))["process-job"]
+    assert flag(argv, "concurrency") == concurrency
+    assert f"THREADS={concurrency}" in (flag(argv, "set-env-vars") or "").split("@")
+    assert float(flag(argv, "cpu") or 0) >= 1
+
+
+def test_concurrency_above_one_with_less_than_a_vcpu_is_refused() -> None:
+    env = cloudbuild_env({"_FUNCTION_CPU": "0.5", "_MAX_CONCURRENT_JOBS": "2"})
+    with pytest.raises(ConfigError, match="at least 1"):
+        load(DeployConfig, _env_file=None, **{k.lower(): v for k, v in env.items()})
+
+
+def test_every_value_an_operator_changes_is_a_substitution() -> None:
+    functions = deploys(
+        dry_run(
+            cloudbuild_env(
+                {
+                    "_REGION": "europe-west1",
+                    "_PROCESS_JOB_FUNCTION": "pj",
+                    "_RECLAIM_JOBS_FUNCTION": "rj",
+                    "_FUNCTION_MEMORY": "2Gi",
+                    "_MAX_INSTANCES": "3",
+                    "_FUNCTION_SERVICE_ACCOUNT": "run@p.iam",
+                }
+            )
+        )
+    )
+    assert set(functions) == {"pj", "rj"}
+    argv = functions["pj"]
+    assert (
+        flag(argv, "region"),
+        flag(argv, "memory"),
+        flag(argv, "max-instances"),
+        flag(argv, "service-account"),
+        flag(argv, "runtime"),
+        flag(argv, "entry-point"),
+    ) == ("europe-west1", "2Gi", "3", "run@p.iam", "python312", "process_job")
+    assert flag(functions["rj"], "entry-point") == "reclaim_jobs"
+
+
+def test_the_scheduler_job_is_created_or_updated_with_an_oidc_token() -> None:
+    script = dry_run(cloudbuild_env({"_RECLAIM_SCHEDULE": "*/5 * * * *"}))
+    assert "gcloud scheduler jobs describe sona-reclaim-jobs" in script
+    for verb in ("update", "create"):
+        line = next(li for li in script.splitlines() if f"gcloud scheduler jobs {verb} http" in li)
+        argv = shlex.split(line)
+        assert flag(argv, "schedule") == "*/5 * * * *"
+        assert flag(argv, "oidc-service-account-email") == f"sona-scheduler@{PROJECT}.iam.gserviceaccount.com"
+
+
+# -- the webhook SQL ------------------------------------------------------------------------------
+
+URL = "https://us-central1-p.cloudfunctions.net/process-job"
+
+
+def test_the_webhook_fires_on_insert_with_url_method_secret_and_timeout(db_url: str) -> None:
+    config = WebhookConfig(
+        _env_file=None,
+        webhook_secret=SECRETS["webhook_secret"],  # type: ignore[call-arg]
+        job_timeout_ms=120_000,
+    )
+    apply_sql(db_url, webhook_sql(config, URL))
+    job_id = insert_job(db_url)
+    (call,) = sql(
+        db_url, "select url, method, headers, timeout_ms, body from supabase_functions.local_queue", role=None
+    )
+    assert (call["url"], call["method"]) == (URL, "POST")
+    assert call["headers"] == {
+        "Content-Type": "application/json",
+        "X-Webhook-Secret": SECRETS["webhook_secret"],
+    }
+    assert call["timeout_ms"] >= 120_000
+    assert call["body"]["record"]["id"] == str(job_id)
+    assert (call["body"]["type"], call["body"]["table"]) == ("INSERT", "jobs")
+
+
+def test_installing_the_webhook_twice_leaves_one_trigger(db_url: str) -> None:
+    config = WebhookConfig(_env_file=None, webhook_secret="s3cret-value")  # type: ignore[call-arg]
+    apply_sql(db_url, webhook_sql(config, URL), webhook_sql(config, URL + "?v=2"))
+    insert_job(db_url)
+    calls = sql(db_url, "select url from supabase_functions.local_queue", role=None)
+    assert [c["url"] for c in calls] == [URL + "?v=2"]
+
+
+VAULT_AND_PG_NET_STAND_INS = """
+create schema if not exists vault;
+create table if not exists vault.decrypted_secrets (name text primary key, decrypted_secret text);
+create schema if not exists net;
+create table if not exists net.calls (url text, body jsonb, params jsonb, headers jsonb, timeout int);
+create or replace function net.http_post(url text, body jsonb default '{}', params jsonb default '{}',
+    headers jsonb default '{}', timeout_milliseconds int default 5000) returns bigint
+language sql as $$
+  insert into net.calls values (url, body, params, headers, timeout_milliseconds) returning 1::bigint
+$$;
+"""
+
+
+def test_the_vault_webhook_reads_the_secret_at_send_time(private_db_url: str) -> None:
+    apply_sql(
+        private_db_url,
+        VAULT_AND_PG_NET_STAND_INS,
+        "insert into vault.decrypted_secrets values ('sona_webhook_secret', 'from-the-vault')",
+    )
+    config = WebhookConfig(_env_file=None, job_timeout_ms=60_000)  # type: ignore[call-arg]
+    script = webhook_sql(config, URL, vault_secret="sona_webhook_secret")
+    assert "from-the-vault" not in script
+    apply_sql(private_db_url, script)
+    job_id = insert_job(private_db_url)
+    (call,) = sql(private_db_url, "select * from net.calls", role=None)
+    assert call["headers"]["X-Webhook-Secret"] == "from-the-vault"
+    assert call["timeout"] >= 60_000
+    assert (call["url"], call["body"]["record"]["id"]) == (URL, str(job_id))
+
+
+def test_the_webhook_sql_command_prints_the_trigger(tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO),
+        "WEBHOOK_SECRET": "cli-secret",
+        "JOB_TIMEOUT_MS": "90000",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "sona", "webhook-sql", "--url", URL],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "create or replace trigger sona_process_job" in result.stdout
+    assert "'100000'" in result.stdout  # the function's timeout: 90 s + 10 s margin

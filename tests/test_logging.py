@@ -1,0 +1,123 @@
+"""Logging: structured JSON lines on the Cloud Functions path (google-cloud-logging's
+StructuredLogHandler), readable lines locally, job fields on every job line, no secret anywhere."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from sona.local.gateway import Gateway
+from sona.local.stable_audio_double import Behaviour, StableAudioDouble
+from sona.local.stack import FunctionProcess
+from sona.logs import job_context, setup_logging
+from tests.support import SECRETS, insert_job
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_secret_is_redacted_from_messages_arguments_and_tracebacks(fmt: str) -> None:
+    out = io.StringIO()
+    setup_logging("info", SECRETS.values(), fmt=fmt, stream=out)
+    log = logging.getLogger("sona.test")
+    with job_context(uuid.UUID(int=7), attempt=2):
+        log.info("calling with key %s", SECRETS["stable_audio_api_key"])
+        try:
+            raise RuntimeError(f"boom {SECRETS['webhook_secret']}")
+        except RuntimeError:
+            log.exception("failed")
+    text = out.getvalue()
+    assert not any(secret in text for secret in SECRETS.values())
+    assert text.count("[redacted]") >= 2
+    assert "00000000-0000-0000-0000-000000000007" in text
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_log_level_filters_in_both_formats() -> None:
+    for fmt in ("json", "text"):
+        out = io.StringIO()
+        setup_logging("warning", fmt=fmt, stream=out)
+        logging.getLogger("sona.test").info("hidden")
+        logging.getLogger("sona.test").warning("shown")
+        assert "hidden" not in out.getvalue()
+        assert "shown" in out.getvalue()
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_local_lines_are_readable_single_lines_with_the_job() -> None:
+    out = io.StringIO()
+    setup_logging("info", fmt="text", stream=out)
+    with job_context("job-1", attempt=3):
+        logging.getLogger("sona.pipeline").info("stored")
+    line = out.getvalue().strip()
+    assert line.endswith("INFO    sona.pipeline [job job-1 #3] stored")
+
+
+@pytest.mark.slow
+def test_one_job_on_the_cloud_functions_path_logs_only_json_with_job_fields_and_trace(
+    gateway: Gateway, double: StableAudioDouble, db_url: str, tmp_path: Path
+) -> None:
+    double.script(Behaviour("error", 503))  # one retry, so a warning line is logged too
+    env = {
+        "PATH": os.environ["PATH"],
+        "K_SERVICE": "process-job",
+        "GOOGLE_CLOUD_PROJECT": "sona-prod",
+        "SUPABASE_URL": gateway.url,
+        "SUPABASE_SERVICE_ROLE_KEY": gateway.service_role_key,
+        "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+        "STABLE_AUDIO_API_URL": double.url,
+        "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+        "RETRY_DELAY_MS": "20",
+        "LOG_LEVEL": "debug",
+    }
+    function = FunctionProcess("process_job", env, tmp_path / "process_job.log").wait_ready()
+    try:
+        job_id = insert_job(db_url, duration=1)
+        response = requests.post(
+            function.url,
+            timeout=60,
+            json={
+                "type": "INSERT",
+                "table": "jobs",
+                "schema": "public",
+                "record": {"id": str(job_id)},
+                "old_record": None,
+            },
+            headers={
+                "X-Webhook-Secret": SECRETS["webhook_secret"],
+                "traceparent": f"00-{TRACE}-00f067aa0ba902b7-01",
+            },
+        )
+        assert response.json()["outcome"] == "completed"
+    finally:
+        function.stop()
+    output = function.output()
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    job_lines = [line for line in lines if line.get("job_id")]
+    assert len(job_lines) >= 4
+    assert len(lines) == len(output.strip().splitlines())  # every line is JSON
+    for line in job_lines:
+        assert line["severity"] in ("DEBUG", "INFO", "WARNING", "ERROR")
+        assert line["job_id"] == str(job_id)
+        assert line["logging.googleapis.com/trace"] == f"projects/sona-prod/traces/{TRACE}"
+    assert {line["attempt"] for line in job_lines} - {None} == {1}
+    assert any(line["severity"] == "WARNING" for line in job_lines)
+    assert not any(secret in output for secret in [*SECRETS.values(), gateway.service_role_key])

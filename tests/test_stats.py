@@ -1,0 +1,93 @@
+"""`python -m sona stats` against the gateway and a known mix of jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sona.local.gateway import Gateway
+from tests.support import SECRETS, insert_job, sql
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def known_mix(db_url: str) -> str:
+    for seconds in (2, 4, 6):
+        job = insert_job(db_url, status="completed")
+        sql(
+            db_url,
+            "update jobs set started_at = now() - make_interval(secs => %s + 1),"
+            " completed_at = now() - interval '1 second' where id = %s",
+            seconds,
+            job,
+            role=None,
+        )
+    failed = insert_job(db_url, status="failed", error_message="Prompts must be in English", attempts=1)
+    sql(db_url, "update jobs set completed_at = now() where id = %s", failed, role=None)
+    insert_job(db_url)  # pending, just created
+    old_pending = insert_job(db_url)
+    sql(
+        db_url,
+        "update jobs set created_at = now() - interval '30 minutes' where id = %s",
+        old_pending,
+        role=None,
+    )
+    stuck = insert_job(db_url, status="processing", attempts=1)
+    sql(
+        db_url,
+        "update jobs set lease_expires_at = now() - interval '1 minute' where id = %s",
+        stuck,
+        role=None,
+    )
+    outside = insert_job(db_url, status="completed")
+    sql(db_url, "update jobs set created_at = now() - interval '2 days' where id = %s", outside, role=None)
+    return str(failed)
+
+
+def run_stats(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO),
+        "SUPABASE_URL": gateway.url,
+        "SUPABASE_SERVICE_ROLE_KEY": gateway.service_role_key,
+        "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+        "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "sona", "stats", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_stats_json_has_the_right_figures(gateway: Gateway, known_mix: str) -> None:
+    result = run_stats(gateway, "--json")
+    assert result.returncode == 0, result.stderr
+    figures: dict[str, Any] = json.loads(result.stdout)
+    assert figures["total"] == 7
+    assert figures["by_status"] == {"completed": 3, "failed": 1, "pending": 2, "processing": 1}
+    assert figures["failure_rate"] == 0.25
+    assert figures["avg_processing_s"] == pytest.approx(4.0, abs=0.01)
+    assert figures["p95_processing_s"] == pytest.approx(5.8, abs=0.01)
+    assert figures["stuck"] == {"expired_leases": 1, "pending_over_10_min": 1}
+    assert [(f["id"], f["error"]) for f in figures["recent_failures"]] == [
+        (known_mix, "Prompts must be in English")
+    ]
+
+
+def test_stats_table_is_readable(gateway: Gateway, known_mix: str) -> None:
+    result = run_stats(gateway, "--hours", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Jobs created in the last 24 h: 7" in result.stdout
+    assert "failure rate        25.0 %" in result.stdout
+    assert "Prompts must be in English" in result.stdout
