@@ -28,7 +28,7 @@ class Deadline:
         left = self.remaining()
         if left <= need_s:
             raise DeadlineExceeded(
-                "The job ran out of time; it will be retried",
+                "The job ran out of time",
                 detail=f"{step}: {self.budget_s:.0f} s budget spent",
             )
         return left

@@ -15,8 +15,9 @@ from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import DatabaseUnavailable, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job
+from sona.retrying import retrying
 from sona.stable_audio import GenerationRequest
-from sona.storage import attempt_stamp, object_path
+from sona.storage import StoredOutput, attempt_stamp, object_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,7 +36,10 @@ class Provider(Protocol):
 
 class Storage(Protocol):
     def ensure_bucket(self) -> None: ...
-    def upload(self, path: str, data: bytes, ext: str, deadline: Deadline) -> str: ...
+    def upload(
+        self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
+    ) -> str: ...
+    def find_output(self, job_id: object) -> StoredOutput | None: ...
 
 
 @dataclass
@@ -85,7 +89,7 @@ class Pipeline:
             self._fail(
                 job,
                 result,
-                "An unexpected error occurred; it will be retried",
+                "An unexpected error occurred",
                 True,
                 "unexpected error",
             )
@@ -93,8 +97,38 @@ class Pipeline:
         return result
 
     def _produce(self, job: ClaimedJob, deadline: Deadline, timings: dict[str, int]) -> Job:
+        request = GenerationRequest.from_job(job, self.settings)  # bad input fails before any payment
+        stored = self._earlier_output(job, timings)
+        if stored is not None:
+            wav_url, mp3_url, info = stored
+        else:
+            wav_url, mp3_url, info = self._generate_and_store(job, request, deadline, timings)
+        return _timed(
+            timings,
+            "complete",
+            lambda: self._with_retries(
+                "complete",
+                deadline,
+                lambda: self.store.complete(job, wav_url=wav_url, mp3_url=mp3_url, audio=info),
+            ),
+        )
+
+    def _earlier_output(self, job: ClaimedJob, timings: dict[str, int]) -> tuple[str, str, AudioInfo] | None:
+        """A retry first looks for files an earlier attempt stored before it could complete the
+        row (the database was down, or the process died): those were already paid for."""
+        if job.attempts <= 1:
+            return None
+        _timed(timings, "bucket", self.storage.ensure_bucket)
+        found = _timed(timings, "find_output", lambda: self.storage.find_output(job.id))
+        if found is None:
+            return None
+        log.info("reusing the files an earlier attempt stored; no new generation")
+        return found.wav_url, found.mp3_url, AudioInfo.model_validate(found.audio)
+
+    def _generate_and_store(
+        self, job: ClaimedJob, request: GenerationRequest, deadline: Deadline, timings: dict[str, int]
+    ) -> tuple[str, str, AudioInfo]:
         settings = self.settings
-        request = GenerationRequest.from_job(job, settings)  # bad input fails before any payment
         log.info("generating %d s with %s (%d steps)", request.duration, request.model, request.steps)
         generated = _timed(timings, "generate", lambda: self.provider.generate(request, deadline))
         deadline.check("encode")
@@ -108,27 +142,37 @@ class Pipeline:
             started = time.monotonic()
             wav_future = pool.submit(self.storage.upload, wav_path, master.wav, "wav", deadline)
             mp3 = _timed(
-                timings,
-                "encode_mp3",
-                lambda: encode_mp3(master.wav, settings.mp3_bitrate, self.ffmpeg),
+                timings, "encode_mp3", lambda: encode_mp3(master.wav, settings.mp3_bitrate, self.ffmpeg)
             )
-            mp3_url = _timed(
-                timings, "upload_mp3", lambda: self.storage.upload(mp3_path, mp3, "mp3", deadline)
-            )
+            info = _audio_info(master, mp3, settings, generated)
             wav_url = wav_future.result()
+            # The MP3 goes last and carries the audio info: its presence marks a complete output.
+            metadata = {"sona_audio": info.model_dump(mode="json")}
+            mp3_url = _timed(
+                timings, "upload_mp3", lambda: self.storage.upload(mp3_path, mp3, "mp3", deadline, metadata)
+            )
             timings["upload"] = round((time.monotonic() - started) * 1000)
         log.info("stored %s and %s", wav_path, mp3_path)
-        info = _audio_info(master, mp3, settings, generated)
-        return _timed(
-            timings,
-            "complete",
-            lambda: self.store.complete(job, wav_url=wav_url, mp3_url=mp3_url, audio=info),
+        return wav_url, mp3_url, info
+
+    def _with_retries(self, what: str, deadline: Deadline, write: Callable[[], T]) -> T:
+        """The final write is fenced, so retrying it when the database is briefly away is safe."""
+        policy = retrying(
+            what,
+            max_retries=self.settings.max_retries,
+            base_delay_s=self.settings.retry_delay_ms / 4000,
+            deadline=deadline,
         )
+        return policy(write)
 
     def _fail(self, job: ClaimedJob, result: Result, message: str, retryable: bool, detail: str) -> None:
         log.warning("attempt failed (%s): %s", "transient" if retryable else "permanent", detail)
+        # The job's budget may be spent; recording its end gets the margin kept for exactly this.
+        margin = Deadline(self.settings.deadline_margin_ms / 1000)
         try:
-            row = self.store.fail(job, message=message, retryable=retryable)
+            row = self._with_retries(
+                "fail", margin, lambda: self.store.fail(job, message=message, retryable=retryable)
+            )
         except StaleLease as exc:
             self._stale(result, exc)
             return

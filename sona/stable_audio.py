@@ -8,6 +8,7 @@ import json
 import logging
 import platform
 import time
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,12 @@ STEPS = {
 _CHUNK = 256 * 1024
 
 
+def clean_prompt(text: str) -> str:
+    """Control characters (a pasted bell, a stray escape) become spaces; emoji and every other
+    printable character stay. Leading and trailing space goes."""
+    return "".join(" " if unicodedata.category(c) == "Cc" else c for c in text).strip()
+
+
 class GenerationRequest(BaseModel):
     prompt: str
     duration: int
@@ -51,12 +58,12 @@ class GenerationRequest(BaseModel):
             raise PermanentError(
                 f"The '{job.mode}' mode is not supported yet; only text-to-audio is available."
             )
-        prompt = job.prompt.strip()
+        prompt = clean_prompt(job.prompt)
         if not prompt:
             raise PermanentError("The prompt is empty. Describe the sound you want.")
-        if len(job.prompt) > MAX_PROMPT_CHARS:
+        if len(prompt) > MAX_PROMPT_CHARS:
             raise PermanentError(
-                f"The prompt is {len(job.prompt)} characters long; the limit is {MAX_PROMPT_CHARS}."
+                f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}."
             )
         if not 1 <= job.duration <= 60:
             raise PermanentError(f"The duration must be 1 to 60 seconds, not {job.duration}.")
@@ -64,7 +71,7 @@ class GenerationRequest(BaseModel):
         if steps is None:
             raise PermanentError(f"The quality '{job.quality}' is unknown; choose low, medium or high.")
         return cls(
-            prompt=job.prompt,
+            prompt=prompt,
             duration=job.duration,
             model=settings.stable_audio_model,
             steps=steps,
@@ -103,13 +110,13 @@ def classify(status: int, body: bytes, headers: CaseInsensitiveDict[str]) -> Exc
     detail = f"HTTP {status} {name or ''} {'; '.join(errors)}".strip()
     if status == 429:
         return TransientError(
-            "The audio service is busy; retrying",
+            "The audio service is busy (rate limited)",
             detail=detail,
             retry_after_s=_retry_after(headers),
         )
     if status >= 500:
         return TransientError(
-            "The audio service had a temporary problem; retrying",
+            "The audio service had a temporary problem",
             detail=detail,
             retry_after_s=_retry_after(headers),
         )

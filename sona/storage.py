@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, cast
 
@@ -85,13 +86,17 @@ class AudioStorage:
             if str(exc.status) != "409":  # another instance created it first
                 raise _translate(exc) from None
 
-    def upload(self, path: str, data: bytes, ext: str, deadline: Deadline) -> str:
+    def upload(
+        self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
+    ) -> str:
         """Upload (upsert, so a retried attempt can write again) and return the file's URL."""
-        options = {
+        options: dict[str, Any] = {
             "content-type": CONTENT_TYPES[ext],
             "cache-control": CACHE_CONTROL_S,
             "upsert": "true",  # storage3 wants the string; a bool crashes it
         }
+        if metadata is not None:
+            options["metadata"] = metadata
         policy = retrying(
             f"upload of {path}",
             max_retries=self._settings.max_retries,
@@ -104,13 +109,47 @@ class AudioStorage:
                 self._upload_once(path, data, options)
         return self.url(path)
 
-    def _upload_once(self, path: str, data: bytes, options: dict[str, str]) -> None:
+    def _upload_once(self, path: str, data: bytes, options: dict[str, Any]) -> None:
         try:
             self._client.from_(self.bucket).upload(path, data, options)  # type: ignore[arg-type]
+        except StorageApiError as exc:
+            if str(exc.status) == "409":
+                # Paths are unique per attempt, so an existing object is our own earlier try that
+                # landed before its answer was lost.
+                log.info("%s already stored by an earlier try", path)
+                return
+            raise _translate(exc) from None
+        except httpx.HTTPError as exc:
+            raise TransientError("The file storage is unavailable", detail=type(exc).__name__) from None
+
+    def find_output(self, job_id: object) -> StoredOutput | None:
+        """The files an earlier attempt of this job stored completely (its MP3, uploaded last,
+        carries the audio info as metadata), so a retry can complete without paying again."""
+        prefix = self._settings.storage_path_prefix
+        bucket = self._client.from_(self.bucket)
+        try:
+            items = bucket.list(
+                prefix,
+                {
+                    "search": f"{job_id}_",
+                    "limit": 100,  # type: ignore[typeddict-item]
+                    "sortBy": {"column": "name", "order": "desc"},
+                },
+            )
+            names = {item["name"] for item in items}
+            for name in sorted(names, reverse=True):
+                wav = name.removesuffix(".mp3") + ".wav"
+                if not name.endswith(".mp3") or wav not in names:
+                    continue
+                mp3_path, wav_path = _join(prefix, name), _join(prefix, wav)
+                audio = (bucket.info(mp3_path).get("metadata") or {}).get("sona_audio")
+                if audio:
+                    return StoredOutput(self.url(wav_path), self.url(mp3_path), audio)
         except StorageApiError as exc:
             raise _translate(exc) from None
         except httpx.HTTPError as exc:
             raise TransientError("The file storage is unavailable", detail=type(exc).__name__) from None
+        return None
 
     def url(self, path: str) -> str:
         if self._settings.storage_public:
@@ -123,6 +162,17 @@ class AudioStorage:
         except StorageApiError as exc:
             raise _translate(exc) from None
         return str(signed["signedURL"])
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    wav_url: str
+    mp3_url: str
+    audio: dict[str, Any]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
 
 
 def _translate(exc: StorageApiError) -> Exception:

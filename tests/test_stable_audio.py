@@ -221,3 +221,16 @@ def test_a_slow_first_byte_past_the_deadline_is_a_timeout(double: StableAudioDou
     with pytest.raises(TransientError):
         generate(double, budget_s=1.2)
     assert time.monotonic() - started < 1.9
+
+
+@pytest.mark.parametrize(
+    ("prompt", "sent"),
+    [
+        ("rain\x07 on\x1b[31m glass\x00", "rain  on [31m glass"),
+        ("🌲 forest 🌅", "🌲 forest 🌅"),
+        ("  tabs\tand\nnewlines  ", "tabs and newlines"),
+        ("forêt à l'aube", "forêt à l'aube"),
+    ],
+)
+def test_control_characters_become_spaces_and_everything_printable_stays(prompt: str, sent: str) -> None:
+    assert GenerationRequest.from_job(job(prompt=prompt), make_settings()).prompt == sent

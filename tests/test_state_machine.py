@@ -240,6 +240,14 @@ RECLAIM_CASES: list[tuple[str, dict[str, Any], str, list[str], str, str | None]]
         "The job timed out after 3 attempts.",
     ),
     (
+        "processing with no lease at all",
+        {"status": "processing", "attempts": 0},
+        "created_at = now() - interval '1 hour'",
+        ["released", "dispatch"],
+        "pending",
+        "The attempt timed out; retrying.",
+    ),
+    (
         "live lease",
         {"status": "processing", "attempts": 1},
         "lease_expires_at = now() + interval '5 seconds'",
@@ -329,7 +337,7 @@ def test_reclaim_case(
     error: str | None,
 ) -> None:
     job_id = insert_job(db_url, **columns)
-    if columns.get("status") == "processing":
+    if columns.get("status") == "processing" and columns.get("attempts"):
         sql(db_url, "update jobs set lease_token = gen_random_uuid() where id = %s", job_id, role=None)
     sql(db_url, f"update jobs set {backdate} where id = %s", job_id, role=None)
 

@@ -113,3 +113,32 @@ def test_payload_too_large_is_permanent(gateway: Gateway) -> None:
     with pytest.raises(PermanentError, match="larger than the storage allows"):
         s.upload("generated/big.wav", b"x" * 100, "wav", Deadline(10))
     assert gateway.counts["storage:upload"] == 1
+
+
+def test_a_duplicate_answer_means_an_earlier_try_landed(gateway: Gateway) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    gateway.faults.add(
+        "storage:upload",
+        400,
+        {"statusCode": "409", "error": "Duplicate", "message": "The resource already exists"},
+    )
+    url = s.upload("generated/d.wav", b"data", "wav", Deadline(10))
+    assert url.endswith("/generated/d.wav")
+    assert gateway.counts["storage:upload"] == 1
+
+
+def test_an_earlier_attempts_complete_output_is_found_by_its_mp3_metadata(gateway: Gateway) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    job = uuid.uuid4()
+    s.upload(f"generated/{job}_1.wav", b"only a wav: that attempt died before its mp3", "wav", Deadline(10))
+    assert s.find_output(job) is None
+    s.upload(f"generated/{job}_2.wav", b"wav", "wav", Deadline(10))
+    s.upload(f"generated/{job}_2.mp3", b"mp3", "mp3", Deadline(10), {"sona_audio": {"duration_s": 2}})
+    s.upload(f"generated/{uuid.uuid4()}_3.mp3", b"another job", "mp3", Deadline(10), {"sona_audio": {}})
+    found = s.find_output(job)
+    assert found is not None
+    assert found.wav_url.endswith(f"/generated/{job}_2.wav")
+    assert found.mp3_url.endswith(f"/generated/{job}_2.mp3")
+    assert found.audio == {"duration_s": 2}

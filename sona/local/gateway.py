@@ -296,6 +296,10 @@ class Gateway:
             return "storage:public"
         if parts[:2] == ["object", "sign"]:
             return "storage:sign" if request.method == "POST" else "storage:signed_get"
+        if parts[:2] == ["object", "list"]:
+            return "storage:list"
+        if parts[:2] == ["object", "info"]:
+            return "storage:info"
         if parts[0] == "object":
             return {"POST": "storage:upload", "PUT": "storage:update"}.get(request.method, "storage:download")
         return "storage:unknown"
@@ -314,6 +318,11 @@ class Gateway:
             return self._sign(parts[2], "/".join(parts[3:]), request)
         if route == "storage:signed_get":
             return self._serve_signed(parts[2], "/".join(parts[3:]), request)
+        if route == "storage:list":
+            return self._list(parts[2], request)
+        if route == "storage:info":
+            skip = 3 if parts[2] == "authenticated" else 2
+            return self._info(parts[skip], "/".join(parts[skip + 1 :]))
         if route == "storage:download":
             return self._serve(
                 parts[2] if parts[1] == "authenticated" else parts[1],
@@ -390,7 +399,10 @@ class Gateway:
             target = self._object_path(bucket_id, name)
         except ValueError:
             return _storage_error("400", "InvalidKey", f"Invalid key: {name}")
-        content_type, cache_control, data = _upload_body(request)
+        try:
+            content_type, cache_control, data, user_metadata = _upload_body(request)
+        except ValueError:
+            return _storage_error("400", "InvalidRequest", "metadata must be JSON")
         limit = bucket["file_size_limit"]
         if limit is not None and len(data) > limit:
             return _storage_error(
@@ -408,32 +420,36 @@ class Gateway:
                 "eTag": f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"',
             }
         )
+        params = {
+            "b": bucket_id,
+            "n": name,
+            "m": metadata,
+            "u": json.dumps(user_metadata) if user_metadata is not None else None,
+        }
+        if update:
+            statement = (
+                "update storage.objects set metadata = %(m)s, user_metadata = %(u)s,"
+                " updated_at = now() where bucket_id = %(b)s and name = %(n)s returning id"
+            )
+        else:
+            statement = (
+                "insert into storage.objects (bucket_id, name, metadata, user_metadata)"
+                " values (%(b)s, %(n)s, %(m)s, %(u)s) on conflict (bucket_id, name) do "
+                + (
+                    "update set metadata = excluded.metadata, user_metadata ="
+                    " excluded.user_metadata, updated_at = now()"
+                    if upsert
+                    else "nothing"
+                )
+                + " returning id"
+            )
         with self._pool.connection() as conn:
-            if update:
-                row = conn.execute(
-                    "update storage.objects set metadata = %s, updated_at = now()"
-                    " where bucket_id = %s and name = %s returning id",
-                    (metadata, bucket_id, name),
-                ).fetchone()
-                if row is None:
-                    conn.rollback()
+            row = conn.execute(statement, params).fetchone()  # type: ignore[arg-type]
+            if row is None:
+                conn.rollback()
+                if update:
                     return _storage_error("404", "not_found", "Object not found")
-            elif upsert:
-                row = conn.execute(
-                    "insert into storage.objects (bucket_id, name, metadata) values (%s, %s, %s)"
-                    " on conflict (bucket_id, name) do update set metadata = excluded.metadata,"
-                    " updated_at = now() returning id",
-                    (bucket_id, name, metadata),
-                ).fetchone()
-            else:
-                row = conn.execute(
-                    "insert into storage.objects (bucket_id, name, metadata) values (%s, %s, %s)"
-                    " on conflict (bucket_id, name) do nothing returning id",
-                    (bucket_id, name, metadata),
-                ).fetchone()
-                if row is None:
-                    conn.rollback()
-                    return _storage_error("409", "Duplicate", "The resource already exists")
+                return _storage_error("409", "Duplicate", "The resource already exists")
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
             tmp.write_bytes(data)
@@ -441,6 +457,65 @@ class Gateway:
             conn.commit()
         assert row is not None
         return _json({"Key": f"{bucket_id}/{name}", "Id": str(row[0])})
+
+    def _list(self, bucket_id: str, request: Request) -> Response:
+        """POST /object/list/{bucket}: the objects directly in `prefix` whose names start with
+        `search` (Storage's own semantics), newest first when sorted by name desc."""
+        if self._bucket(bucket_id) is None:
+            return _storage_error("404", "Bucket not found", "Bucket not found")
+        body = request.get_json(force=True, silent=True) or {}
+        prefix = str(body.get("prefix") or "").strip("/")
+        folder = f"{prefix}/" if prefix else ""
+        pattern = folder + str(body.get("search") or "").replace("%", r"\%").replace("_", r"\_") + "%"
+        order = "desc" if (body.get("sortBy") or {}).get("order") == "desc" else "asc"
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "select id, name, metadata, created_at, updated_at from storage.objects"  # type: ignore[arg-type]
+                f" where bucket_id = %s and name like %s order by name {order} limit %s offset %s",
+                (bucket_id, pattern, int(body.get("limit") or 100), int(body.get("offset") or 0)),
+            ).fetchall()
+            conn.rollback()
+        items = [
+            {
+                "name": name[len(folder) :],
+                "id": str(oid),
+                "metadata": meta,
+                "created_at": created.isoformat(),
+                "updated_at": updated.isoformat(),
+                "last_accessed_at": updated.isoformat(),
+            }
+            for oid, name, meta, created, updated in rows
+            if "/" not in name[len(folder) :]
+        ]
+        return _json(items)
+
+    def _info(self, bucket_id: str, name: str) -> Response:
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "select id, metadata, user_metadata, created_at, updated_at from storage.objects"
+                " where bucket_id = %s and name = %s",
+                (bucket_id, name),
+            ).fetchone()
+            conn.rollback()
+        if row is None:
+            return _storage_error("404", "not_found", "Object not found")
+        oid, meta, user_meta, created, updated = row
+        meta = meta or {}
+        return _json(
+            {
+                "id": str(oid),
+                "name": name,
+                "bucket_id": bucket_id,
+                "size": meta.get("size"),
+                "content_type": meta.get("mimetype"),
+                "cache_control": meta.get("cacheControl"),
+                "etag": meta.get("eTag"),
+                "metadata": user_meta,
+                "version": str(oid),
+                "created_at": created.isoformat(),
+                "last_modified": updated.isoformat(),
+            }
+        )
 
     def _serve(self, bucket_id: str, name: str, *, require_public: bool) -> Response:
         bucket = self._bucket(bucket_id)
@@ -498,8 +573,9 @@ class Gateway:
         return self._serve(bucket_id, name, require_public=False)
 
 
-def _upload_body(request: Request) -> tuple[str, str, bytes]:
-    """Storage takes a multipart form with a `file` part (what storage3 sends) or a raw body."""
+def _upload_body(request: Request) -> tuple[str, str, bytes, dict[str, Any] | None]:
+    """Storage takes a multipart form with a `file` part (what storage3 sends) or a raw body.
+    A `metadata` form field (or x-metadata header, base64 JSON) is the object's user metadata."""
     if request.mimetype == "multipart/form-data":
         _, form, files = parse_form_data(request.environ)
         part = files.get("file")
@@ -507,9 +583,13 @@ def _upload_body(request: Request) -> tuple[str, str, bytes]:
         content_type = (part.mimetype if part and part.mimetype else None) or (
             mimetypes.guess_type(request.path)[0] or "text/plain"
         )
-        return content_type, form.get("cacheControl", "3600"), data
+        raw_meta = form.get("metadata")
+        metadata = json.loads(raw_meta) if raw_meta else None
+        return content_type, form.get("cacheControl", "3600"), data, metadata
     cache = request.headers.get("cache-control", "max-age=3600").removeprefix("max-age=")
-    return request.mimetype or "text/plain", cache, request.get_data()
+    header = request.headers.get("x-metadata")
+    metadata = json.loads(base64.b64decode(header)) if header else None
+    return request.mimetype or "text/plain", cache, request.get_data(), metadata
 
 
 def _size_limit(value: Any) -> int | None:

@@ -76,7 +76,7 @@ class Call:
     fields: dict[str, str]
     content_type: str
     answered: int = 0
-    paid: bool = False
+    paid: bool = False  # a generation delivered whole, which Stability charges for
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
@@ -251,8 +251,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return None
         time.sleep(double.latency_s)
+        if self._client_gone():
+            call.answered = 499  # the caller hung up before the generation finished: no charge
+            self.close_connection = True
+            return None
         audio, audio_type = double.render(call)
-        call.paid = True  # a finished generation is charged, whatever happens to the bytes
         seed = call.fields.get("seed", "0")
         seed = seed if seed != "0" else str(uuid.uuid4().int % 4294967294)
         finish = "CONTENT_FILTERED" if behaviour.kind == "filtered" else "SUCCESS"
@@ -260,6 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
             audio = b"RIFF\x00\x00\x00\x00WAVEnot really audio" + bytes(64)
         elif behaviour.kind == "empty":
             audio = b""
+        charge = behaviour.kind != "filtered"  # a filtered generation is not charged
         if headers.get("accept") == "application/json":
             body = json.dumps(
                 {
@@ -268,7 +272,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "seed": int(seed),
                 }
             ).encode()
-            return self._send(call, 200, body, "application/json", truncate=behaviour.kind == "truncate")
+            return self._send(
+                call, 200, body, "application/json", truncate=behaviour.kind == "truncate", charge=charge
+            )
         return self._send(
             call,
             200,
@@ -276,6 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
             audio_type,
             {"finish-reason": finish, "seed": seed},
             truncate=behaviour.kind == "truncate",
+            charge=charge,
         )
 
     def _send(
@@ -287,6 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
         *,
         truncate: bool = False,
+        charge: bool = False,
     ) -> None:
         call.answered = status
         self.send_response(status)
@@ -303,6 +311,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         self.wfile.write(body)
+        self.wfile.flush()
+        # Charged once the generation is delivered; a failed generation (or one cut off mid-body)
+        # is not charged, as Stability documents.
+        call.paid = charge
+
+    def _client_gone(self) -> bool:
+        """True when the caller closed its connection (a readable socket with nothing to read)."""
+        self.connection.setblocking(False)
+        try:
+            return bool(self.connection.recv(1, socket.MSG_PEEK) == b"")
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        finally:
+            self.connection.setblocking(True)
 
 
 def _form_fields(body: bytes, content_type: str) -> dict[str, str]:

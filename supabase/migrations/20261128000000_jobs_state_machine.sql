@@ -196,7 +196,8 @@ begin
            dispatched_at = null,
            lease_token = null,
            lease_expires_at = null
-     where j.status = 'processing' and j.lease_expires_at < now()
+     -- no lease at all (a row written as processing by hand) counts as expired
+     where j.status = 'processing' and (j.lease_expires_at is null or j.lease_expires_at < now())
     returning j.id, j.status
   ), expired_attempts as (
     update public.job_attempts a

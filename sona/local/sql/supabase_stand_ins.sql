@@ -55,6 +55,7 @@ create table if not exists storage.objects (
   bucket_id text not null references storage.buckets (id),
   name text not null,
   metadata jsonb,
+  user_metadata jsonb,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   unique (bucket_id, name)
