@@ -98,6 +98,8 @@ class Pipeline:
 
     def _produce(self, job: ClaimedJob, deadline: Deadline, timings: dict[str, int]) -> Job:
         request = GenerationRequest.from_job(job, self.settings)  # bad input fails before any payment
+        # Storage must be usable before anything is paid for (checked once per instance).
+        _timed(timings, "bucket", self.storage.ensure_bucket)
         stored = self._earlier_output(job, timings)
         if stored is not None:
             wav_url, mp3_url, info = stored
@@ -118,7 +120,6 @@ class Pipeline:
         row (the database was down, or the process died): those were already paid for."""
         if job.attempts <= 1:
             return None
-        _timed(timings, "bucket", self.storage.ensure_bucket)
         found = _timed(timings, "find_output", lambda: self.storage.find_output(job.id))
         if found is None:
             return None
@@ -136,7 +137,6 @@ class Pipeline:
         stamp = attempt_stamp()
         wav_path = object_path(settings.storage_path_prefix, job.id, stamp, "wav")
         mp3_path = object_path(settings.storage_path_prefix, job.id, stamp, "mp3")
-        _timed(timings, "bucket", self.storage.ensure_bucket)
         # The WAV upload overlaps the MP3 encode: the encode is the only real work left.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as pool:
             started = time.monotonic()

@@ -61,9 +61,15 @@ def _storage_error(status: str, error: str, message: str, http: int = 400) -> Re
 
 @dataclass
 class Fault:
+    """A canned answer. status 0 is an empty 502 (a dead upstream); `after` does the real work
+    first and then answers this instead (the request landed but its answer was lost or wrong);
+    `delay_only` waits delay_s and then serves the request normally (a slow upstream)."""
+
     status: int
     body: Any
     delay_s: float = 0.0
+    after: bool = False
+    delay_only: bool = False
 
 
 @dataclass
@@ -74,10 +80,20 @@ class FaultPlan:
     down: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, route: str, status: int, body: Any, times: int = 1, delay_s: float = 0.0) -> None:
+    def add(
+        self,
+        route: str,
+        status: int,
+        body: Any,
+        times: int = 1,
+        delay_s: float = 0.0,
+        *,
+        after: bool = False,
+        delay_only: bool = False,
+    ) -> None:
         with self.lock:
             for _ in range(times):
-                self.queued[route].append(Fault(status, body, delay_s))
+                self.queued[route].append(Fault(status, body, delay_s, after, delay_only))
 
     def take(self, route: str) -> Fault | None:
         with self.lock:
@@ -178,9 +194,15 @@ class Gateway:
         fault = self.faults.take(route)
         if fault is not None:
             time.sleep(fault.delay_s)
-            if fault.status == 0:  # drop: answer nothing useful, like a dead upstream
-                return Response("", status=502)
-            return _json(fault.body, fault.status)
+            if fault.after:
+                self._serve_route(route, request)
+            if not fault.delay_only:
+                if fault.status == 0:
+                    return Response("", status=502)
+                return _json(fault.body, fault.status)
+        return self._serve_route(route, request)
+
+    def _serve_route(self, route: str, request: Request) -> Response:
         role = self._role(request)
         public_read = route in ("storage:public", "storage:signed_get")
         if role is None and not public_read:

@@ -130,6 +130,8 @@ class LocalStack:
         with_relay: bool = True,
         double_latency_s: float = 0.0,
         process_env: Mapping[str, str] | None = None,
+        service_role_key: str | None = None,
+        webhook_secret: str | None = None,
     ) -> None:
         self.root = root
         self.overrides = dict(env or {})
@@ -138,9 +140,10 @@ class LocalStack:
         self.double_latency_s = double_latency_s
         self.process_env = dict(os.environ if process_env is None else process_env)
         self.jwt_secret = secrets.token_urlsafe(32)
-        self.service_role_key = make_jwt(self.jwt_secret, "service_role")
+        # Fresh keys each run; tests may pass sentinel values to look for in logs and rows.
+        self.service_role_key = service_role_key or make_jwt(self.jwt_secret, "service_role")
         self.anon_key = make_jwt(self.jwt_secret, "anon")
-        self.webhook_secret = secrets.token_urlsafe(24)
+        self.webhook_secret = webhook_secret or secrets.token_urlsafe(24)
         self.postgres = EmbeddedPostgres(root / "pgdata")
         self.double: StableAudioDouble | None = None
         self.functions: dict[str, FunctionProcess] = {}

@@ -1,0 +1,182 @@
+"""The hardening suite's stack (sentinel secrets, short deadlines) and its ledger of cases."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import requests
+
+from sona.local.stable_audio_double import Behaviour, StableAudioDouble
+from sona.local.stack import TERMINAL, LocalStack
+from tests.support import sql
+
+SENTINELS = {
+    "SUPABASE_SERVICE_ROLE_KEY": "sentinel-service-role-key-3c1e9a",
+    "STABLE_AUDIO_API_KEY": "sk-sentinel-stability-key-8d72f0",
+    "WEBHOOK_SECRET": "sentinel-webhook-secret-51ab04",
+}
+# JOB_TIMEOUT_MS=10 s with a 4 s margin: a 6 s job budget, so deadline cases take seconds, not minutes.
+ENV = {
+    "JOB_TIMEOUT_MS": "10000",
+    "DEADLINE_MARGIN_MS": "4000",
+    "MAX_RETRIES": "2",
+    "RETRY_DELAY_MS": "50",
+    "MAX_ATTEMPTS": "3",
+    "RECLAIM_GRACE_S": "60",
+    "LOG_LEVEL": "debug",
+    "STABLE_AUDIO_API_KEY": SENTINELS["STABLE_AUDIO_API_KEY"],
+}
+JOB_BUDGET_S = 6.0
+
+
+@dataclass
+class Ledger:
+    """Every case tried, and what the totals line reports."""
+
+    bad_inputs: list[tuple[str, str]] = field(default_factory=list)
+    faults: list[tuple[str, str]] = field(default_factory=list)
+    jobs: set[uuid.UUID] = field(default_factory=set)
+    paid: dict[uuid.UUID, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[uuid.UUID, int] = field(default_factory=lambda: defaultdict(int))
+    responses: list[str] = field(default_factory=list)
+    leaked: list[str] = field(default_factory=list)
+    lost: list[uuid.UUID] = field(default_factory=list)
+
+    @property
+    def duplicate_paid(self) -> int:
+        return sum(max(0, n - 1) for n in self.paid.values())
+
+    def totals(self) -> str:
+        return (
+            f"hardening totals: {len(self.bad_inputs)} bad inputs tried, {len(self.faults)} faults "
+            f"injected, {len(self.lost)} jobs lost, {self.duplicate_paid} duplicate paid "
+            f"generations, {len(self.leaked)} secrets leaked"
+        )
+
+
+LEDGER = Ledger()
+
+
+@pytest.fixture(scope="session")
+def ledger() -> Ledger:
+    return LEDGER
+
+
+@pytest.fixture(scope="session")
+def hstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(
+        tmp_path_factory.mktemp("hardening"),
+        env=ENV,
+        process_env={"PATH": "/usr/bin:/bin"},
+        service_role_key=SENTINELS["SUPABASE_SERVICE_ROLE_KEY"],
+        webhook_secret=SENTINELS["WEBHOOK_SECRET"],
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(hstack: LocalStack) -> LocalStack:
+    assert hstack.double is not None and hstack.relay is not None
+    hstack.double.reset()
+    hstack.relay.enabled = True
+    hstack.gateway.faults.clear()
+    return hstack
+
+
+@pytest.fixture
+def double(stack: LocalStack) -> StableAudioDouble:
+    assert stack.double is not None
+    return stack.double
+
+
+def reclaim(stack: LocalStack) -> dict[str, Any]:
+    response = requests.post(
+        stack.reclaim_jobs_url, headers={"X-Webhook-Secret": stack.webhook_secret}, timeout=60
+    )
+    LEDGER.responses.append(response.text)
+    return dict(response.json())
+
+
+def settle(
+    stack: LocalStack, job_id: uuid.UUID, prompt: str | None = None, *, rounds: int = 5
+) -> dict[str, Any]:
+    """Drive a job to completed or failed the way production would (the scheduler's reclaim, with
+    time fast-forwarded in SQL), then book it: lost if it never ends, and how often it was paid."""
+    LEDGER.jobs.add(job_id)
+    row = _wait(stack, job_id, while_processing=False)
+    for _ in range(rounds):
+        if row["status"] in TERMINAL:
+            break
+        sql(
+            stack.database_url,
+            "update jobs set run_after = null, dispatched_at = null,"
+            " created_at = now() - interval '1 hour', lease_expires_at = case when status ="
+            " 'processing' then now() - interval '1 second' end where id = %s",
+            job_id,
+            role=None,
+        )
+        summary = reclaim(stack)
+        row = _wait(stack, job_id, while_processing=summary.get("still_running", 0) > 0)
+    if prompt is not None and stack.double is not None:
+        mine = [c for c in stack.double.calls if c.fields.get("prompt") == prompt]
+        LEDGER.calls[job_id] = len(mine)
+        LEDGER.paid[job_id] = sum(1 for c in mine if c.paid)
+    return row
+
+
+def run_job(stack: LocalStack, label: str, script: list[Behaviour]) -> tuple[uuid.UUID, dict[str, Any]]:
+    """One job through the stack with the provider scripted, settled to its end."""
+    assert stack.double is not None
+    stack.double.script(*script)
+    prompt = f"{label} {uuid.uuid4().hex[:6]}"
+    job_id = stack.insert_job(prompt, duration=2)
+    row = settle(stack, job_id, prompt)
+    stack.double.reset()  # what the script did not use must not leak into the next case
+    return job_id, row
+
+
+def check_end(row: dict[str, Any], status: str, attempts: int, message: str | None) -> None:
+    assert (row["status"], row["attempts"]) == (status, attempts), row["error_message"]
+    if message:
+        assert message in row["error_message"]
+
+
+def observe(stack: LocalStack, job_id: uuid.UUID) -> dict[str, Any]:
+    """The row once the delivery in flight for it (if any) has been answered."""
+    LEDGER.jobs.add(job_id)
+    return _wait(stack, job_id, while_processing=False)
+
+
+def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> dict[str, Any]:
+    """Wait out a delivery in flight (the relay's), or a dispatch reclaim stopped waiting for;
+    either ends within the function's timeout, and then the row has its answer."""
+    deadline = time.monotonic() + JOB_BUDGET_S + 6
+    while True:
+        row = stack.job(job_id)
+        delivering = sql(
+            stack.database_url,
+            "select 1 from supabase_functions.local_queue"
+            " where body->'record'->>'id' = %s and status_code is null and error is null",
+            str(job_id),
+            role=None,
+        )
+        running = while_processing and row["status"] == "processing"
+        if not (delivering or running) or time.monotonic() > deadline:
+            return row
+        time.sleep(0.05)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not (LEDGER.bad_inputs or LEDGER.faults):
+        return
+    terminalreporter.section("hardening cases")
+    for kind, cases in (("bad input", LEDGER.bad_inputs), ("fault", LEDGER.faults)):
+        for name, outcome in cases:
+            terminalreporter.write_line(f"{kind}: {name} -> {outcome}")
+    terminalreporter.write_line(LEDGER.totals())

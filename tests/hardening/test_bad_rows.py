@@ -1,0 +1,125 @@
+"""Bad job rows inserted with the service role (bypassing the Edge Function's checks): the table
+refuses what it cannot hold; everything it accepts ends completed, or failed with a plain message,
+with no crash, no retry loop, and no provider call for input that was already invalid."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from sona.local.stable_audio_double import StableAudioDouble
+from sona.local.stack import LocalStack
+from tests.hardening.conftest import Ledger, settle
+from tests.support import connect, new_user, sql
+
+# (name, columns, the SQLSTATE the table answers)
+REFUSED: list[tuple[str, dict[str, Any], str]] = [
+    ("duration 0", {"duration": 0}, "23514"),
+    ("duration 61", {"duration": 61}, "23514"),
+    ("duration -5", {"duration": -5}, "23514"),
+    ("duration null", {"duration": None}, "23502"),
+    ("quality ultra", {"quality": "ultra"}, "23514"),
+    ("quality null", {"quality": None}, "23502"),
+    ("prompt null", {"prompt": None}, "23502"),
+    ("status archived", {"status": "archived"}, "23514"),
+    ("unknown user", {"user_id": uuid.UUID(int=1)}, "23503"),
+]
+
+# (name, columns, final status, error_message fragment, provider calls)
+PROCESSED: list[tuple[str, dict[str, Any], str, str | None, int]] = [
+    ("empty prompt", {"prompt": ""}, "failed", "The prompt is empty", 0),
+    ("whitespace prompt", {"prompt": "   \t  "}, "failed", "The prompt is empty", 0),
+    ("control characters only", {"prompt": "\x01\x02\x1b"}, "failed", "The prompt is empty", 0),
+    ("10,001-character prompt", {"prompt": "a" * 10_001}, "failed", "the limit is 10000", 0),
+    ("10,000-character prompt", {"prompt": "b" * 10_000}, "completed", None, 1),
+    ("control characters and text", {"prompt": "rain\x07 on\x1b glass"}, "completed", None, 1),
+    ("emoji", {"prompt": "🌲🌅 forest at dawn 🐦"}, "completed", None, 1),
+    ("accents and CJK", {"prompt": "forêt à l'aube, 森の夜明け"}, "completed", None, 1),
+    (
+        "mode audio-to-audio",
+        {"mode": "audio-to-audio"},
+        "failed",
+        "'audio-to-audio' mode is not supported",
+        0,
+    ),
+    ("mode inpaint", {"mode": "inpaint"}, "failed", "'inpaint' mode is not supported", 0),
+    ("mode empty", {"mode": ""}, "failed", "mode is not supported", 0),
+    ("mode in capitals", {"mode": "TEXT-TO-AUDIO"}, "failed", "mode is not supported", 0),
+    ("mode text-to-audio", {"mode": "text-to-audio"}, "completed", None, 1),
+    ("duration 1", {"duration": 1}, "completed", None, 1),
+    ("duration 60", {"duration": 60}, "completed", None, 1),
+    ("quality low", {"quality": "low"}, "completed", None, 1),
+    ("quality high", {"quality": "high"}, "completed", None, 1),
+    ("inserted as queued", {"status": "queued"}, "completed", None, 1),
+    ("inserted as processing", {"status": "processing"}, "completed", None, 1),
+    ("inserted as failed", {"status": "failed", "error_message": "by hand"}, "failed", "by hand", 0),
+    ("inserted with no attempts left", {"attempts": 3}, "failed", "no attempts left after 3", 0),
+]
+
+
+def insert(stack: LocalStack, columns: dict[str, Any]) -> uuid.UUID:
+    values = {"user_id": new_user(stack.database_url), "prompt": f"row {uuid.uuid4().hex[:8]}", **columns}
+    with connect(stack.database_url, "service_role") as conn:
+        row = conn.execute(
+            f"insert into jobs ({', '.join(values)}) values ({', '.join(['%s'] * len(values))})"  # type: ignore[arg-type]
+            " returning id",
+            list(values.values()),
+        ).fetchone()
+    assert row is not None
+    return uuid.UUID(str(row["id"]))
+
+
+@pytest.mark.parametrize(("name", "columns", "sqlstate"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_the_table_refuses_a_row_it_cannot_hold(
+    stack: LocalStack,
+    double: StableAudioDouble,
+    ledger: Ledger,
+    name: str,
+    columns: dict[str, Any],
+    sqlstate: str,
+) -> None:
+    queued = sql(stack.database_url, "select count(*) as n from supabase_functions.local_queue", role=None)
+    with pytest.raises(psycopg.Error) as refused:
+        insert(stack, columns)
+    ledger.bad_inputs.append((f"row {name}", f"refused by the table ({refused.value.sqlstate})"))
+    assert refused.value.sqlstate == sqlstate
+    assert (
+        sql(stack.database_url, "select count(*) as n from supabase_functions.local_queue", role=None)
+        == queued
+    )
+    assert double.call_count == 0
+
+
+def test_a_nul_character_never_reaches_the_table(stack: LocalStack, ledger: Ledger) -> None:
+    with pytest.raises(psycopg.DataError):
+        insert(stack, {"prompt": "before\x00after"})
+    ledger.bad_inputs.append(("row prompt with a NUL character", "refused by the driver"))
+
+
+@pytest.mark.parametrize(
+    ("name", "columns", "status", "message", "calls"), PROCESSED, ids=[c[0] for c in PROCESSED]
+)
+def test_an_accepted_row_ends_completed_or_failed_with_a_plain_message(
+    stack: LocalStack,
+    double: StableAudioDouble,
+    ledger: Ledger,
+    name: str,
+    columns: dict[str, Any],
+    status: str,
+    message: str | None,
+    calls: int,
+) -> None:
+    job_id = insert(stack, columns)
+    row = settle(stack, job_id, prompt=None)
+    ledger.bad_inputs.append((f"row {name}", row["status"]))
+    ledger.paid[job_id] += double.paid_generations
+    assert row["status"] == status, row["error_message"]
+    if message:
+        assert message in row["error_message"]
+    assert double.call_count == calls
+    assert row["attempts"] <= 1 or columns.get("attempts") == 3
+    if status == "completed":
+        assert row["mp3_url"] and row["wav_url"]

@@ -1,0 +1,102 @@
+"""Provider faults from the Stable Audio double: each ends as DESIGN.md says, with the number of
+provider calls asserted, no duplicate paid generation, and no attempt outliving its deadline."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from sona.local.stable_audio_double import Behaviour
+from sona.local.stack import LocalStack
+from tests.hardening.conftest import JOB_BUDGET_S, Ledger, check_end, observe, run_job, settle
+from tests.support import sql
+
+B = Behaviour
+RETRY_AFTER_60 = {"retry-after": "60"}
+
+# (name, script, final status, error fragment, provider calls, attempts)
+# MAX_RETRIES=2: an attempt makes at most 3 calls; MAX_ATTEMPTS=3.
+CASES: list[tuple[str, list[Behaviour], str, str | None, int, int]] = [
+    ("400 bad request", [B("error", 400)], "failed", "rejected the request", 1, 1),
+    ("401 unauthorized", [B("error", 401)], "failed", "rejected our credentials", 1, 1),
+    ("402 payment required", [B("error", 402)], "failed", "out of credits", 1, 1),
+    ("403 moderation (JSON)", [B("error", 403)], "failed", "content moderation", 1, 1),
+    ("403 from the CDN (HTML)", [B("html403")], "failed", "content moderation", 1, 1),
+    ("404 wrong route", [B("error", 404)], "failed", "misconfigured", 1, 1),
+    ("413 payload too large", [B("error", 413)], "failed", "too large", 1, 1),
+    ("422 not English", [B("error", 422)], "failed", "must be in English", 1, 1),
+    ("finish reason CONTENT_FILTERED", [B("filtered")], "failed", "content moderation", 1, 1),
+    ("429 once", [B("error", 429)], "completed", None, 2, 1),
+    ("429 with Retry-After 0.2", [B("error", 429, headers={"retry-after": "0.2"})], "completed", None, 2, 1),
+    ("500 once", [B("error", 500)], "completed", None, 2, 1),
+    ("502 once", [B("error", 502)], "completed", None, 2, 1),
+    ("503 once", [B("error", 503)], "completed", None, 2, 1),
+    ("connection dropped before an answer", [B("drop")], "completed", None, 2, 1),
+    ("connection dropped mid-body", [B("truncate")], "completed", None, 2, 1),
+    ("slow but inside the deadline", [B("ok", delay_s=1.0)], "completed", None, 1, 1),
+    ("slow first byte past the deadline", [B("ok", delay_s=JOB_BUDGET_S + 2)], "completed", None, 2, 2),
+    ("corrupt audio", [B("corrupt")], "failed", "could not be read", 1, 1),
+    ("empty audio", [B("empty")], "failed", "returned no audio", 1, 1),
+    ("503 storm", [B("error", 503)] * 20, "failed", "temporary problem (gave up after 3 attempts)", 9, 3),
+    (
+        "429 storm with the 60 s penalty",
+        [B("error", 429, headers=RETRY_AFTER_60)] * 20,
+        "failed",
+        "busy (rate limited) (gave up after 3 attempts)",
+        3,
+        3,
+    ),
+    ("500 then 502 then success", [B("error", 500), B("error", 502)], "completed", None, 3, 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "script", "status", "message", "calls", "attempts"), CASES, ids=[c[0] for c in CASES]
+)
+def test_a_provider_fault_ends_as_designed(
+    stack: LocalStack,
+    ledger: Ledger,
+    name: str,
+    script: list[Behaviour],
+    status: str,
+    message: str | None,
+    calls: int,
+    attempts: int,
+) -> None:
+    job_id, row = run_job(stack, f"provider fault {name}", script)
+    ledger.faults.append((f"provider: {name}", f"{row['status']} after {ledger.calls[job_id]} calls"))
+    check_end(row, status, attempts, message)
+    assert ledger.paid[job_id] == (1 if status == "completed" else _paid_failures(name))
+    assert ledger.calls[job_id] == calls
+    for took in _attempt_seconds(stack, job_id):
+        assert took < JOB_BUDGET_S + 4  # recorded before the function's 10 s + 10 s timeout
+
+
+def _paid_failures(name: str) -> int:
+    # Audio that came back whole but unusable was a delivered (charged) generation; never twice.
+    return 1 if name in ("corrupt audio", "empty audio") else 0
+
+
+def _attempt_seconds(stack: LocalStack, job_id: uuid.UUID) -> list[float]:
+    rows = sql(
+        stack.database_url,
+        "select extract(epoch from finished_at - started_at) as s"
+        " from job_attempts where job_id = %s and finished_at is not null",
+        job_id,
+        role=None,
+    )
+    return [float(r["s"]) for r in rows]
+
+
+def test_the_penalty_storm_never_sleeps_past_the_deadline(stack: LocalStack, ledger: Ledger) -> None:
+    assert stack.double is not None
+    stack.double.script(B("error", 429, headers=RETRY_AFTER_60))
+    started = time.monotonic()
+    job_id = stack.insert_job(f"one penalty {uuid.uuid4().hex[:6]}", duration=1)
+    row = observe(stack, job_id)
+    ledger.faults.append(("provider: 429 with a 60 s penalty inside one attempt", row["status"]))
+    assert row["status"] == "pending"  # released for a later attempt, not waiting 60 s
+    assert time.monotonic() - started < JOB_BUDGET_S
+    settle(stack, job_id)
