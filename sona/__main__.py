@@ -91,6 +91,14 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sona.local.bench import main as bench
+
+    return bench(args.runs, Path(args.out))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sona", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--hours", type=int, default=24, help="the window (default 24)")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_stats)
+    bench = commands.add_parser("bench", help="cold start, job overhead, memory, throughput, reclaim")
+    bench.add_argument("--runs", type=int, default=5, help="runs per figure (median, min, max)")
+    bench.add_argument("--out", default="bench-results.json", help="where the JSON goes")
+    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

@@ -1,7 +1,7 @@
 """Audio: read what the provider returned, trim its overshoot, keep a WAV master, encode an MP3 preview.
 
-pydub does the sample work; ffmpeg (found once per instance) decodes MP3 and encodes the preview
-through pipes, so no temporary files are written.
+The master is sliced from the provider's bytes without copying the samples more than once; pydub
+fades the cut end; ffmpeg (found once per instance) decodes MP3 and encodes the preview.
 """
 
 from __future__ import annotations
@@ -65,84 +65,141 @@ class Master:
     trimmed: bool
 
 
-def make_master(data: bytes, requested_s: float, ffmpeg: str) -> Master:
-    """Decode the provider's audio and cut it to exactly the requested duration."""
-    segment = decode(data, ffmpeg)
-    width = _declared_width(data) or segment.sample_width  # pydub holds 24-bit as 32-bit
-    rate, channels = segment.frame_rate, segment.channels
-    provider_s = segment.frame_count() / rate
-    requested_frames = round(requested_s * rate)
-    if segment.frame_count() <= requested_frames and data[:4] == b"RIFF":
+@dataclass(frozen=True)
+class Pcm:
+    """A PCM WAV's format and a zero-copy view of its samples (a 60 s master is 10.6 MB, and the
+    function must not hold many copies of it)."""
+
+    rate: int
+    channels: int
+    width: int
+    samples: memoryview
+
+    @property
+    def frame_size(self) -> int:
+        return self.channels * self.width
+
+    @property
+    def frames(self) -> int:
+        return len(self.samples) // self.frame_size
+
+
+Audio = bytes | bytearray
+
+
+def make_master(data: Audio, requested_s: float, ffmpeg: str) -> Master:
+    """Cut the provider's audio to exactly the requested duration, keeping its format."""
+    native = _is_wav(data)
+    pcm = decode(data, ffmpeg)
+    provider_s = pcm.frames / pcm.rate
+    keep = round(requested_s * pcm.rate)
+    if pcm.frames <= keep and native:
         # Nothing to cut: the provider's own bytes are the master (rate, width, channels kept).
-        return Master(data, provider_s, rate, channels, width, provider_s, trimmed=False)
-    trimmed = segment.frame_count() > requested_frames
-    if trimmed:
-        segment = segment.get_sample_slice(0, requested_frames).fade_out(FADE_MS)
-    wav = to_wav(segment, width)
-    return Master(wav, segment.frame_count() / rate, rate, channels, width, provider_s, trimmed)
+        wav = data if isinstance(data, bytes) else bytes(data)
+        return Master(wav, provider_s, pcm.rate, pcm.channels, pcm.width, provider_s, trimmed=False)
+    trimmed = pcm.frames > keep
+    frames = min(keep, pcm.frames)
+    end = frames * pcm.frame_size
+    fade = min(frames, pcm.rate * FADE_MS // 1000) * pcm.frame_size if trimmed else 0
+    tail = fade_out(pcm, pcm.samples[end - fade : end]) if fade else b""
+    # One copy of the samples: header, the untouched body, and the faded tail.
+    wav = b"".join((wav_header(pcm.rate, pcm.channels, pcm.width, frames), pcm.samples[: end - fade], tail))
+    return Master(wav, frames / pcm.rate, pcm.rate, pcm.channels, pcm.width, provider_s, trimmed)
 
 
-def decode(data: bytes, ffmpeg: str) -> AudioSegment:
-    """WAV natively; anything else (MP3) through ffmpeg. Raises PermanentError if it is not audio."""
+def fade_out(pcm: Pcm, tail: memoryview) -> bytes:
+    """pydub's fade over the last few milliseconds only (it would copy the whole file twice)."""
+    segment = AudioSegment(
+        data=bytes(tail), sample_width=pcm.width, frame_rate=pcm.rate, channels=pcm.channels
+    )
+    faded = segment.fade_out(len(segment))
+    raw: bytes = faded.raw_data
+    if faded.sample_width != pcm.width:  # pydub holds 24-bit samples as 32-bit
+        raw = audioop.lin2lin(raw, faded.sample_width, pcm.width)
+    return raw
+
+
+def wav_header(rate: int, channels: int, width: int, frames: int) -> bytes:
+    """The 44-byte header of a PCM WAV (what the wave module writes, without copying samples)."""
+    size = frames * channels * width
+    return b"".join(
+        (
+            b"RIFF",
+            (36 + size).to_bytes(4, "little"),
+            b"WAVEfmt ",
+            (16).to_bytes(4, "little"),
+            (1).to_bytes(2, "little"),
+            channels.to_bytes(2, "little"),
+            rate.to_bytes(4, "little"),
+            (rate * channels * width).to_bytes(4, "little"),
+            (channels * width).to_bytes(2, "little"),
+            (width * 8).to_bytes(2, "little"),
+            b"data",
+            size.to_bytes(4, "little"),
+        )
+    )
+
+
+def decode(data: Audio, ffmpeg: str) -> Pcm:
+    """PCM WAV natively; anything else (MP3, float WAV) through ffmpeg. Raises PermanentError if
+    it is not audio."""
     if not data:
         raise PermanentError("The audio service returned no audio", detail="empty body")
     try:
-        if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-            segment = _read_wav(data)
-        else:
-            segment = _read_wav(_ffmpeg(ffmpeg, ["-i", "pipe:0", "-f", "wav", "pipe:1"], data), streamed=True)
+        try:
+            pcm = read_wav(data)
+        except (wave.Error, EOFError, ValueError):
+            if _is_wav(data) and _declares_pcm(data):
+                raise  # a PCM WAV that does not hold what it declares: truncated, not convertible
+            pcm = read_wav(_ffmpeg(ffmpeg, ["-i", "pipe:0", "-f", "wav", "pipe:1"], data), streamed=True)
     except (wave.Error, EOFError, ValueError, subprocess.CalledProcessError) as exc:
         raise PermanentError(_UNREADABLE, detail=type(exc).__name__) from None
-    if segment.frame_count() < 1 or segment.frame_rate <= 0:
+    if pcm.frames < 1 or pcm.rate <= 0:
         raise PermanentError(_UNREADABLE, detail="no samples")
-    return segment
+    return pcm
 
 
-def _read_wav(data: bytes, *, streamed: bool = False) -> AudioSegment:
-    """A WAV from a file checks its declared length; one streamed by ffmpeg has no length yet."""
+def read_wav(data: Audio, *, streamed: bool = False) -> Pcm:
+    """A WAV from a file must hold what it declares; one streamed by ffmpeg has no length yet."""
+    if not _is_wav(data):
+        raise ValueError("not a WAV")
     with wave.open(io.BytesIO(data)) as reader:
         frames = reader.getnframes()
         channels, width, rate = reader.getnchannels(), reader.getsampwidth(), reader.getframerate()
-        raw = _data_chunk(data) if streamed else reader.readframes(frames)
-    if not streamed and len(raw) < frames * channels * width:
+    start = _data_offset(data)
+    end = len(data) if streamed else start + frames * channels * width
+    if end > len(data):
         raise ValueError("truncated WAV")
-    raw = raw[: len(raw) - len(raw) % (channels * width)]
-    return AudioSegment(data=raw, sample_width=width, frame_rate=rate, channels=channels)
+    end -= (end - start) % (channels * width)
+    return Pcm(rate, channels, width, memoryview(data)[start:end])
 
 
-def _data_chunk(data: bytes) -> bytes:
+def _is_wav(data: Audio) -> bool:
+    return data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+
+
+def _declares_pcm(data: Audio) -> bool:
+    try:
+        offset = _chunk(data, b"fmt ")
+    except ValueError:
+        return False
+    return int.from_bytes(data[offset : offset + 2], "little") == 1
+
+
+def _data_offset(data: Audio) -> int:
+    return _chunk(data, b"data")
+
+
+def _chunk(data: Audio, wanted: bytes) -> int:
+    """Where a RIFF chunk's payload starts."""
     offset = 12
     while offset + 8 <= len(data):
-        chunk_id, size = (
-            data[offset : offset + 4],
-            int.from_bytes(data[offset + 4 : offset + 8], "little"),
-        )
-        if chunk_id == b"data":
-            return data[offset + 8 :]
+        chunk_id = bytes(data[offset : offset + 4])
+        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
+        if chunk_id == wanted:
+            return offset + 8
         offset += 8 + size + (size & 1)
-    raise ValueError("no data chunk")
-
-
-def to_wav(segment: AudioSegment, width: int | None = None) -> bytes:
-    """A PCM WAV at the given sample width (the provider's, so a 24-bit master stays 24-bit)."""
-    width = width or segment.sample_width
-    raw = segment.raw_data
-    if width != segment.sample_width:
-        raw = audioop.lin2lin(raw, segment.sample_width, width)
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(segment.channels)
-        writer.setsampwidth(width)
-        writer.setframerate(segment.frame_rate)
-        writer.writeframes(raw)
-    return out.getvalue()
-
-
-def _declared_width(data: bytes) -> int | None:
-    if data[:4] != b"RIFF":
-        return None
-    with wave.open(io.BytesIO(data)) as reader:
-        return int(reader.getsampwidth())
+    raise ValueError(f"no {wanted!r} chunk")
 
 
 def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str) -> bytes:
@@ -178,7 +235,7 @@ def _memory_tmp() -> str | None:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
-def _ffmpeg(binary: str, args: list[str], stdin: bytes, *, expect_stdout: bool = True) -> bytes:
+def _ffmpeg(binary: str, args: list[str], stdin: Audio, *, expect_stdout: bool = True) -> bytes:
     result = subprocess.run(
         [binary, "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args],
         input=stdin,

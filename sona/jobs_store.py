@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from sona.config import Settings
 from sona.errors import DatabaseUnavailable, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, Job
+from sona.tls import tls_context
 
 # SQLSTATE classes and PostgREST codes that mean "the database is not reachable right now".
 _UNAVAILABLE_PREFIXES = ("08", "53", "57P", "PGRST000", "PGRST001", "PGRST002", "PGRST003")
@@ -49,6 +50,7 @@ class JobsStore:
             http_client=httpx.Client(
                 headers={"apikey": key, "Authorization": f"Bearer {key}"},
                 timeout=timeout_s,
+                verify=tls_context(),
             ),
         )
 

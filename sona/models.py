@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -77,6 +78,23 @@ class WebhookPayload(BaseModel):
     old_record: dict[str, Any] | None = None
 
 
+def webhook_payload(
+    job_id: object,
+    *,
+    kind: Literal["INSERT", "UPDATE"] = "INSERT",
+    schema: str = "public",
+    table: str = "jobs",
+) -> dict[str, Any]:
+    """The body a Supabase database webhook sends (record trimmed to what process_job reads)."""
+    return {
+        "type": kind,
+        "table": table,
+        "schema": schema,
+        "record": {"id": str(job_id), "status": "pending"},
+        "old_record": None,
+    }
+
+
 class AudioInfo(BaseModel):
     """What the stored files really are, measured from them; kept on the row as `audio`."""
 
@@ -93,11 +111,13 @@ class AudioInfo(BaseModel):
     seed: int | None = None
 
 
-class GeneratedAudio(BaseModel):
-    """The provider's answer: raw audio bytes and what it said about them."""
+@dataclass(frozen=True)
+class GeneratedAudio:
+    """The provider's answer: raw audio bytes and what it said about them. A dataclass, not a
+    model: validating 10 MB of audio would copy it."""
 
-    data: bytes
+    data: bytes | bytearray
     content_type: str
+    model: str
     seed: int | None = None
     finish_reason: str | None = None
-    model: str

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
 from sona.audio import Master, encode_mp3, make_master
@@ -132,8 +133,11 @@ class Pipeline:
         settings = self.settings
         log.info("generating %d s with %s (%d steps)", request.duration, request.model, request.steps)
         generated = _timed(timings, "generate", lambda: self.provider.generate(request, deadline))
+        model, seed, audio = generated.model, generated.seed, generated.data
+        del generated
         deadline.check("encode")
-        master = _timed(timings, "master", lambda: make_master(generated.data, job.duration, self.ffmpeg))
+        master = _timed(timings, "master", partial(make_master, audio, job.duration, self.ffmpeg))
+        del audio  # the provider's copy is not needed once the master is cut: 10 MB less to hold
         stamp = attempt_stamp()
         wav_path = object_path(settings.storage_path_prefix, job.id, stamp, "wav")
         mp3_path = object_path(settings.storage_path_prefix, job.id, stamp, "mp3")
@@ -144,7 +148,7 @@ class Pipeline:
             mp3 = _timed(
                 timings, "encode_mp3", lambda: encode_mp3(master.wav, settings.mp3_bitrate, self.ffmpeg)
             )
-            info = _audio_info(master, mp3, settings, generated)
+            info = _audio_info(master, mp3, settings, model, seed)
             wav_url = wav_future.result()
             # The MP3 goes last and carries the audio info: its presence marks a complete output.
             metadata = {"sona_audio": info.model_dump(mode="json")}
@@ -199,7 +203,7 @@ def _timed(timings: dict[str, int], name: str, step: Callable[[], T]) -> T:
         timings[name] = round((time.monotonic() - started) * 1000)
 
 
-def _audio_info(master: Master, mp3: bytes, settings: Settings, generated: GeneratedAudio) -> AudioInfo:
+def _audio_info(master: Master, mp3: bytes, settings: Settings, model: str, seed: int | None) -> AudioInfo:
     return AudioInfo(
         duration_s=round(master.duration_s, 4),
         sample_rate=master.sample_rate,
@@ -210,6 +214,6 @@ def _audio_info(master: Master, mp3: bytes, settings: Settings, generated: Gener
         mp3_bitrate=settings.mp3_bitrate,
         provider_duration_s=round(master.provider_duration_s, 4),
         trimmed=master.trimmed,
-        model=generated.model,
-        seed=generated.seed,
+        model=model,
+        seed=seed,
     )

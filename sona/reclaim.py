@@ -12,23 +12,13 @@ import requests
 
 from sona.deadline import Deadline
 from sona.handlers import SECRET_HEADER
+from sona.models import webhook_payload
 from sona.services import Services
 
 log = logging.getLogger(__name__)
 
 # Do not start a dispatch with less than this left: it would be cut off at once.
 MIN_DISPATCH_S = 2.0
-
-
-def dispatch_payload(job_id: str, table: str, schema: str) -> dict[str, Any]:
-    """The webhook shape process_job takes: an UPDATE to a claimable status."""
-    return {
-        "type": "UPDATE",
-        "table": table,
-        "schema": schema,
-        "record": {"id": job_id, "status": "pending"},
-        "old_record": None,
-    }
 
 
 def run_reclaim(services: Services) -> dict[str, Any]:
@@ -80,7 +70,10 @@ def _dispatch_all(job_ids: list[str], services: Services, deadline: Deadline) ->
         left = deadline.remaining()
         if left < MIN_DISPATCH_S:
             return "not_started"
-        payload = dispatch_payload(job_id, settings.jobs_table, settings.jobs_schema)
+        # An UPDATE to a claimable status: the same shape as the webhook's.
+        payload = webhook_payload(
+            job_id, kind="UPDATE", schema=settings.jobs_schema, table=settings.jobs_table
+        )
         headers = {SECRET_HEADER: settings.webhook_secret.get_secret_value()}
         try:
             # Held open for the whole job: on Cloud Run an invocation has CPU only while its

@@ -104,7 +104,7 @@ _PERMANENT = {
 }
 
 
-def classify(status: int, body: bytes, headers: CaseInsensitiveDict[str]) -> Exception:
+def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[str]) -> Exception:
     """An HTTP error answer becomes a PermanentError or a TransientError (by status, not by text)."""
     name, errors = _error_body(body)
     detail = f"HTTP {status} {name or ''} {'; '.join(errors)}".strip()
@@ -126,7 +126,7 @@ def classify(status: int, body: bytes, headers: CaseInsensitiveDict[str]) -> Exc
     return PermanentError(message, detail=detail)
 
 
-def _error_body(body: bytes) -> tuple[str | None, list[str]]:
+def _error_body(body: bytes | bytearray) -> tuple[str | None, list[str]]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -197,15 +197,23 @@ class StableAudioClient:
         return _generated(response, body, request.model)
 
 
-def _read_within(response: requests.Response, deadline: Deadline) -> bytes:
-    chunks = []
+def _read_within(response: requests.Response, deadline: Deadline) -> bytearray:
+    """The body in one buffer sized from Content-Length (joining chunks would hold it twice)."""
+    length = int(response.headers.get("content-length") or 0)
+    body = bytearray(length) if length else bytearray()
+    filled = 0
     for chunk in response.iter_content(_CHUNK):
-        chunks.append(chunk)
+        if length and filled + len(chunk) <= length:
+            body[filled : filled + len(chunk)] = chunk
+        else:
+            body[filled:] = chunk
+        filled += len(chunk)
         deadline.check("generate: reading audio")
-    return b"".join(chunks)
+    del body[filled:]  # a body that stops short is caught by urllib3 (IncompleteRead) before this
+    return body
 
 
-def _generated(response: requests.Response, body: bytes, model: str) -> GeneratedAudio:
+def _generated(response: requests.Response, body: bytes | bytearray, model: str) -> GeneratedAudio:
     content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     finish_reason = response.headers.get("finish-reason")
     seed = response.headers.get("seed")

@@ -16,6 +16,7 @@ from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import PermanentError, TransientError
 from sona.retrying import retrying
+from sona.tls import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class AudioStorage:
         self._client = SyncStorageClient(
             f"{settings.supabase_url}/storage/v1/",
             headers,
-            http_client=httpx.Client(headers=headers, timeout=timeout_s),
+            http_client=httpx.Client(headers=headers, timeout=timeout_s, verify=tls_context()),
         )
 
     @property

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from sona.audio import find_ffmpeg
 from sona.config import Settings
 from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
 from sona.local.gateway import Gateway, make_jwt
@@ -71,7 +72,14 @@ def wait_port_free(port: int, timeout_s: float) -> None:
 class FunctionProcess:
     """One functions-framework process serving a target of main.py."""
 
-    def __init__(self, target: str, env: Mapping[str, str], log_path: Path, port: int = 0) -> None:
+    def __init__(
+        self,
+        target: str,
+        env: Mapping[str, str],
+        log_path: Path,
+        port: int = 0,
+        source: Path = REPO_ROOT / "main.py",
+    ) -> None:
         self.target = target
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -86,7 +94,7 @@ class FunctionProcess:
                 "--target",
                 target,
                 "--source",
-                str(REPO_ROOT / "main.py"),
+                str(source),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -217,6 +225,8 @@ class LocalStack:
                 "WEBHOOK_SECRET": self.webhook_secret,
                 "PROCESS_JOB_URL": self.process_job_url,
                 "PYTHONUNBUFFERED": "1",
+                # As on Cloud Functions, where ffmpeg is on PATH: no wheel lookup at startup.
+                "FFMPEG_BINARY": find_ffmpeg(),
             }
         )
         if self.double is not None:
@@ -310,6 +320,10 @@ class LocalStack:
             conn.commit()
         assert row is not None
         return uuid.UUID(str(row[0]))
+
+    def postgres_connection(self) -> psycopg.Connection[Any]:
+        """A superuser connection in autocommit, for setting up and inspecting."""
+        return psycopg.connect(self.database_url, autocommit=True)
 
     def job(self, job_id: uuid.UUID) -> dict[str, Any]:
         with psycopg.connect(self.database_url, row_factory=dict_row) as conn:

@@ -1,0 +1,327 @@
+"""`python -m sona bench`: our own costs next to baselines measured in the same run.
+
+Every figure is the median of several runs (with min and max), as a ratio to its baseline:
+cold start against a bare functions-framework function, one 60 s job against ffmpeg encoding the
+same WAV alone, peak memory against the WAV's size, throughput against the ideal, and one reclaim
+of 10,000 expired leases in absolute time and database round trips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+
+from sona.audio import find_ffmpeg, make_master
+from sona.jobs_store import JobsStore
+from sona.local.stack import FunctionProcess, LocalStack
+from sona.local.synth import synthesize_wav
+from sona.models import webhook_payload
+
+BARE_FUNCTION = textwrap.dedent("""
+    import functions_framework
+
+
+    @functions_framework.http
+    def ok(request):
+        return "ok"
+""")
+
+
+@dataclass
+class Figure:
+    name: str
+    ours: list[float]
+    baseline: list[float]
+    unit: str
+    baseline_name: str
+    target: str
+    higher_is_better: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """Ours over baseline (or baseline over ours when higher is better), from the medians."""
+        ours, base = statistics.median(self.ours), statistics.median(self.baseline)
+        return base / ours if self.higher_is_better else ours / base
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "ratio": round(self.ratio, 3),
+            "ours_median": statistics.median(self.ours),
+            "ours_min": min(self.ours),
+            "ours_max": max(self.ours),
+            "baseline_median": statistics.median(self.baseline),
+        }
+
+
+def _post_until_answered(url: str, payload: dict[str, Any] | None, headers: dict[str, str]) -> None:
+    while True:
+        try:
+            response = requests.post(url, json=payload, headers=headers, timeout=30)
+            if response.status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.002)
+
+
+def _time_first_answer(
+    start: Callable[[], FunctionProcess], payload: dict[str, Any] | None, headers: dict[str, str]
+) -> float:
+    started = time.perf_counter()
+    function = start()
+    try:
+        _post_until_answered(function.url, payload, headers)
+        return time.perf_counter() - started
+    finally:
+        function.stop()
+
+
+def cold_start(stack: LocalStack, work: Path, runs: int) -> Figure:
+    """Process start to the first answered webhook (a duplicate: the claim finds nothing)."""
+    (work / "bare").mkdir(exist_ok=True)
+    (work / "bare" / "main.py").write_text(BARE_FUNCTION)
+    job_id = stack.insert_job("already done", duration=1)
+    with stack.postgres_connection() as conn:
+        conn.execute("update jobs set status = 'completed' where id = %s", (job_id,))
+    payload = webhook_payload(job_id)
+    env = stack.function_env()
+    ours, bare = [], []
+    for i in range(runs):
+        bare.append(
+            _time_first_answer(
+                lambda: FunctionProcess(
+                    "ok", {"PATH": env["PATH"]}, work / "bare.log", source=work / "bare" / "main.py"
+                ),
+                None,
+                {},
+            )
+        )
+        log = work / f"cold-{i}.log"
+        ours.append(
+            _time_first_answer(
+                lambda log=log: FunctionProcess("process_job", env, log),  # type: ignore[misc]
+                payload,
+                {"X-Webhook-Secret": stack.webhook_secret},
+            )
+        )
+    return Figure("cold start", ours, bare, "s", "bare functions-framework function", "<= 2.5x")
+
+
+def _worker(function: FunctionProcess) -> psutil.Process:
+    arbiter = psutil.Process(function.process.pid)
+    deadline = time.monotonic() + 10
+    while not arbiter.children() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return arbiter.children()[0]
+
+
+def _status_kb(process: psutil.Process, field: str) -> int:
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {process.pid}")
+
+
+def _rss(process: psutil.Process) -> int:
+    return _status_kb(process, "VmRSS") * 1024
+
+
+def _deliver(stack: LocalStack, url: str, job_id: uuid.UUID) -> dict[str, Any]:
+    response = requests.post(
+        url, json=webhook_payload(job_id), timeout=120, headers={"X-Webhook-Secret": stack.webhook_secret}
+    )
+    answer = dict(response.json())
+    if answer.get("outcome") != "completed":
+        raise RuntimeError(f"benchmark job did not complete: {answer}")
+    return answer
+
+
+def job_overhead_and_memory(stack: LocalStack, work: Path, runs: int) -> tuple[Figure, Figure]:
+    """One 60 s stereo job, request to response, with an instant provider; and the function
+    process's peak memory during it above its idle size (a fresh instance per run, warmed up by a
+    1 s job, so the kernel's high-water mark is this job's)."""
+    ffmpeg = find_ffmpeg()
+    master = make_master(synthesize_wav("bench 60", 60 * 61.6 / 60), 60, ffmpeg)
+    (work / "master.wav").write_bytes(master.wav)
+    alone = [
+        ffmpeg,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-y",
+        "-i",
+        str(work / "master.wav"),
+        "-codec:a",
+        "libmp3lame",
+        "-b:a",
+        "192k",
+        str(work / "alone.mp3"),
+    ]
+    walls, peaks, encodes = [], [], []
+    for i in range(runs):
+        function = FunctionProcess("process_job", stack.function_env(), work / f"job-{i}.log").wait_ready()
+        try:
+            worker = _worker(function)
+            _deliver(stack, function.url, stack.insert_job("bench 60", duration=1))  # imports, clients
+            job_id = stack.insert_job("bench 60", duration=60)
+            idle = _rss(worker)
+            started = time.perf_counter()
+            _deliver(stack, function.url, job_id)
+            walls.append(time.perf_counter() - started)
+            peaks.append((_status_kb(worker, "VmHWM") * 1024 - idle) / 1e6)
+        finally:
+            function.stop()
+        started = time.perf_counter()
+        subprocess.run(alone, check=True)
+        encodes.append(time.perf_counter() - started)
+    wav_mb = len(master.wav) / 1e6
+    return (
+        Figure("job overhead (60 s job)", walls, encodes, "s", "ffmpeg encoding the WAV alone", "<= 1.25x"),
+        Figure("peak memory above idle", peaks, [wav_mb] * len(peaks), "MB", "the WAV's size", "<= 4x"),
+    )
+
+
+def throughput(
+    stack: LocalStack, work: Path, runs: int, jobs: int = 40, concurrency: int = 8, latency_s: float = 2.0
+) -> Figure:
+    """40 jobs of 10 s at concurrency 8 in one instance, with a provider that takes 2 s."""
+    assert stack.double is not None
+    env = stack.function_env(THREADS=str(concurrency), MAX_CONCURRENT_JOBS=str(concurrency))
+    function = FunctionProcess("process_job", env, work / "throughput.log").wait_ready()
+    try:
+        _deliver(stack, function.url, stack.insert_job("bench 10", duration=10))  # warm up
+        started = time.perf_counter()
+        _deliver(stack, function.url, stack.insert_job("bench 10", duration=10))
+        one_job = time.perf_counter() - started
+        ideal = jobs / concurrency * latency_s + one_job
+        stack.double.latency_s = latency_s
+        walls = []
+        for _ in range(runs):
+            ids = [stack.insert_job("bench 10", duration=10) for _ in range(jobs)]
+            started = time.perf_counter()
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(lambda j: _deliver(stack, function.url, j), ids))
+            walls.append(time.perf_counter() - started)
+    finally:
+        stack.double.latency_s = 0.0
+        function.stop()
+    return Figure(
+        "throughput (40 x 10 s, concurrency 8)",
+        walls,
+        [ideal] * len(walls),
+        "s",
+        "ideal: 40/8 x 2 s + one job",
+        ">= 0.8 of ideal",
+        higher_is_better=True,
+    )
+
+
+def reclaim_at_scale(stack: LocalStack, runs: int, expired: int = 10_000) -> tuple[Figure, int]:
+    """One reclaim call over 10,000 expired leases: its time, and how many round trips it takes."""
+    store = JobsStore(stack.settings())
+    user = stack.create_user()
+    times, trips = [], set()
+    for _ in range(runs):
+        with stack.postgres_connection() as conn:
+            conn.execute("truncate jobs cascade")
+            conn.execute(
+                "with j as (insert into jobs (user_id, prompt, duration, status, attempts, lease_token,"
+                " lease_expires_at, started_at) select %s, 'lease ' || i, 5, 'processing', 1,"
+                " gen_random_uuid(), now() - interval '1 minute', now() - interval '10 minutes'"
+                " from generate_series(1, %s) i returning id, lease_token)"
+                " insert into job_attempts (job_id, attempt, lease_token) select id, 1, lease_token from j",
+                (user, expired),
+            )
+            conn.execute("analyze jobs")
+        before = stack.gateway.counts["rpc:reclaim_jobs"]
+        started = time.perf_counter()
+        actions = store.reclaim()
+        times.append(time.perf_counter() - started)
+        trips.add(stack.gateway.counts["rpc:reclaim_jobs"] - before)
+        released = sum(1 for a in actions if a.action == "released")
+        if released != expired:
+            raise RuntimeError(f"reclaim released {released} of {expired}")
+    with stack.postgres_connection() as conn:
+        conn.execute("truncate jobs cascade")
+    return Figure(
+        "reclaim 10,000 expired leases", times, [1.0] * len(times), "s", "the 1 s budget", "one call, < 1 s"
+    ), max(trips)
+
+
+def run(runs: int, out: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="sona-bench-") as tmp:
+        work = Path(tmp)
+        env = {"LOG_LEVEL": "warning", "RECLAIM_BATCH_SIZE": "50"}
+        with LocalStack(
+            work / "stack",
+            env=env,
+            start_functions=False,
+            with_relay=False,
+            process_env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        ) as stack:
+            figures = [cold_start(stack, work, runs)]
+            figures += job_overhead_and_memory(stack, work, runs)
+            figures.append(throughput(stack, work, max(3, runs // 2)))
+            reclaim, trips = reclaim_at_scale(stack, runs)
+            figures.append(reclaim)
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "runs": runs,
+        "figures": [f.summary() for f in figures],
+        "reclaim_round_trips": trips,
+    }
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{'figure':<40} {'ours (median, min-max)':<28} {'baseline':<12} {'ratio':>7}  target",
+        "-" * 108,
+    ]
+    for f in report["figures"]:
+        unit = f["unit"]
+        ours = f"{f['ours_median']:.3f} ({f['ours_min']:.3f}-{f['ours_max']:.3f}) {unit}"
+        ratio = f"{f['ratio']:.2f}{'' if f['higher_is_better'] else 'x'}"
+        lines.append(
+            f"{f['name']:<40} {ours:<28} {f['baseline_median']:<8.3f}{unit:<4} {ratio:>7}  {f['target']}"
+        )
+    lines.append(f"reclaim database round trips per call: {report['reclaim_round_trips']}")
+    return "\n".join(lines)
+
+
+def main(runs: int, out: Path) -> int:
+    print(
+        f"Benchmarking ({runs} runs each) on {os.cpu_count()} CPUs, Python {platform.python_version()}...",
+        flush=True,
+    )
+    report = run(runs, out)
+    print(table(report))
+    print(f"\nWritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(5, Path("bench-results.json")))

@@ -1,0 +1,25 @@
+"""The benchmark's arithmetic: ratios from medians, in the direction each target reads."""
+
+from __future__ import annotations
+
+from sona.local.bench import Figure, table
+
+
+def test_a_cost_ratio_is_ours_over_the_baseline() -> None:
+    figure = Figure("job", [1.0, 3.0, 2.0], [1.0, 1.0, 1.0], "s", "ffmpeg", "<= 1.25x")
+    assert figure.ratio == 2.0
+
+
+def test_a_throughput_ratio_is_the_baseline_over_ours() -> None:
+    figure = Figure("throughput", [12.5], [10.0], "s", "ideal", ">= 0.8", higher_is_better=True)
+    assert figure.ratio == 0.8
+
+
+def test_the_table_names_every_figure_with_median_min_max_and_target() -> None:
+    figures = [Figure("cold start", [0.3, 0.2, 0.4], [0.1, 0.1, 0.2], "s", "bare", "<= 2.5x").summary()]
+    text = table({"figures": figures, "reclaim_round_trips": 1})
+    assert "cold start" in text
+    assert "0.300 (0.200-0.400) s" in text
+    assert "3.00x" in text
+    assert "<= 2.5x" in text
+    assert "round trips per call: 1" in text
