@@ -15,11 +15,19 @@ def _validate(_: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    from sona.audio import find_ffmpeg
+    from sona.errors import FfmpegMissing
+
+    try:
+        ffmpeg = find_ffmpeg(settings.ffmpeg_binary)
+    except FfmpegMissing as exc:
+        print(f"Invalid configuration:\n  - {exc}", file=sys.stderr)
+        return 1
     for warning in settings.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     print(
         f"Configuration is valid (function timeout {settings.function_timeout_s} s, "
-        f"lease {settings.lease_seconds} s, model {settings.stable_audio_model})."
+        f"lease {settings.lease_seconds} s, model {settings.stable_audio_model}, ffmpeg {ffmpeg})."
     )
     return 0
 
@@ -33,7 +41,16 @@ def _demo(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from sona.local.demo import dev
 
-    return dev(args.json)
+    ports = {
+        name: port
+        for name, port in (
+            ("gateway", args.gateway_port),
+            ("process_job", args.process_job_port),
+            ("reclaim_jobs", args.reclaim_jobs_port),
+        )
+        if port
+    }
+    return dev(args.json, ports)
 
 
 def _reclaim(_: argparse.Namespace) -> int:
@@ -110,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
     dev = commands.add_parser("dev", help="run the local stack until interrupted")
     dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
+    dev.add_argument("--gateway-port", type=int, default=0, help="Supabase gateway port (default: free)")
+    dev.add_argument("--process-job-port", type=int, default=0, help="process_job port (default: free)")
+    dev.add_argument("--reclaim-jobs-port", type=int, default=0, help="reclaim_jobs port (default: free)")
     dev.set_defaults(run=_dev)
     commands.add_parser("reclaim", help="run reclaim_jobs once").set_defaults(run=_reclaim)
     commands.add_parser(

@@ -23,23 +23,24 @@ with warnings.catch_warnings():
     from pydub import AudioSegment as AudioSegment
     from pydub.utils import audioop  # the stdlib module, or audioop-lts on Python 3.13+
 
-from sona.errors import PermanentError
+from sona.errors import FfmpegMissing, PermanentError
 
 FADE_MS = 30  # a short fade at a trimmed end, so the cut does not click
 _UNREADABLE = "The audio service returned audio that could not be read"
 
 
-class FfmpegMissing(RuntimeError):
-    """No ffmpeg anywhere: a startup error, so no job is claimed and then lost mid-way."""
-
-
 @cache
 def find_ffmpeg(configured: str | None = None) -> str:
-    """FFMPEG_BINARY, then PATH, then the binary the imageio-ffmpeg wheel ships."""
-    candidates = [configured or os.environ.get("FFMPEG_BINARY"), shutil.which("ffmpeg")]
-    for candidate in candidates:
-        if candidate and shutil.which(candidate):
-            return str(shutil.which(candidate))
+    """FFMPEG_BINARY (which must then work), else ffmpeg on PATH, else the imageio-ffmpeg wheel's."""
+    configured = configured or os.environ.get("FFMPEG_BINARY")
+    if configured:
+        found = shutil.which(configured)
+        if found is None:
+            raise FfmpegMissing(f"FFMPEG_BINARY={configured} is not an executable ffmpeg")
+        return found
+    on_path = shutil.which("ffmpeg")
+    if on_path:
+        return on_path
     try:
         import imageio_ffmpeg
 

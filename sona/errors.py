@@ -38,5 +38,9 @@ class DatabaseUnavailable(TransientError):
     """The jobs store could not be reached: answer 503 and leave the row as it was."""
 
 
+class FfmpegMissing(RuntimeError):
+    """No ffmpeg anywhere: a startup error, so no job is claimed and then lost mid-way."""
+
+
 class StaleLease(SonaError):
     """A fenced write matched no row: the lease was reclaimed and this worker's result is dropped."""

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from sona.config import ConfigError, Settings
 from sona.deadline import Deadline
-from sona.errors import DatabaseUnavailable, SonaError
+from sona.errors import DatabaseUnavailable, FfmpegMissing, SonaError
 from sona.logs import job_context, on_cloud_functions, set_attempt
 from sona.models import CLAIMABLE, WebhookPayload
 from sona.services import Services, get_services
@@ -136,7 +136,7 @@ def _run_job(services: Services, job_id: uuid.UUID, deadline: Deadline) -> Respo
         except SonaError as exc:
             log.error("claim failed: %s", exc)
             return error(500, "claim_failed", exc.public_message)
-        except RuntimeError as exc:  # FfmpegMissing
+        except FfmpegMissing as exc:
             log.error("%s", exc)
             return error(500, "ffmpeg_missing", str(exc))
         if job is None:

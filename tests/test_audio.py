@@ -102,3 +102,10 @@ def test_a_24_bit_master_stays_24_bit_when_trimmed() -> None:
     with wave.open(io.BytesIO(master.wav)) as reader:
         assert (reader.getsampwidth(), reader.getnframes()) == (3, 88_200)
     assert master.sample_width == 3
+
+
+def test_a_configured_ffmpeg_that_does_not_exist_is_an_error_not_a_fallback() -> None:
+    from sona.errors import FfmpegMissing
+
+    with pytest.raises(FfmpegMissing, match="FFMPEG_BINARY=/no/such/ffmpeg"):
+        find_ffmpeg("/no/such/ffmpeg")

@@ -120,3 +120,18 @@ def test_validate_command_passes_a_good_environment_and_reads_dotenv(tmp_path: P
     assert result.returncode == 0, result.stderr
     assert "Configuration is valid" in result.stdout
     assert "not a real route" in result.stderr
+
+
+def test_validate_command_reports_an_ffmpeg_that_does_not_exist(tmp_path: Path) -> None:
+    result = run_validate(
+        {
+            "SUPABASE_URL": "https://abc.supabase.co",
+            "SUPABASE_SERVICE_ROLE_KEY": SECRETS["supabase_service_role_key"],
+            "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+            "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+            "FFMPEG_BINARY": "/no/ffmpeg",
+        },
+        tmp_path,
+    )
+    assert result.returncode == 1
+    assert "FFMPEG_BINARY=/no/ffmpeg is not an executable ffmpeg" in result.stderr

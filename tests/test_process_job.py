@@ -232,3 +232,20 @@ def test_an_unknown_id_is_skipped(client: FlaskClient, db_url: str) -> None:
     body = post(client, payload(uuid.uuid4())).get_json()
     assert body["outcome"] == "skipped"
     assert json.dumps(body)
+
+
+def test_a_missing_ffmpeg_is_a_clear_500_before_anything_is_claimed(
+    client: FlaskClient, db_url: str, double: StableAudioDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FFMPEG_BINARY", "/nonexistent/ffmpeg")
+    reset_services()
+    job_id = insert_job(db_url)
+    before = snapshot(db_url)
+    response = post(client, payload(job_id))
+    assert response.status_code == 500
+    assert response.get_json() == {
+        "error": "ffmpeg_missing",
+        "message": "FFMPEG_BINARY=/nonexistent/ffmpeg is not an executable ffmpeg",
+    }
+    assert snapshot(db_url) == before
+    assert double.call_count == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -74,12 +75,13 @@ def _report(stack: LocalStack, row: dict[str, Any]) -> None:
         print(f"Job {row['status']}: {row['error_message']}", file=sys.stderr)
 
 
-def dev(as_json: bool, root: Path | None = None) -> int:
-    root = root or DEMO_ROOT / "dev"
+def dev(as_json: bool, ports: dict[str, int], root: Path | None = None) -> int:
+    DEMO_ROOT.mkdir(exist_ok=True)
+    root = root or Path(tempfile.mkdtemp(prefix="dev-", dir=DEMO_ROOT))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalStack(root) as stack:
+    with LocalStack(root, ports=ports) as stack:
         info = stack.describe()
         if as_json:
             print(json.dumps(info), flush=True)

@@ -140,8 +140,10 @@ class LocalStack:
         process_env: Mapping[str, str] | None = None,
         service_role_key: str | None = None,
         webhook_secret: str | None = None,
+        ports: Mapping[str, int] | None = None,
     ) -> None:
         self.root = root
+        self.ports = dict(ports or {})  # gateway, process_job, reclaim_jobs: free ones unless given
         self.overrides = dict(env or {})
         self.start_functions = start_functions
         self.with_relay = with_relay
@@ -178,18 +180,18 @@ class LocalStack:
             anon_key=self.anon_key,
             jwt_secret=self.jwt_secret,
         )
-        self.supabase_url = self.gateway.start()
+        self.supabase_url = self.gateway.start(port=self.ports.get("gateway", 0))
         if not self.real_provider:
             self.double = StableAudioDouble(
                 self.overrides.get("STABLE_AUDIO_API_KEY") or "sk-local-" + secrets.token_hex(8),
                 latency_s=self.double_latency_s,
             )
             self.double.start()
-        self.process_job_port = free_port()
+        self.process_job_port = self.ports.get("process_job") or free_port()
         self.process_job_url = f"http://127.0.0.1:{self.process_job_port}"
         if self.start_functions:
             self.start_function("process_job", self.process_job_port)
-            self.start_function("reclaim_jobs")
+            self.start_function("reclaim_jobs", self.ports.get("reclaim_jobs", 0))
         self.install_webhook(self.process_job_url)
         if self.with_relay:
             self.relay = WebhookRelay(self.database_url)
