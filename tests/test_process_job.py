@@ -3,6 +3,7 @@ gateway, the Stable Audio double and real ffmpeg."""
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from collections.abc import Iterator
@@ -249,3 +250,17 @@ def test_a_missing_ffmpeg_is_a_clear_500_before_anything_is_claimed(
     }
     assert snapshot(db_url) == before
     assert double.call_count == 0
+
+
+def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(client: FlaskClient) -> None:
+    # No Content-Length, as with chunked transfer (gunicorn marks such input as terminated).
+    body = io.BytesIO(b"{" + b" " * 2_000_000 + b"}")
+    response = client.post(
+        "/",
+        input_stream=body,
+        content_type="application/json",
+        headers={"X-Webhook-Secret": SECRETS["webhook_secret"]},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+    assert response.get_json()["error"] == "payload_too_large"
