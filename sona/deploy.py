@@ -121,6 +121,8 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
     settings["JOB_TIMEOUT_MS"] = str(config.job_timeout_ms)
     settings["MAX_CONCURRENT_JOBS"] = str(config.max_concurrent_jobs)
     settings["LOG_FORMAT"] = "json"
+    # Cloud Functions (2nd gen) does not set it, and Cloud Logging needs it to link a line's trace.
+    settings["GOOGLE_CLOUD_PROJECT"] = config.google_cloud_project
     settings = dict(sorted(settings.items()))
 
     def deploy(
