@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socketserver
 import threading
+from typing import Any
+
+from werkzeug.wrappers import Response
 
 
 def serve_in_thread(server: socketserver.BaseServer, name: str) -> None:
@@ -19,3 +23,7 @@ def stop_server(server: socketserver.BaseServer | None) -> None:
     if server is not None:
         server.shutdown()
         server.server_close()
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, content_type="application/json; charset=utf-8")
