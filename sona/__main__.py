@@ -116,13 +116,20 @@ def _bench(args: argparse.Namespace) -> int:
     return bench(args.runs, Path(args.out))
 
 
+def _seconds(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"must be 1 to 60 seconds, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sona", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("validate", help="check the configuration").set_defaults(run=_validate)
     demo = commands.add_parser("demo", help="run one job end to end on the local stack")
     demo.add_argument("prompt")
-    demo.add_argument("--duration", type=int, default=10)
+    demo.add_argument("--duration", type=_seconds, default=10, help="1 to 60 seconds (default 10)")
     demo.add_argument("--quality", choices=["low", "medium", "high"], default="medium")
     demo.set_defaults(run=_demo)
     dev = commands.add_parser("dev", help="run the local stack until interrupted")

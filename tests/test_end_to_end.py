@@ -131,3 +131,30 @@ def test_demo_completes_with_no_keys_and_no_network(tmp_path: Path) -> None:
     assert "offline synthesiser (not Stable Audio)" in result.stdout
     assert '"status": "completed"' in result.stdout
     assert "WAV: http://127.0.0.1" in result.stdout
+
+
+def test_demo_exits_non_zero_with_the_jobs_error_when_it_fails(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sona", "demo", "   "],
+        cwd=Path(__file__).resolve().parents[1],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Job failed: The prompt is empty. Describe the sound you want." in result.stderr
+
+
+def test_demo_refuses_a_duration_outside_1_to_60_before_starting() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sona", "demo", "x", "--duration", "61"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "must be 1 to 60 seconds, not 61" in result.stderr

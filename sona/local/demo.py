@@ -71,6 +71,8 @@ def _report(stack: LocalStack, row: dict[str, Any]) -> None:
         print(f"WAV: {row['wav_url']}\n     {stack.local_file(row['wav_url'])}")
         print(f"MP3: {row['mp3_url']}\n     {stack.local_file(row['mp3_url'])}")
         print("(The URLs are served while the stack runs; the files stay.)")
+        if not stack.real_provider:
+            print(f"Note: audio.model is the model the job asked for; this audio came from the {LABEL}.")
     else:
         print(f"Job {row['status']}: {row['error_message']}", file=sys.stderr)
 
