@@ -29,11 +29,13 @@ def ensure_venv() -> None:
     if PYTHON.exists() and stamp.exists() and stamp.read_text() == digest:
         return
     if not PYTHON.exists():
-        print("Creating .venv ...", flush=True)
+        print("Creating .venv ...", file=sys.stderr, flush=True)
         venv.create(VENV, with_pip=True)
-    print("Installing requirements-dev.txt ...", flush=True)
+    # Progress goes to stderr: stdout belongs to the command (deploy.sh captures deploy-plan's).
+    print("Installing requirements-dev.txt ...", file=sys.stderr, flush=True)
     pip = [str(PYTHON), "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "-r", str(ROOT / "requirements-dev.txt")], check=True)
+    subprocess.run([*pip, "install", "-r", str(ROOT / "requirements-dev.txt")], check=True,
+                   stdout=sys.stderr)
     stamp.write_text(digest)
 
 
