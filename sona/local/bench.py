@@ -8,6 +8,7 @@ of 10,000 expired leases in absolute time and database round trips.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+import venv
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -29,9 +31,14 @@ import requests
 
 from sona.audio import find_ffmpeg, make_master
 from sona.jobs_store import JobsStore
+from sona.local.database import REPO_ROOT
 from sona.local.stack import FunctionProcess, LocalStack
 from sona.local.synth import synthesize_wav
 from sona.models import webhook_payload
+
+# The functions run as deployed: a virtual environment with requirements.txt only (the dev tools'
+# extra packages change what some imports pull in, e.g. httpx's optional CLI imports pygments).
+PRODUCTION_VENV = REPO_ROOT / ".sona" / "bench-venv"
 
 BARE_FUNCTION = textwrap.dedent("""
     import functions_framework
@@ -70,6 +77,32 @@ class Figure:
         }
 
 
+def production_python() -> str:
+    """The python of a virtual environment holding only requirements.txt (made once, then reused)."""
+    python = PRODUCTION_VENV / "bin" / "python"
+    stamp = PRODUCTION_VENV / ".requirements.sha256"
+    digest = hashlib.sha256((REPO_ROOT / "requirements.txt").read_bytes()).hexdigest()
+    if not (python.exists() and stamp.exists() and stamp.read_text() == digest):
+        print("Making the production environment (requirements.txt only) ...", file=sys.stderr, flush=True)
+        venv.create(PRODUCTION_VENV, with_pip=True, clear=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+                str(REPO_ROOT / "requirements.txt"),
+            ],
+            check=True,
+            stdout=sys.stderr,
+        )
+        stamp.write_text(digest)
+    return str(python)
+
+
 def _post_until_answered(url: str, payload: dict[str, Any] | None, headers: dict[str, str]) -> None:
     while True:
         try:
@@ -93,7 +126,7 @@ def _time_first_answer(
         function.stop()
 
 
-def cold_start(stack: LocalStack, work: Path, runs: int) -> Figure:
+def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> Figure:
     """Process start to the first answered webhook (a duplicate: the claim finds nothing)."""
     (work / "bare").mkdir(exist_ok=True)
     (work / "bare" / "main.py").write_text(BARE_FUNCTION)
@@ -107,7 +140,11 @@ def cold_start(stack: LocalStack, work: Path, runs: int) -> Figure:
         bare.append(
             _time_first_answer(
                 lambda: FunctionProcess(
-                    "ok", {"PATH": env["PATH"]}, work / "bare.log", source=work / "bare" / "main.py"
+                    "ok",
+                    {"PATH": env["PATH"]},
+                    work / "bare.log",
+                    source=work / "bare" / "main.py",
+                    python=python,
                 ),
                 None,
                 {},
@@ -116,7 +153,7 @@ def cold_start(stack: LocalStack, work: Path, runs: int) -> Figure:
         log = work / f"cold-{i}.log"
         ours.append(
             _time_first_answer(
-                lambda log=log: FunctionProcess("process_job", env, log),  # type: ignore[misc]
+                lambda log=log: FunctionProcess("process_job", env, log, python=python),  # type: ignore[misc]
                 payload,
                 {"X-Webhook-Secret": stack.webhook_secret},
             )
@@ -153,7 +190,7 @@ def _deliver(stack: LocalStack, url: str, job_id: uuid.UUID) -> dict[str, Any]:
     return answer
 
 
-def job_overhead_and_memory(stack: LocalStack, work: Path, runs: int) -> tuple[Figure, Figure]:
+def job_overhead_and_memory(stack: LocalStack, work: Path, runs: int, python: str) -> tuple[Figure, Figure]:
     """One 60 s stereo job, request to response, with an instant provider; and the function
     process's peak memory during it above its idle size (a fresh instance per run, warmed up by a
     1 s job, so the kernel's high-water mark is this job's)."""
@@ -177,7 +214,9 @@ def job_overhead_and_memory(stack: LocalStack, work: Path, runs: int) -> tuple[F
     ]
     walls, peaks, encodes = [], [], []
     for i in range(runs):
-        function = FunctionProcess("process_job", stack.function_env(), work / f"job-{i}.log").wait_ready()
+        function = FunctionProcess(
+            "process_job", stack.function_env(), work / f"job-{i}.log", python=python
+        ).wait_ready()
         try:
             worker = _worker(function)
             _deliver(stack, function.url, stack.insert_job("bench 60", duration=1))  # imports, clients
@@ -200,12 +239,18 @@ def job_overhead_and_memory(stack: LocalStack, work: Path, runs: int) -> tuple[F
 
 
 def throughput(
-    stack: LocalStack, work: Path, runs: int, jobs: int = 40, concurrency: int = 8, latency_s: float = 2.0
+    stack: LocalStack,
+    work: Path,
+    python: str,
+    runs: int,
+    jobs: int = 40,
+    concurrency: int = 8,
+    latency_s: float = 2.0,
 ) -> Figure:
     """40 jobs of 10 s at concurrency 8 in one instance, with a provider that takes 2 s."""
     assert stack.double is not None
     env = stack.function_env(THREADS=str(concurrency), MAX_CONCURRENT_JOBS=str(concurrency))
-    function = FunctionProcess("process_job", env, work / "throughput.log").wait_ready()
+    function = FunctionProcess("process_job", env, work / "throughput.log", python=python).wait_ready()
     try:
         _deliver(stack, function.url, stack.insert_job("bench 10", duration=10))  # warm up
         started = time.perf_counter()
@@ -267,6 +312,7 @@ def reclaim_at_scale(stack: LocalStack, runs: int, expired: int = 10_000) -> tup
 
 
 def run(runs: int, out: Path) -> dict[str, Any]:
+    python = production_python()
     with tempfile.TemporaryDirectory(prefix="sona-bench-") as tmp:
         work = Path(tmp)
         env = {"LOG_LEVEL": "warning", "RECLAIM_BATCH_SIZE": "50"}
@@ -277,9 +323,9 @@ def run(runs: int, out: Path) -> dict[str, Any]:
             with_relay=False,
             process_env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
         ) as stack:
-            figures = [cold_start(stack, work, runs)]
-            figures += job_overhead_and_memory(stack, work, runs)
-            figures.append(throughput(stack, work, max(3, runs // 2)))
+            figures = [cold_start(stack, work, runs, python)]
+            figures += job_overhead_and_memory(stack, work, runs, python)
+            figures.append(throughput(stack, work, python, max(3, runs // 2)))
             reclaim, trips = reclaim_at_scale(stack, runs)
             figures.append(reclaim)
     report = {

@@ -79,6 +79,7 @@ class FunctionProcess:
         log_path: Path,
         port: int = 0,
         source: Path = REPO_ROOT / "main.py",
+        python: str = sys.executable,
     ) -> None:
         self.target = target
         self.port = port or free_port()
@@ -88,7 +89,7 @@ class FunctionProcess:
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
             [
-                sys.executable,
+                python,
                 "-m",
                 "functions_framework",
                 "--target",
