@@ -1,0 +1,150 @@
+"""The pipeline in the middle, with in-memory adapters: what each kind of failure does to the job."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from sona.audio import find_ffmpeg
+from sona.deadline import Deadline
+from sona.errors import DatabaseUnavailable, PermanentError, StaleLease, TransientError
+from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStatus
+from sona.pipeline import Pipeline
+from sona.stable_audio import GenerationRequest
+from sona.storage import StoredOutput
+from tests.support import AUDIO_INFO, make_settings, wav_bytes
+
+
+@dataclass
+class FakeStore:
+    fail_complete: Exception | None = None
+    writes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job:
+        if self.fail_complete is not None:
+            raise self.fail_complete
+        self.writes.append(("complete", {"wav_url": wav_url, "mp3_url": mp3_url, "audio": audio}))
+        return job.model_copy(update={"status": JobStatus.COMPLETED})
+
+    def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job:
+        self.writes.append(("fail", {"message": message, "retryable": retryable}))
+        status = JobStatus.PENDING if retryable else JobStatus.FAILED
+        return job.model_copy(update={"status": status, "error_message": message})
+
+
+@dataclass
+class FakeProvider:
+    error: Exception | None = None
+    calls: int = 0
+
+    def generate(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return GeneratedAudio(wav_bytes(request.duration + 0.5), "audio/wav", request.model, seed=7)
+
+
+@dataclass
+class FakeStorage:
+    stored: dict[str, bytes] = field(default_factory=dict)
+    earlier: StoredOutput | None = None
+    error: Exception | None = None
+
+    def ensure_bucket(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def upload(
+        self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
+    ) -> str:
+        self.stored[path] = data
+        return f"https://files/{path}"
+
+    def find_output(self, job_id: object) -> StoredOutput | None:
+        return self.earlier
+
+
+def claimed(**fields: Any) -> ClaimedJob:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "prompt": "soft rain",
+        "duration": 2,
+        "quality": "low",
+        "mode": "default",
+        "status": JobStatus.PROCESSING,
+        "attempts": 1,
+        "lease_token": uuid.uuid4(),
+    }
+    return ClaimedJob(**{**values, **fields})
+
+
+def run(
+    job: ClaimedJob,
+    store: FakeStore | None = None,
+    provider: FakeProvider | None = None,
+    storage: FakeStorage | None = None,
+) -> tuple[Any, FakeStore, FakeProvider, FakeStorage]:
+    store, provider, storage = store or FakeStore(), provider or FakeProvider(), storage or FakeStorage()
+    pipeline = Pipeline(make_settings(retry_delay_ms=10), store, provider, storage, find_ffmpeg())
+    return pipeline.run(job, Deadline(30)), store, provider, storage
+
+
+def test_a_job_is_generated_cut_stored_and_completed() -> None:
+    result, store, provider, storage = run(claimed())
+    assert (result.outcome, provider.calls) == ("completed", 1)
+    assert sorted(p.rsplit(".", 1)[1] for p in storage.stored) == ["mp3", "wav"]
+    ((verb, written),) = store.writes
+    assert verb == "complete"
+    assert written["audio"].duration_s == 2.0
+    assert written["audio"].trimmed is True
+    assert written["audio"].seed == 7
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable", "outcome"),
+    [
+        (PermanentError("The prompt was flagged"), False, "failed"),
+        (TransientError("The audio service is busy"), True, "retrying"),
+        (RuntimeError("a bug"), True, "retrying"),
+    ],
+)
+def test_a_failure_is_classified_and_recorded(error: Exception, retryable: bool, outcome: str) -> None:
+    result, store, _, storage = run(claimed(), provider=FakeProvider(error=error))
+    assert result.outcome == outcome
+    assert store.writes[-1][1]["retryable"] is retryable
+    assert storage.stored == {}
+
+
+def test_bad_input_fails_before_any_provider_call() -> None:
+    result, store, provider, _ = run(claimed(mode="inpaint"))
+    assert (result.outcome, provider.calls) == ("failed", 0)
+    assert "mode is not supported" in store.writes[-1][1]["message"]
+
+
+def test_unusable_storage_fails_before_paying_for_a_generation() -> None:
+    result, _, provider, _ = run(claimed(), storage=FakeStorage(error=TransientError("storage down")))
+    assert (result.outcome, provider.calls) == ("retrying", 0)
+
+
+def test_a_retry_completes_from_the_files_an_earlier_attempt_stored() -> None:
+    earlier = StoredOutput("https://files/a.wav", "https://files/a.mp3", AUDIO_INFO.model_dump())
+    result, store, provider, _ = run(claimed(attempts=2), storage=FakeStorage(earlier=earlier))
+    assert (result.outcome, provider.calls) == ("completed", 0)
+    assert store.writes[-1][1]["mp3_url"] == "https://files/a.mp3"
+
+
+def test_a_stale_lease_drops_the_result_without_a_failure_write() -> None:
+    result, store, _, _ = run(claimed(), store=FakeStore(fail_complete=StaleLease("reclaimed")))
+    assert result.outcome == "stale"
+    assert store.writes == []
+
+
+def test_a_database_outage_at_the_end_leaves_the_job_to_reclaim() -> None:
+    store = FakeStore(fail_complete=DatabaseUnavailable("The job database is unavailable"))
+    result, store, _, storage = run(claimed(), store=store)
+    assert result.outcome == "interrupted"
+    assert store.writes == []
+    assert len(storage.stored) == 2  # the files stay for the next attempt to reuse
