@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 import wave
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ with warnings.catch_warnings():
 from sona.errors import FfmpegMissing, PermanentError
 
 FADE_MS = 30  # a short fade at a trimmed end, so the cut does not click
+# At most one encoder per CPU: jobs that finish generating together (a concurrent instance) would
+# otherwise run eight ffmpeg processes on two cores, each then costing nearly twice its CPU.
+_ENCODERS = threading.BoundedSemaphore(
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
 _UNREADABLE = "The audio service returned audio that could not be read"
 
 
@@ -207,7 +213,7 @@ def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str) -> bytes:
     """The MP3 preview at a constant bitrate. WAV goes in through a pipe; the MP3 goes to a file in
     memory-backed temp space, because only a seekable output gets the LAME header that tells players
     the encoder's padding (through a pipe, the preview decodes about 20 ms too long)."""
-    with tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
+    with _ENCODERS, tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
         out = Path(tmp) / "preview.mp3"
         _ffmpeg(
             ffmpeg,
