@@ -34,8 +34,7 @@ def ensure_venv() -> None:
     # Progress goes to stderr: stdout belongs to the command (deploy.sh captures deploy-plan's).
     print("Installing requirements-dev.txt ...", file=sys.stderr, flush=True)
     pip = [str(PYTHON), "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "-r", str(ROOT / "requirements-dev.txt")], check=True,
-                   stdout=sys.stderr)
+    subprocess.run([*pip, "install", "-r", str(ROOT / "requirements-dev.txt")], check=True, stdout=sys.stderr)
     stamp.write_text(digest)
 
 

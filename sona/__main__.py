@@ -15,8 +15,8 @@ def _validate(_: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    from sona.audio import find_ffmpeg
     from sona.errors import FfmpegMissing
+    from sona.ffmpeg import find_ffmpeg
 
     try:
         ffmpeg = find_ffmpeg(settings.ffmpeg_binary)

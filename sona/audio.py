@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -24,7 +23,7 @@ with warnings.catch_warnings():
     from pydub import AudioSegment as AudioSegment
     from pydub.utils import audioop  # the stdlib module, or audioop-lts on Python 3.13+
 
-from sona.errors import FfmpegMissing, PermanentError
+from sona.errors import PermanentError
 
 FADE_MS = 30  # a short fade at a trimmed end, so the cut does not click
 # At most one encoder per CPU: jobs that finish generating together (a concurrent instance) would
@@ -33,30 +32,6 @@ _ENCODERS = threading.BoundedSemaphore(
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
 _UNREADABLE = "The audio service returned audio that could not be read"
-
-
-@cache
-def find_ffmpeg(configured: str | None = None) -> str:
-    """FFMPEG_BINARY (which must then work), else ffmpeg on PATH, else the imageio-ffmpeg wheel's."""
-    configured = configured or os.environ.get("FFMPEG_BINARY")
-    if configured:
-        found = shutil.which(configured)
-        if found is None:
-            raise FfmpegMissing(f"FFMPEG_BINARY={configured} is not an executable ffmpeg")
-        return found
-    on_path = shutil.which("ffmpeg")
-    if on_path:
-        return on_path
-    try:
-        import imageio_ffmpeg
-
-        return str(imageio_ffmpeg.get_ffmpeg_exe())
-    except (ImportError, RuntimeError):
-        pass
-    raise FfmpegMissing(
-        "ffmpeg was not found: set FFMPEG_BINARY, put ffmpeg on PATH, or "
-        "pip install imageio-ffmpeg (the Cloud Functions image ships ffmpeg)"
-    )
 
 
 @dataclass(frozen=True)

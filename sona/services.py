@@ -32,7 +32,7 @@ class Services:
 
     @cached_property
     def ffmpeg(self) -> str:
-        from sona.audio import find_ffmpeg
+        from sona.ffmpeg import find_ffmpeg
 
         return find_ffmpeg(self.settings.ffmpeg_binary)
 

@@ -10,8 +10,9 @@ import wave
 
 import pytest
 
-from sona.audio import decode, encode_mp3, find_ffmpeg, make_master
+from sona.audio import decode, encode_mp3, make_master
 from sona.errors import PermanentError
+from sona.ffmpeg import find_ffmpeg
 from tests.support import decoded_seconds, wav_bytes
 
 FFMPEG = find_ffmpeg()

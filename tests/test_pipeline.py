@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from sona.audio import find_ffmpeg
 from sona.deadline import Deadline
 from sona.errors import DatabaseUnavailable, PermanentError, StaleLease, TransientError
+from sona.ffmpeg import find_ffmpeg
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStatus
 from sona.pipeline import Pipeline
 from sona.stable_audio import GenerationRequest

@@ -29,7 +29,8 @@ from typing import Any
 import psutil
 import requests
 
-from sona.audio import find_ffmpeg, make_master
+from sona.audio import make_master
+from sona.ffmpeg import find_ffmpeg
 from sona.jobs_store import JobsStore
 from sona.local.database import REPO_ROOT
 from sona.local.stack import FunctionProcess, LocalStack

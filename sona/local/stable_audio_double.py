@@ -196,7 +196,8 @@ def _render(prompt: str, seconds: float, output_format: str) -> tuple[bytes, str
     """Deterministic, so repeated requests (benchmarks) are answered without rendering again."""
     wav = synthesize_wav(prompt, seconds)
     if output_format == "mp3":
-        from sona.audio import encode_mp3, find_ffmpeg
+        from sona.audio import encode_mp3
+        from sona.ffmpeg import find_ffmpeg
 
         return encode_mp3(wav, "192k", find_ffmpeg()), "audio/mpeg"
     return wav, "audio/wav"

@@ -21,8 +21,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from sona.audio import find_ffmpeg
 from sona.config import Settings
+from sona.ffmpeg import find_ffmpeg
 from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.relay import WebhookRelay
