@@ -148,7 +148,7 @@ def read_wav(data: Audio, *, streamed: bool = False) -> Pcm:
     with wave.open(io.BytesIO(data)) as reader:
         frames = reader.getnframes()
         channels, width, rate = reader.getnchannels(), reader.getsampwidth(), reader.getframerate()
-    start = _data_offset(data)
+    start = _chunk(data, b"data")
     end = len(data) if streamed else start + frames * channels * width
     if end > len(data):
         raise ValueError("truncated WAV")
@@ -166,10 +166,6 @@ def _declares_pcm(data: Audio) -> bool:
     except ValueError:
         return False
     return int.from_bytes(data[offset : offset + 2], "little") == 1
-
-
-def _data_offset(data: Audio) -> int:
-    return _chunk(data, b"data")
 
 
 def _chunk(data: Audio, wanted: bytes) -> int:

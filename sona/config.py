@@ -145,8 +145,10 @@ class Settings(BaseSettings):
         return (self.reclaim_timeout_ms or self.job_timeout_ms) / 1000 - self.deadline_margin_ms / 1000
 
     @property
-    def webhook_timeout_ms(self) -> int:
-        return self.function_timeout_s * 1000
+    def internal_retry_delay_s(self) -> float:
+        """Backoff base for our own storage and database calls: a quarter of the provider's, since
+        those recover in moments and the job's budget is better spent waiting on the provider."""
+        return self.retry_delay_ms / 4000
 
     @cached_property
     def secret_values(self) -> tuple[str, ...]:

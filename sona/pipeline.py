@@ -164,7 +164,7 @@ class Pipeline:
         policy = retrying(
             what,
             max_retries=self.settings.max_retries,
-            base_delay_s=self.settings.retry_delay_ms / 4000,
+            base_delay_s=self.settings.internal_retry_delay_s,
             deadline=deadline,
         )
         return policy(write)

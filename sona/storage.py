@@ -26,8 +26,7 @@ CACHE_CONTROL_S = "31536000"  # a path is never rewritten with other audio: cach
 
 def object_path(prefix: str, job_id: object, stamp: datetime, ext: str) -> str:
     """{STORAGE_PATH_PREFIX}/{job_id}_{timestamp}.{ext}; one timestamp for both files of an attempt."""
-    name = f"{job_id}_{stamp.strftime('%Y%m%dT%H%M%S%fZ')}.{ext}"
-    return f"{prefix}/{name}" if prefix else name
+    return _join(prefix, f"{job_id}_{stamp.strftime('%Y%m%dT%H%M%S%fZ')}.{ext}")
 
 
 def attempt_stamp() -> datetime:
@@ -66,7 +65,7 @@ class AudioStorage:
                     raise _translate(exc) from None
                 self._create_bucket()
             except httpx.HTTPError as exc:
-                raise TransientError("The file storage is unavailable", detail=type(exc).__name__) from None
+                raise _unreachable(exc) from None
             self._checked.add(key)
 
     def _create_bucket(self) -> None:
@@ -101,7 +100,7 @@ class AudioStorage:
         policy = retrying(
             f"upload of {path}",
             max_retries=self._settings.max_retries,
-            base_delay_s=self._settings.retry_delay_ms / 4000,
+            base_delay_s=self._settings.internal_retry_delay_s,
             deadline=deadline,
         )
         for attempt in policy:
@@ -121,7 +120,7 @@ class AudioStorage:
                 return
             raise _translate(exc) from None
         except httpx.HTTPError as exc:
-            raise TransientError("The file storage is unavailable", detail=type(exc).__name__) from None
+            raise _unreachable(exc) from None
 
     def find_output(self, job_id: object) -> StoredOutput | None:
         """The files an earlier attempt of this job stored completely (its MP3, uploaded last,
@@ -138,7 +137,7 @@ class AudioStorage:
                 },
             )
             names = {item["name"] for item in items}
-            for name in sorted(names, reverse=True):
+            for name in (item["name"] for item in items):  # newest first, as listed
                 wav = name.removesuffix(".mp3") + ".wav"
                 if not name.endswith(".mp3") or wav not in names:
                     continue
@@ -149,7 +148,7 @@ class AudioStorage:
         except StorageApiError as exc:
             raise _translate(exc) from None
         except httpx.HTTPError as exc:
-            raise TransientError("The file storage is unavailable", detail=type(exc).__name__) from None
+            raise _unreachable(exc) from None
         return None
 
     def url(self, path: str) -> str:
@@ -174,6 +173,10 @@ class StoredOutput:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
+
+
+def _unreachable(exc: httpx.HTTPError) -> TransientError:
+    return TransientError("The file storage is unavailable", detail=type(exc).__name__)
 
 
 def _translate(exc: StorageApiError) -> Exception:
