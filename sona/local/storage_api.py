@@ -77,14 +77,21 @@ class StorageApi:
             )
         return _storage_error("404", "not_found", "Route not found", 404)
 
-    def _bucket(self, bucket_id: str) -> dict[str, Any] | None:
+    def _read(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """A read-only query (the pool ends its transaction when the connection goes back)."""
         with self._pool.connection() as conn:
-            row = conn.execute(
-                "select id, name, public, file_size_limit, allowed_mime_types, created_at, updated_at"
-                " from storage.buckets where id = %s",
-                (bucket_id,),
-            ).fetchone()
-            conn.rollback()
+            return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+    def _read_one(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        rows = self._read(query, params)
+        return rows[0] if rows else None
+
+    def _bucket(self, bucket_id: str) -> dict[str, Any] | None:
+        row = self._read_one(
+            "select id, name, public, file_size_limit, allowed_mime_types, created_at, updated_at"
+            " from storage.buckets where id = %s",
+            (bucket_id,),
+        )
         if row is None:
             return None
         keys = (
@@ -214,13 +221,11 @@ class StorageApi:
         folder = f"{prefix}/" if prefix else ""
         pattern = folder + str(body.get("search") or "").replace("%", r"\%").replace("_", r"\_") + "%"
         order = "desc" if (body.get("sortBy") or {}).get("order") == "desc" else "asc"
-        with self._pool.connection() as conn:
-            rows = conn.execute(
-                "select id, name, metadata, created_at, updated_at from storage.objects"  # type: ignore[arg-type]
-                f" where bucket_id = %s and name like %s order by name {order} limit %s offset %s",
-                (bucket_id, pattern, int(body.get("limit") or 100), int(body.get("offset") or 0)),
-            ).fetchall()
-            conn.rollback()
+        rows = self._read(
+            "select id, name, metadata, created_at, updated_at from storage.objects"  # type: ignore[arg-type]
+            f" where bucket_id = %s and name like %s order by name {order} limit %s offset %s",
+            (bucket_id, pattern, int(body.get("limit") or 100), int(body.get("offset") or 0)),
+        )
         items = [
             {
                 "name": name[len(folder) :],
@@ -236,13 +241,11 @@ class StorageApi:
         return json_response(items)
 
     def _info(self, bucket_id: str, name: str) -> Response:
-        with self._pool.connection() as conn:
-            row = conn.execute(
-                "select id, metadata, user_metadata, created_at, updated_at from storage.objects"
-                " where bucket_id = %s and name = %s",
-                (bucket_id, name),
-            ).fetchone()
-            conn.rollback()
+        row = self._read_one(
+            "select id, metadata, user_metadata, created_at, updated_at from storage.objects"
+            " where bucket_id = %s and name = %s",
+            (bucket_id, name),
+        )
         if row is None:
             return _storage_error("404", "not_found", "Object not found")
         oid, meta, user_meta, created, updated = row
@@ -267,12 +270,10 @@ class StorageApi:
         bucket = self._bucket(bucket_id)
         if bucket is None or (require_public and not bucket["public"]):
             return _storage_error("404", "Bucket not found", "Bucket not found")
-        with self._pool.connection() as conn:
-            row = conn.execute(
-                "select metadata from storage.objects where bucket_id = %s and name = %s",
-                (bucket_id, name),
-            ).fetchone()
-            conn.rollback()
+        row = self._read_one(
+            "select metadata from storage.objects where bucket_id = %s and name = %s",
+            (bucket_id, name),
+        )
         if row is None:
             return _storage_error("404", "not_found", "Object not found")
         meta = row[0] or {}
@@ -288,12 +289,10 @@ class StorageApi:
             expires_in = int(str(body.get("expiresIn")))
         except (TypeError, ValueError):
             return _storage_error("400", "InvalidRequest", "expiresIn must be a number")
-        with self._pool.connection() as conn:
-            row = conn.execute(
-                "select 1 from storage.objects where bucket_id = %s and name = %s",
-                (bucket_id, name),
-            ).fetchone()
-            conn.rollback()
+        row = self._read_one(
+            "select 1 from storage.objects where bucket_id = %s and name = %s",
+            (bucket_id, name),
+        )
         if row is None:
             return _storage_error("404", "not_found", "Object not found")
         token = self._token(f"{bucket_id}/{name}", int(time.time()) + expires_in)
