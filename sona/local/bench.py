@@ -8,7 +8,6 @@ of 10,000 expired leases in absolute time and database round trips.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -19,7 +18,6 @@ import tempfile
 import textwrap
 import time
 import uuid
-import venv
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -35,6 +33,7 @@ from sona.jobs_store import JobsStore
 from sona.local.database import REPO_ROOT
 from sona.local.stack import FunctionProcess, LocalStack
 from sona.local.synth import synthesize_wav
+from sona.local.venvs import ensure_venv
 from sona.models import webhook_payload
 
 # The functions run as deployed: a virtual environment with requirements.txt only (the dev tools'
@@ -79,29 +78,10 @@ class Figure:
 
 
 def production_python() -> str:
-    """The python of a virtual environment holding only requirements.txt (made once, then reused)."""
-    python = PRODUCTION_VENV / "bin" / "python"
-    stamp = PRODUCTION_VENV / ".requirements.sha256"
-    digest = hashlib.sha256((REPO_ROOT / "requirements.txt").read_bytes()).hexdigest()
-    if not (python.exists() and stamp.exists() and stamp.read_text() == digest):
-        print("Making the production environment (requirements.txt only) ...", file=sys.stderr, flush=True)
-        venv.create(PRODUCTION_VENV, with_pip=True, clear=True)
-        subprocess.run(
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "-r",
-                str(REPO_ROOT / "requirements.txt"),
-            ],
-            check=True,
-            stdout=sys.stderr,
-        )
-        stamp.write_text(digest)
-    return str(python)
+    """The python of a virtual environment holding only requirements.txt (made once, then reused;
+    remade from scratch when requirements.txt changes, so nothing else lingers in it)."""
+    requirements = REPO_ROOT / "requirements.txt"
+    return str(ensure_venv(PRODUCTION_VENV, requirements, [requirements], clear=True))
 
 
 def _post_until_answered(url: str, payload: dict[str, Any] | None, headers: dict[str, str]) -> None:

@@ -1,0 +1,34 @@
+"""A virtual environment kept in step with its requirements files. Standard library only: the
+bootstrap (scripts/run.py) uses it on a machine that has nothing but Python."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def ensure_venv(directory: Path, install: Path, inputs: Sequence[Path], *, clear: bool = False) -> Path:
+    """Make (or, with clear, remake) the environment and `pip install -r install` whenever the
+    inputs changed since the last time; return its python. Progress goes to stderr, because stdout
+    belongs to the command that follows (deploy.sh captures deploy-plan's)."""
+    python = directory / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    stamp = directory / ".requirements.sha256"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()
+    if python.exists() and stamp.exists() and stamp.read_text() == digest:
+        return python
+    if clear or not python.exists():
+        print(f"Creating {directory.name} ...", file=sys.stderr, flush=True)
+        venv.create(directory, with_pip=True, clear=clear)
+    print(f"Installing {install.name} into {directory.name} ...", file=sys.stderr, flush=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "-r", str(install)],
+        check=True,
+        stdout=sys.stderr,
+    )
+    stamp.write_text(digest)
+    return python
