@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from sona.local.stack import free_port
+from sona.models import webhook_payload
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -50,13 +51,7 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
         skipped = requests.post(
             info["process_job_url"],
             headers={"X-Webhook-Secret": info["webhook_secret"]},
-            json={
-                "type": "INSERT",
-                "table": "jobs",
-                "schema": "public",
-                "record": {"id": "00000000-0000-0000-0000-000000000000"},
-                "old_record": None,
-            },
+            json=webhook_payload("00000000-0000-0000-0000-000000000000"),
             timeout=10,
         )
         assert skipped.json()["outcome"] == "skipped"

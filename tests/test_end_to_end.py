@@ -116,17 +116,21 @@ def test_a_bad_request_to_the_real_server_gets_a_json_error(stack: LocalStack) -
     assert response.status_code == 405
 
 
-def test_demo_completes_with_no_keys_and_no_network(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "sona", "demo", "ambient forest at dawn", "--duration", "5"],
+def run_demo(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m sona demo ...` with no key, no ffmpeg on PATH and an empty home."""
+    return subprocess.run(
+        [sys.executable, "-m", "sona", "demo", *args],
         cwd=Path(__file__).resolve().parents[1],
-        env=env,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(home)},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_demo_completes_with_no_keys_and_no_network(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "ambient forest at dawn", "--duration", "5")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "offline synthesiser (not Stable Audio)" in result.stdout
     assert '"status": "completed"' in result.stdout
@@ -134,27 +138,12 @@ def test_demo_completes_with_no_keys_and_no_network(tmp_path: Path) -> None:
 
 
 def test_demo_exits_non_zero_with_the_jobs_error_when_it_fails(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sona", "demo", "   "],
-        cwd=Path(__file__).resolve().parents[1],
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_demo(tmp_path, "   ")
     assert result.returncode == 1
     assert "Job failed: The prompt is empty. Describe the sound you want." in result.stderr
 
 
-def test_demo_refuses_a_duration_outside_1_to_60_before_starting() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sona", "demo", "x", "--duration", "61"],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def test_demo_refuses_a_duration_outside_1_to_60_before_starting(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "x", "--duration", "61")
     assert result.returncode == 2
     assert "must be 1 to 60 seconds, not 61" in result.stderr

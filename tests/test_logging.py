@@ -18,6 +18,7 @@ from sona.local.gateway import Gateway
 from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.local.stack import FunctionProcess
 from sona.logs import job_context, setup_logging
+from sona.models import webhook_payload
 from tests.support import SECRETS, insert_job
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -94,13 +95,7 @@ def test_one_job_on_the_cloud_functions_path_logs_only_json_with_job_fields_and_
         response = requests.post(
             function.url,
             timeout=60,
-            json={
-                "type": "INSERT",
-                "table": "jobs",
-                "schema": "public",
-                "record": {"id": str(job_id)},
-                "old_record": None,
-            },
+            json=webhook_payload(job_id),
             headers={
                 "X-Webhook-Secret": SECRETS["webhook_secret"],
                 "traceparent": f"00-{TRACE}-00f067aa0ba902b7-01",

@@ -11,6 +11,7 @@ import requests
 
 from sona.local.stable_audio_double import Behaviour
 from sona.local.stack import LocalStack
+from sona.models import webhook_payload
 from tests.hardening.conftest import Ledger, check_end, reclaim, run_job, settle
 
 DB_DOWN = {
@@ -208,13 +209,7 @@ def test_a_claim_that_cannot_reach_the_database_leaves_the_row_untouched(
     response = requests.post(
         stack.process_job_url,
         headers={"X-Webhook-Secret": stack.webhook_secret},
-        json={
-            "type": "INSERT",
-            "table": "jobs",
-            "schema": "public",
-            "record": {"id": str(job_id)},
-            "old_record": None,
-        },
+        json=webhook_payload(job_id),
         timeout=30,
     )
     ledger.responses.append(response.text)
