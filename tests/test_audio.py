@@ -110,3 +110,33 @@ def test_a_configured_ffmpeg_that_does_not_exist_is_an_error_not_a_fallback() ->
 
     with pytest.raises(FfmpegMissing, match="FFMPEG_BINARY=/no/such/ffmpeg"):
         find_ffmpeg("/no/such/ffmpeg")
+
+
+def test_no_more_encoders_run_at_once_than_there_are_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import threading
+    import time
+    from pathlib import Path
+
+    import sona.audio
+
+    running, most, lock = 0, 0, threading.Lock()
+
+    def counting_ffmpeg(binary: str, args: list[str], stdin: bytes, **kwargs: object) -> bytes:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)  # long enough for the other threads to arrive
+        with lock:
+            running -= 1
+        Path(args[-1]).write_bytes(b"mp3")  # where encode_mp3 reads the preview from
+        return b""
+
+    monkeypatch.setattr(sona.audio, "_ffmpeg", counting_ffmpeg)
+    threads = [threading.Thread(target=sona.audio.encode_mp3, args=(b"", "192k", "ffmpeg")) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == min(8, len(os.sched_getaffinity(0)))
