@@ -30,6 +30,12 @@ class TransientError(SonaError):
         self.retry_after_s = retry_after_s
 
 
+class ServiceOutage(TransientError):
+    """The account or the configuration is wrong, not the job: a rejected or rotated key, no credits,
+    the provider's edge refusing us, Storage refusing the key or the bucket. The job is released for
+    a retry and never failed for it; the message says the service, not the request, is at fault."""
+
+
 class DeadlineExceeded(TransientError):
     """The job's own budget ran out before the platform's timeout."""
 
