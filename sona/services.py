@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sona.pipeline import Pipeline
     from sona.stable_audio import StableAudioClient
     from sona.storage import AudioStorage
+    from sona.task_queue import TaskQueue
 
 
 class Services:
@@ -47,6 +48,12 @@ class Services:
         from sona.storage import AudioStorage
 
         return AudioStorage(self.settings)
+
+    @cached_property
+    def task_queue(self) -> TaskQueue:
+        from sona.task_queue import OneShotHttp, TaskQueue
+
+        return TaskQueue(self.settings, OneShotHttp())
 
     @cached_property
     def pipeline(self) -> Pipeline:

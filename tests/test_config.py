@@ -30,7 +30,8 @@ def test_timeouts_follow_job_timeout_ms() -> None:
     assert s.function_timeout_s == 61 + 10  # rounded up, plus the margin
     assert s.lease_seconds > s.function_timeout_s  # the lease outlives the invocation
     assert s.job_budget_s < 60.5  # the job records its own failure before the platform kills it
-    assert WebhookConfig(_env_file=None, job_timeout_ms=60_500).timeout_ms >= 60_500  # type: ignore[call-arg]
+    direct = WebhookConfig(_env_file=None, job_timeout_ms=60_500, dispatch="direct")  # type: ignore[call-arg]
+    assert direct.timeout_ms >= 60_500
 
 
 def test_a_timeout_above_cloud_functions_limit_is_refused() -> None:
@@ -115,6 +116,7 @@ def test_validate_command_passes_a_good_environment_and_reads_dotenv(tmp_path: P
             "SUPABASE_SERVICE_ROLE_KEY": SECRETS["supabase_service_role_key"],
             "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
             "STABLE_AUDIO_API_URL": OLD_STABLE_AUDIO_API_URL,
+            "DISPATCH": "direct",
         },
         tmp_path,
     )
@@ -131,6 +133,7 @@ def test_validate_command_reports_an_ffmpeg_that_does_not_exist(tmp_path: Path) 
             "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
             "WEBHOOK_SECRET": SECRETS["webhook_secret"],
             "FFMPEG_BINARY": "/no/ffmpeg",
+            "DISPATCH": "direct",
         },
         tmp_path,
     )
