@@ -21,6 +21,7 @@ from sona.config import (
     Settings,
     function_timeout_s,
 )
+from sona.task_queue import QueueLimits
 
 RUNTIME = "python312"
 # Cloud Scheduler waits at most 30 minutes for an HTTP target.
@@ -259,25 +260,27 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
     ]
 
 
+def queue_limits(config: DeployConfig) -> QueueLimits:
+    return QueueLimits(
+        max_dispatches_per_second=config.provider_rate_per_s,
+        max_concurrent_dispatches=config.max_instances * config.max_concurrent_jobs,
+        lease_s=function_timeout_s(config.job_timeout_ms) + LEASE_MARGIN_S,
+        max_attempts_per_job=config.max_attempts,
+    )
+
+
 def queue_flags(config: DeployConfig) -> list[str]:
-    """The queue carries the limits (DESIGN.md, Google Cloud Tasks):
-    - dispatch rate: the provider budget, well under Stable Audio's 15 per second;
-    - concurrency: every slot the function has (instances x jobs per instance), never more;
-    - retries: for deliveries Cloud Run refused (429 at max instances, 503) or answers lost; the
-      job's own attempts are counted in the database. Backoff starts at 1 s (a slot frees soon),
-      doubles up to the lease (a delivery retried after a crash finds the job released), and the
-      queue stops after MAX_ATTEMPTS leases' worth of time; reclaim_jobs owns a job after that."""
-    lease_s = function_timeout_s(config.job_timeout_ms) + LEASE_MARGIN_S
+    limits = queue_limits(config)
     return [
         f"--location={config.region}",
         f"--project={config.google_cloud_project}",
-        f"--max-dispatches-per-second={config.provider_rate_per_s:g}",
-        f"--max-concurrent-dispatches={config.max_instances * config.max_concurrent_jobs}",
-        "--max-attempts=100",
-        "--min-backoff=1s",
-        f"--max-backoff={lease_s}s",
-        "--max-doublings=5",
-        f"--max-retry-duration={lease_s * config.max_attempts}s",
+        f"--max-dispatches-per-second={limits.max_dispatches_per_second:g}",
+        f"--max-concurrent-dispatches={limits.max_concurrent_dispatches}",
+        f"--max-attempts={limits.max_attempts}",
+        f"--min-backoff={limits.min_backoff_s}s",
+        f"--max-backoff={limits.max_backoff_s}s",
+        f"--max-doublings={limits.max_doublings}",
+        f"--max-retry-duration={limits.max_retry_duration_s}s",
     ]
 
 

@@ -37,6 +37,50 @@ _METADATA_TOKEN_URL = f"{_METADATA}/instance/service-accounts/default/token"
 Created = Literal["created", "exists"]
 
 
+@dataclass(frozen=True)
+class QueueLimits:
+    """The queue carries the limits (DESIGN.md, Google Cloud Tasks), for deploy and local stack alike:
+    - dispatch rate: the provider budget, well under Stable Audio's 15 per second;
+    - concurrency: every slot the function has (instances x jobs per instance), never more;
+    - retries: for deliveries Cloud Run refused (429 at max instances, 503) or answers lost; the
+      job's own attempts are counted in the database. Backoff starts at 1 s (a slot frees soon),
+      doubles up to the lease (a delivery retried after a crash finds the job released), and the
+      queue stops after MAX_ATTEMPTS leases' worth of time; reclaim_jobs owns a job after that."""
+
+    max_dispatches_per_second: float
+    max_concurrent_dispatches: int
+    lease_s: int
+    max_attempts_per_job: int
+    max_attempts: int = 100
+    min_backoff_s: int = 1
+    max_doublings: int = 5
+
+    @property
+    def max_backoff_s(self) -> int:
+        return self.lease_s
+
+    @property
+    def max_retry_duration_s(self) -> int:
+        return self.lease_s * self.max_attempts_per_job
+
+    def as_queue(self, name: str) -> dict[str, object]:
+        """The Queue resource of the Cloud Tasks v2 REST API."""
+        return {
+            "name": name,
+            "rateLimits": {
+                "maxDispatchesPerSecond": self.max_dispatches_per_second,
+                "maxConcurrentDispatches": self.max_concurrent_dispatches,
+            },
+            "retryConfig": {
+                "maxAttempts": self.max_attempts,
+                "maxRetryDuration": f"{self.max_retry_duration_s}s",
+                "minBackoff": f"{self.min_backoff_s}s",
+                "maxBackoff": f"{self.max_backoff_s}s",
+                "maxDoublings": self.max_doublings,
+            },
+        }
+
+
 def task_token(settings: Settings, job_id: uuid.UUID) -> str:
     """What a task carries to prove it was made by this function: HMAC of the job id under
     TASK_SECRET, which only the function and its queue ever hold (never the database)."""

@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sona.config import function_timeout_s
 
-
 # Time for the webhook's call in cloud_tasks mode: a cold start plus one task creation.
 ENQUEUE_TIMEOUT_MS = 10_000
 
