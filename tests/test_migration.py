@@ -205,9 +205,7 @@ def test_a_user_cannot_read_another_users_job(db_url: str) -> None:
             "update jobs set wav_url = 'http://evil' where id = %(job)s", "42501", id="point-wav-url-anywhere"
         ),
         pytest.param("delete from jobs where id = %(job)s", "42501", id="delete-own-job"),
-        pytest.param(
-            "select * from claim_job(%(job)s, gen_random_uuid(), 60, 3)", "42501", id="call-claim"
-        ),
+        pytest.param("select * from claim_job(%(job)s, gen_random_uuid(), 60, 3)", "42501", id="call-claim"),
         pytest.param("select * from reclaim_jobs(3, 0, 10, 1000, 1000)", "42501", id="call-reclaim"),
         pytest.param("select * from job_attempts", "42501", id="read-attempt-history"),
     ],
