@@ -13,15 +13,22 @@ from typing import Any, cast
 import httpx
 from postgrest import SyncPostgrestClient
 from postgrest.exceptions import APIError
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from sona.config import Settings
+from sona.deadline import Deadline
 from sona.errors import DatabaseUnavailable, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, Job
+from sona.retrying import retrying
 from sona.tls import tls_context
 
-# SQLSTATE classes and PostgREST codes that mean "the database is not reachable right now".
-_UNAVAILABLE_PREFIXES = ("08", "53", "57P", "PGRST000", "PGRST001", "PGRST002", "PGRST003")
+# PostgREST codes (SQLSTATEs and its own PGRST codes) that mean "not now" rather than "never":
+# connection failures, insufficient resources, the server shutting down, PostgREST unable to reach
+# the database, and a statement timeout (57014, which PostgREST answers with a 500).
+_UNAVAILABLE_PREFIXES = ("08", "53", "57P", "57014", "PGRST000", "PGRST001", "PGRST002", "PGRST003")
+
+# How long one request's claim keeps retrying when the database is briefly away.
+CLAIM_BUDGET_S = 10.0
 
 
 class StoreError(SonaError):
@@ -36,10 +43,44 @@ class ReclaimAction(BaseModel):
     dispatch_round: int | None = None
 
 
+class _PostgrestError(BaseModel):
+    """The part of an error body that says who wrote it: PostgREST always sends a code."""
+
+    code: str | None = None
+
+
+class GatewayFailure(Exception):
+    """An error answer PostgREST did not write (the API gateway's own 5xx, an HTML error page):
+    the request may or may not have reached the database, so it says nothing about the job."""
+
+    def __init__(self, status: int, media_type: str) -> None:
+        super().__init__(f"HTTP {status} {media_type or 'without a content type'}")
+
+
 def _unavailable(code: str | None) -> bool:
-    if not code:  # e.g. the API gateway's own "Invalid API key": not an outage
-        return False
-    return code.startswith(_UNAVAILABLE_PREFIXES) or (code.isdigit() and code.startswith("5"))
+    # No code: the API gateway's own answer below 500, e.g. "Invalid API key": not an outage.
+    return code is not None and code.startswith(_UNAVAILABLE_PREFIXES)
+
+
+def _postgrest_code(response: httpx.Response) -> str | None:
+    try:
+        return _PostgrestError.model_validate_json(response.content).code
+    except ValidationError:  # not JSON, or not an object
+        return None
+
+
+def refuse_gateway_failures(response: httpx.Response) -> None:
+    """httpx response hook: tell an answer from the gateway apart from PostgREST's by what it is
+    (postgrest-py turns a code-less JSON error into an APIError without the HTTP status)."""
+    if response.is_success:
+        return
+    response.read()
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    from_gateway = media_type == "text/html" or (
+        response.status_code >= 500 and _postgrest_code(response) is None
+    )
+    if from_gateway:
+        raise GatewayFailure(response.status_code, media_type)
 
 
 class JobsStore:
@@ -54,6 +95,7 @@ class JobsStore:
                 headers={"apikey": key, "Authorization": f"Bearer {key}"},
                 timeout=timeout_s,
                 verify=tls_context(),
+                event_hooks={"response": [refuse_gateway_failures]},
             ),
         )
 
@@ -62,16 +104,27 @@ class JobsStore:
             data = self._client.rpc(name, cast(Any, params)).execute().data
         return cast(list[dict[str, Any]], data or [])
 
-    def claim(self, job_id: uuid.UUID) -> ClaimedJob | None:
-        """Claim a pending job for this invocation; None when it is a duplicate or finished."""
-        rows = self._rpc(
-            "claim_job",
-            {
-                "p_job_id": str(job_id),
-                "p_lease_seconds": self._settings.lease_seconds,
-                "p_max_attempts": self._settings.max_attempts,
-            },
+    def claim(
+        self, job_id: uuid.UUID, claim_id: uuid.UUID, deadline: Deadline | None = None
+    ) -> ClaimedJob | None:
+        """Claim a pending job for this invocation; None when it is a duplicate or finished.
+
+        The claim id (made once per request) becomes the lease token, so a retry after a lost
+        answer gets the same lease back instead of "nothing to claim"."""
+        settings = self._settings
+        params = {
+            "p_job_id": str(job_id),
+            "p_claim_id": str(claim_id),
+            "p_lease_seconds": settings.lease_seconds,
+            "p_max_attempts": settings.max_attempts,
+        }
+        policy = retrying(
+            "claim",
+            max_retries=settings.max_retries,
+            base_delay_s=settings.internal_retry_delay_s,
+            deadline=deadline or Deadline(CLAIM_BUDGET_S),
         )
+        rows = policy(lambda: self._rpc("claim_job", params))
         return ClaimedJob.model_validate(rows[0]) if rows else None
 
     def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job:
@@ -144,6 +197,8 @@ def _translated_errors(name: str) -> Iterator[None]:
         raise StoreError(
             "The job database rejected a request", detail=f"{name}: {exc.code} {exc.message}"
         ) from None
+    except GatewayFailure as exc:
+        raise DatabaseUnavailable("The job database is unavailable", detail=f"{name}: {exc}") from None
     except httpx.HTTPError as exc:
         raise DatabaseUnavailable(
             "The job database is unavailable", detail=f"{name}: {type(exc).__name__}"

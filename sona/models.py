@@ -41,6 +41,8 @@ class Job(BaseModel):
     mode: str
     status: JobStatus
     attempts: int = 0
+    # A finishing attempt: the paid attempts are spent, so it may only complete from stored files.
+    reuse_only: bool = False
     lease_token: uuid.UUID | None = None
     lease_expires_at: datetime | None = None
     run_after: datetime | None = None

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from sona.audio import Master, encode_mp3, make_master
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import DatabaseUnavailable, SonaError, StaleLease
+from sona.errors import DatabaseUnavailable, PermanentError, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job
 from sona.retrying import retrying
 from sona.stable_audio import GenerationRequest
@@ -106,6 +106,9 @@ class Pipeline:
         stored = self._earlier_output(job, timings)
         if stored is not None:
             wav_url, mp3_url, info = stored
+        elif job.reuse_only:
+            # Every paid attempt is spent and none stored its files: fail, never pay again.
+            raise PermanentError(f"The job timed out after {self.settings.max_attempts} attempts.")
         else:
             wav_url, mp3_url, info = self._generate_and_store(job, request, deadline, timings)
         return _timed(
@@ -121,7 +124,7 @@ class Pipeline:
     def _earlier_output(self, job: ClaimedJob, timings: dict[str, int]) -> tuple[str, str, AudioInfo] | None:
         """A retry first looks for files an earlier attempt stored before it could complete the
         row (the database was down, or the process died): those were already paid for."""
-        if job.attempts <= 1:
+        if job.attempts <= 1 and not job.reuse_only:
             return None
         found = _timed(timings, "find_output", lambda: self.storage.find_output(job.id))
         if found is None:

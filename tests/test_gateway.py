@@ -8,6 +8,8 @@ import pytest
 from sona.local.gateway import Gateway
 from tests.support import insert_job
 
+ZERO = "00000000-0000-0000-0000-000000000000"
+
 
 def rpc(gw: Gateway, name: str, body: object, key: str | None = None) -> httpx.Response:
     key = gw.service_role_key if key is None else key
@@ -41,7 +43,12 @@ def test_a_scalar_function_answers_the_scalar(gateway: Gateway) -> None:
     [
         ("no_such_function", {}, 404, "PGRST202"),
         ("claim_job", {"p_job_id": "x"}, 404, "PGRST202"),  # arguments do not match
-        ("claim_job", {"p_job_id": "not-a-uuid", "p_lease_seconds": 1, "p_max_attempts": 1}, 400, "22P02"),
+        (
+            "claim_job",
+            {"p_job_id": "not-a-uuid", "p_claim_id": ZERO, "p_lease_seconds": 1, "p_max_attempts": 1},
+            400,
+            "22P02",
+        ),
     ],
 )
 def test_errors_have_postgrests_body_and_status(
@@ -57,7 +64,12 @@ def test_permission_denied_is_401_for_anon(gateway: Gateway, db_url: str) -> Non
     response = rpc(
         gateway,
         "claim_job",
-        {"p_job_id": str(insert_job(db_url)), "p_lease_seconds": 1, "p_max_attempts": 1},
+        {
+            "p_job_id": str(insert_job(db_url)),
+            "p_claim_id": ZERO,
+            "p_lease_seconds": 1,
+            "p_max_attempts": 1,
+        },
         key=gateway.anon_key,
     )
     assert (response.status_code, response.json()["code"]) == (401, "42501")

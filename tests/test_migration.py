@@ -4,6 +4,7 @@ and locks the worker's columns away from users (row level security and column pr
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -24,10 +25,10 @@ create table public.jobs (
     check (status in ('pending','queued','processing','completed','failed')),
   created_at timestamptz default now(), updated_at timestamptz default now(),
   completed_at timestamptz, error_message text, result_url text, wav_url text, mp3_url text);
-create function public.update_updated_at() returns trigger language plpgsql as
+create function public.update_updated_at_column() returns trigger language plpgsql as
   $$ begin new.updated_at = now(); return new; end $$;
 create trigger update_jobs_updated_at before update on public.jobs
-  for each row execute function public.update_updated_at();
+  for each row execute function public.update_updated_at_column();
 alter table public.jobs enable row level security;
 create policy "Users can view own jobs" on public.jobs for select using (auth.uid() = user_id);
 create policy "Users can insert own jobs" on public.jobs for insert with check (auth.uid() = user_id);
@@ -73,9 +74,60 @@ def test_upgrade_keeps_every_old_row_and_pending_ones_become_claimable(empty_db_
         row = job_row(empty_db_url, job_id)
         assert (row["status"], row["prompt"], row["attempts"]) == (status, f"old {status}", 0)
     for status in ("pending", "queued"):
-        claimed = sql(empty_db_url, "select * from claim_job(%s, 60, 3)", old[status])
+        claimed = sql(empty_db_url, "select * from claim_job(%s, gen_random_uuid(), 60, 3)", old[status])
         assert [r["id"] for r in claimed] == [old[status]]
-    assert sql(empty_db_url, "select * from claim_job(%s, 60, 3)", old["completed"]) == []
+    assert sql(empty_db_url, "select * from claim_job(%s, gen_random_uuid(), 60, 3)", old["completed"]) == []
+
+
+def seed_era_rows_without_created_at(url: str) -> dict[str, uuid.UUID]:
+    """Rows the earlier worker left with created_at null, one with an updated_at and one without."""
+    apply_sql(url, stand_ins_sql(), OLD_SCHEMA)
+    two_minutes_ago = datetime.now(UTC) - timedelta(minutes=2)
+    return {
+        "updated": insert_job(url, created_at=None, updated_at=two_minutes_ago),
+        "no timestamps": insert_job(url, created_at=None, updated_at=None),
+    }
+
+
+def test_upgrade_backfills_created_at_from_updated_at_else_now(empty_db_url: str) -> None:
+    rows = seed_era_rows_without_created_at(empty_db_url)
+    before = job_row(empty_db_url, rows["updated"])["updated_at"]
+    apply_sql(empty_db_url, *migrate_sql())
+    updated = job_row(empty_db_url, rows["updated"])
+    assert updated["created_at"] == updated["updated_at"] == before
+    assert job_row(empty_db_url, rows["no timestamps"])["created_at"] is not None
+
+
+def test_seed_era_pending_rows_without_created_at_are_dispatched_and_counted(empty_db_url: str) -> None:
+    rows = seed_era_rows_without_created_at(empty_db_url)
+    apply_sql(empty_db_url, *migrate_sql())
+    # The row updated two minutes ago is past the 60 s grace; the other was just backfilled to now.
+    dispatched = sql(empty_db_url, "select job_id from reclaim_jobs(3, 60, 10, 1000, 1000)")
+    assert [r["job_id"] for r in dispatched] == [rows["updated"]]
+    stats = sql(empty_db_url, "select job_stats(1) as s")[0]["s"]
+    assert (stats["total"], stats["by_status"]) == (2, {"pending": 2})
+
+
+def test_created_at_is_required_and_defaults_to_now_after_the_upgrade(empty_db_url: str) -> None:
+    apply_sql(empty_db_url, stand_ins_sql(), OLD_SCHEMA, *migrate_sql())
+    assert job_row(empty_db_url, insert_job(empty_db_url))["created_at"] is not None
+    with pytest.raises(psycopg.Error) as caught:
+        insert_job(empty_db_url, created_at=None)
+    assert caught.value.sqlstate == "23502"  # not_null_violation
+
+
+def test_upgrade_leaves_exactly_one_updated_at_trigger(empty_db_url: str) -> None:
+    apply_sql(empty_db_url, stand_ins_sql(), OLD_SCHEMA, *migrate_sql())
+    triggers = sql(
+        empty_db_url,
+        "select tgname from pg_trigger where tgrelid = 'public.jobs'::regclass and not tgisinternal",
+        role=None,
+    )
+    assert triggers == [{"tgname": "jobs_set_updated_at"}]
+    # The earlier function stays: other tables may use it.
+    assert sql(empty_db_url, "select to_regproc('public.update_updated_at_column') is not null as kept")[0][
+        "kept"
+    ]
 
 
 def test_fresh_database_gets_the_whole_schema(empty_db_url: str) -> None:
@@ -153,7 +205,7 @@ def test_a_user_cannot_read_another_users_job(db_url: str) -> None:
             "update jobs set wav_url = 'http://evil' where id = %(job)s", "42501", id="point-wav-url-anywhere"
         ),
         pytest.param("delete from jobs where id = %(job)s", "42501", id="delete-own-job"),
-        pytest.param("select * from claim_job(%(job)s, 60, 3)", "42501", id="call-claim"),
+        pytest.param("select * from claim_job(%(job)s, gen_random_uuid(), 60, 3)", "42501", id="call-claim"),
         pytest.param("select * from reclaim_jobs(3, 0, 10, 1000, 1000)", "42501", id="call-reclaim"),
         pytest.param("select * from job_attempts", "42501", id="read-attempt-history"),
     ],

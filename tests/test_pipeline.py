@@ -148,3 +148,18 @@ def test_a_database_outage_at_the_end_leaves_the_job_to_reclaim() -> None:
     assert result.outcome == "interrupted"
     assert store.writes == []
     assert len(storage.stored) == 2  # the files stay for the next attempt to reuse
+
+
+def test_a_finishing_attempt_completes_from_the_stored_files_without_generating() -> None:
+    earlier = StoredOutput("https://files/a.wav", "https://files/a.mp3", AUDIO_INFO.model_dump())
+    job = claimed(attempts=4, reuse_only=True)
+    result, store, provider, _ = run(job, storage=FakeStorage(earlier=earlier))
+    assert (result.outcome, provider.calls) == ("completed", 0)
+    assert store.writes[-1][1]["wav_url"] == "https://files/a.wav"
+
+
+def test_a_finishing_attempt_without_stored_files_fails_for_good_without_generating() -> None:
+    result, store, provider, storage = run(claimed(attempts=4, reuse_only=True))
+    assert (result.outcome, provider.calls) == ("failed", 0)
+    assert store.writes == [("fail", {"message": "The job timed out after 3 attempts.", "retryable": False})]
+    assert storage.stored == {}

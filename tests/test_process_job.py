@@ -14,7 +14,7 @@ import pytest
 from flask.testing import FlaskClient
 from functions_framework import create_app
 
-from sona.local.gateway import Gateway
+from sona.local.gateway import Gateway, gateway_error, gateway_error_page
 from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.services import reset_services
 from sona.storage import AudioStorage
@@ -264,3 +264,132 @@ def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(client:
     )
     assert response.status_code == 413
     assert response.get_json()["error"] == "payload_too_large"
+
+
+# -- answers that are not the job's fault ---------------------------------------------------------
+
+# The API gateway's own answers, with no PostgREST code: (name, FaultPlan.add arguments)
+GATEWAY_FAILURES: list[tuple[str, dict[str, Any]]] = [
+    ("502", gateway_error(502)),
+    ("503", gateway_error(503)),
+    ("504", gateway_error(504)),
+    ("HTML page", gateway_error_page(502)),
+]
+GATEWAY_IDS = [c[0] for c in GATEWAY_FAILURES]
+MAX_TRIES = 4  # MAX_RETRIES=3 retries of one call
+
+
+def expire_and_reclaim(db_url: str, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    """What Cloud Scheduler's reclaim does once the lease has expired, then the backoff waited out."""
+    sql(db_url, "update jobs set lease_expires_at = now() - interval '1 s' where id = %s", job_id, role=None)
+    actions = sql(db_url, "select * from reclaim_jobs(3, 60, 100, 50, 1000)")
+    sql(db_url, "update jobs set run_after = null where id = %s", job_id, role=None)
+    return actions
+
+
+@pytest.mark.parametrize(("name", "fault"), GATEWAY_FAILURES, ids=GATEWAY_IDS)
+def test_a_gateway_failure_on_claim_is_a_503_and_the_row_is_untouched(
+    client: FlaskClient,
+    db_url: str,
+    gateway: Gateway,
+    double: StableAudioDouble,
+    name: str,
+    fault: dict[str, Any],
+) -> None:
+    job_id = insert_job(db_url, duration=1)
+    before = snapshot(db_url)
+    gateway.faults.add("rpc:claim_job", **fault, times=MAX_TRIES)
+    response = post(client, payload(job_id))
+    assert (response.status_code, response.get_json()["error"]) == (503, "database_unavailable")
+    assert snapshot(db_url) == before
+    assert double.call_count == 0
+
+
+@pytest.mark.parametrize(("name", "fault"), GATEWAY_FAILURES, ids=GATEWAY_IDS)
+def test_a_gateway_failure_on_complete_is_retried_and_the_job_completes(
+    client: FlaskClient,
+    db_url: str,
+    gateway: Gateway,
+    double: StableAudioDouble,
+    name: str,
+    fault: dict[str, Any],
+) -> None:
+    job_id = insert_job(db_url, duration=1)
+    gateway.faults.add("rpc:complete_job", **fault)
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"], body["attempt"]) == ("completed", "completed", 1)
+    assert double.paid_generations == 1
+
+
+def test_a_statement_timeout_on_complete_is_retried_and_the_job_completes(
+    client: FlaskClient, db_url: str, gateway: Gateway, double: StableAudioDouble
+) -> None:
+    timeout = {
+        "code": "57014",
+        "details": None,
+        "hint": None,
+        "message": "canceling statement due to statement timeout",
+    }
+    job_id = insert_job(db_url, duration=1)
+    gateway.faults.add("rpc:complete_job", 500, timeout)
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"]) == ("completed", "completed")
+    assert double.paid_generations == 1
+
+
+def test_a_gateway_failure_when_recording_a_failure_is_retried(
+    client: FlaskClient, db_url: str, gateway: Gateway, double: StableAudioDouble
+) -> None:
+    double.script(Behaviour("error", 403))
+    job_id = insert_job(db_url, duration=1)
+    gateway.faults.add("rpc:fail_job", **gateway_error(502))
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"]) == ("failed", "failed")
+    assert "content moderation" in job_row(db_url, job_id)["error_message"]
+
+
+@pytest.mark.parametrize(("attempts_before", "paid_attempts_left"), [(0, True), (2, False)])
+def test_a_stored_output_whose_completion_never_got_through_is_completed_by_the_next_attempt(
+    client: FlaskClient,
+    db_url: str,
+    gateway: Gateway,
+    double: StableAudioDouble,
+    attempts_before: int,
+    paid_attempts_left: bool,
+) -> None:
+    job_id = insert_job(db_url, duration=1, attempts=attempts_before)
+    gateway.faults.add("rpc:complete_job", **gateway_error(502), times=MAX_TRIES)
+    first = post(client, payload(job_id))
+    assert (first.status_code, first.get_json()["outcome"]) == (503, "interrupted")
+    assert job_row(db_url, job_id)["status"] == "processing"  # paid and stored, not failed
+
+    assert "released" in [a["action"] for a in expire_and_reclaim(db_url, job_id)]
+    second = post(client, payload(job_id, type="UPDATE")).get_json()
+
+    assert (second["outcome"], second["status"]) == ("completed", "completed")
+    row = job_row(db_url, job_id)
+    assert (row["attempts"], row["reuse_only"]) == (attempts_before + 2, not paid_attempts_left)
+    assert double.paid_generations == 1  # the second attempt reused the stored files
+
+
+def test_a_finishing_attempt_with_no_stored_output_fails_without_paying(
+    client: FlaskClient, db_url: str, double: StableAudioDouble
+) -> None:
+    # The last paid attempt died before storing anything (its process was killed).
+    job_id = insert_job(db_url, duration=1, status="processing", attempts=3, lease_token=uuid.uuid4())
+    expire_and_reclaim(db_url, job_id)
+    body = post(client, payload(job_id, type="UPDATE")).get_json()
+    assert (body["outcome"], body["status"]) == ("failed", "failed")
+    assert job_row(db_url, job_id)["error_message"] == "The job timed out after 3 attempts."
+    assert double.call_count == 0
+
+
+def test_a_claim_whose_answer_was_lost_keeps_its_lease_and_the_job_completes(
+    client: FlaskClient, db_url: str, gateway: Gateway, double: StableAudioDouble
+) -> None:
+    job_id = insert_job(db_url, duration=1)
+    gateway.faults.add("rpc:claim_job", **gateway_error(502), after=True)
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"], body["attempt"]) == ("completed", "completed", 1)
+    assert job_row(db_url, job_id)["attempts"] == 1
+    assert double.paid_generations == 1

@@ -14,8 +14,9 @@ from tests.support import connect, insert_job, job_row, sql
 LEASE_S, MAX_ATTEMPTS, BASE_MS, CAP_MS = 60, 3, 1000, 60_000
 
 
-def claim(url: str, job_id: uuid.UUID) -> dict[str, Any] | None:
-    rows = sql(url, "select * from claim_job(%s, %s, %s)", job_id, LEASE_S, MAX_ATTEMPTS)
+def claim(url: str, job_id: uuid.UUID, claim_id: uuid.UUID | None = None) -> dict[str, Any] | None:
+    claim_id = claim_id or uuid.uuid4()
+    rows = sql(url, "select * from claim_job(%s, %s, %s, %s)", job_id, claim_id, LEASE_S, MAX_ATTEMPTS)
     return rows[0] if rows else None
 
 
@@ -100,6 +101,91 @@ def test_claim_respects_max_attempts(db_url: str) -> None:
     assert claim(db_url, job_id) is None
 
 
+def test_a_claim_repeated_with_its_claim_id_gets_the_same_lease_without_a_new_attempt(db_url: str) -> None:
+    job_id, claim_id = insert_job(db_url), uuid.uuid4()
+    first = claim(db_url, job_id, claim_id)
+    again = claim(db_url, job_id, claim_id)
+    assert first is not None and again is not None
+    assert again == first
+    assert (again["lease_token"], again["attempts"]) == (claim_id, 1)
+    assert sql(db_url, "select attempt from job_attempts where job_id = %s", job_id) == [{"attempt": 1}]
+
+
+def test_a_claim_id_gets_nothing_once_its_lease_has_ended(db_url: str) -> None:
+    job_id, claim_id = insert_job(db_url), uuid.uuid4()
+    claim(db_url, job_id, claim_id)
+    complete(db_url, job_id, claim_id)
+    assert claim(db_url, job_id, claim_id) is None
+    assert job_row(db_url, job_id)["attempts"] == 1
+
+
+def test_a_claim_that_waited_for_its_own_first_try_to_commit_gets_that_lease(db_url: str) -> None:
+    job_id, claim_id = insert_job(db_url), uuid.uuid4()
+    answers: list[list[dict[str, Any]]] = []
+    with connect(db_url, "service_role") as first:
+        first.execute("select * from claim_job(%s, %s, 60, 3)", (job_id, claim_id))
+        # The retry arrives while the first try still holds the row: it waits, then must not miss it.
+        retry = threading.Thread(
+            target=lambda: answers.append(
+                sql(db_url, "select * from claim_job(%s, %s, 60, 3)", job_id, claim_id)
+            )
+        )
+        retry.start()
+        retry.join(timeout=0.5)
+        assert retry.is_alive()
+    retry.join()
+    assert [(r["lease_token"], r["attempts"]) for r in answers[0]] == [(claim_id, 1)]
+
+
+def test_a_claim_after_the_paid_attempts_is_a_reuse_only_finishing_attempt(db_url: str) -> None:
+    job_id = insert_job(db_url, status="processing", attempts=MAX_ATTEMPTS, lease_token=uuid.uuid4())
+    expire_lease(db_url, job_id)
+    reclaim(db_url)
+    make_due(db_url, job_id)
+    row = claim(db_url, job_id)
+    assert row is not None
+    assert (row["attempts"], row["reuse_only"]) == (MAX_ATTEMPTS + 1, True)
+
+
+def test_a_claim_with_paid_attempts_left_is_not_reuse_only(db_url: str) -> None:
+    row = claim(db_url, insert_job(db_url, attempts=MAX_ATTEMPTS - 1, reuse_only=True))
+    assert row is not None
+    assert (row["attempts"], row["reuse_only"]) == (MAX_ATTEMPTS, False)
+
+
+# (attempts before the claim, reuse_only, claimable)
+FINISHING_BUDGET = [
+    (MAX_ATTEMPTS, False, False),
+    (MAX_ATTEMPTS, True, True),
+    (2 * MAX_ATTEMPTS - 1, True, True),
+    (2 * MAX_ATTEMPTS, True, False),
+]
+
+
+@pytest.mark.parametrize(("attempts", "reuse_only", "claimable"), FINISHING_BUDGET)
+def test_finishing_attempts_are_bounded_by_max_attempts_more(
+    db_url: str, attempts: int, reuse_only: bool, claimable: bool
+) -> None:
+    job_id = insert_job(db_url, attempts=attempts, reuse_only=reuse_only)
+    assert (claim(db_url, job_id) is not None) is claimable
+
+
+# (attempts before the claim, reuse_only, status after a transient failure)
+FINISHING_FAILURES = [
+    (MAX_ATTEMPTS, True, "pending"),
+    (2 * MAX_ATTEMPTS - 1, True, "failed"),
+]
+
+
+@pytest.mark.parametrize(("attempts", "reuse_only", "status"), FINISHING_FAILURES)
+def test_a_finishing_attempts_transient_failure_releases_it_while_finishing_attempts_remain(
+    db_url: str, attempts: int, reuse_only: bool, status: str
+) -> None:
+    job_id = insert_job(db_url, attempts=attempts, reuse_only=reuse_only)
+    token = claim(db_url, job_id)["lease_token"]  # type: ignore[index]
+    assert fail(db_url, job_id, token, "Storage is away", retryable=True)[0]["status"] == status
+
+
 def test_fifty_simultaneous_claims_give_the_job_to_exactly_one(db_url: str) -> None:
     job_id = insert_job(db_url)
     connections = [psycopg.connect(db_url, autocommit=True) for _ in range(50)]
@@ -110,7 +196,7 @@ def test_fifty_simultaneous_claims_give_the_job_to_exactly_one(db_url: str) -> N
     def race(conn: psycopg.Connection[Any]) -> None:
         conn.execute("set role service_role")
         barrier.wait()
-        rows = conn.execute("select id from claim_job(%s, 60, 3)", (job_id,)).fetchall()
+        rows = conn.execute("select id from claim_job(%s, gen_random_uuid(), 60, 3)", (job_id,)).fetchall()
         with lock:
             results.append(len(rows))
 
@@ -232,12 +318,28 @@ RECLAIM_CASES: list[tuple[str, dict[str, Any], str, list[str], str, str | None]]
         "The attempt timed out; retrying.",
     ),
     (
-        "expired lease, last attempt",
+        "expired lease, last paid attempt: released to finish from its stored files",
         {"status": "processing", "attempts": 3},
+        "lease_expires_at = now() - interval '1 second'",
+        ["released"],
+        "pending",
+        "The attempt timed out; looking for the audio it stored.",
+    ),
+    (
+        "expired lease, finishing attempts spent",
+        {"status": "processing", "attempts": 6, "reuse_only": True},
         "lease_expires_at = now() - interval '1 second'",
         ["failed"],
         "failed",
-        "The job timed out after 3 attempts.",
+        "The job timed out after 6 attempts.",
+    ),
+    (
+        "finishing attempt due",
+        {"attempts": 3, "reuse_only": True},
+        "run_after = now() - interval '1 second'",
+        ["dispatch"],
+        "pending",
+        None,
     ),
     (
         "processing with no lease at all",

@@ -13,6 +13,7 @@ import hmac
 import json
 import threading
 import time
+import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,17 +41,53 @@ def make_jwt(secret: str, role: str, ttl_s: int = 10 * 365 * 24 * 3600) -> str:
     return f"{header}.{payload}.{b64(signature)}"
 
 
+# The API gateway's (Kong's) own error answers when PostgREST or Storage behind it fails: the message
+# per status from Kong's error handler, no PostgREST code, the format chosen by the request's Accept.
+GATEWAY_MESSAGES = {
+    500: "An unexpected error occurred",
+    502: "An invalid response was received from the upstream server",
+    503: "The upstream server is currently unavailable",
+    504: "The upstream server is timing out",
+}
+
+
+def gateway_error(status: int = 502) -> dict[str, Any]:
+    """FaultPlan.add arguments for the gateway's own JSON error (Kong adds a request id)."""
+    return {
+        "status": status,
+        "body": {"message": GATEWAY_MESSAGES[status], "request_id": uuid.uuid4().hex},
+    }
+
+
+def gateway_error_page(status: int = 502) -> dict[str, Any]:
+    """FaultPlan.add arguments for an HTML error page (Kong's for text/html, or a CDN's)."""
+    page = (
+        "<html><head><title>Kong Error</title></head><body><h1>Kong Error</h1>"
+        f"<p>{GATEWAY_MESSAGES[status]}.</p></body></html>"
+    )
+    return {"status": status, "body": page, "content_type": "text/html; charset=utf-8"}
+
+
 @dataclass
 class Fault:
     """A canned answer. status 0 is an empty 502 (a dead upstream); `after` does the real work
     first and then answers this instead (the request landed but its answer was lost or wrong);
-    `delay_only` waits delay_s and then serves the request normally (a slow upstream)."""
+    `delay_only` waits delay_s and then serves the request normally (a slow upstream). A JSON
+    body is any value; with another content type the body is sent as the text it is."""
 
     status: int
     body: Any
     delay_s: float = 0.0
     after: bool = False
     delay_only: bool = False
+    content_type: str = "application/json"
+
+    def response(self) -> Response:
+        if self.status == 0:
+            return Response("", status=502)
+        if self.content_type == "application/json":
+            return json_response(self.body, self.status)
+        return Response(self.body, status=self.status, content_type=self.content_type)
 
 
 @dataclass
@@ -71,10 +108,11 @@ class FaultPlan:
         *,
         after: bool = False,
         delay_only: bool = False,
+        content_type: str = "application/json",
     ) -> None:
         with self.lock:
             for _ in range(times):
-                self.queued[route].append(Fault(status, body, delay_s, after, delay_only))
+                self.queued[route].append(Fault(status, body, delay_s, after, delay_only, content_type))
 
     def take(self, route: str) -> Fault | None:
         with self.lock:
@@ -171,9 +209,7 @@ class Gateway:
             if fault.after:
                 self._serve_route(route, request)
             if not fault.delay_only:
-                if fault.status == 0:
-                    return Response("", status=502)
-                return json_response(fault.body, fault.status)
+                return fault.response()
         return self._serve_route(route, request)
 
     def _serve_route(self, route: str, request: Request) -> Response:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import requests
 
+from sona.local.gateway import gateway_error, gateway_error_page
 from sona.local.stable_audio_double import Behaviour
 from sona.local.stack import LocalStack
 from sona.models import webhook_payload
@@ -117,6 +118,46 @@ CASES: list[tuple[str, str, dict[str, Any], list[Behaviour], str, str | None, in
         1,
     ),
     ("gateway drops the claim", "rpc:claim_job", {"status": 0, "body": None}, [], "completed", None, 1, 1),
+    (
+        "gateway's own 502 during claim",
+        "rpc:claim_job",
+        {**gateway_error(502), "times": 3},
+        [],
+        "completed",
+        None,
+        1,
+        1,
+    ),
+    (
+        "gateway HTML page during claim",
+        "rpc:claim_job",
+        {**gateway_error_page(503), "times": 3},
+        [],
+        "completed",
+        None,
+        1,
+        1,
+    ),
+    (
+        "claim landed but its answer was lost",
+        "rpc:claim_job",
+        {**gateway_error(502), "after": True},
+        [],
+        "completed",
+        None,
+        1,
+        1,
+    ),
+    (
+        "gateway's own 504 during complete",
+        "rpc:complete_job",
+        {**gateway_error(504), "times": 3},
+        [],
+        "completed",
+        None,
+        1,
+        2,
+    ),
     (
         "database down during complete",
         "rpc:complete_job",
