@@ -15,7 +15,7 @@ do $$ begin
   end if;
 end $$;
 
--- As before (see 20261128000000_jobs_state_machine.sql), and each dispatch counts its round.
+-- As in 20261129000310_idempotent_claim_and_finishing.sql, and each dispatch counts its round.
 create or replace function public.reclaim_jobs(
   p_max_attempts integer, p_grace_seconds integer, p_limit integer,
   p_base_delay_ms integer, p_max_delay_ms integer)
@@ -29,17 +29,24 @@ begin
   return query
   with expired as (
     update public.jobs j
-       set status = case when j.attempts < p_max_attempts then 'pending' else 'failed' end,
-           run_after = case when j.attempts < p_max_attempts
+       set status = case when public.sona_may_claim(j.attempts, true, p_max_attempts)
+                         then 'pending' else 'failed' end,
+           reuse_only = j.attempts >= p_max_attempts,
+           -- backoff counts from when the lease expired: a crash found late is due at once
+           run_after = case when public.sona_may_claim(j.attempts, true, p_max_attempts)
                             then j.lease_expires_at
                                  + public.sona_backoff(j.attempts, p_base_delay_ms, p_max_delay_ms) end,
-           error_message = case when j.attempts < p_max_attempts
-                                then 'The attempt timed out; retrying.'
-                                else 'The job timed out after ' || j.attempts || ' attempts.' end,
-           completed_at = case when j.attempts < p_max_attempts then null else now() end,
+           error_message = case
+             when j.attempts < p_max_attempts then 'The attempt timed out; retrying.'
+             when public.sona_may_claim(j.attempts, true, p_max_attempts)
+             then 'The attempt timed out; looking for the audio it stored.'
+             else 'The job timed out after ' || j.attempts || ' attempts.' end,
+           completed_at = case when public.sona_may_claim(j.attempts, true, p_max_attempts)
+                               then null else now() end,
            dispatched_at = null,
            lease_token = null,
            lease_expires_at = null
+     -- no lease at all (a row written as processing by hand) counts as expired
      where j.status = 'processing' and (j.lease_expires_at is null or j.lease_expires_at < now())
     returning j.id, j.status
   ), expired_attempts as (
@@ -58,16 +65,19 @@ begin
          error_message = coalesce(j.error_message, 'The job could not be processed')
                          || ' (no attempts left after ' || j.attempts || ')',
          completed_at = now()
-   where j.status in ('pending', 'queued') and j.attempts >= p_max_attempts
+   where j.status in ('pending', 'queued')
+     and not public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
   returning j.id, 'failed'::text, null::integer, null::integer;
 
   return query
   with due as (
     select j.id from public.jobs j
      where j.status in ('pending', 'queued')
-       and j.attempts < p_max_attempts
+       and public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
        and (j.run_after is null or j.run_after <= now())
+       -- a first attempt waits out the grace period so a webhook in flight is not raced
        and (j.attempts > 0 or j.created_at <= now() - make_interval(secs => p_grace_seconds))
+       -- one dispatch per grace period, so overlapping reclaims never send a job twice
        and (j.dispatched_at is null or j.dispatched_at <= now() - make_interval(secs => p_grace_seconds))
      order by coalesce(j.run_after, j.created_at)
      limit p_limit
