@@ -15,6 +15,7 @@ from postgrest import SyncPostgrestClient
 from postgrest.exceptions import APIError
 from pydantic import BaseModel
 
+from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.errors import DatabaseUnavailable, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, Job
@@ -50,7 +51,8 @@ class JobsStore:
             http_client=httpx.Client(
                 headers={"apikey": key, "Authorization": f"Bearer {key}"},
                 timeout=timeout_s,
-                verify=tls_context(),
+                # A call made under a job's deadline (Deadline.applies) ends by it.
+                transport=DeadlineTransport(httpx.HTTPTransport(verify=tls_context())),
             ),
         )
 
