@@ -15,6 +15,7 @@ from postgrest import SyncPostgrestClient
 from postgrest.exceptions import APIError
 from pydantic import BaseModel, ValidationError
 
+from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import DatabaseUnavailable, SonaError, StaleLease
@@ -91,8 +92,9 @@ class JobsStore:
             http_client=httpx.Client(
                 headers={"apikey": key, "Authorization": f"Bearer {key}"},
                 timeout=timeout_s,
-                verify=tls_context(),
                 event_hooks={"response": [refuse_gateway_failures]},
+                # A call made under a job's deadline (Deadline.applies) ends by it.
+                transport=DeadlineTransport(httpx.HTTPTransport(verify=tls_context())),
             ),
         )
 

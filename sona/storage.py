@@ -12,6 +12,7 @@ import httpx
 from storage3 import SyncStorageClient
 from storage3.exceptions import StorageApiError
 
+from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import PermanentError, TransientError
@@ -45,7 +46,12 @@ class AudioStorage:
         self._client = SyncStorageClient(
             f"{settings.supabase_url}/storage/v1/",
             headers,
-            http_client=httpx.Client(headers=headers, timeout=timeout_s, verify=tls_context()),
+            # Each call ends by the job's deadline when one applies (upload, or Deadline.applies).
+            http_client=httpx.Client(
+                headers=headers,
+                timeout=timeout_s,
+                transport=DeadlineTransport(httpx.HTTPTransport(verify=tls_context())),
+            ),
         )
 
     @property
@@ -103,11 +109,12 @@ class AudioStorage:
             base_delay_s=self._settings.internal_retry_delay_s,
             deadline=deadline,
         )
-        for attempt in policy:
-            with attempt:
-                deadline.check("upload")
-                self._upload_once(path, data, options)
-        return self.url(path)
+        with deadline.applies():  # this runs on the pipeline's upload thread too
+            for attempt in policy:
+                with attempt:
+                    deadline.check("upload")
+                    self._upload_once(path, data, options)
+            return self.url(path)
 
     def _upload_once(self, path: str, data: bytes, options: dict[str, Any]) -> None:
         try:

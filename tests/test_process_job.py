@@ -121,6 +121,20 @@ def test_a_moderated_prompt_fails_the_job_with_a_readable_message(
     assert double.call_count == 1
 
 
+def test_an_html_403_from_the_providers_edge_releases_the_job_without_blaming_the_prompt(
+    client: FlaskClient, db_url: str, double: StableAudioDouble
+) -> None:
+    double.script(Behaviour("html403"))
+    job_id = insert_job(db_url, duration=1)
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"]) == ("retrying", "pending")
+    assert job_row(db_url, job_id)["error_message"] == (
+        "The audio service refused the request; this is not a problem with your prompt. "
+        "The job will be retried."
+    )
+    assert double.call_count == 1
+
+
 def test_a_transient_provider_failure_releases_the_job_for_a_retry(
     client: FlaskClient, db_url: str, double: StableAudioDouble
 ) -> None:

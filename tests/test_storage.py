@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from sona.deadline import Deadline
-from sona.errors import PermanentError
+from sona.errors import DeadlineExceeded, PermanentError
 from sona.local.gateway import Gateway
 from sona.storage import AudioStorage, object_path
 from tests.support import make_settings, sql
@@ -142,3 +144,31 @@ def test_an_earlier_attempts_complete_output_is_found_by_its_mp3_metadata(gatewa
     assert found.wav_url.endswith(f"/generated/{job}_2.wav")
     assert found.mp3_url.endswith(f"/generated/{job}_2.mp3")
     assert found.audio == {"duration_s": 2}
+
+
+def test_a_slow_upload_ends_at_the_deadline_not_at_the_http_timeout(gateway: Gateway) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    gateway.faults.add("storage:upload", 200, None, delay_s=4.0, delay_only=True)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        s.upload("generated/slow.wav", b"data", "wav", Deadline(1.0))
+    assert time.monotonic() - started < 2.0
+
+
+SLOW_BEFORE_PAYING = [
+    ("storage:bucket_get", lambda s: s.ensure_bucket()),
+    ("storage:list", lambda s: s.find_output(uuid.uuid4())),
+]
+
+
+@pytest.mark.parametrize(("route", "call"), SLOW_BEFORE_PAYING, ids=[r for r, _ in SLOW_BEFORE_PAYING])
+def test_the_checks_before_paying_end_by_the_deadline_in_effect(
+    gateway: Gateway, route: str, call: Callable[[AudioStorage], object]
+) -> None:
+    s = storage(gateway)
+    gateway.faults.add(route, 200, None, delay_s=4.0, delay_only=True)
+    started = time.monotonic()
+    with Deadline(1.0).applies(), pytest.raises(DeadlineExceeded):
+        call(s)
+    assert time.monotonic() - started < 2.0
