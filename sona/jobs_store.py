@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from sona.config import Settings
 from sona.errors import DatabaseUnavailable, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, Job
+from sona.supabase_keys import request_headers
 from sona.tls import tls_context
 
 # SQLSTATE classes and PostgREST codes that mean "the database is not reachable right now".
@@ -41,14 +42,14 @@ def _unavailable(code: str | None) -> bool:
 
 class JobsStore:
     def __init__(self, settings: Settings, *, timeout_s: float = 10.0) -> None:
-        key = settings.supabase_service_role_key.get_secret_value()
+        headers = request_headers(settings.supabase_service_role_key.get_secret_value())
         self._settings = settings
         self._client = SyncPostgrestClient(
             f"{settings.supabase_url}/rest/v1",
             schema=settings.jobs_schema,
-            headers={"apikey": key, "Authorization": f"Bearer {key}"},
+            headers=headers,
             http_client=httpx.Client(
-                headers={"apikey": key, "Authorization": f"Bearer {key}"},
+                headers=headers,
                 timeout=timeout_s,
                 verify=tls_context(),
             ),

@@ -264,3 +264,26 @@ def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(client:
     )
     assert response.status_code == 413
     assert response.get_json()["error"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("kind", ["publishable_key", "anon_key"])
+def test_the_first_request_with_an_anon_or_publishable_key_claims_nothing_and_says_why(
+    client: FlaskClient,
+    gateway: Gateway,
+    db_url: str,
+    double: StableAudioDouble,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    key = getattr(gateway, kind)
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", key)
+    reset_services()
+    job_id = insert_job(db_url, duration=1)
+    response = post(client, payload(job_id))
+    assert (response.status_code, response.get_json()["error"]) == (500, "misconfigured")
+    assert job_row(db_url, job_id)["status"] == "pending"
+    assert gateway.counts["rpc:claim_job"] == 0 and double.call_count == 0
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "SUPABASE_SERVICE_ROLE_KEY" in logged and "row level security" in logged
+    assert key not in logged
