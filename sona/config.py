@@ -9,6 +9,8 @@ from typing import Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sona.supabase_keys import key_problem, key_warning
+
 DEFAULT_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/audio/stable-audio-2"
 # The earlier worker's default: not a real route, so validation warns about it.
 OLD_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/stable-audio"
@@ -107,6 +109,14 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("supabase_service_role_key")
+    @classmethod
+    def _service_role(cls, value: SecretStr) -> SecretStr:
+        problem = key_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("storage_path_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
@@ -162,6 +172,9 @@ class Settings(BaseSettings):
                 f"STABLE_AUDIO_API_URL is the earlier worker's default {OLD_STABLE_AUDIO_API_URL}, "
                 f"which is not a real route; use {DEFAULT_STABLE_AUDIO_API_URL}"
             )
+        key_note = key_warning(self.supabase_service_role_key.get_secret_value())
+        if key_note:
+            notes.append(key_note)
         return notes
 
 

@@ -17,6 +17,7 @@ from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import PermanentError, TransientError
 from sona.retrying import retrying
+from sona.supabase_keys import request_headers
 from sona.tls import tls_context
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ class AudioStorage:
     _check_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, settings: Settings, *, timeout_s: float = 30.0) -> None:
-        key = settings.supabase_service_role_key.get_secret_value()
-        headers = {"apikey": key, "Authorization": f"Bearer {key}"}
+        headers = request_headers(settings.supabase_service_role_key.get_secret_value())
         self._settings = settings
         self._client = SyncStorageClient(
             f"{settings.supabase_url}/storage/v1/",

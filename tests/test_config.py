@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sona.config import DEFAULT_STABLE_AUDIO_API_URL, OLD_STABLE_AUDIO_API_URL, ConfigError, load_settings
+from sona.local.gateway import make_jwt
 from sona.webhook_sql import WebhookConfig
 from tests.support import SECRETS, make_settings
 
@@ -136,3 +137,40 @@ def test_validate_command_reports_an_ffmpeg_that_does_not_exist(tmp_path: Path) 
     )
     assert result.returncode == 1
     assert "FFMPEG_BINARY=/no/ffmpeg is not an executable ffmpeg" in result.stderr
+
+
+GOOD_ENV = {
+    "SUPABASE_URL": "https://abc.supabase.co",
+    "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+    "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("sb_publishable_ACJWlzQHlZjBrEguHvfOxg_3BJgxAaH", "is a publishable key"),
+        (make_jwt("a-jwt-secret", "anon"), "is a legacy JWT with role 'anon'"),
+    ],
+)
+def test_validate_refuses_an_anon_or_publishable_key_and_says_why(
+    tmp_path: Path, key: str, says: str
+) -> None:
+    result = run_validate({**GOOD_ENV, "SUPABASE_SERVICE_ROLE_KEY": key}, tmp_path)
+    assert result.returncode == 1
+    assert f"SUPABASE_SERVICE_ROLE_KEY {says}" in result.stderr
+    assert "row level security" in result.stderr
+    assert key not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "warned"),
+    [("an-opaque-key-of-no-known-shape", True), ("sb_secret_N7UND0UgjKTVK-Uodkm0Hg", False)],
+)
+def test_validate_passes_a_key_of_unknown_shape_with_a_warning(
+    tmp_path: Path, key: str, warned: bool
+) -> None:
+    result = run_validate({**GOOD_ENV, "SUPABASE_SERVICE_ROLE_KEY": key}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("neither a secret key" in result.stderr) == warned
+    assert key not in result.stdout + result.stderr

@@ -147,3 +147,14 @@ def test_demo_refuses_a_duration_outside_1_to_60_before_starting(tmp_path: Path)
     result = run_demo(tmp_path, "x", "--duration", "61")
     assert result.returncode == 2
     assert "must be 1 to 60 seconds, not 61" in result.stderr
+
+
+def test_a_job_completes_with_a_secret_key_sent_only_as_apikey(tmp_path: Path) -> None:
+    with LocalStack(tmp_path, function_key="secret", process_env={"PATH": "/usr/bin:/bin"}) as stack:
+        job_id = stack.insert_job("rain on a tin roof", duration=2, quality="low")
+        row = stack.wait_for(job_id, timeout_s=60)
+        seen = list(stack.gateway.seen_headers)
+    assert row["status"] == "completed", row["error_message"]
+    routes = {route for route, _ in seen}
+    assert {"rpc:claim_job", "storage:bucket_get", "storage:upload", "rpc:complete_job"} <= routes
+    assert all(h.get("apikey") == stack.secret_key and "authorization" not in h for _, h in seen)

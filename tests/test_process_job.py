@@ -407,3 +407,24 @@ def test_a_claim_whose_answer_was_lost_keeps_its_lease_and_the_job_completes(
     assert (body["outcome"], body["status"], body["attempt"]) == ("completed", "completed", 1)
     assert job_row(db_url, job_id)["attempts"] == 1
     assert double.paid_generations == 1
+@pytest.mark.parametrize("kind", ["publishable_key", "anon_key"])
+def test_the_first_request_with_an_anon_or_publishable_key_claims_nothing_and_says_why(
+    client: FlaskClient,
+    gateway: Gateway,
+    db_url: str,
+    double: StableAudioDouble,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    key = getattr(gateway, kind)
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", key)
+    reset_services()
+    job_id = insert_job(db_url, duration=1)
+    response = post(client, payload(job_id))
+    assert (response.status_code, response.get_json()["error"]) == (500, "misconfigured")
+    assert job_row(db_url, job_id)["status"] == "pending"
+    assert gateway.counts["rpc:claim_job"] == 0 and double.call_count == 0
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "SUPABASE_SERVICE_ROLE_KEY" in logged and "row level security" in logged
+    assert key not in logged

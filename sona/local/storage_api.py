@@ -27,6 +27,38 @@ def _storage_error(status: str, error: str, message: str, http: int = 400) -> Re
     return json_response({"statusCode": status, "error": error, "message": message}, http)
 
 
+def access_denied(message: str) -> Response:
+    """Storage's AccessDenied (a JWT it cannot verify, or row level security): HTTP 400, "403"."""
+    return json_response(
+        {"statusCode": "403", "code": "AccessDenied", "error": "Unauthorized", "message": message}, 400
+    )
+
+
+# What row level security does to a key without the service role: storage.buckets and
+# storage.objects have RLS on and this project adds no policies, so writes are refused and reads
+# see no rows (as the real server answers once its query comes back empty).
+_RLS_GUARDED = {
+    "storage:bucket_create",
+    "storage:upload",
+    "storage:update",
+    "storage:list",
+    "storage:bucket_get",
+    "storage:info",
+    "storage:sign",
+    "storage:download",
+}
+
+
+def _row_level_security(route: str) -> Response:
+    if route in ("storage:bucket_create", "storage:upload", "storage:update"):
+        return access_denied("new row violates row-level security policy")
+    if route == "storage:list":
+        return json_response([])
+    if route == "storage:bucket_get":
+        return _storage_error("404", "Bucket not found", "Bucket not found")
+    return _storage_error("404", "not_found", "Object not found")
+
+
 class StorageApi:
     def __init__(self, pool: ConnectionPool, storage_dir: Path, jwt_secret: str) -> None:
         self._pool = pool
@@ -50,7 +82,9 @@ class StorageApi:
             return {"POST": "storage:upload", "PUT": "storage:update"}.get(request.method, "storage:download")
         return "storage:unknown"
 
-    def handle(self, route: str, request: Request) -> Response:
+    def handle(self, route: str, request: Request, role: str) -> Response:
+        if role != "service_role" and route in _RLS_GUARDED:
+            return _row_level_security(route)
         parts = request.path.removeprefix("/storage/v1/").split("/")
         if route == "storage:bucket_get":
             return self._bucket_get(parts[1] if len(parts) > 1 else "")
