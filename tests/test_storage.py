@@ -58,6 +58,18 @@ def test_a_configured_bucket_limit_is_sent_in_storages_decimal_bytes(
     ]
 
 
+def test_a_bucket_limit_above_the_projects_global_limit_is_a_service_outage_naming_both(
+    gateway: Gateway, db_url: str
+) -> None:
+    # The gateway plays a Free plan project: a global upload limit of 50 MB.
+    with pytest.raises(ServiceOutage) as caught:
+        storage(gateway, storage_file_size_limit="100MB").ensure_bucket()
+    assert "STORAGE_FILE_SIZE_LIMIT=100MB" in str(caught.value.detail)
+    assert "global upload limit" in str(caught.value.detail)
+    assert "larger" not in caught.value.public_message
+    assert sql(db_url, "select id from storage.buckets", role=None) == []
+
+
 @pytest.mark.parametrize(
     ("status", "code", "error"),
     [
@@ -122,6 +134,7 @@ def test_without_upsert_the_gateway_answers_storages_duplicate_error(gateway: Ga
     assert response.status_code == 400
     assert response.json() == {
         "statusCode": "409",
+        "code": "KeyAlreadyExists",
         "error": "Duplicate",
         "message": "The resource already exists",
     }
