@@ -174,3 +174,56 @@ def test_validate_passes_a_key_of_unknown_shape_with_a_warning(
     assert result.returncode == 0, result.stderr
     assert ("neither a secret key" in result.stderr) == warned
     assert key not in result.stdout + result.stderr
+def test_the_bucket_gets_no_size_limit_of_its_own_by_default() -> None:
+    s = make_settings()
+    assert (s.storage_file_size_limit, s.storage_file_size_limit_bytes) == (None, None)
+    assert make_settings(storage_file_size_limit="").storage_file_size_limit_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "size"),
+    [
+        ("100MB", 100_000_000),  # decimal, as Storage parses it: not 100 MiB
+        ("50mb", 50_000_000),
+        ("1.5GB", 1_500_000_000),
+        ("2KB", 2_000),
+        ("1234567B", 1_230_000),  # Storage keeps 3 significant digits
+    ],
+)
+def test_a_bucket_size_limit_is_read_as_storage_reads_it(setting: str, size: int) -> None:
+    assert make_settings(storage_file_size_limit=setting).storage_file_size_limit_bytes == size
+
+
+@pytest.mark.parametrize("setting", ["100 MB", "100", "100MiB", "1e3MB", ".5GB", "0MB"])
+def test_a_bucket_size_limit_storage_would_refuse_is_a_configuration_problem(setting: str) -> None:
+    with pytest.raises(ConfigError, match="STORAGE_FILE_SIZE_LIMIT"):
+        make_settings(storage_file_size_limit=setting)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "tracks/ünïcode",  # Storage refuses non-ASCII names (InvalidKey)
+        "tracks#1",
+        "a\\b",
+        "take%20one",
+        "tracks/[mix]",
+        "what?",  # Storage stores these three, but the file URLs break
+        "a//b",
+        "a/./b",
+    ],
+)
+def test_a_path_prefix_storage_or_urls_cannot_carry_is_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="STORAGE_PATH_PREFIX"):
+        make_settings(storage_path_prefix=prefix)
+
+
+@pytest.mark.parametrize("prefix", ["generated", "my takes (v2)/2026", "a-b_c.d/e+f,g;h:i@j=k&l$m!n*o'p"])
+def test_a_path_prefix_storage_accepts_is_kept(prefix: str) -> None:
+    assert make_settings(storage_path_prefix=f"/{prefix}/").storage_path_prefix == prefix
+
+
+@pytest.mark.parametrize("bucket", ["audio/files", " audio", "audio?", "äudio", "a" * 101, ""])
+def test_a_bucket_name_storage_would_refuse_is_a_configuration_problem(bucket: str) -> None:
+    with pytest.raises(ConfigError, match="SUPABASE_STORAGE_BUCKET"):
+        make_settings(supabase_storage_bucket=bucket)

@@ -16,6 +16,7 @@ import requests
 
 from sona.local.stable_audio_double import Behaviour
 from sona.local.stack import LocalStack
+from sona.local.storage_api import FREE_PLAN_UPLOAD_LIMIT
 from tests.support import decoded_seconds, sql
 
 pytestmark = pytest.mark.slow
@@ -62,6 +63,16 @@ def test_an_inserted_job_is_delivered_generated_stored_and_completed(stack: Loca
         None,
     )
     assert body["record"]["id"] == str(job_id)
+
+
+def test_a_free_plan_project_completes_a_job_with_the_default_storage_settings(stack: LocalStack) -> None:
+    # The stack's Storage has the Free plan's 50 MB global limit, which refuses a 100 MB bucket.
+    assert stack.gateway.storage.upload_limit == FREE_PLAN_UPLOAD_LIMIT
+    job_id = stack.insert_job("free plan", duration=2, quality="low")
+    row = stack.wait_for(job_id, timeout_s=60)
+    assert row["status"] == "completed", row["error_message"]
+    buckets = sql(stack.database_url, "select id, file_size_limit from storage.buckets", role=None)
+    assert buckets == [{"id": "audio-files", "file_size_limit": None}]
 
 
 def test_fifty_simultaneous_deliveries_make_one_provider_call(stack: LocalStack) -> None:

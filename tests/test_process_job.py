@@ -147,6 +147,22 @@ def test_a_transient_provider_failure_releases_the_job_for_a_retry(
     assert row["error_message"] == "The audio service had a temporary problem"
 
 
+def test_a_bucket_the_project_refuses_releases_the_job_before_paying_and_blames_no_one(
+    client: FlaskClient, db_url: str, double: StableAudioDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The gateway plays a Free plan project (50 MB global limit); the bucket asks for 100 MB.
+    monkeypatch.setenv("STORAGE_FILE_SIZE_LIMIT", "100MB")
+    reset_services()
+    job_id = insert_job(db_url, duration=1)
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"]) == ("retrying", "pending")
+    row = job_row(db_url, job_id)
+    assert (
+        row["error_message"] == "The file storage is not set up to accept the audio; the job will be retried"
+    )
+    assert double.call_count == 0
+
+
 def test_an_update_to_pending_is_accepted(client: FlaskClient, db_url: str) -> None:
     job_id = insert_job(db_url, duration=1)
     body = post(client, payload(job_id, type="UPDATE", old_record={"status": "failed"})).get_json()
