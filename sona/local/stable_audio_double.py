@@ -78,6 +78,31 @@ class Behaviour:
 
 
 @dataclass
+class RateLimit:
+    """Stability's limit: more than `requests` in `window_s` refuses every request for `lockout_s`
+    (150 in 10 s, then 60 s; scale all three down for tests)."""
+
+    requests: int = 150
+    window_s: float = 10.0
+    lockout_s: float = 60.0
+    _seen: deque[float] = field(default_factory=deque)
+    _locked_until: float = 0.0
+
+    def admit(self, now: float) -> bool:
+        """Count a request; False while locked out (a refused request does not lift the lockout)."""
+        if now < self._locked_until:
+            return False
+        while self._seen and self._seen[0] <= now - self.window_s:
+            self._seen.popleft()
+        if len(self._seen) >= self.requests:
+            self._locked_until = now + self.lockout_s
+            self._seen.clear()
+            return False
+        self._seen.append(now)
+        return True
+
+
+@dataclass
 class Call:
     headers: dict[str, str]
     fields: dict[str, str]
@@ -94,10 +119,19 @@ def error_body(status: int, errors: list[str] | None = None) -> bytes:
 
 
 class StableAudioDouble:
-    def __init__(self, api_key: str, *, latency_s: float = 0.0, overshoot: float = OVERSHOOT) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        latency_s: float = 0.0,
+        overshoot: float = OVERSHOOT,
+        rate_limit: RateLimit | None = None,
+    ) -> None:
         self.api_key = api_key
         self.latency_s = latency_s
         self.overshoot = overshoot
+        self.rate_limit = rate_limit
+        self.rate_limited = 0  # 429 rate_limit_exceeded answers sent
         self.calls: list[Call] = []
         self._script: deque[Behaviour] = deque()
         self._lock = threading.Lock()
@@ -113,6 +147,7 @@ class StableAudioDouble:
         with self._lock:
             self._script.clear()
             self.calls.clear()
+            self.rate_limited = 0
 
     @property
     def paid_generations(self) -> int:
@@ -137,6 +172,13 @@ class StableAudioDouble:
     def call_count(self) -> int:
         with self._lock:
             return len(self.calls)
+
+    def _admit(self) -> bool:
+        with self._lock:
+            if self.rate_limit is None or self.rate_limit.admit(time.monotonic()):
+                return True
+            self.rate_limited += 1
+            return False
 
     def _next(self) -> Behaviour:
         with self._lock:
@@ -245,6 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = call.headers
         if not self.path.endswith("/text-to-audio"):
             return self._send(call, 404, error_body(404), "application/json")
+        if not double._admit():
+            return self._send(call, 429, error_body(429), "application/json")
         behaviour = double._next()
         time.sleep(behaviour.delay_s)
         invalid = double.validate(call)

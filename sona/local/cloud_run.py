@@ -1,0 +1,195 @@
+"""A capacity cap in front of a local function URL, answering like Cloud Run at max instances.
+
+Facts it honours (DESIGN.md "Cloud Run (under Cloud Functions 2nd gen) at its limits"; Cloud Run's
+"About instance autoscaling" page):
+- A service has max instances x concurrency request slots. A request beyond them waits up to about
+  10 s (the current docs; it was 60 s once) for a slot, then fails with 429. Cloud Run's logs say
+  "The request was aborted because there was no available instance."; the caller gets Google's
+  front-end error page ("Rate exceeded.").
+- A request still running at the function's timeout gets 504 ("upstream request timeout") while the
+  instance may keep working on it: here the upstream is left to finish and its slot stays taken until
+  it does (the strict side: the capacity it really uses).
+- The body is streamed both ways; only loopback upstreams are expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.wrappers import Request, Response
+
+from sona.local.serving import serve_in_thread, stop_server
+
+NO_INSTANCE_LOG = "The request was aborted because there was no available instance."
+RATE_EXCEEDED_PAGE = (
+    "<html><head>\n"
+    '<meta http-equiv="content-type" content="text/html;charset=utf-8">\n'
+    "<title>429 Too Many Requests</title>\n"
+    "</head>\n"
+    "<body text=#000000 bgcolor=#ffffff>\n"
+    "<h1>Error: Too Many Requests</h1>\n"
+    "<h2>Rate exceeded.</h2>\n"
+    "<h2></h2>\n"
+    "</body></html>\n"
+)
+TIMEOUT_BODY = "upstream request timeout"
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"}
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        return
+
+
+class CapacityCap:
+    """start() serves a proxy URL for `upstream`; at most instances x concurrency requests reach it."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        instances: int,
+        concurrency: int,
+        queue_wait_s: float = 10.0,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.upstream = urlsplit(upstream)
+        self.slots = instances * concurrency
+        self.queue_wait_s = queue_wait_s
+        self.timeout_s = timeout_s
+        self.rejected = 0  # 429s for want of a slot
+        self.timed_out = 0  # 504s at the function timeout
+        self.served = 0
+        self.max_in_flight = 0
+        self.log: list[str] = []  # what Cloud Run's request log would say, one line per refusal
+        self._free = threading.Semaphore(self.slots)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._upstreams: set[http.client.HTTPConnection] = set()
+        self._drains: set[threading.Thread] = set()
+        self._server: BaseWSGIServer | None = None
+        self.url = ""
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._server = make_server(host, port, self, threaded=True, request_handler=_QuietHandler)
+        serve_in_thread(self._server, "cloud-run-cap")
+        self.url = f"http://{host}:{self._server.server_port}"
+        return self.url
+
+    def stop(self) -> None:
+        stop_server(self._server)
+        self._server = None
+        with self._lock:
+            for conn in self._upstreams:
+                _shut(conn)
+            drains = list(self._drains)
+        for drain in drains:
+            drain.join()
+
+    # -- the proxy ---------------------------------------------------------------------------
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        request = Request(environ)
+        response = self._handle(request)
+        return response(environ, start_response)
+
+    def _handle(self, request: Request) -> Response:
+        body = request.get_data()  # webhook and task bodies are small (1 MB at most)
+        if not self._free.acquire(timeout=self.queue_wait_s):
+            with self._lock:
+                self.rejected += 1
+                self.log.append(NO_INSTANCE_LOG)
+            return Response(RATE_EXCEEDED_PAGE, status=429, content_type="text/html; charset=UTF-8")
+        self._enter()
+        deadline = time.monotonic() + self.timeout_s
+        conn = http.client.HTTPConnection(
+            self.upstream.hostname or "", self.upstream.port, timeout=self.timeout_s
+        )
+        with self._lock:
+            self._upstreams.add(conn)
+        try:
+            conn.request(request.method, _target(request), body=body or None, headers=_forwarded(request))
+            upstream = conn.getresponse()
+        except TimeoutError:
+            return self._gateway_timeout(conn)
+        except (OSError, http.client.HTTPException):
+            self._leave(conn)
+            return Response("upstream connect error", status=503, content_type="text/plain")
+        return Response(
+            self._stream(conn, upstream, deadline),
+            status=upstream.status,
+            headers=[(k, v) for k, v in upstream.getheaders() if k.lower() not in HOP_BY_HOP],
+            direct_passthrough=True,
+        )
+
+    def _stream(
+        self, conn: http.client.HTTPConnection, upstream: http.client.HTTPResponse, deadline: float
+    ) -> Iterator[bytes]:
+        try:
+            while chunk := upstream.read1(64 * 1024):
+                yield chunk
+                if conn.sock is not None:
+                    conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            with self._lock:
+                self.served += 1
+        except (OSError, http.client.HTTPException):
+            return  # cut mid-body, as the platform would at its timeout
+        finally:
+            self._leave(conn)
+
+    def _gateway_timeout(self, conn: http.client.HTTPConnection) -> Response:
+        """Answer 504 now; the upstream keeps its slot until it finishes on its own."""
+        with self._lock:
+            self.timed_out += 1
+            drain = threading.Thread(target=self._drain, args=(conn,), name="cloud-run-drain", daemon=True)
+            self._drains.add(drain)
+        drain.start()
+        return Response(TIMEOUT_BODY, status=504, content_type="text/plain")
+
+    def _drain(self, conn: http.client.HTTPConnection) -> None:
+        try:
+            if conn.sock is not None:
+                conn.sock.settimeout(None)
+                with contextlib.suppress(OSError):
+                    while conn.sock.recv(64 * 1024):
+                        pass
+        finally:
+            self._leave(conn)
+            with self._lock:
+                self._drains.discard(threading.current_thread())
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+
+    def _leave(self, conn: http.client.HTTPConnection) -> None:
+        conn.close()
+        with self._lock:
+            if conn not in self._upstreams:
+                return
+            self._upstreams.discard(conn)
+            self._in_flight -= 1
+        self._free.release()
+
+
+def _target(request: Request) -> str:
+    query = request.query_string.decode()
+    return request.path + (f"?{query}" if query else "")
+
+
+def _forwarded(request: Request) -> dict[str, str]:
+    return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+def _shut(conn: http.client.HTTPConnection) -> None:
+    if conn.sock is not None:
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
