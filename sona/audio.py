@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import tempfile
 import threading
 import warnings
 import wave
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import cast
 
 with warnings.catch_warnings():
     # pydub warns at import when ffmpeg is not on PATH; we find and pass ffmpeg ourselves.
@@ -23,7 +27,8 @@ with warnings.catch_warnings():
     from pydub import AudioSegment as AudioSegment
     from pydub.utils import audioop  # the stdlib module, or audioop-lts on Python 3.13+
 
-from sona.errors import PermanentError
+from sona.deadline import Deadline
+from sona.errors import DeadlineExceeded, PermanentError
 
 FADE_MS = 30  # a short fade at a trimmed end, so the cut does not click
 # At most one encoder per CPU: jobs that finish generating together (a concurrent instance) would
@@ -32,6 +37,7 @@ _ENCODERS = threading.BoundedSemaphore(
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
 _UNREADABLE = "The audio service returned audio that could not be read"
+_OUT_OF_TIME = "The job ran out of time"
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,10 @@ class Pcm:
 Audio = bytes | bytearray
 
 
-def make_master(data: Audio, requested_s: float, ffmpeg: str) -> Master:
+def make_master(data: Audio, requested_s: float, ffmpeg: str, deadline: Deadline | None = None) -> Master:
     """Cut the provider's audio to exactly the requested duration, keeping its format."""
     native = _is_wav(data)
-    pcm = decode(data, ffmpeg)
+    pcm = decode(data, ffmpeg, deadline)
     provider_s = pcm.frames / pcm.rate
     keep = round(requested_s * pcm.rate)
     if pcm.frames <= keep and native:
@@ -122,7 +128,7 @@ def wav_header(rate: int, channels: int, width: int, frames: int) -> bytes:
     )
 
 
-def decode(data: Audio, ffmpeg: str) -> Pcm:
+def decode(data: Audio, ffmpeg: str, deadline: Deadline | None = None) -> Pcm:
     """PCM WAV natively; anything else (MP3, float WAV) through ffmpeg. Raises PermanentError if
     it is not audio."""
     if not data:
@@ -133,7 +139,8 @@ def decode(data: Audio, ffmpeg: str) -> Pcm:
         except (wave.Error, EOFError, ValueError):
             if _is_wav(data) and _declares_pcm(data):
                 raise  # a PCM WAV that does not hold what it declares: truncated, not convertible
-            pcm = read_wav(_ffmpeg(ffmpeg, ["-i", "pipe:0", "-f", "wav", "pipe:1"], data), streamed=True)
+            wav = _ffmpeg(ffmpeg, ["-i", "pipe:0", "-f", "wav", "pipe:1"], data, deadline=deadline)
+            pcm = read_wav(wav, streamed=True)
     except (wave.Error, EOFError, ValueError, subprocess.CalledProcessError) as exc:
         raise PermanentError(_UNREADABLE, detail=type(exc).__name__) from None
     if pcm.frames < 1 or pcm.rate <= 0:
@@ -180,11 +187,11 @@ def _chunk(data: Audio, wanted: bytes) -> int:
     raise ValueError(f"no {wanted!r} chunk")
 
 
-def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str) -> bytes:
+def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None = None) -> bytes:
     """The MP3 preview at a constant bitrate. WAV goes in through a pipe; the MP3 goes to a file in
     memory-backed temp space, because only a seekable output gets the LAME header that tells players
     the encoder's padding (through a pipe, the preview decodes about 20 ms too long)."""
-    with _ENCODERS, tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
+    with _encoder(deadline), tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
         out = Path(tmp) / "preview.mp3"
         _ffmpeg(
             ffmpeg,
@@ -203,8 +210,21 @@ def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str) -> bytes:
             ],
             wav,
             expect_stdout=False,
+            deadline=deadline,
         )
         return out.read_bytes()
+
+
+@contextmanager
+def _encoder(deadline: Deadline | None) -> Iterator[None]:
+    """One of the encoder slots, waited for no longer than the deadline allows."""
+    wait = None if deadline is None else deadline.check("mp3 encoder slot")
+    if not _ENCODERS.acquire(timeout=wait):
+        raise DeadlineExceeded(_OUT_OF_TIME, detail="no mp3 encoder free before the deadline")
+    try:
+        yield
+    finally:
+        _ENCODERS.release()
 
 
 @cache
@@ -213,13 +233,28 @@ def _memory_tmp() -> str | None:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
-def _ffmpeg(binary: str, args: list[str], stdin: Audio, *, expect_stdout: bool = True) -> bytes:
-    result = subprocess.run(
-        [binary, "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args],
-        input=stdin,
-        capture_output=True,
-        check=False,
-    )
-    if result.returncode != 0 or (expect_stdout and not result.stdout):
-        raise subprocess.CalledProcessError(result.returncode, binary, result.stdout, result.stderr)
-    return result.stdout
+def _ffmpeg(
+    binary: str,
+    args: list[str],
+    stdin: Audio,
+    *,
+    expect_stdout: bool = True,
+    deadline: Deadline | None = None,
+) -> bytes:
+    """ffmpeg in its own process group, so that at the deadline it is killed with anything it
+    started (a wrapper script's children too) and no process outlives the job."""
+    timeout = None if deadline is None else deadline.check("ffmpeg")
+    command = [binary, "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args]
+    pipe = subprocess.PIPE
+    with subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=pipe, start_new_session=True) as proc:
+        try:
+            # A bytearray is written as is (typeshed says bytes); copying it would cost 10 MB.
+            stdout, stderr = proc.communicate(cast(bytes, stdin), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):  # the group is gone once all of it has exited
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise DeadlineExceeded(_OUT_OF_TIME, detail=f"ffmpeg killed after {timeout:.1f} s") from None
+    if proc.returncode != 0 or (expect_stdout and not stdout):
+        raise subprocess.CalledProcessError(proc.returncode, binary, stdout, stderr)
+    return stdout

@@ -9,6 +9,9 @@ from typing import Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sona import storage_rules
+from sona.supabase_keys import key_problem, key_warning
+
 DEFAULT_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/audio/stable-audio-2"
 # The earlier worker's default: not a real route, so validation warns about it.
 OLD_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/stable-audio"
@@ -86,7 +89,9 @@ class Settings(BaseSettings):
     storage_path_prefix: str = "generated"
     storage_public: bool = True
     storage_signed_url_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
-    storage_file_size_limit: str = "100MB"
+    # Unset: the bucket gets no limit of its own, so only the project's global upload limit applies
+    # (a bucket limit above that global limit is refused by Storage when the bucket is created).
+    storage_file_size_limit: str | None = None
 
     # Dispatch: the webhook enqueues a Cloud Tasks task that runs the job (cloud_tasks), or the
     # webhook's own call runs it (direct, for setups without Cloud Tasks).
@@ -125,12 +130,45 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("supabase_service_role_key")
+    @classmethod
+    def _service_role(cls, value: SecretStr) -> SecretStr:
+        problem = key_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("storage_path_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
         value = value.strip("/")
-        if ".." in value.split("/"):
-            raise ValueError("must not contain '..'")
+        if not value:
+            return value
+        if {".", ".."} & set(value.split("/")):
+            raise ValueError("must not contain '.' or '..' segments")
+        if not storage_rules.is_valid_key(value):
+            raise ValueError(f"must use only characters Supabase Storage accepts in names: {_ALLOWED} /")
+        _url_safe(value)
+        return value
+
+    @field_validator("supabase_storage_bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if not storage_rules.is_valid_bucket_name(value):
+            raise ValueError(
+                "must be a bucket name Supabase Storage accepts: 1 to 100 characters of "
+                f"{_ALLOWED}, with no space at either end"
+            )
+        _url_safe(value)
+        return value
+
+    @field_validator("storage_file_size_limit", mode="before")
+    @classmethod
+    def _size_limit(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None  # empty: no bucket limit
+        if isinstance(value, str) and storage_rules.parse_file_size(value) == 0:
+            raise ValueError("must be more than 0 bytes, or empty for no bucket limit")
         return value
 
     @model_validator(mode="after")
@@ -167,6 +205,12 @@ class Settings(BaseSettings):
                 f"{self.function_timeout_s} s; a Cloud Tasks dispatch deadline must be "
                 f"{MIN_DISPATCH_DEADLINE_S} to {MAX_DISPATCH_DEADLINE_S} s (use DISPATCH=direct for longer)"
             )
+
+    @property
+    def storage_file_size_limit_bytes(self) -> int | None:
+        """The bucket limit in bytes, as Storage parses it (decimal units: 100MB is 10^8 bytes)."""
+        limit = self.storage_file_size_limit
+        return None if limit is None else storage_rules.parse_file_size(limit)
 
     # Everything below follows from JOB_TIMEOUT_MS, the one knob (DESIGN.md, Timeouts).
     @property
@@ -209,7 +253,20 @@ class Settings(BaseSettings):
                 f"STABLE_AUDIO_API_URL is the earlier worker's default {OLD_STABLE_AUDIO_API_URL}, "
                 f"which is not a real route; use {DEFAULT_STABLE_AUDIO_API_URL}"
             )
+        key_note = key_warning(self.supabase_service_role_key.get_secret_value())
+        if key_note:
+            notes.append(key_note)
         return notes
+
+
+# Storage's key characters (sona/storage_rules.py), for messages.
+_ALLOWED = "ASCII letters, digits, space and _ ! - . * ' ( ) & $ = @ ; : + ,"
+
+
+def _url_safe(value: str) -> None:
+    unsafe = storage_rules.url_unsafe_part(value)
+    if unsafe is not None:
+        raise ValueError(f"must not contain {unsafe!r}: Storage stores it but the file URLs break")
 
 
 def _describe(error: dict[str, object]) -> str:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from sona.errors import DeadlineExceeded
+
+# The deadline the outside calls on this thread must end by (see Deadline.applies).
+_IN_EFFECT: ContextVar[Deadline | None] = ContextVar("sona_deadline", default=None)
+
+
+def in_effect() -> Deadline | None:
+    return _IN_EFFECT.get()
 
 
 @dataclass
@@ -27,8 +39,39 @@ class Deadline:
         """Raise DeadlineExceeded unless at least need_s is left; return what is left."""
         left = self.remaining()
         if left <= need_s:
-            raise DeadlineExceeded(
-                "The job ran out of time",
-                detail=f"{step}: {self.budget_s:.0f} s budget spent",
-            )
+            raise self.exceeded(step)
         return left
+
+    def exceeded(self, step: str) -> DeadlineExceeded:
+        detail = f"{step}: {self.budget_s:.0f} s budget spent"
+        return DeadlineExceeded("The job ran out of time", detail=detail)
+
+    @contextmanager
+    def applies(self) -> Iterator[Deadline]:
+        """Outside calls made inside this block, on this thread, end by this deadline. Clients whose
+        methods take no timeout (storage3, postgrest) learn it here, through sona.bounded_http."""
+        token = _IN_EFFECT.set(self)
+        try:
+            yield self
+        finally:
+            _IN_EFFECT.reset(token)
+
+    @contextmanager
+    def cuts(self, sock: socket.socket | None) -> Iterator[None]:
+        """Shut the socket down when the deadline passes. A read timeout bounds each read, not
+        their sum, so a peer trickling bytes would otherwise keep the call alive past it."""
+        if sock is None:
+            yield
+            return
+        timer = threading.Timer(self.remaining(), _shut_down, (sock,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+
+def _shut_down(sock: socket.socket) -> None:
+    with suppress(OSError):  # already closed: the call has ended anyway
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv; close() would not

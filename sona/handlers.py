@@ -164,7 +164,8 @@ def _run_job(services: Services, job_id: uuid.UUID, deadline: Deadline) -> Respo
         try:
             services.ffmpeg  # noqa: B018  a missing ffmpeg fails here, before anything is claimed
             # One claim id per request: a retried claim whose first answer was lost gets its lease.
-            job = services.store.claim(job_id, uuid.uuid4(), deadline)
+            with deadline.applies():
+                job = services.store.claim(job_id, uuid.uuid4(), deadline)
         except DatabaseUnavailable as exc:
             log.error("claim failed: %s", exc)
             return error(

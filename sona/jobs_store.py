@@ -15,11 +15,13 @@ from postgrest import SyncPostgrestClient
 from postgrest.exceptions import APIError
 from pydantic import BaseModel, ValidationError
 
+from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import DatabaseUnavailable, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, Job
 from sona.retrying import retrying
+from sona.supabase_keys import request_headers
 from sona.tls import tls_context
 
 # PostgREST codes (SQLSTATEs and its own PGRST codes) that mean "not now" rather than "never":
@@ -85,17 +87,18 @@ def refuse_gateway_failures(response: httpx.Response) -> None:
 
 class JobsStore:
     def __init__(self, settings: Settings, *, timeout_s: float = 10.0) -> None:
-        key = settings.supabase_service_role_key.get_secret_value()
+        headers = request_headers(settings.supabase_service_role_key.get_secret_value())
         self._settings = settings
         self._client = SyncPostgrestClient(
             f"{settings.supabase_url}/rest/v1",
             schema=settings.jobs_schema,
-            headers={"apikey": key, "Authorization": f"Bearer {key}"},
+            headers=headers,
             http_client=httpx.Client(
-                headers={"apikey": key, "Authorization": f"Bearer {key}"},
+                headers=headers,
                 timeout=timeout_s,
-                verify=tls_context(),
                 event_hooks={"response": [refuse_gateway_failures]},
+                # A call made under a job's deadline (Deadline.applies) ends by it.
+                transport=DeadlineTransport(httpx.HTTPTransport(verify=tls_context())),
             ),
         )
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from sona.audio import Master, encode_mp3, make_master
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import DatabaseUnavailable, PermanentError, SonaError, StaleLease
+from sona.errors import DatabaseUnavailable, DeadlineExceeded, PermanentError, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job
 from sona.retrying import retrying
 from sona.stable_audio import GenerationRequest
@@ -76,7 +76,8 @@ class Pipeline:
     def run(self, job: ClaimedJob, deadline: Deadline) -> Result:
         result = Result(str(job.id), job.attempts, "completed")
         try:
-            row = self._produce(job, deadline, result.timings_ms)
+            with deadline.applies():  # bucket check, listing and the database end by it too
+                row = self._produce(job, deadline, result.timings_ms)
             result.status = row.status
             log.info("completed in %d ms", deadline.elapsed() * 1000)
         except StaleLease as exc:
@@ -141,7 +142,7 @@ class Pipeline:
         model, seed, audio = generated.model, generated.seed, generated.data
         del generated
         deadline.check("encode")
-        master = _timed(timings, "master", partial(make_master, audio, job.duration, self.ffmpeg))
+        master = _timed(timings, "master", partial(make_master, audio, job.duration, self.ffmpeg, deadline))
         del audio  # the provider's copy is not needed once the master is cut: 10 MB less to hold
         stamp = attempt_stamp()
         wav_path = object_path(settings.storage_path_prefix, job.id, stamp, "wav")
@@ -151,7 +152,9 @@ class Pipeline:
             started = time.monotonic()
             wav_future = pool.submit(self.storage.upload, wav_path, master.wav, "wav", deadline)
             mp3 = _timed(
-                timings, "encode_mp3", lambda: encode_mp3(master.wav, settings.mp3_bitrate, self.ffmpeg)
+                timings,
+                "encode_mp3",
+                lambda: encode_mp3(master.wav, settings.mp3_bitrate, self.ffmpeg, deadline),
             )
             info = _audio_info(master, mp3, settings, model, seed)
             wav_url = wav_future.result()
@@ -179,13 +182,14 @@ class Pipeline:
         # The job's budget may be spent; recording its end gets the margin kept for exactly this.
         margin = Deadline(self.settings.deadline_margin_ms / 1000)
         try:
-            row = self._with_retries(
-                "fail", margin, lambda: self.store.fail(job, message=message, retryable=retryable)
-            )
+            with margin.applies():
+                row = self._with_retries(
+                    "fail", margin, lambda: self.store.fail(job, message=message, retryable=retryable)
+                )
         except StaleLease as exc:
             self._stale(result, exc)
             return
-        except DatabaseUnavailable as exc:
+        except (DatabaseUnavailable, DeadlineExceeded) as exc:
             log.error("could not record the failure; the lease will expire: %s", exc)
             result.outcome, result.error = "interrupted", message
             return

@@ -1,5 +1,6 @@
-"""One retry policy for every remote call: transient errors only, exponential backoff with equal
-jitter (or the server's Retry-After), at most MAX_RETRIES retries, and never past the job's deadline."""
+"""One retry policy for every remote call: transient errors only (not account-level outages),
+exponential backoff with equal jitter (or the server's Retry-After), at most MAX_RETRIES retries,
+and never past the job's deadline."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import random
 import time
 from collections.abc import Callable
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_any
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any
 from tenacity.stop import stop_base
 
 from sona.deadline import Deadline
-from sona.errors import TransientError
+from sona.errors import ServiceOutage, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,11 @@ class stop_at_deadline(stop_base):  # noqa: N801  tenacity names its stops in lo
 
     def __call__(self, state: RetryCallState) -> bool:
         return bool(state.upcoming_sleep + MIN_CALL_S >= self.deadline.remaining())
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    # An account-level refusal repeats at once: the job is released instead, for a later attempt.
+    return isinstance(exc, TransientError) and not isinstance(exc, ServiceOutage)
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float = 60.0) -> float:
@@ -60,7 +66,7 @@ def retrying(
         )
 
     return Retrying(
-        retry=retry_if_exception_type(TransientError),
+        retry=retry_if_exception(_worth_retrying),
         stop=stop_any(stop_after_attempt(max_retries + 1), stop_at_deadline(deadline)),
         wait=wait,
         before_sleep=before_sleep,

@@ -5,6 +5,7 @@ Adapters are imported on first use, so a cold start pays only for what its first
 
 from __future__ import annotations
 
+import logging
 import threading
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -19,11 +20,15 @@ if TYPE_CHECKING:
     from sona.storage import AudioStorage
     from sona.task_queue import TaskQueue
 
+log = logging.getLogger(__name__)
+
 
 class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         setup_logging(settings.log_level, settings.secret_values)
+        for warning in settings.warnings():  # what `validate` would print, once per instance
+            log.warning("%s", warning)
 
     @cached_property
     def store(self) -> JobsStore:

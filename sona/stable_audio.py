@@ -7,6 +7,7 @@ import binascii
 import json
 import logging
 import platform
+import socket
 import time
 import unicodedata
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from requests.structures import CaseInsensitiveDict
 from sona import __version__
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import PermanentError, TransientError
+from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
 from sona.models import GeneratedAudio, Job
 from sona.retrying import retrying
 
@@ -34,6 +35,8 @@ STEPS = {
     "stable-audio-2": {"low": 30, "medium": 50, "high": 100},
 }
 _CHUNK = 256 * 1024
+# A timeout this close to the deadline is the deadline's (socket timeouts round to milliseconds).
+_DEADLINE_SLACK_S = 0.05
 
 
 def clean_prompt(text: str) -> str:
@@ -104,6 +107,12 @@ _PERMANENT = {
 }
 
 
+_EDGE_REFUSED = (
+    "The audio service refused the request; this is not a problem with your prompt. "
+    "The job will be retried."
+)
+
+
 def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[str]) -> Exception:
     """An HTTP error answer becomes a PermanentError or a TransientError (by status, not by text)."""
     name, errors = _error_body(body)
@@ -114,6 +123,10 @@ def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[
             detail=detail,
             retry_after_s=_retry_after(headers),
         )
+    if status == 403 and name != "content_moderation":
+        # The provider's edge (an HTML page, or any other 403) refusing us: the account or the
+        # network is at fault, not the prompt.
+        return ServiceOutage(_EDGE_REFUSED, detail=detail)
     if status >= 500:
         return TransientError(
             "The audio service had a temporary problem",
@@ -179,6 +192,7 @@ class StableAudioClient:
         }
         self.calls += 1
         try:
+            # Each read may wait what is left; the whole answer is cut off at the deadline.
             response = self._session.post(
                 self._url,
                 headers=headers,
@@ -186,15 +200,28 @@ class StableAudioClient:
                 timeout=(min(10.0, left), left),
                 stream=True,
             )
-            with response:
+            with response, deadline.cuts(_socket_of(response)):
                 body = _read_within(response, deadline)
-        except requests.Timeout:
-            raise TransientError("The audio service did not answer in time", detail="timeout") from None
         except requests.RequestException as exc:
-            raise TransientError("Could not reach the audio service", detail=type(exc).__name__) from None
+            raise _unanswered(exc, deadline) from None
         if response.status_code != 200:
             raise classify(response.status_code, body, response.headers)
         return _generated(response, body, request.model)
+
+
+def _socket_of(response: requests.Response) -> socket.socket | None:
+    """The connection's socket while the body is unread (urllib3 2's HTTPResponse.connection)."""
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _unanswered(exc: requests.RequestException, deadline: Deadline) -> TransientError:
+    if deadline.remaining() <= _DEADLINE_SLACK_S:
+        return DeadlineExceeded("The audio service did not answer in time", detail=type(exc).__name__)
+    if isinstance(exc, requests.Timeout):
+        return TransientError("The audio service did not answer in time", detail="timeout")
+    return TransientError("Could not reach the audio service", detail=type(exc).__name__)
 
 
 def _read_within(response: requests.Response, deadline: Deadline) -> bytearray:

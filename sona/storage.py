@@ -7,15 +7,18 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, cast
+from urllib.parse import quote, urlsplit
 
 import httpx
 from storage3 import SyncStorageClient
 from storage3.exceptions import StorageApiError
 
+from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import PermanentError, TransientError
+from sona.errors import PermanentError, ServiceOutage, TransientError
 from sona.retrying import retrying
+from sona.supabase_keys import request_headers
 from sona.tls import tls_context
 
 log = logging.getLogger(__name__)
@@ -39,13 +42,17 @@ class AudioStorage:
     _check_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, settings: Settings, *, timeout_s: float = 30.0) -> None:
-        key = settings.supabase_service_role_key.get_secret_value()
-        headers = {"apikey": key, "Authorization": f"Bearer {key}"}
+        headers = request_headers(settings.supabase_service_role_key.get_secret_value())
         self._settings = settings
         self._client = SyncStorageClient(
             f"{settings.supabase_url}/storage/v1/",
             headers,
-            http_client=httpx.Client(headers=headers, timeout=timeout_s, verify=tls_context()),
+            # Each call ends by the job's deadline when one applies (upload, or Deadline.applies).
+            http_client=httpx.Client(
+                headers=headers,
+                timeout=timeout_s,
+                transport=DeadlineTransport(httpx.HTTPTransport(verify=tls_context())),
+            ),
         )
 
     @property
@@ -69,22 +76,19 @@ class AudioStorage:
             self._checked.add(key)
 
     def _create_bucket(self) -> None:
+        options: dict[str, Any] = {
+            "public": self._settings.storage_public,
+            "allowed_mime_types": sorted(set(CONTENT_TYPES.values())),
+        }
+        limit = self._settings.storage_file_size_limit_bytes
+        if limit is not None:  # else no bucket limit: only the project's global one applies
+            options["file_size_limit"] = limit
         try:
-            self._client.create_bucket(
-                self.bucket,
-                options=cast(
-                    Any,
-                    {
-                        "public": self._settings.storage_public,
-                        "file_size_limit": self._settings.storage_file_size_limit,
-                        "allowed_mime_types": sorted(set(CONTENT_TYPES.values())),
-                    },
-                ),
-            )
+            self._client.create_bucket(self.bucket, options=cast(Any, options))
             log.info("created storage bucket %s", self.bucket)
         except StorageApiError as exc:
             if str(exc.status) != "409":  # another instance created it first
-                raise _translate(exc) from None
+                raise _bucket_refused(exc, self._settings) from None
 
     def upload(
         self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
@@ -103,11 +107,12 @@ class AudioStorage:
             base_delay_s=self._settings.internal_retry_delay_s,
             deadline=deadline,
         )
-        for attempt in policy:
-            with attempt:
-                deadline.check("upload")
-                self._upload_once(path, data, options)
-        return self.url(path)
+        with deadline.applies():  # this runs on the pipeline's upload thread too
+            for attempt in policy:
+                with attempt:
+                    deadline.check("upload")
+                    self._upload_once(path, data, options)
+            return self.url(path)
 
     def _upload_once(self, path: str, data: bytes, options: dict[str, Any]) -> None:
         try:
@@ -152,16 +157,24 @@ class AudioStorage:
         return None
 
     def url(self, path: str) -> str:
+        """The file's URL, percent-encoded: names may hold spaces and punctuation Storage allows."""
         if self._settings.storage_public:
             # Built locally: the public URL needs no request.
-            return f"{self._settings.supabase_url}/storage/v1/object/public/{self.bucket}/{path}"
+            return self._object_url("public", path)
         try:
             signed = self._client.from_(self.bucket).create_signed_url(
                 path, self._settings.storage_signed_url_ttl_s
             )
         except StorageApiError as exc:
             raise _translate(exc) from None
-        return str(signed["signedURL"])
+        # Storage answers the object name unencoded; only its token is kept from the answer.
+        return f"{self._object_url('sign', path)}?{urlsplit(str(signed['signedURL'])).query}"
+
+    def _object_url(self, kind: str, path: str) -> str:
+        return (
+            f"{self._settings.supabase_url}/storage/v1/object/{kind}/"
+            f"{quote(self.bucket, safe='')}/{quote(path, safe='/')}"
+        )
 
 
 @dataclass(frozen=True)
@@ -177,6 +190,29 @@ def _join(prefix: str, name: str) -> str:
 
 def _unreachable(exc: httpx.HTTPError) -> TransientError:
     return TransientError("The file storage is unavailable", detail=type(exc).__name__)
+
+
+def _bucket_refused(exc: StorageApiError, settings: Settings) -> Exception:
+    """Storage refusing to create the bucket is the project's configuration, never the musician's
+    request: an outage, so the job is released for a retry once the setting is fixed."""
+    status = str(exc.status)
+    if status.startswith("5") or status in ("429", "408"):
+        return _translate(exc)
+    limit = settings.storage_file_size_limit
+    if status == "413":
+        detail = (
+            f"STORAGE_FILE_SIZE_LIMIT={limit} is above the project's global upload limit "
+            "(Supabase dashboard, Storage settings; 50 MB on the Free plan): lower it or leave it "
+            "empty for no bucket limit"
+        )
+    else:
+        detail = (
+            f"storage {status} {exc.code}: {exc.message}; check SUPABASE_STORAGE_BUCKET and "
+            f"STORAGE_FILE_SIZE_LIMIT={limit or '(none)'} against the project's global upload limit"
+        )
+    return ServiceOutage(
+        "The file storage is not set up to accept the audio; the job will be retried", detail=detail
+    )
 
 
 def _translate(exc: StorageApiError) -> Exception:

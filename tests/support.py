@@ -32,7 +32,7 @@ AUDIO_INFO = AudioInfo(
 )
 
 SECRETS = {
-    "supabase_service_role_key": "sentinel-service-key-7f3a9",
+    "supabase_service_role_key": "sb_secret_sentinel-service-key-7f3a9",
     "stable_audio_api_key": "sk-sentinel-stability-1c2d",
     "webhook_secret": "sentinel-webhook-secret-42",
 }

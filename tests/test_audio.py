@@ -6,12 +6,17 @@ from __future__ import annotations
 import io
 import re
 import subprocess
+import threading
+import time
 import wave
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from sona.audio import decode, encode_mp3, make_master
-from sona.errors import PermanentError
+from sona.deadline import Deadline
+from sona.errors import DeadlineExceeded, PermanentError
 from sona.ffmpeg import find_ffmpeg
 from tests.support import decoded_seconds, wav_bytes
 
@@ -140,3 +145,51 @@ def test_no_more_encoders_run_at_once_than_there_are_cpus(monkeypatch: pytest.Mo
     for thread in threads:
         thread.join()
     assert most == min(8, len(os.sched_getaffinity(0)))
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _stuck_ffmpeg(folder: Path) -> Path:
+    """An ffmpeg that starts a child and never finishes; it writes both process ids down."""
+    script = folder / "ffmpeg"
+    script.write_text(f'#!/bin/sh\nsleep 60 &\necho "$$ $!" > {folder}/pids\nwait\n')
+    script.chmod(0o755)
+    return script
+
+
+STUCK_CALLS: list[tuple[str, Callable[[str, Deadline], object]]] = [
+    ("encode", lambda ffmpeg, deadline: encode_mp3(wav_bytes(1), "192k", ffmpeg, deadline)),
+    ("decode", lambda ffmpeg, deadline: make_master(b"ID3" + bytes(256), 1, ffmpeg, deadline)),
+]
+
+
+@pytest.mark.parametrize(("name", "call"), STUCK_CALLS, ids=[n for n, _ in STUCK_CALLS])
+def test_ffmpeg_still_running_at_the_deadline_is_killed_with_its_children(
+    tmp_path: Path, name: str, call: Callable[[str, Deadline], object]
+) -> None:
+    ffmpeg = _stuck_ffmpeg(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        call(str(ffmpeg), Deadline(1.0))
+    assert time.monotonic() - started < 3.0
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    gone_by = time.monotonic() + 5  # the orphaned child is reaped by init, not by us
+    while any(_running(p) for p in pids) and time.monotonic() < gone_by:
+        time.sleep(0.05)
+    assert [p for p in pids if _running(p)] == []
+
+
+def test_waiting_for_a_busy_encoder_ends_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sona.audio
+
+    busy = threading.BoundedSemaphore(1)
+    busy.acquire()
+    monkeypatch.setattr(sona.audio, "_ENCODERS", busy)
+    with pytest.raises(DeadlineExceeded, match="ran out of time"):
+        encode_mp3(wav_bytes(1), "192k", FFMPEG, Deadline(0.3))

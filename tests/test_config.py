@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sona.config import DEFAULT_STABLE_AUDIO_API_URL, OLD_STABLE_AUDIO_API_URL, ConfigError, load_settings
+from sona.local.gateway import make_jwt
 from sona.webhook_sql import WebhookConfig
 from tests.support import SECRETS, make_settings
 
@@ -139,3 +140,93 @@ def test_validate_command_reports_an_ffmpeg_that_does_not_exist(tmp_path: Path) 
     )
     assert result.returncode == 1
     assert "FFMPEG_BINARY=/no/ffmpeg is not an executable ffmpeg" in result.stderr
+
+
+GOOD_ENV = {
+    "SUPABASE_URL": "https://abc.supabase.co",
+    "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+    "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("sb_publishable_ACJWlzQHlZjBrEguHvfOxg_3BJgxAaH", "is a publishable key"),
+        (make_jwt("a-jwt-secret", "anon"), "is a legacy JWT with role 'anon'"),
+    ],
+)
+def test_validate_refuses_an_anon_or_publishable_key_and_says_why(
+    tmp_path: Path, key: str, says: str
+) -> None:
+    result = run_validate({**GOOD_ENV, "SUPABASE_SERVICE_ROLE_KEY": key}, tmp_path)
+    assert result.returncode == 1
+    assert f"SUPABASE_SERVICE_ROLE_KEY {says}" in result.stderr
+    assert "row level security" in result.stderr
+    assert key not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "warned"),
+    [("an-opaque-key-of-no-known-shape", True), ("sb_secret_N7UND0UgjKTVK-Uodkm0Hg", False)],
+)
+def test_validate_passes_a_key_of_unknown_shape_with_a_warning(
+    tmp_path: Path, key: str, warned: bool
+) -> None:
+    result = run_validate({**GOOD_ENV, "SUPABASE_SERVICE_ROLE_KEY": key}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("neither a secret key" in result.stderr) == warned
+    assert key not in result.stdout + result.stderr
+def test_the_bucket_gets_no_size_limit_of_its_own_by_default() -> None:
+    s = make_settings()
+    assert (s.storage_file_size_limit, s.storage_file_size_limit_bytes) == (None, None)
+    assert make_settings(storage_file_size_limit="").storage_file_size_limit_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "size"),
+    [
+        ("100MB", 100_000_000),  # decimal, as Storage parses it: not 100 MiB
+        ("50mb", 50_000_000),
+        ("1.5GB", 1_500_000_000),
+        ("2KB", 2_000),
+        ("1234567B", 1_230_000),  # Storage keeps 3 significant digits
+    ],
+)
+def test_a_bucket_size_limit_is_read_as_storage_reads_it(setting: str, size: int) -> None:
+    assert make_settings(storage_file_size_limit=setting).storage_file_size_limit_bytes == size
+
+
+@pytest.mark.parametrize("setting", ["100 MB", "100", "100MiB", "1e3MB", ".5GB", "0MB"])
+def test_a_bucket_size_limit_storage_would_refuse_is_a_configuration_problem(setting: str) -> None:
+    with pytest.raises(ConfigError, match="STORAGE_FILE_SIZE_LIMIT"):
+        make_settings(storage_file_size_limit=setting)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "tracks/ünïcode",  # Storage refuses non-ASCII names (InvalidKey)
+        "tracks#1",
+        "a\\b",
+        "take%20one",
+        "tracks/[mix]",
+        "what?",  # Storage stores these three, but the file URLs break
+        "a//b",
+        "a/./b",
+    ],
+)
+def test_a_path_prefix_storage_or_urls_cannot_carry_is_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="STORAGE_PATH_PREFIX"):
+        make_settings(storage_path_prefix=prefix)
+
+
+@pytest.mark.parametrize("prefix", ["generated", "my takes (v2)/2026", "a-b_c.d/e+f,g;h:i@j=k&l$m!n*o'p"])
+def test_a_path_prefix_storage_accepts_is_kept(prefix: str) -> None:
+    assert make_settings(storage_path_prefix=f"/{prefix}/").storage_path_prefix == prefix
+
+
+@pytest.mark.parametrize("bucket", ["audio/files", " audio", "audio?", "äudio", "a" * 101, ""])
+def test_a_bucket_name_storage_would_refuse_is_a_configuration_problem(bucket: str) -> None:
+    with pytest.raises(ConfigError, match="SUPABASE_STORAGE_BUCKET"):
+        make_settings(supabase_storage_bucket=bucket)

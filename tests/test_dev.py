@@ -34,6 +34,9 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
         assert set(info) >= {
             "supabase_url",
             "service_role_key",
+            "anon_key",
+            "secret_key",
+            "publishable_key",
             "database_url",
             "webhook_secret",
             "process_job_url",
@@ -48,6 +51,13 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
             timeout=10,
         )
         assert answer.json()["total"] == 0
+        as_publishable = requests.post(
+            f"{info['supabase_url']}/rest/v1/rpc/job_stats",
+            json={"p_window_hours": 1},
+            headers={"apikey": info["publishable_key"]},
+            timeout=10,
+        )
+        assert as_publishable.json()["code"] == "42501"  # anon may not read the figures
         skipped = requests.post(
             info["process_job_url"],
             headers={"X-Webhook-Secret": info["webhook_secret"]},

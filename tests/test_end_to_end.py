@@ -16,6 +16,7 @@ import requests
 
 from sona.local.stable_audio_double import Behaviour
 from sona.local.stack import LocalStack
+from sona.local.storage_api import FREE_PLAN_UPLOAD_LIMIT
 from tests.support import decoded_seconds, sql
 
 pytestmark = pytest.mark.slow
@@ -62,6 +63,16 @@ def test_an_inserted_job_is_delivered_generated_stored_and_completed(stack: Loca
         None,
     )
     assert body["record"]["id"] == str(job_id)
+
+
+def test_a_free_plan_project_completes_a_job_with_the_default_storage_settings(stack: LocalStack) -> None:
+    # The stack's Storage has the Free plan's 50 MB global limit, which refuses a 100 MB bucket.
+    assert stack.gateway.storage.upload_limit == FREE_PLAN_UPLOAD_LIMIT
+    job_id = stack.insert_job("free plan", duration=2, quality="low")
+    row = stack.wait_for(job_id, timeout_s=60)
+    assert row["status"] == "completed", row["error_message"]
+    buckets = sql(stack.database_url, "select id, file_size_limit from storage.buckets", role=None)
+    assert buckets == [{"id": "audio-files", "file_size_limit": None}]
 
 
 def test_fifty_simultaneous_deliveries_make_one_provider_call(stack: LocalStack) -> None:
@@ -147,3 +158,14 @@ def test_demo_refuses_a_duration_outside_1_to_60_before_starting(tmp_path: Path)
     result = run_demo(tmp_path, "x", "--duration", "61")
     assert result.returncode == 2
     assert "must be 1 to 60 seconds, not 61" in result.stderr
+
+
+def test_a_job_completes_with_a_secret_key_sent_only_as_apikey(tmp_path: Path) -> None:
+    with LocalStack(tmp_path, function_key="secret", process_env={"PATH": "/usr/bin:/bin"}) as stack:
+        job_id = stack.insert_job("rain on a tin roof", duration=2, quality="low")
+        row = stack.wait_for(job_id, timeout_s=60)
+        seen = list(stack.gateway.seen_headers)
+    assert row["status"] == "completed", row["error_message"]
+    routes = {route for route, _ in seen}
+    assert {"rpc:claim_job", "storage:bucket_get", "storage:upload", "rpc:complete_job"} <= routes
+    assert all(h.get("apikey") == stack.secret_key and "authorization" not in h for _, h in seen)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sona.deadline import Deadline
-from sona.errors import DatabaseUnavailable, PermanentError, StaleLease, TransientError
+from sona.errors import DatabaseUnavailable, DeadlineExceeded, PermanentError, StaleLease, TransientError
 from sona.ffmpeg import find_ffmpeg
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStatus
 from sona.pipeline import Pipeline
@@ -21,6 +23,7 @@ from tests.support import AUDIO_INFO, make_settings, wav_bytes
 @dataclass
 class FakeStore:
     fail_complete: Exception | None = None
+    fail_fail: Exception | None = None
     writes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job:
@@ -30,6 +33,8 @@ class FakeStore:
         return job.model_copy(update={"status": JobStatus.COMPLETED})
 
     def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job:
+        if self.fail_fail is not None:
+            raise self.fail_fail
         self.writes.append(("fail", {"message": message, "retryable": retryable}))
         status = JobStatus.PENDING if retryable else JobStatus.FAILED
         return job.model_copy(update={"status": status, "error_message": message})
@@ -86,10 +91,14 @@ def run(
     store: FakeStore | None = None,
     provider: FakeProvider | None = None,
     storage: FakeStorage | None = None,
+    *,
+    ffmpeg: str | None = None,
+    budget_s: float = 30,
 ) -> tuple[Any, FakeStore, FakeProvider, FakeStorage]:
     store, provider, storage = store or FakeStore(), provider or FakeProvider(), storage or FakeStorage()
-    pipeline = Pipeline(make_settings(retry_delay_ms=10), store, provider, storage, find_ffmpeg())
-    return pipeline.run(job, Deadline(30)), store, provider, storage
+    settings = make_settings(retry_delay_ms=10)
+    pipeline = Pipeline(settings, store, provider, storage, ffmpeg or find_ffmpeg())
+    return pipeline.run(job, Deadline(budget_s)), store, provider, storage
 
 
 def test_a_job_is_generated_cut_stored_and_completed() -> None:
@@ -163,3 +172,20 @@ def test_a_finishing_attempt_without_stored_files_fails_for_good_without_generat
     assert (result.outcome, provider.calls) == ("failed", 0)
     assert store.writes == [("fail", {"message": "The job timed out after 3 attempts.", "retryable": False})]
     assert storage.stored == {}
+
+
+def test_an_encoder_still_running_at_the_deadline_releases_the_job(tmp_path: Path) -> None:
+    stuck = tmp_path / "ffmpeg"
+    stuck.write_text("#!/bin/sh\nexec sleep 60\n")
+    stuck.chmod(0o755)
+    started = time.monotonic()
+    result, store, _, _ = run(claimed(), ffmpeg=str(stuck), budget_s=1.5)
+    assert time.monotonic() - started < 3.5
+    assert result.outcome == "retrying"
+    assert store.writes[-1][1] == {"message": "The job ran out of time", "retryable": True}
+
+
+def test_a_failure_write_that_outlives_the_margin_leaves_the_job_to_reclaim() -> None:
+    store = FakeStore(fail_fail=DeadlineExceeded("The job ran out of time"))
+    result, _, _, _ = run(claimed(), store=store, provider=FakeProvider(error=TransientError("busy")))
+    assert (result.outcome, result.error) == ("interrupted", "busy")

@@ -121,6 +121,20 @@ def test_a_moderated_prompt_fails_the_job_with_a_readable_message(
     assert double.call_count == 1
 
 
+def test_an_html_403_from_the_providers_edge_releases_the_job_without_blaming_the_prompt(
+    client: FlaskClient, db_url: str, double: StableAudioDouble
+) -> None:
+    double.script(Behaviour("html403"))
+    job_id = insert_job(db_url, duration=1)
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"]) == ("retrying", "pending")
+    assert job_row(db_url, job_id)["error_message"] == (
+        "The audio service refused the request; this is not a problem with your prompt. "
+        "The job will be retried."
+    )
+    assert double.call_count == 1
+
+
 def test_a_transient_provider_failure_releases_the_job_for_a_retry(
     client: FlaskClient, db_url: str, double: StableAudioDouble
 ) -> None:
@@ -131,6 +145,22 @@ def test_a_transient_provider_failure_releases_the_job_for_a_retry(
     row = job_row(db_url, job_id)
     assert row["run_after"] is not None
     assert row["error_message"] == "The audio service had a temporary problem"
+
+
+def test_a_bucket_the_project_refuses_releases_the_job_before_paying_and_blames_no_one(
+    client: FlaskClient, db_url: str, double: StableAudioDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The gateway plays a Free plan project (50 MB global limit); the bucket asks for 100 MB.
+    monkeypatch.setenv("STORAGE_FILE_SIZE_LIMIT", "100MB")
+    reset_services()
+    job_id = insert_job(db_url, duration=1)
+    body = post(client, payload(job_id)).get_json()
+    assert (body["outcome"], body["status"]) == ("retrying", "pending")
+    row = job_row(db_url, job_id)
+    assert (
+        row["error_message"] == "The file storage is not set up to accept the audio; the job will be retried"
+    )
+    assert double.call_count == 0
 
 
 def test_an_update_to_pending_is_accepted(client: FlaskClient, db_url: str) -> None:
@@ -393,3 +423,24 @@ def test_a_claim_whose_answer_was_lost_keeps_its_lease_and_the_job_completes(
     assert (body["outcome"], body["status"], body["attempt"]) == ("completed", "completed", 1)
     assert job_row(db_url, job_id)["attempts"] == 1
     assert double.paid_generations == 1
+@pytest.mark.parametrize("kind", ["publishable_key", "anon_key"])
+def test_the_first_request_with_an_anon_or_publishable_key_claims_nothing_and_says_why(
+    client: FlaskClient,
+    gateway: Gateway,
+    db_url: str,
+    double: StableAudioDouble,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    key = getattr(gateway, kind)
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", key)
+    reset_services()
+    job_id = insert_job(db_url, duration=1)
+    response = post(client, payload(job_id))
+    assert (response.status_code, response.get_json()["error"]) == (500, "misconfigured")
+    assert job_row(db_url, job_id)["status"] == "pending"
+    assert gateway.counts["rpc:claim_job"] == 0 and double.call_count == 0
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "SUPABASE_SERVICE_ROLE_KEY" in logged and "row level security" in logged
+    assert key not in logged

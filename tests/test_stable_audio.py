@@ -11,7 +11,7 @@ import pytest
 
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import PermanentError, TransientError
+from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
 from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.models import Job, JobStatus
 from sona.stable_audio import USER_AGENT, GenerationRequest, StableAudioClient
@@ -141,7 +141,6 @@ PERMANENT = [
     (Behaviour("error", 401), "rejected our credentials"),
     (Behaviour("error", 402), "out of credits"),
     (Behaviour("error", 403), "content moderation"),
-    (Behaviour("html403"), "content moderation"),
     (Behaviour("filtered"), "content moderation"),
     (Behaviour("error", 413), "too large"),
     (Behaviour("error", 422), "must be in English"),
@@ -159,6 +158,13 @@ def test_a_permanent_error_fails_after_exactly_one_call(
         generate(double)
     assert double.call_count == 1
     assert SECRETS["stable_audio_api_key"] not in str(caught.value)
+
+
+def test_an_html_403_from_the_edge_is_an_outage_not_the_prompts_fault(double: StableAudioDouble) -> None:
+    double.script(Behaviour("html403"))
+    with pytest.raises(ServiceOutage, match="refused the request; this is not a problem with your prompt"):
+        generate(double)
+    assert double.call_count == 1  # not retried at once: the job is released for a later attempt
 
 
 TRANSIENT = [
@@ -213,6 +219,22 @@ def test_a_429_penalty_longer_than_the_deadline_is_not_waited_out(double: Stable
     with pytest.raises(TransientError, match="busy"):
         generate(double, budget_s=5, sleep=sleeps)
     assert (double.call_count, sleeps) == (1, [])
+
+
+def test_an_answer_still_trickling_in_at_the_deadline_is_cut_off_there(double: StableAudioDouble) -> None:
+    double.script(Behaviour("trickle"))
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        generate(double, budget_s=1.5)
+    assert time.monotonic() - started < 2.5  # the whole answer would take about 18 s
+    assert double.call_count == 1
+
+
+def test_a_generation_cut_off_mid_body_was_still_paid_for(double: StableAudioDouble) -> None:
+    double.script(Behaviour("truncate"))
+    generate(double)
+    assert [(c.answered, c.paid) for c in double.calls] == [(200, True), (200, True)]
+    assert double.paid_generations == 2
 
 
 def test_a_slow_first_byte_past_the_deadline_is_a_timeout(double: StableAudioDouble) -> None:

@@ -63,7 +63,7 @@ def reclaim(url: str, grace_s: int = 60, limit: int = 100) -> list[dict[str, Any
 
 def test_each_dispatch_names_its_attempt_and_a_new_round(db_url: str) -> None:
     """Cloud Tasks keeps an executed task's name reserved: every dispatch of a job needs a new one."""
-    job_id = insert_job(db_url)
+    insert_job(db_url)
     sql(db_url, "update jobs set created_at = now() - interval '1 hour'", role=None)
     rounds = []
     for _ in range(2):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from sona.deadline import Deadline
-from sona.errors import PermanentError
+from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage
 from sona.local.gateway import Gateway
 from sona.storage import AudioStorage, object_path
 from tests.support import make_settings, sql
@@ -36,18 +38,68 @@ def test_object_paths_follow_prefix_job_and_timestamp() -> None:
     )
 
 
-def test_the_bucket_is_created_once_public_with_a_size_limit_and_audio_types(
+def test_the_bucket_is_created_once_public_with_no_size_limit_of_its_own_and_audio_types(
     gateway: Gateway, db_url: str
 ) -> None:
     s = storage(gateway)
     s.ensure_bucket()
     s.ensure_bucket()
     bucket = sql(db_url, "select * from storage.buckets", role=None)
-    assert [(b["id"], b["public"], b["file_size_limit"]) for b in bucket] == [
-        ("audio-files", True, 100 * 1024 * 1024)
-    ]
+    assert [(b["id"], b["public"], b["file_size_limit"]) for b in bucket] == [("audio-files", True, None)]
     assert sorted(bucket[0]["allowed_mime_types"]) == ["audio/mpeg", "audio/wav"]
     assert gateway.counts["storage:bucket_get"] == 1
+
+
+@pytest.mark.parametrize(("setting", "stored"), [("50MB", 50_000_000), ("1.5kb", 1500), ("20B", 20)])
+def test_a_configured_bucket_limit_is_sent_in_storages_decimal_bytes(
+    gateway: Gateway, db_url: str, setting: str, stored: int
+) -> None:
+    storage(gateway, storage_file_size_limit=setting).ensure_bucket()
+    assert sql(db_url, "select file_size_limit from storage.buckets", role=None) == [
+        {"file_size_limit": stored}
+    ]
+
+
+def test_a_bucket_limit_above_the_projects_global_limit_is_a_service_outage_naming_both(
+    gateway: Gateway, db_url: str
+) -> None:
+    # The gateway plays a Free plan project: a global upload limit of 50 MB.
+    with pytest.raises(ServiceOutage) as caught:
+        storage(gateway, storage_file_size_limit="100MB").ensure_bucket()
+    assert "STORAGE_FILE_SIZE_LIMIT=100MB" in str(caught.value.detail)
+    assert "global upload limit" in str(caught.value.detail)
+    assert "larger" not in caught.value.public_message
+    assert sql(db_url, "select id from storage.buckets", role=None) == []
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        ("413", "EntityTooLarge", "Payload too large"),
+        ("400", "InvalidRequest", "Bad Request"),
+        ("400", "InvalidBucketName", "Invalid Input"),
+        ("415", "InvalidMimeType", "invalid_mime_type"),
+    ],
+)
+def test_a_refused_bucket_creation_is_a_service_outage_not_the_jobs_fault(
+    gateway: Gateway, status: str, code: str, error: str
+) -> None:
+    refusal = {"statusCode": status, "code": code, "error": error, "message": "refused"}
+    gateway.faults.add("storage:bucket_create", 400, refusal)
+    with pytest.raises(ServiceOutage, match="not set up"):
+        storage(gateway).ensure_bucket()
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_urls_are_percent_encoded_and_download(gateway: Gateway, public: bool) -> None:
+    s = storage(gateway, storage_path_prefix="my takes (v2)", storage_public=public)
+    s.ensure_bucket()
+    url = s.upload("my takes (v2)/a&b=1.wav", b"spaced", "wav", Deadline(10))
+    kind = "public" if public else "sign"
+    assert url.split("?")[0] == (
+        f"{gateway.url}/storage/v1/object/{kind}/audio-files/my%20takes%20%28v2%29/a%26b%3D1.wav"
+    )
+    assert httpx.get(url).content == b"spaced"
 
 
 @pytest.mark.parametrize(("ext", "content_type"), [("wav", "audio/wav"), ("mp3", "audio/mpeg")])
@@ -84,6 +136,7 @@ def test_without_upsert_the_gateway_answers_storages_duplicate_error(gateway: Ga
     assert response.status_code == 400
     assert response.json() == {
         "statusCode": "409",
+        "code": "KeyAlreadyExists",
         "error": "Duplicate",
         "message": "The resource already exists",
     }
@@ -142,3 +195,31 @@ def test_an_earlier_attempts_complete_output_is_found_by_its_mp3_metadata(gatewa
     assert found.wav_url.endswith(f"/generated/{job}_2.wav")
     assert found.mp3_url.endswith(f"/generated/{job}_2.mp3")
     assert found.audio == {"duration_s": 2}
+
+
+def test_a_slow_upload_ends_at_the_deadline_not_at_the_http_timeout(gateway: Gateway) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    gateway.faults.add("storage:upload", 200, None, delay_s=4.0, delay_only=True)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        s.upload("generated/slow.wav", b"data", "wav", Deadline(1.0))
+    assert time.monotonic() - started < 2.0
+
+
+SLOW_BEFORE_PAYING = [
+    ("storage:bucket_get", lambda s: s.ensure_bucket()),
+    ("storage:list", lambda s: s.find_output(uuid.uuid4())),
+]
+
+
+@pytest.mark.parametrize(("route", "call"), SLOW_BEFORE_PAYING, ids=[r for r, _ in SLOW_BEFORE_PAYING])
+def test_the_checks_before_paying_end_by_the_deadline_in_effect(
+    gateway: Gateway, route: str, call: Callable[[AudioStorage], object]
+) -> None:
+    s = storage(gateway)
+    gateway.faults.add(route, 200, None, delay_s=4.0, delay_only=True)
+    started = time.monotonic()
+    with Deadline(1.0).applies(), pytest.raises(DeadlineExceeded):
+        call(s)
+    assert time.monotonic() - started < 2.0

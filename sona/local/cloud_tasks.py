@@ -770,6 +770,9 @@ class CloudTasksEmulator:
             if not attempt.cut:
                 attempt.status = response.status
             return _retry_after(response.getheader("Retry-After"))
+        except TimeoutError:
+            attempt.cut = True  # the socket's own timeout is the same dispatch deadline
+            return 0.0
         except (OSError, http.client.HTTPException):
             return 0.0
         finally:

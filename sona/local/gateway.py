@@ -11,6 +11,8 @@ import base64
 import hashlib
 import hmac
 import json
+import re
+import secrets
 import threading
 import time
 import uuid
@@ -25,7 +27,12 @@ from werkzeug.wrappers import Request, Response
 
 from sona.local.postgrest_rpc import PostgrestRpc
 from sona.local.serving import json_response, serve_in_thread, stop_server
-from sona.local.storage_api import StorageApi
+from sona.local.storage_api import StorageApi, access_denied
+from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
+
+_BEARER = re.compile(r"^Bearer\s+", re.IGNORECASE)
+# PostgREST's answer to a Bearer token that is not a JWT (e.g. an sb_secret_ key): supabase-py#1230.
+NOT_A_JWT = {"code": "PGRST301", "details": None, "hint": None, "message": "Expected 3 parts in JWT; got 1"}
 
 
 def make_jwt(secret: str, role: str, ttl_s: int = 10 * 365 * 24 * 3600) -> str:
@@ -151,16 +158,23 @@ class Gateway:
         service_role_key: str,
         anon_key: str,
         jwt_secret: str,
+        secret_key: str | None = None,
+        publishable_key: str | None = None,
         schema: str = "public",
     ) -> None:
         self.database_url = database_url
         self.storage_dir = storage_dir
+        # The legacy JWT keys, and the new keys a project issues beside them.
         self.service_role_key = service_role_key
         self.anon_key = anon_key
+        self.secret_key = secret_key or SECRET_PREFIX + secrets.token_urlsafe(24)
+        self.publishable_key = publishable_key or PUBLISHABLE_PREFIX + secrets.token_urlsafe(24)
         self.jwt_secret = jwt_secret
         self.schema = schema
         self.faults = FaultPlan()
         self.counts: dict[str, int] = defaultdict(int)
+        # The headers of the latest requests, so tests can see what the real clients send.
+        self.seen_headers: deque[tuple[str, dict[str, str]]] = deque(maxlen=200)
         self._counts_lock = threading.Lock()
         self._pool = ConnectionPool(
             database_url, min_size=1, max_size=20, open=False, kwargs={"autocommit": False}
@@ -203,6 +217,7 @@ class Gateway:
         else:
             return json_response({"message": "no Route matched with those values"}, 404)
         self._count(route)
+        self.seen_headers.append((route, {k.lower(): v for k, v in request.headers.items()}))
         fault = self.faults.take(route)
         if fault is not None:
             time.sleep(fault.delay_s)
@@ -213,29 +228,48 @@ class Gateway:
         return self._serve_route(route, request)
 
     def _serve_route(self, route: str, request: Request) -> Response:
-        role = self._role(request)
-        public_read = route in ("storage:public", "storage:signed_get")
-        if role is None and not public_read:
-            key = request.headers.get("apikey")
-            message = "No API key found in request" if not key else "Invalid API key"
+        if route in ("storage:public", "storage:signed_get"):  # public reads need no key
+            return self.storage.handle(route, request, "anon")
+        key = request.headers.get("apikey", "")
+        role = self._key_role(key)
+        if role is None:
             return json_response(
                 {
-                    "message": message,
+                    "message": "Invalid API key" if key else "No API key found in request",
                     "hint": "Double check your Supabase `anon` or `service_role` API key.",
                 },
                 401,
             )
+        bearer = request.headers.get("Authorization")
+        if bearer is not None:
+            # What reaches PostgREST and Storage is the caller's own Authorization: they take only
+            # a JWT there, so a new key (or anything else with no three parts) is refused.
+            token = _BEARER.sub("", bearer, count=1)
+            if len(token.split(".")) != 3:
+                if route.startswith("rpc:"):
+                    return json_response(NOT_A_JWT, 401)
+                return access_denied("Invalid Compact JWS")
+            role = self._jwt_role(token) or role
         if route.startswith("rpc:"):
-            return self.rpc.handle(route.removeprefix("rpc:"), request, role or "anon")
-        return self.storage.handle(route, request)
+            return self.rpc.handle(route.removeprefix("rpc:"), request, role)
+        return self.storage.handle(route, request, role)
 
-    def _role(self, request: Request) -> str | None:
-        key = request.headers.get("apikey", "")
-        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        for candidate in (bearer, key):
-            if candidate and hmac.compare_digest(candidate, self.service_role_key):
-                return "service_role"
-        for candidate in (bearer, key):
-            if candidate and hmac.compare_digest(candidate, self.anon_key):
-                return "anon"
+    def _key_role(self, key: str) -> str | None:
+        """The role the gateway maps an `apikey` to: the legacy JWTs and the new keys alike."""
+        roles = (
+            (self.service_role_key, "service_role"),
+            (self.secret_key, "service_role"),
+            (self.anon_key, "anon"),
+            (self.publishable_key, "anon"),
+        )
+        for known, role in roles:
+            if key and hmac.compare_digest(key.encode(), known.encode()):
+                return role
+        return None
+
+    def _jwt_role(self, token: str) -> str | None:
+        """A legacy key sent as Bearer speaks for its own role (keys are compared, not verified)."""
+        for known, role in ((self.service_role_key, "service_role"), (self.anon_key, "anon")):
+            if hmac.compare_digest(token.encode(), known.encode()):
+                return role
         return None

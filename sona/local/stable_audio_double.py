@@ -2,8 +2,9 @@
 
 It validates requests like the real API (multipart only, bearer auth, field ranges and defaults),
 answers WAV or MP3 at 44.1 kHz stereo (or base64 JSON), overshoots the requested length like the
-real service, and can be scripted to answer any documented error, to be slow, or to send truncated
-or corrupt audio. It counts calls, so tests can assert how many paid generations happened.
+real service, and can be scripted to answer any documented error, to be slow, or to send truncated,
+trickling or corrupt audio. It counts calls and the generations it finished (which are paid for,
+however their delivery then goes), so tests can assert how many paid generations happened.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ ERRORS: dict[int, tuple[str, str]] = {
 
 CDN_403_HTML = b"<html><head><title>403 Forbidden</title></head><body><h1>403 Forbidden</h1></body></html>"
 
-Kind = Literal["ok", "error", "html403", "slow", "truncate", "corrupt", "empty", "drop", "filtered"]
+Kind = Literal[
+    "ok", "error", "html403", "slow", "truncate", "trickle", "corrupt", "empty", "drop", "filtered"
+]
+# `trickle`: the whole answer, a few bytes at a time (a congested link), as long as the caller reads.
+TRICKLE_BYTES = 1024
+TRICKLE_EVERY_S = 0.05
 
 
 @dataclass
@@ -102,7 +108,7 @@ class Call:
     fields: dict[str, str]
     content_type: str
     answered: int = 0
-    paid: bool = False  # a generation delivered whole, which Stability charges for
+    paid: bool = False  # a generation that finished, which Stability charges for
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
@@ -324,16 +330,14 @@ class _Handler(BaseHTTPRequestHandler):
                     "seed": int(seed),
                 }
             ).encode()
-            return self._send(
-                call, 200, body, "application/json", truncate=behaviour.kind == "truncate", charge=charge
-            )
+            return self._send(call, 200, body, "application/json", delivery=behaviour.kind, charge=charge)
         return self._send(
             call,
             200,
             audio,
             audio_type,
             {"finish-reason": finish, "seed": seed},
-            truncate=behaviour.kind == "truncate",
+            delivery=behaviour.kind,
             charge=charge,
         )
 
@@ -345,7 +349,7 @@ class _Handler(BaseHTTPRequestHandler):
         content_type: str,
         headers: dict[str, str] | None = None,
         *,
-        truncate: bool = False,
+        delivery: Kind = "ok",
         charge: bool = False,
     ) -> None:
         call.answered = status
@@ -355,18 +359,29 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        if truncate:
+        # The generation has finished: Stability charges for it now, whether its bytes then arrive
+        # whole, cut off mid-body or not at all. Only a failed generation is free.
+        call.paid = charge
+        if delivery == "truncate":
             # Half the promised bytes, then the connection drops.
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if delivery == "trickle":
+            return self._trickle(body)
         self.wfile.write(body)
         self.wfile.flush()
-        # Charged once the generation is delivered; a failed generation (or one cut off mid-body)
-        # is not charged, as Stability documents.
-        call.paid = charge
+
+    def _trickle(self, body: bytes) -> None:
+        try:
+            for start in range(0, len(body), TRICKLE_BYTES):
+                self.wfile.write(body[start : start + TRICKLE_BYTES])
+                self.wfile.flush()
+                time.sleep(TRICKLE_EVERY_S)
+        except OSError:
+            self.close_connection = True  # the caller gave up: the audio was paid for anyway
 
     def _client_gone(self) -> bool:
         """True when the caller closed its connection (a readable socket with nothing to read)."""

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import requests
@@ -30,6 +30,7 @@ from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.relay import WebhookRelay
 from sona.local.stable_audio_double import StableAudioDouble
+from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
 from sona.task_queue import QueueLimits
 from sona.webhook_sql import WebhookConfig, webhook_sql
 
@@ -47,6 +48,8 @@ STACK_OWNED = {
 }
 LOCAL_QUEUE = "projects/sona-local/locations/local/queues/sona-jobs"
 TERMINAL = ("completed", "failed")
+# The keys the stack issues: the legacy JWTs (service_role, anon) and the new sb_secret_/sb_publishable_.
+FunctionKey = Literal["service_role", "anon", "secret", "publishable"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -153,6 +156,7 @@ class LocalStack:
         double_latency_s: float = 0.0,
         process_env: Mapping[str, str] | None = None,
         service_role_key: str | None = None,
+        function_key: FunctionKey = "service_role",
         webhook_secret: str | None = None,
         ports: Mapping[str, int] | None = None,
         capacity: tuple[int, int] | None = None,
@@ -170,6 +174,10 @@ class LocalStack:
         # Fresh keys each run; tests may pass sentinel values to look for in logs and rows.
         self.service_role_key = service_role_key or make_jwt(self.jwt_secret, "service_role")
         self.anon_key = make_jwt(self.jwt_secret, "anon")
+        # The new keys a project issues beside the legacy JWTs.
+        self.secret_key = SECRET_PREFIX + secrets.token_urlsafe(24)
+        self.publishable_key = PUBLISHABLE_PREFIX + secrets.token_urlsafe(24)
+        self.function_key = function_key  # which of the four the functions get
         self.webhook_secret = webhook_secret or secrets.token_urlsafe(24)
         self.postgres = EmbeddedPostgres(root / "pgdata")
         self.double: StableAudioDouble | None = None
@@ -200,6 +208,8 @@ class LocalStack:
             service_role_key=self.service_role_key,
             anon_key=self.anon_key,
             jwt_secret=self.jwt_secret,
+            secret_key=self.secret_key,
+            publishable_key=self.publishable_key,
         )
         self.supabase_url = self.gateway.start(port=self.ports.get("gateway", 0))
         if not self.real_provider:
@@ -262,7 +272,7 @@ class LocalStack:
         env.update(
             {
                 "SUPABASE_URL": self.supabase_url,
-                "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key,
+                "SUPABASE_SERVICE_ROLE_KEY": self.keys[self.function_key],
                 "WEBHOOK_SECRET": self.webhook_secret,
                 "PROCESS_JOB_URL": self.process_job_url,
                 "PYTHONUNBUFFERED": "1",
@@ -329,7 +339,8 @@ class LocalStack:
         return function
 
     def install_webhook(self, url: str) -> None:
-        settings = self.settings()
+        # The stack's own key, so a test can hand the functions a key they must refuse.
+        settings = self.settings(supabase_service_role_key=self.service_role_key)
         config = WebhookConfig(
             _env_file=None,
             webhook_secret=settings.webhook_secret,  # type: ignore[call-arg]
@@ -341,6 +352,15 @@ class LocalStack:
         apply_sql(self.database_url, webhook_sql(config, url))
 
     @property
+    def keys(self) -> dict[FunctionKey, str]:
+        return {
+            "service_role": self.service_role_key,
+            "anon": self.anon_key,
+            "secret": self.secret_key,
+            "publishable": self.publishable_key,
+        }
+
+    @property
     def reclaim_jobs_url(self) -> str:
         return self.functions["reclaim_jobs"].url
 
@@ -349,6 +369,8 @@ class LocalStack:
             "supabase_url": self.supabase_url,
             "service_role_key": self.service_role_key,
             "anon_key": self.anon_key,
+            "secret_key": self.secret_key,
+            "publishable_key": self.publishable_key,
             "database_url": self.database_url,
             "webhook_secret": self.webhook_secret,
             "process_job_url": self.process_job_url,

@@ -1,6 +1,21 @@
 """Supabase Storage's endpoints, as the local gateway serves them: buckets, uploads (with x-upsert),
 list, info, public and signed downloads. Object bytes live in a folder, metadata in PostgreSQL's
-storage schema; errors answer HTTP 400 with the original status as a string, as Storage does."""
+storage schema. What it honours, as measured against the real Storage server (v1.70.6) and read in
+its source (supabase/storage, src/internal/errors, src/storage/limits.ts, migrations/tenant):
+
+- errors answer HTTP 400 (500 for server faults) with `{"statusCode": "<status>", "error",
+  "message", "code"}`, `code` one of Storage's ErrorCode names;
+- a global upload limit (the project's; 50 MB on the Free plan) refuses a bucket whose
+  `file_size_limit` is above it with "413" EntityTooLarge, and caps every upload together with the
+  bucket's own limit;
+- size strings are parsed as Storage does: decimal units (100MB = 10^8 bytes), no space;
+- object names and bucket names outside Storage's character set are refused (InvalidKey,
+  InvalidBucketName);
+- listing a missing bucket answers `[]`; the list search is a case-insensitive prefix match
+  (`%` and `_` are literal), sorted by lower-cased name, with folders as rows whose `id` is null;
+- public downloads carry the stored Cache-Control, ETag and Last-Modified, answer 304 and Range;
+  signed downloads carry `Expires` and no Cache-Control.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +26,8 @@ import json
 import mimetypes
 import time
 import uuid
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +37,87 @@ from werkzeug.formparser import parse_form_data
 from werkzeug.wrappers import Request, Response
 
 from sona.local.serving import json_response
+from sona.storage_rules import is_valid_bucket_name, is_valid_key, parse_file_size
+
+# The Free plan's global upload limit: "50 MB" in the dashboard, 52428800 bytes as Storage's own
+# sample configuration (UPLOAD_FILE_SIZE_LIMIT_STANDARD) has it.
+FREE_PLAN_UPLOAD_LIMIT = 50 * 1024 * 1024
 
 
-def _storage_error(status: str, error: str, message: str, http: int = 400) -> Response:
-    # Supabase Storage answers 400 and carries the original status as a string.
-    return json_response({"statusCode": status, "error": error, "message": message}, http)
+def _storage_error(status: str, code: str, message: str, error: str | None = None) -> Response:
+    """Storage's error body (src/http/error-handler.ts): HTTP 400, or 500 for a server fault, with
+    the original status as a string; `error` is the legacy name, else the code again."""
+    body = {"statusCode": status, "code": code, "error": error or code, "message": message}
+    return json_response(body, 500 if status == "500" else 400)
+
+
+def _no_such_bucket() -> Response:
+    return _storage_error("404", "NoSuchBucket", "Bucket not found", "Bucket not found")
+
+
+def _no_such_key() -> Response:
+    return _storage_error("404", "NoSuchKey", "Object not found", "not_found")
+
+
+def _duplicate(code: str) -> Response:
+    return _storage_error("409", code, "The resource already exists", "Duplicate")
+
+
+def _too_large() -> Response:
+    return _storage_error(
+        "413", "EntityTooLarge", "The object exceeded the maximum allowed size", "Payload too large"
+    )
+
+
+def _invalid_bucket_name() -> Response:
+    return _storage_error("400", "InvalidBucketName", "Bucket name invalid", "Invalid Input")
+
+
+def access_denied(message: str) -> Response:
+    """Storage's AccessDenied (a JWT it cannot verify, or row level security): HTTP 400, "403"."""
+    return json_response(
+        {"statusCode": "403", "code": "AccessDenied", "error": "Unauthorized", "message": message}, 400
+    )
+
+
+# What row level security does to a key without the service role: storage.buckets and
+# storage.objects have RLS on and this project adds no policies, so writes are refused and reads
+# see no rows (as the real server answers once its query comes back empty).
+_RLS_GUARDED = {
+    "storage:bucket_create",
+    "storage:upload",
+    "storage:update",
+    "storage:list",
+    "storage:bucket_get",
+    "storage:info",
+    "storage:sign",
+    "storage:download",
+}
+
+
+def _row_level_security(route: str) -> Response:
+    if route in ("storage:bucket_create", "storage:upload", "storage:update"):
+        return access_denied("new row violates row-level security policy")
+    if route == "storage:list":
+        return json_response([])
+    if route == "storage:bucket_get":
+        return _storage_error("404", "Bucket not found", "Bucket not found")
+    return _storage_error("404", "not_found", "Object not found")
 
 
 class StorageApi:
-    def __init__(self, pool: ConnectionPool, storage_dir: Path, jwt_secret: str) -> None:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        storage_dir: Path,
+        jwt_secret: str,
+        upload_limit: int = FREE_PLAN_UPLOAD_LIMIT,
+    ) -> None:
         self._pool = pool
         self.storage_dir = storage_dir
         self.jwt_secret = jwt_secret
+        # The project's global upload limit; tests may change it to play another plan.
+        self.upload_limit = upload_limit
 
     @staticmethod
     def route(request: Request) -> str:
@@ -50,7 +136,9 @@ class StorageApi:
             return {"POST": "storage:upload", "PUT": "storage:update"}.get(request.method, "storage:download")
         return "storage:unknown"
 
-    def handle(self, route: str, request: Request) -> Response:
+    def handle(self, route: str, request: Request, role: str) -> Response:
+        if role != "service_role" and route in _RLS_GUARDED:
+            return _row_level_security(route)
         parts = request.path.removeprefix("/storage/v1/").split("/")
         if route == "storage:bucket_get":
             return self._bucket_get(parts[1] if len(parts) > 1 else "")
@@ -59,7 +147,7 @@ class StorageApi:
         if route in ("storage:upload", "storage:update"):
             return self._upload(parts[1], "/".join(parts[2:]), request, route == "storage:update")
         if route == "storage:public":
-            return self._serve(parts[2], "/".join(parts[3:]), require_public=True)
+            return self._serve(parts[2], "/".join(parts[3:]), request, require_public=True)
         if route == "storage:sign":
             return self._sign(parts[2], "/".join(parts[3:]), request)
         if route == "storage:signed_get":
@@ -73,9 +161,10 @@ class StorageApi:
             return self._serve(
                 parts[2] if parts[1] == "authenticated" else parts[1],
                 "/".join(parts[3:] if parts[1] == "authenticated" else parts[2:]),
+                request,
                 require_public=False,
             )
-        return _storage_error("404", "not_found", "Route not found", 404)
+        return json_response({"statusCode": "404", "error": "Not Found", "message": "Route not found"}, 404)
 
     def _read(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """A read-only query (the pool ends its transaction when the connection goes back)."""
@@ -112,14 +201,30 @@ class StorageApi:
     def _bucket_get(self, bucket_id: str) -> Response:
         bucket = self._bucket(bucket_id)
         if bucket is None:
-            return _storage_error("404", "Bucket not found", "Bucket not found")
+            return _no_such_bucket()
         return json_response(bucket)
 
     def _bucket_create(self, request: Request) -> Response:
         body = request.get_json(force=True, silent=True) or {}
         bucket_id = body.get("id") or body.get("name")
-        if not bucket_id:
-            return _storage_error("400", "Invalid Input", "body must have required property 'name'")
+        if not body.get("name"):
+            return _storage_error(
+                "400", "InvalidRequest", "body must have required property 'name'", "Bad Request"
+            )
+        if not is_valid_bucket_name(str(body["name"])):
+            return _invalid_bucket_name()
+        try:
+            size_limit = _size_limit(body.get("file_size_limit"))
+        except ValueError:
+            return _storage_error(
+                "400",
+                "InvalidRequest",
+                "body/file_size_limit must match a schema in anyOf",
+                "Bad Request",
+            )
+        if size_limit is not None and size_limit > self.upload_limit:
+            # storage.ts parseMaxSizeLimit: a bucket may not allow more than the project does.
+            return _too_large()
         try:
             with self._pool.connection() as conn:
                 conn.execute(
@@ -129,14 +234,14 @@ class StorageApi:
                         bucket_id,
                         body.get("name") or bucket_id,
                         bool(body.get("public")),
-                        _size_limit(body.get("file_size_limit")),
+                        size_limit,
                         body.get("allowed_mime_types"),
                     ),
                 )
                 conn.commit()
         except psycopg.errors.UniqueViolation:
-            return _storage_error("409", "Duplicate", "The resource already exists")
-        return json_response({"name": bucket_id})
+            return _duplicate("BucketAlreadyExists")
+        return json_response({"name": body["name"]})
 
     def _object_path(self, bucket_id: str, name: str) -> Path:
         path = (self.storage_dir / bucket_id / name).resolve()
@@ -145,25 +250,30 @@ class StorageApi:
         return path
 
     def _upload(self, bucket_id: str, name: str, request: Request, update: bool) -> Response:
+        if not is_valid_bucket_name(bucket_id):
+            return _invalid_bucket_name()
         bucket = self._bucket(bucket_id)
         if bucket is None:
-            return _storage_error("404", "Bucket not found", "Bucket not found")
-        try:
-            target = self._object_path(bucket_id, name)
-        except ValueError:
-            return _storage_error("400", "InvalidKey", f"Invalid key: {name}")
+            return _no_such_bucket()
         try:
             content_type, cache_control, data, user_metadata = _upload_body(request)
         except ValueError:
             return _storage_error("400", "InvalidRequest", "metadata must be JSON")
         limit = bucket["file_size_limit"]
-        if limit is not None and len(data) > limit:
-            return _storage_error(
-                "413", "Payload too large", "The object exceeded the maximum allowed size", 400
-            )
+        # uploader.ts getStandardMaxFileSizeLimit: the smaller of the bucket's and the project's.
+        if len(data) > min(self.upload_limit, limit if limit is not None else self.upload_limit):
+            return _too_large()
         allowed = bucket["allowed_mime_types"]
         if allowed and not any(_mime_matches(content_type, m) for m in allowed):
-            return _storage_error("415", "invalid_mime_type", f"mime type {content_type} is not supported")
+            return _storage_error(
+                "415", "InvalidMimeType", f"mime type {content_type} is not supported", "invalid_mime_type"
+            )
+        try:
+            if not is_valid_key(name):
+                raise ValueError(name)
+            target = self._object_path(bucket_id, name)
+        except ValueError:
+            return _storage_error("400", "InvalidKey", f"Invalid key: {name}")
         upsert = request.headers.get("x-upsert", "false").lower() == "true"
         metadata = json.dumps(
             {
@@ -201,8 +311,8 @@ class StorageApi:
             if row is None:
                 conn.rollback()
                 if update:
-                    return _storage_error("404", "not_found", "Object not found")
-                return _storage_error("409", "Duplicate", "The resource already exists")
+                    return _no_such_key()
+                return _duplicate("KeyAlreadyExists")
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
             tmp.write_bytes(data)
@@ -212,33 +322,45 @@ class StorageApi:
         return json_response({"Key": f"{bucket_id}/{name}", "Id": str(row[0])})
 
     def _list(self, bucket_id: str, request: Request) -> Response:
-        """POST /object/list/{bucket}: the objects directly in `prefix` whose names start with
-        `search` (Storage's own semantics), newest first when sorted by name desc."""
-        if self._bucket(bucket_id) is None:
-            return _storage_error("404", "Bucket not found", "Bucket not found")
+        """POST /object/list/{bucket}, as storage.search (migration 0063) answers it sorted by name:
+        the names under `prefix` that start with `search`, compared lower-cased (no wildcards),
+        files and folders (id null) in lower-cased name order. A missing bucket lists nothing."""
+        if not is_valid_bucket_name(bucket_id):
+            return _invalid_bucket_name()
         body = request.get_json(force=True, silent=True) or {}
-        prefix = str(body.get("prefix") or "").strip("/")
-        folder = f"{prefix}/" if prefix else ""
-        pattern = folder + str(body.get("search") or "").replace("%", r"\%").replace("_", r"\_") + "%"
-        order = "desc" if (body.get("sortBy") or {}).get("order") == "desc" else "asc"
+        prefix = str(body.get("prefix") or "")
+        folder = prefix if not prefix or prefix.endswith("/") else f"{prefix}/"
+        start = (folder + str(body.get("search") or "")).lower()
+        descending = (body.get("sortBy") or {}).get("order") == "desc"
         rows = self._read(
-            "select id, name, metadata, created_at, updated_at from storage.objects"  # type: ignore[arg-type]
-            f" where bucket_id = %s and name like %s order by name {order} limit %s offset %s",
-            (bucket_id, pattern, int(body.get("limit") or 100), int(body.get("offset") or 0)),
+            "select id, name, metadata, created_at, updated_at from storage.objects"
+            " where bucket_id = %s and left(lower(name), length(%s)) = %s",
+            (bucket_id, start, start),
         )
-        items = [
-            {
-                "name": name[len(folder) :],
-                "id": str(oid),
-                "metadata": meta,
-                "created_at": created.isoformat(),
-                "updated_at": updated.isoformat(),
-                "last_accessed_at": updated.isoformat(),
-            }
-            for oid, name, meta, created, updated in rows
-            if "/" not in name[len(folder) :]
-        ]
-        return json_response(items)
+        rows.sort(key=lambda row: str(row[1]).lower().encode(), reverse=descending)
+        items: list[dict[str, Any]] = []
+        seen_folders: set[str] = set()
+        for oid, name, meta, created, updated in rows:
+            rest = name[len(start) :]
+            if "/" in rest:  # a deeper object: its folder is listed once, in its place
+                sub = name[len(folder) : len(start) + rest.index("/")]
+                if sub.lower() not in seen_folders:
+                    seen_folders.add(sub.lower())
+                    items.append(_folder_row(sub))
+                continue
+            items.append(
+                {
+                    "name": name[len(folder) :],
+                    "id": str(oid),
+                    "metadata": meta,
+                    "created_at": created.isoformat(),
+                    "updated_at": updated.isoformat(),
+                    "last_accessed_at": updated.isoformat(),
+                }
+            )
+        offset = int(body.get("offset") or 0)
+        limit = min(int(body.get("limit") or 100), 1500)
+        return json_response(items[offset : offset + limit])
 
     def _info(self, bucket_id: str, name: str) -> Response:
         row = self._read_one(
@@ -247,7 +369,7 @@ class StorageApi:
             (bucket_id, name),
         )
         if row is None:
-            return _storage_error("404", "not_found", "Object not found")
+            return _no_such_key()
         oid, meta, user_meta, created, updated = row
         meta = meta or {}
         return json_response(
@@ -266,36 +388,45 @@ class StorageApi:
             }
         )
 
-    def _serve(self, bucket_id: str, name: str, *, require_public: bool) -> Response:
+    def _serve(
+        self, bucket_id: str, name: str, request: Request, *, require_public: bool, expires: int | None = None
+    ) -> Response:
+        """renderer.ts: ETag, Last-Modified and Range always; then either the signed URL's Expires
+        or the stored Cache-Control (a public or authenticated download), never both."""
         bucket = self._bucket(bucket_id)
         if bucket is None or (require_public and not bucket["public"]):
-            return _storage_error("404", "Bucket not found", "Bucket not found")
+            return _no_such_bucket()
         row = self._read_one(
-            "select metadata from storage.objects where bucket_id = %s and name = %s",
+            "select metadata, updated_at from storage.objects where bucket_id = %s and name = %s",
             (bucket_id, name),
         )
         if row is None:
-            return _storage_error("404", "not_found", "Object not found")
-        meta = row[0] or {}
+            return _storage_error("404", "NoSuchKey", "The resource was not found", "Not found")
+        meta, updated = row[0] or {}, row[1]
         data = self._object_path(bucket_id, name).read_bytes()
         response = Response(data, content_type=meta.get("mimetype", "application/octet-stream"))
-        response.headers["Cache-Control"] = meta.get("cacheControl", "no-cache")
         response.headers["ETag"] = meta.get("eTag", "")
-        return response
+        response.last_modified = updated
+        if expires is not None:
+            response.headers["Expires"] = format_datetime(datetime.fromtimestamp(expires, UTC), usegmt=True)
+        elif meta.get("cacheControl"):
+            response.headers["Cache-Control"] = meta["cacheControl"]
+        return response.make_conditional(request, accept_ranges=True, complete_length=len(data))
 
     def _sign(self, bucket_id: str, name: str, request: Request) -> Response:
         body = request.get_json(force=True, silent=True) or {}
         try:
             expires_in = int(str(body.get("expiresIn")))
         except (TypeError, ValueError):
-            return _storage_error("400", "InvalidRequest", "expiresIn must be a number")
+            return _storage_error("400", "InvalidRequest", "body/expiresIn must be integer", "Bad Request")
         row = self._read_one(
             "select 1 from storage.objects where bucket_id = %s and name = %s",
             (bucket_id, name),
         )
         if row is None:
-            return _storage_error("404", "not_found", "Object not found")
+            return _no_such_key()
         token = self._token(f"{bucket_id}/{name}", int(time.time()) + expires_in)
+        # object.ts signObjectUrl: the path comes back decoded (decodeURI), not percent-encoded.
         return json_response({"signedURL": f"/object/sign/{bucket_id}/{name}?token={token}"})
 
     def _token(self, url: str, exp: int) -> str:
@@ -312,10 +443,10 @@ class StorageApi:
         except ValueError:
             claims = {}
         if not hmac.compare_digest(sig, good) or claims.get("url") != f"{bucket_id}/{name}":
-            return _storage_error("400", "InvalidSignature", "The signature is invalid")
+            return _storage_error("400", "InvalidSignature", "Invalid signature")
         if claims.get("exp", 0) < time.time():
-            return _storage_error("400", "InvalidJWT", '"exp" claim timestamp check failed')
-        return self._serve(bucket_id, name, require_public=False)
+            return _storage_error("400", "ExpiredToken", "The provided token has expired.")
+        return self._serve(bucket_id, name, request, require_public=False, expires=int(claims["exp"]))
 
 
 def _upload_body(request: Request) -> tuple[str, str, bytes, dict[str, Any] | None]:
@@ -338,13 +469,19 @@ def _upload_body(request: Request) -> tuple[str, str, bytes, dict[str, Any] | No
 
 
 def _size_limit(value: Any) -> int | None:
-    if value is None or isinstance(value, int):
+    """file-size-limit.ts: null, a whole number of bytes, or a size string Storage parses."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    text = str(value).strip().upper()
-    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text.removesuffix(unit)) * factor)
-    return int(text)
+    if isinstance(value, str):
+        return parse_file_size(value)
+    raise ValueError(value)
+
+
+def _folder_row(name: str) -> dict[str, Any]:
+    keys = ("id", "metadata", "created_at", "updated_at", "last_accessed_at")
+    return {"name": name, **dict.fromkeys(keys)}
 
 
 def _mime_matches(content_type: str, pattern: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,17 +47,34 @@ class Ledger:
     responses: list[str] = field(default_factory=list)
     leaked: list[str] = field(default_factory=list)
     lost: list[uuid.UUID] = field(default_factory=list)
+    # Why a job was paid for more than once, for the cases no client can avoid (the provider
+    # charges for a generation it finished even if its bytes never arrived whole).
+    why_paid_again: dict[uuid.UUID, str] = field(default_factory=dict)
 
     @property
     def duplicate_paid(self) -> int:
         return sum(max(0, n - 1) for n in self.paid.values())
 
+    def unexplained_duplicates(self) -> dict[uuid.UUID, int]:
+        return {job: n for job, n in self.paid.items() if n > 1 and job not in self.why_paid_again}
+
     def totals(self) -> str:
         return (
             f"hardening totals: {len(self.bad_inputs)} bad inputs tried, {len(self.faults)} faults "
-            f"injected, {len(self.lost)} jobs lost, {self.duplicate_paid} duplicate paid "
-            f"generations, {len(self.leaked)} secrets leaked"
+            f"injected, {len(self.lost)} jobs lost, {self._duplicates()}, {len(self.leaked)} secrets leaked"
         )
+
+    def _duplicates(self) -> str:
+        count = self.duplicate_paid
+        text = f"{count} duplicate paid generation{'' if count == 1 else 's'}"
+        reasons = Counter(
+            why for job, why in self.why_paid_again.items() for _ in range(self.paid[job] - 1)
+        )
+        if not reasons:
+            return text
+        if len(reasons) == 1 and sum(reasons.values()) == count:
+            return f"{text} ({next(iter(reasons))})"
+        return f"{text} ({'; '.join(f'{n}: {why}' for why, n in reasons.items())})"
 
 
 LEDGER = Ledger()
@@ -145,6 +162,18 @@ def check_end(row: dict[str, Any], status: str, attempts: int, message: str | No
     assert (row["status"], row["attempts"]) == (status, attempts), row["error_message"]
     if message:
         assert message in row["error_message"]
+
+
+def assert_recorded_in_time(stack: LocalStack, job_id: uuid.UUID) -> None:
+    """Every attempt recorded its own end before the function's 10 s + 10 s timeout."""
+    rows = sql(
+        stack.database_url,
+        "select extract(epoch from finished_at - started_at) as s"
+        " from job_attempts where job_id = %s and finished_at is not null",
+        job_id,
+        role=None,
+    )
+    assert [float(r["s"]) for r in rows if float(r["s"]) >= JOB_BUDGET_S + 4] == []
 
 
 def observe(stack: LocalStack, job_id: uuid.UUID) -> dict[str, Any]:

@@ -13,7 +13,15 @@ from sona.local.gateway import gateway_error, gateway_error_page
 from sona.local.stable_audio_double import Behaviour
 from sona.local.stack import LocalStack
 from sona.models import webhook_payload
-from tests.hardening.conftest import Ledger, check_end, reclaim, run_job, settle
+from tests.hardening.conftest import (
+    JOB_BUDGET_S,
+    Ledger,
+    assert_recorded_in_time,
+    check_end,
+    reclaim,
+    run_job,
+    settle,
+)
 
 DB_DOWN = {
     "code": "PGRST000",
@@ -96,6 +104,16 @@ CASES: list[tuple[str, str, dict[str, Any], list[Behaviour], str, str | None, in
         None,
         1,
         1,
+    ),
+    (
+        "storage slower than the job's deadline",
+        "storage:upload",
+        {"status": 200, "body": None, "delay_s": JOB_BUDGET_S + 6, "delay_only": True},
+        [],
+        "completed",
+        None,
+        2,
+        2,
     ),
     (
         "database down during claim",
@@ -211,6 +229,13 @@ CASES: list[tuple[str, str, dict[str, Any], list[Behaviour], str, str | None, in
 ]
 
 
+# The first attempt paid, then Storage answered only after the deadline: nothing complete was stored
+# (the WAV lands late, the MP3 never went), so the retry that rescues the job pays again.
+PAID_AGAIN = {
+    "storage slower than the job's deadline": "storage answered past the deadline, nothing stored yet"
+}
+
+
 @pytest.mark.parametrize(
     ("name", "route", "fault", "script", "status", "message", "calls", "attempts"),
     CASES,
@@ -233,7 +258,11 @@ def test_a_storage_or_database_fault_loses_nothing_and_pays_once(
     ledger.faults.append((f"gateway: {name}", f"{row['status']} after {row['attempts']} attempt(s)"))
     check_end(row, status, attempts, message)
     assert ledger.calls[job_id] == calls
-    assert ledger.paid[job_id] <= 1
+    assert_recorded_in_time(stack, job_id)
+    why = PAID_AGAIN.get(name)
+    if why is not None:
+        ledger.why_paid_again[job_id] = why
+    assert ledger.paid[job_id] <= (1 if why is None else 2)
     if status == "completed":
         for url in (row["wav_url"], row["mp3_url"]):
             assert requests.get(url, timeout=10).status_code == 200
