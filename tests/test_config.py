@@ -146,6 +146,7 @@ GOOD_ENV = {
     "SUPABASE_URL": "https://abc.supabase.co",
     "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
     "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+    "DISPATCH": "direct",
 }
 
 
@@ -177,6 +178,8 @@ def test_validate_passes_a_key_of_unknown_shape_with_a_warning(
     assert result.returncode == 0, result.stderr
     assert ("neither a secret key" in result.stderr) == warned
     assert key not in result.stdout + result.stderr
+
+
 def test_the_bucket_gets_no_size_limit_of_its_own_by_default() -> None:
     s = make_settings()
     assert (s.storage_file_size_limit, s.storage_file_size_limit_bytes) == (None, None)
