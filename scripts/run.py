@@ -3,6 +3,7 @@
 
 python3 scripts/run.py demo "ambient forest at dawn" --duration 5
 python3 scripts/run.py test              # ruff, mypy, then pytest (extra args go to pytest)
+python3 scripts/run.py lock [--upgrade]  # regenerate requirements.txt and requirements-dev.txt
 python3 scripts/run.py <any python -m sona command>
 """
 
@@ -18,7 +19,7 @@ REQUIREMENTS = (ROOT / "requirements.txt", ROOT / "requirements-dev.txt")
 if sys.version_info < (3, 11):  # noqa: UP036  this file runs under whatever python3 is
     sys.exit(f"Python 3.11 or newer is needed; this is {sys.version.split()[0]}")
 sys.path.insert(0, str(ROOT))
-from sona.local.venvs import ensure_venv  # noqa: E402  (standard library only)
+from sona.local.venvs import ensure_venv, lock_commands  # noqa: E402  (standard library only)
 
 
 def run(*command: str) -> int:
@@ -38,10 +39,19 @@ def test(python: str, pytest_args: list[str]) -> int:
     return run(python, "-m", "pytest", *pytest_args)
 
 
+def lock(python: str, uv_args: list[str]) -> int:
+    for command in lock_commands(python, uv_args):
+        if run(*command) != 0:
+            return 1
+    return 0
+
+
 def main(argv: list[str]) -> int:
     python = str(ensure_venv(ROOT / ".venv", ROOT / "requirements-dev.txt", REQUIREMENTS))
     if argv[:1] == ["test"]:
         return test(python, argv[1:])
+    if argv[:1] == ["lock"]:
+        return lock(python, argv[1:])
     return run(python, "-m", "sona", *argv)
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from sona.config import ConfigError, load
-from sona.deploy import DeployConfig, render
+from sona.deploy import RUNTIME, DeployConfig, render
 from sona.local.database import apply_sql
 from sona.webhook_sql import WebhookConfig, webhook_sql
 from tests.support import SECRETS, insert_job, sql
@@ -90,11 +90,38 @@ def test_cloud_build_and_deploy_sh_give_the_same_commands() -> None:
     )
 
 
+def must_finish_before(step_id: str) -> set[str]:
+    """Every step that Cloud Build completes successfully before it starts step_id: those named in
+    its waitFor, or all earlier ones when it has none; `-` alone means none (the build's start)."""
+    steps = cloudbuild()["steps"]
+    ids = [s["id"] for s in steps]
+    step = steps[ids.index(step_id)]
+    direct = [i for i in step.get("waitFor") or ids[: ids.index(step_id)] if i != "-"]
+    return set(direct).union(*(must_finish_before(i) for i in direct))
+
+
 def test_cloud_build_runs_the_tests_before_it_deploys() -> None:
     steps = [s["id"] for s in cloudbuild()["steps"]]
-    assert steps == ["test", "plan", "deploy"]
+    assert steps == ["test", "audit", "plan", "deploy"]
     (test,) = [s for s in cloudbuild()["steps"] if s["id"] == "test"]
     assert test["args"] == ["scripts/run.py", "test"]
+    assert "test" in must_finish_before("deploy")
+
+
+def test_cloud_build_audits_the_locked_dependencies_before_it_deploys() -> None:
+    (audit,) = [s for s in cloudbuild()["steps"] if s["id"] == "audit"]
+    assert [audit["entrypoint"], *audit["args"][:2]] == [".venv/bin/python", "-m", "pip_audit"]
+    assert {"--requirement=requirements.txt", "--require-hashes", "--strict"} <= set(audit["args"])
+    assert "test" in must_finish_before("audit")  # the test step makes .venv, with pip-audit pinned
+    assert "audit" in must_finish_before("deploy")
+
+
+def test_the_audit_reads_the_lock_as_the_deployed_python_installs_it() -> None:
+    """pip-audit evaluates the lock's environment markers with its own Python."""
+    (audit,) = [s for s in cloudbuild()["steps"] if s["id"] == "audit"]
+    runtime = re.fullmatch(r"python3(\d+)", RUNTIME)
+    assert runtime is not None
+    assert audit["name"] == f"python:3.{runtime[1]}"
 
 
 @pytest.mark.parametrize(

@@ -32,3 +32,23 @@ def ensure_venv(directory: Path, install: Path, inputs: Sequence[Path], *, clear
     )
     stamp.write_text(digest)
     return python
+
+
+# The oldest Python the function supports (pyproject.toml's requires-python). uv's universal
+# resolution starts there and covers every newer one, with environment markers where they differ.
+OLDEST_PYTHON = "3.11"
+# Each lock and its input, the runtime one first: requirements-dev.in is constrained by it.
+LOCKS = (("requirements.in", "requirements.txt"), ("requirements-dev.in", "requirements-dev.txt"))
+# Hashed, because pip then installs in hash-checking mode: Cloud Functions' build refuses any
+# package or file that is not in the lock, instead of quietly resolving one.
+UV_COMPILE = ("pip", "compile", "--universal", "--python-version", OLDEST_PYTHON, "--generate-hashes")
+
+
+def lock_commands(python: str, extra: Sequence[str] = ()) -> list[list[str]]:
+    """The commands that regenerate both locks with uv, which the dev lock pins (nothing at run time
+    needs it). extra goes to each, e.g. --upgrade or --upgrade-package NAME."""
+    header = ("--custom-compile-command", "python3 scripts/run.py lock", "--quiet")
+    return [
+        [python, "-m", "uv", *UV_COMPILE, source, "--output-file", output, *header, *extra]
+        for source, output in LOCKS
+    ]
