@@ -214,12 +214,21 @@ def test_an_answered_request_records_status_headers_and_content(
     assert (response["content_type"], response["content"]) == ("application/json", '{"ok": true}')
 
 
-def test_a_refused_connection_is_recorded_with_curls_message(db_url: str, relay: WebhookRelay) -> None:
-    request_id = post(db_url, "http://127.0.0.1:9/nothing-listens")
+UNSENDABLE = [
+    ("http://127.0.0.1:9/nothing-listens", "Couldn't connect to server"),
+    ("ftp://127.0.0.1/file", "Unsupported protocol"),
+    ("http://127.0.0.1:port/", "URL using bad/illegal format or missing URL"),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), UNSENDABLE, ids=["refused", "ftp", "bad port"])
+def test_a_request_that_cannot_be_sent_is_recorded_with_curls_message(
+    db_url: str, relay: WebhookRelay, url: str, message: str
+) -> None:
+    request_id = post(db_url, url)
     wait_until(lambda: request_id in responses(db_url), timeout_s=10)
     response = responses(db_url)[request_id]
-    assert (response["status_code"], response["timed_out"]) == (None, False)
-    assert response["error_msg"] == "Couldn't connect to server"
+    assert (response["status_code"], response["timed_out"], response["error_msg"]) == (None, False, message)
 
 
 def test_a_batch_is_at_most_batch_size_requests_run_together(db_url: str, endpoint: Endpoint) -> None:

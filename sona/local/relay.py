@@ -110,8 +110,16 @@ class _Clock:
         )
 
 
+class UnsupportedProtocol(ValueError):
+    """pg_net lets curl speak only http and https."""
+
+
 def _curl_error(exc: Exception) -> str:
     """curl_easy_strerror's text for the failure curl would have had."""
+    if isinstance(exc, UnsupportedProtocol):
+        return "Unsupported protocol"
+    if isinstance(exc, (ValueError, http.client.InvalidURL)):
+        return "URL using bad/illegal format or missing URL"
     if isinstance(exc, ConnectionRefusedError):
         return "Couldn't connect to server"
     if isinstance(exc, socket.gaierror):
@@ -125,6 +133,8 @@ def _curl_error(exc: Exception) -> str:
 
 def _connection(url: str, clock: _Clock) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise UnsupportedProtocol(parts.scheme)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = kind(parts.hostname or "localhost", parts.port, timeout=clock.remaining())
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -154,7 +164,7 @@ def perform(request: QueuedRequest) -> Outcome:
             conn.close()
     except TimeoutError:
         return Outcome(timed_out=True, error_msg=clock.timeout_message())
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         return Outcome(error_msg=_curl_error(exc))
     content = b"".join(chunks).decode("utf-8", errors="replace")
     return Outcome(
