@@ -159,8 +159,8 @@ def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> di
     either ends within the function's timeout, and then the row has its answer."""
     deadline = time.monotonic() + JOB_BUDGET_S + 6
     while True:
-        row = stack.job(job_id)
         # pg_net keeps a request's queue row (uncommitted delete) until its whole batch has ended.
+        # Looked at before the row, so a row read after its delivery ended is the answered one.
         delivering = sql(
             stack.database_url,
             "select 1 from net.http_request_queue"
@@ -168,6 +168,7 @@ def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> di
             str(job_id),
             role=None,
         )
+        row = stack.job(job_id)
         running = while_processing and row["status"] == "processing"
         if not (delivering or running) or time.monotonic() > deadline:
             return row
