@@ -35,7 +35,11 @@ def _validate(_: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from sona.local.demo import demo
 
-    return demo(args.prompt, args.duration, args.quality)
+    try:
+        return demo(args.prompt, args.duration, args.quality)
+    except ConfigError as exc:  # raised before the stack starts anything
+        print(exc, file=sys.stderr)
+        return 1
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -50,7 +54,11 @@ def _dev(args: argparse.Namespace) -> int:
         )
         if port
     }
-    return dev(args.json, ports)
+    try:
+        return dev(args.json, ports)
+    except ConfigError as exc:  # raised before the stack starts anything
+        print(exc, file=sys.stderr)
+        return 1
 
 
 def _reclaim(_: argparse.Namespace) -> int:

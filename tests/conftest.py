@@ -56,7 +56,7 @@ def fresh_database(pg_server: str, template: str | None = TEMPLATE) -> str:
 
 
 RESET = """truncate public.jobs, public.job_attempts, auth.users, storage.objects, storage.buckets,
-  supabase_functions.local_queue cascade"""
+  net.http_request_queue, net._http_response, supabase_functions.hooks cascade"""
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,10 @@ import io
 import json
 import math
 import struct
+import time
 import uuid
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -128,3 +129,10 @@ def decoded_seconds(data: bytes, suffix: str) -> float:
             check=True,
         ).stdout
     return len(pcm) / 2 / 44100
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)

@@ -42,6 +42,7 @@ def fresh(stack: LocalStack) -> None:
     stack.double.reset()
     stack.double.rate_limit = None
     stack.double.latency_s = 0.0
+    stack.relay.wait_idle()  # an earlier test's dropped deliveries are dropped by now
     stack.relay.enabled = True
     sql(stack.database_url, "delete from jobs", role=None)
 

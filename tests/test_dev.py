@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 
-from sona.local.stack import free_port
+from sona.local.gateway import make_jwt
+from sona.local.stack import LocalStack, free_port
 from sona.models import webhook_payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,3 +71,50 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def run_sona(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sona", *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_dev_with_an_invalid_configuration_lists_what_validate_lists_and_starts_nothing() -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(REPO / ".sona"),
+        "SUPABASE_URL": "http://127.0.0.1:9",
+        "SUPABASE_SERVICE_ROLE_KEY": make_jwt("a-local-secret", "service_role"),
+        "STABLE_AUDIO_API_KEY": "sk-unused",
+        "WEBHOOK_SECRET": "unused-secret",
+        "JOB_TIMEOUT_MS": "20000",
+        "DEADLINE_MARGIN_MS": "10000",  # not less than half of JOB_TIMEOUT_MS
+    }
+    ports = [free_port() for _ in range(3)]
+    flags = ["--gateway-port", "--process-job-port", "--reclaim-jobs-port"]
+    dev = run_sona(["dev", *[a for pair in zip(flags, map(str, ports), strict=True) for a in pair]], env)
+    validate = run_sona(["validate"], env)
+    assert (dev.returncode, validate.returncode) == (1, 1)
+    assert "DEADLINE_MARGIN_MS must be less than half of JOB_TIMEOUT_MS" in validate.stderr
+    assert dev.stderr == validate.stderr
+    for port in ports:  # nothing it would have started is listening
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_stack_that_fails_to_start_stops_what_it_had_started(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        stack = LocalStack(tmp_path, ports={"gateway": taken.getsockname()[1]}, start_functions=False)
+        with pytest.raises(SystemExit):  # werkzeug's answer to a port in use
+            stack.start()
+    assert stack.database_url  # PostgreSQL had started ...
+    with pytest.raises(psycopg.OperationalError):  # ... and is gone
+        psycopg.connect(stack.database_url, connect_timeout=2).close()

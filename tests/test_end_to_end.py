@@ -17,7 +17,7 @@ import requests
 from sona.local.stable_audio_double import Behaviour
 from sona.local.stack import LocalStack
 from sona.local.storage_api import FREE_PLAN_UPLOAD_LIMIT
-from tests.support import decoded_seconds, sql
+from tests.support import decoded_seconds, sql, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,19 @@ def fresh_double(stack: LocalStack) -> None:
     assert stack.double is not None
     stack.double.reset()
     assert stack.relay is not None
+    stack.relay.wait_idle()  # an earlier test's dropped deliveries are dropped by now
     stack.relay.enabled = True
+
+
+def response_of(stack: LocalStack, request_id: int) -> list[dict[str, Any]]:
+    """pg_net's record of a webhook call, found as Supabase links it: through its hooks row."""
+    return sql(
+        stack.database_url,
+        "select r.status_code, r.timed_out from supabase_functions.hooks h"
+        " join net._http_response r on r.id = h.request_id where h.request_id = %s",
+        request_id,
+        role=None,
+    )
 
 
 def seconds_of(url: str, suffix: str) -> float:
@@ -51,11 +63,12 @@ def test_an_inserted_job_is_delivered_generated_stored_and_completed(stack: Loca
     assert round(seconds_of(row["wav_url"], "wav"), 2) == 4.0
     assert round(seconds_of(row["mp3_url"], "mp3"), 2) == 4.0
     assert stack.double is not None and stack.double.paid_generations == 1
-    delivered = sql(
-        stack.database_url, "select status_code, body from supabase_functions.local_queue", role=None
-    )
-    assert delivered[-1]["status_code"] == 202  # the webhook only enqueued; a task ran the job
-    body = delivered[-1]["body"]
+    assert stack.relay is not None
+    (request,) = stack.relay.requests_for(job_id)
+    wait_until(lambda: bool(response_of(stack, request.id)))  # written when its batch commits
+    (response,) = response_of(stack, request.id)
+    assert (response["status_code"], response["timed_out"]) == (202, False)  # the webhook only enqueued; a task ran the job
+    body = request.json_body()
     assert (body["type"], body["table"], body["schema"], body["old_record"]) == (
         "INSERT",
         "jobs",
@@ -79,12 +92,9 @@ def test_fifty_simultaneous_deliveries_make_one_provider_call(stack: LocalStack)
     assert stack.relay is not None and stack.double is not None
     stack.relay.enabled = False  # take the payload the database built, then deliver it 50 times
     job_id = stack.insert_job("fifty at once", duration=2)
-    payload = sql(
-        stack.database_url,
-        "select body, headers from supabase_functions.local_queue where body->'record'->>'id' = %s",
-        str(job_id),
-        role=None,
-    )[0]
+    wait_until(lambda: bool(stack.relay and stack.relay.requests_for(job_id)))
+    (request,) = stack.relay.requests_for(job_id)
+    payload = {"body": request.json_body(), "headers": request.headers}
     barrier = threading.Barrier(50)
     answers: list[dict[str, Any]] = []
     lock = threading.Lock()

@@ -22,7 +22,7 @@ import psycopg
 import requests
 from psycopg.rows import dict_row
 
-from sona.config import Settings
+from sona.config import Settings, load_settings
 from sona.ffmpeg import find_ffmpeg
 from sona.local.cloud_run import CapacityCap
 from sona.local.cloud_tasks import CloudTasksEmulator
@@ -198,6 +198,16 @@ class LocalStack:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> LocalStack:
+        """Check the configuration before starting anything; if a part fails to start, stop the
+        parts already running, so a failed start leaves no process behind."""
+        self.check_configuration()
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> LocalStack:
         self.root.mkdir(parents=True, exist_ok=True)
         self.database_url = self.postgres.start()
         migrate(self.database_url)
@@ -322,11 +332,24 @@ class LocalStack:
         response.raise_for_status()
 
     def settings(self, **extra: Any) -> Settings:
-        env = self.function_env()
-        fields = {name for name in Settings.model_fields}
-        values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k.lower() in fields}
-        values.update(extra)
-        return Settings(**values)
+        return Settings(**_settings_fields(self.function_env(), **extra))
+
+    def check_configuration(self) -> Settings:
+        """The functions' settings with the stack's own values stood in for: raises ConfigError
+        listing every problem, as `validate` does."""
+        env = {k: v for k, v in self.process_env.items() if k.upper() not in STACK_OWNED}
+        env.update(
+            {
+                "SUPABASE_URL": "http://127.0.0.1",
+                "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key,
+                "WEBHOOK_SECRET": self.webhook_secret,
+                "PROCESS_JOB_URL": "http://127.0.0.1",
+            }
+        )
+        if not self.real_provider:
+            env.setdefault("STABLE_AUDIO_API_KEY", "sk-local-double")
+        env.update(self.overrides)
+        return load_settings(**_settings_fields(env))
 
     def start_function(self, target: str, port: int = 0, **extra_env: str) -> FunctionProcess:
         old = self.functions.get(target)
@@ -447,6 +470,13 @@ class LocalStack:
         for prefix in ("public/", "sign/", "authenticated/"):
             path = path.removeprefix(prefix)
         return self.root / "storage" / path
+
+
+def _settings_fields(env: Mapping[str, str], **extra: Any) -> dict[str, Any]:
+    fields = set(Settings.model_fields)
+    values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k.lower() in fields}
+    values.update(extra)
+    return values
 
 
 def _stand_in(name: str) -> str:

@@ -81,15 +81,13 @@ def test_the_table_refuses_a_row_it_cannot_hold(
     columns: dict[str, Any],
     sqlstate: str,
 ) -> None:
-    queued = sql(stack.database_url, "select count(*) as n from supabase_functions.local_queue", role=None)
+    hooks = "select count(*) as n from supabase_functions.hooks"  # a row per webhook call
+    queued = sql(stack.database_url, hooks, role=None)
     with pytest.raises(psycopg.Error) as refused:
         insert(stack, columns)
     ledger.bad_inputs.append((f"row {name}", f"refused by the table ({refused.value.sqlstate})"))
     assert refused.value.sqlstate == sqlstate
-    assert (
-        sql(stack.database_url, "select count(*) as n from supabase_functions.local_queue", role=None)
-        == queued
-    )
+    assert sql(stack.database_url, hooks, role=None) == queued
     assert double.call_count == 0
 
 
