@@ -67,7 +67,8 @@ def test_an_inserted_job_is_delivered_generated_stored_and_completed(stack: Loca
     (request,) = stack.relay.requests_for(job_id)
     wait_until(lambda: bool(response_of(stack, request.id)))  # written when its batch commits
     (response,) = response_of(stack, request.id)
-    assert (response["status_code"], response["timed_out"]) == (202, False)  # the webhook only enqueued; a task ran the job
+    # the webhook only enqueued (202); a task ran the job
+    assert (response["status_code"], response["timed_out"]) == (202, False)
     body = request.json_body()
     assert (body["type"], body["table"], body["schema"], body["old_record"]) == (
         "INSERT",
