@@ -344,6 +344,9 @@ class LocalStack:
                 "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key,
                 "WEBHOOK_SECRET": self.webhook_secret,
                 "PROCESS_JOB_URL": "http://127.0.0.1",
+                "CLOUD_TASKS_API_URL": "http://127.0.0.1",
+                "CLOUD_TASKS_QUEUE": LOCAL_QUEUE,
+                "TASK_SECRET": self.task_secret,
             }
         )
         if not self.real_provider:
