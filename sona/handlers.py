@@ -155,8 +155,13 @@ def _run_task(request: Request, services: Services, deadline: Deadline) -> Respo
         return error(422, "invalid_task", 'A task body is {"job_id": "<uuid>"}.')
     if not token_matches(services.settings, task.job_id, request.headers.get(TASK_TOKEN_HEADER, "")):
         return error(401, "unauthorized", f"Wrong {TASK_TOKEN_HEADER} header.")
-    response = _run_job(services, task.job_id, deadline)
-    return response
+    with job_context(task.job_id):
+        log.info(
+            "task %s, delivery %s",
+            request.headers.get("X-CloudTasks-TaskName", "?"),
+            int(request.headers.get("X-CloudTasks-TaskRetryCount", "0") or 0) + 1,
+        )
+    return _run_job(services, task.job_id, deadline)
 
 
 def _run_job(services: Services, job_id: uuid.UUID, deadline: Deadline) -> Response:
