@@ -157,9 +157,9 @@ def _run_task(request: Request, services: Services, deadline: Deadline) -> Respo
         return error(401, "unauthorized", f"Wrong {TASK_TOKEN_HEADER} header.")
     with job_context(task.job_id):
         log.info(
-            "task %s, delivery %s",
+            "task %s, earlier deliveries %s",
             request.headers.get("X-CloudTasks-TaskName", "?"),
-            int(request.headers.get("X-CloudTasks-TaskRetryCount", "0") or 0) + 1,
+            request.headers.get("X-CloudTasks-TaskRetryCount", "0"),
         )
     return _run_job(services, task.job_id, deadline)
 
