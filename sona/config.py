@@ -271,15 +271,14 @@ def _url_safe(value: str) -> None:
 
 def _describe(error: dict[str, object]) -> str:
     loc = error.get("loc") or ()
-    name = str(loc[0]).upper() if isinstance(loc, tuple) and loc else "configuration"
+    name = str(loc[0]).upper() if isinstance(loc, tuple) and loc else ""
     message = str(error.get("msg", "is invalid"))
     if error.get("type") == "missing":
         message = "is required but not set"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
-    if name == "CONFIGURATION":
-        return message
-    return f"{name} {message}"
+    # A model-level check (no single field) already names its settings in its message.
+    return f"{name} {message}" if name else message
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -233,3 +233,9 @@ def test_a_path_prefix_storage_accepts_is_kept(prefix: str) -> None:
 def test_a_bucket_name_storage_would_refuse_is_a_configuration_problem(bucket: str) -> None:
     with pytest.raises(ConfigError, match="SUPABASE_STORAGE_BUCKET"):
         make_settings(supabase_storage_bucket=bucket)
+
+
+def test_a_problem_of_several_settings_is_listed_in_its_own_words() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_settings(job_timeout_ms=10_000, deadline_margin_ms=6_000)
+    assert "  - DEADLINE_MARGIN_MS must be less than half of JOB_TIMEOUT_MS" in str(caught.value)
