@@ -121,7 +121,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from sona.local.bench import main as bench
 
-    return bench(args.runs, Path(args.out))
+    return bench(args.runs, Path(args.out), args.burst_jobs, args.only)
 
 
 def _seconds(text: str) -> int:
@@ -158,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--hours", type=int, default=24, help="the window (default 24)")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_stats)
-    bench = commands.add_parser("bench", help="cold start, job overhead, memory, throughput, reclaim")
+    bench = commands.add_parser(
+        "bench", help="cold start, job overhead, memory, throughput, reclaim, dispatch modes"
+    )
     bench.add_argument("--runs", type=int, default=5, help="runs per figure (median, min, max)")
     bench.add_argument("--out", default="bench-results.json", help="where the JSON goes")
+    bench.add_argument("--burst-jobs", type=int, default=1000, help="jobs in the dispatch burst")
+    bench.add_argument("--only", choices=["job", "dispatch"], help="one half of the benchmark")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return int(args.run(args))

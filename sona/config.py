@@ -24,7 +24,11 @@ FUNCTION_TIMEOUT_MARGIN_S = 10
 # The lease outlives the invocation by this much, so reclaim never races a live invocation.
 LEASE_MARGIN_S = 30
 
-SECRET_FIELDS = ("supabase_service_role_key", "stable_audio_api_key", "webhook_secret")
+SECRET_FIELDS = ("supabase_service_role_key", "stable_audio_api_key", "webhook_secret", "task_secret")
+# Cloud Tasks allows a task's dispatch deadline between 15 s and 30 minutes.
+MIN_DISPATCH_DEADLINE_S, MAX_DISPATCH_DEADLINE_S = 15, 1800
+# Stable Audio allows 150 requests in 10 s, then refuses everything for 60 s.
+PROVIDER_RATE_LIMIT_PER_S = 15
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -89,10 +93,24 @@ class Settings(BaseSettings):
     # (a bucket limit above that global limit is refused by Storage when the bucket is created).
     storage_file_size_limit: str | None = None
 
+    # Dispatch: the webhook enqueues a Cloud Tasks task that runs the job (cloud_tasks), or the
+    # webhook's own call runs it (direct, for setups without Cloud Tasks).
+    dispatch: Literal["cloud_tasks", "direct"] = "cloud_tasks"
+    cloud_tasks_queue: str | None = Field(
+        default=None, pattern=r"^projects/[^/]+/locations/[^/]+/queues/[A-Za-z0-9-]{1,100}$"
+    )
+    cloud_tasks_api_url: str = "https://cloudtasks.googleapis.com"
+    task_secret: SecretStr | None = Field(
+        default=None, description="Shared secret behind the token every task carries (cloud_tasks)"
+    )
+    # The queue's max_dispatches_per_second: a budget well under the provider's limit.
+    provider_rate_per_s: float = Field(default=5.0, gt=0, le=PROVIDER_RATE_LIMIT_PER_S)
+
     # Reclaim.
     process_job_url: str | None = None
     reclaim_grace_s: int = Field(default=60, ge=0)
-    reclaim_batch_size: int = Field(default=50, ge=1, le=10_000)
+    # Unset: 10,000 with Cloud Tasks (enqueueing is cheap), 50 in direct mode (each holds a call).
+    reclaim_batch_size: int | None = Field(default=None, ge=1, le=100_000)
     reclaim_concurrency: int = Field(default=8, ge=1, le=100)
     reclaim_timeout_ms: int | None = Field(default=None, ge=10_000)
 
@@ -103,7 +121,7 @@ class Settings(BaseSettings):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("supabase_url", "stable_audio_api_url", "process_job_url")
+    @field_validator("supabase_url", "stable_audio_api_url", "process_job_url", "cloud_tasks_api_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -162,7 +180,31 @@ class Settings(BaseSettings):
             )
         if self.deadline_margin_ms >= self.job_timeout_ms // 2:
             raise ValueError("DEADLINE_MARGIN_MS must be less than half of JOB_TIMEOUT_MS")
+        if self.dispatch == "cloud_tasks":
+            self._check_cloud_tasks()
         return self
+
+    def _check_cloud_tasks(self) -> None:
+        missing = [
+            name
+            for name, value in (
+                ("CLOUD_TASKS_QUEUE", self.cloud_tasks_queue),
+                ("TASK_SECRET", self.task_secret),
+                ("PROCESS_JOB_URL", self.process_job_url),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError(
+                f"DISPATCH=cloud_tasks (the default) needs {', '.join(missing)}; "
+                "set DISPATCH=direct to let the webhook's call run the job instead"
+            )
+        if not MIN_DISPATCH_DEADLINE_S <= self.function_timeout_s <= MAX_DISPATCH_DEADLINE_S:
+            raise ValueError(
+                f"JOB_TIMEOUT_MS={self.job_timeout_ms} gives a function timeout of "
+                f"{self.function_timeout_s} s; a Cloud Tasks dispatch deadline must be "
+                f"{MIN_DISPATCH_DEADLINE_S} to {MAX_DISPATCH_DEADLINE_S} s (use DISPATCH=direct for longer)"
+            )
 
     @property
     def storage_file_size_limit_bytes(self) -> int | None:
@@ -189,6 +231,10 @@ class Settings(BaseSettings):
         return (self.reclaim_timeout_ms or self.job_timeout_ms) / 1000 - self.deadline_margin_ms / 1000
 
     @property
+    def reclaim_limit(self) -> int:
+        return self.reclaim_batch_size or (10_000 if self.dispatch == "cloud_tasks" else 50)
+
+    @property
     def internal_retry_delay_s(self) -> float:
         """Backoff base for our own storage and database calls: a quarter of the provider's, since
         those recover in moments and the job's budget is better spent waiting on the provider."""
@@ -196,7 +242,8 @@ class Settings(BaseSettings):
 
     @cached_property
     def secret_values(self) -> tuple[str, ...]:
-        values = (getattr(self, name).get_secret_value() for name in SECRET_FIELDS)
+        secrets = (getattr(self, name) for name in SECRET_FIELDS)
+        values = (s.get_secret_value() for s in secrets if s is not None)
         return tuple(v for v in values if len(v) >= 4)
 
     def warnings(self) -> list[str]:
@@ -224,15 +271,14 @@ def _url_safe(value: str) -> None:
 
 def _describe(error: dict[str, object]) -> str:
     loc = error.get("loc") or ()
-    name = str(loc[0]).upper() if isinstance(loc, tuple) and loc else "configuration"
+    name = str(loc[0]).upper() if isinstance(loc, tuple) and loc else ""
     message = str(error.get("msg", "is invalid"))
     if error.get("type") == "missing":
         message = "is required but not set"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
-    if name == "CONFIGURATION":
-        return message
-    return f"{name} {message}"
+    # A model-level check (no single field) already names its settings in its message.
+    return f"{name} {message}" if name else message
 
 
 S = TypeVar("S", bound=BaseSettings)

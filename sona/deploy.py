@@ -7,11 +7,21 @@ two paths cannot drift.
 from __future__ import annotations
 
 import shlex
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sona.config import MAX_FUNCTION_TIMEOUT_S, SECRET_FIELDS, Settings, function_timeout_s
+from sona.config import (
+    LEASE_MARGIN_S,
+    MAX_DISPATCH_DEADLINE_S,
+    MAX_FUNCTION_TIMEOUT_S,
+    PROVIDER_RATE_LIMIT_PER_S,
+    SECRET_FIELDS,
+    Settings,
+    function_timeout_s,
+)
+from sona.task_queue import QueueLimits
 
 RUNTIME = "python312"
 # Cloud Scheduler waits at most 30 minutes for an HTTP target.
@@ -38,6 +48,13 @@ class DeployConfig(BaseSettings):
     supabase_service_role_key_secret: str = "sona-supabase-service-role-key"  # noqa: S105
     stable_audio_api_key_secret: str = "sona-stable-audio-api-key"  # noqa: S105
     webhook_secret_secret: str = "sona-webhook-secret"  # noqa: S105
+    task_secret_secret: str = "sona-task-secret"  # noqa: S105
+
+    # Cloud Tasks: the queue that runs jobs, and its limits.
+    dispatch: Literal["cloud_tasks", "direct"] = "cloud_tasks"
+    tasks_queue: str = "sona-jobs"
+    provider_rate_per_s: float = Field(default=5.0, gt=0, le=PROVIDER_RATE_LIMIT_PER_S)
+    max_attempts: int = Field(default=3, ge=1, le=20)
 
     # The function's non-secret settings that shape the deployment.
     supabase_url: str
@@ -61,6 +78,12 @@ class DeployConfig(BaseSettings):
                     f"{name}={ms} needs a function timeout of {function_timeout_s(ms)} s, above "
                     f"Cloud Functions' {MAX_FUNCTION_TIMEOUT_S} s limit"
                 )
+        timeout_s = function_timeout_s(self.job_timeout_ms)
+        if self.dispatch == "cloud_tasks" and timeout_s > MAX_DISPATCH_DEADLINE_S:
+            raise ValueError(
+                f"JOB_TIMEOUT_MS={self.job_timeout_ms} needs a dispatch deadline of {timeout_s} s, "
+                f"above Cloud Tasks' {MAX_DISPATCH_DEADLINE_S} s (use DISPATCH=direct for longer jobs)"
+            )
         if self.max_concurrent_jobs > 1 and self.function_cpu < 1:
             raise ValueError(
                 f"MAX_CONCURRENT_JOBS={self.max_concurrent_jobs} needs FUNCTION_CPU of at least 1 "
@@ -76,6 +99,15 @@ class DeployConfig(BaseSettings):
         )
 
     @property
+    def queue_path(self) -> str:
+        return f"projects/{self.google_cloud_project}/locations/{self.region}/queues/{self.tasks_queue}"
+
+    @property
+    def process_job_url(self) -> str:
+        """Known before the deploy: 2nd gen functions answer on their cloudfunctions.net address."""
+        return f"https://{self.region}-{self.google_cloud_project}.cloudfunctions.net/{self.process_job_function}"
+
+    @property
     def scheduler_account(self) -> str:
         return (
             self.scheduler_service_account
@@ -86,7 +118,7 @@ class DeployConfig(BaseSettings):
 def passthrough_settings(environ: dict[str, str]) -> dict[str, str]:
     """The function's non-secret settings present in the environment, as deployed env vars."""
     names = {n.upper() for n in Settings.model_fields} - {n.upper() for n in SECRET_FIELDS}
-    names -= {"PROCESS_JOB_URL"}  # set from the deployed function's URL
+    names -= {"PROCESS_JOB_URL", "DISPATCH", "CLOUD_TASKS_QUEUE"}  # set from the deploy's own names
     return {k: environ[k] for k in sorted(names) if environ.get(k)}
 
 
@@ -116,7 +148,12 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         f"STABLE_AUDIO_API_KEY={config.stable_audio_api_key_secret}:latest,"
         f"WEBHOOK_SECRET={config.webhook_secret_secret}:latest"
     )
+    if config.dispatch == "cloud_tasks":
+        secrets += f",TASK_SECRET={config.task_secret_secret}:latest"
     settings = passthrough_settings(environ)
+    settings["DISPATCH"] = config.dispatch
+    if config.dispatch == "cloud_tasks":
+        settings["CLOUD_TASKS_QUEUE"] = config.queue_path
     settings["SUPABASE_URL"] = config.supabase_url
     settings["JOB_TIMEOUT_MS"] = str(config.job_timeout_ms)
     settings["MAX_CONCURRENT_JOBS"] = str(config.max_concurrent_jobs)
@@ -174,8 +211,12 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         f"--attempt-deadline={min(reclaim_timeout, MAX_SCHEDULER_DEADLINE_S)}s",
     ]
     scheduler = ["gcloud", "scheduler", "jobs"]
+    process_job_env = dict(settings)
+    if config.dispatch == "cloud_tasks":
+        process_job_env["PROCESS_JOB_URL"] = config.process_job_url  # tasks call the function back
     return [
         "set -euo pipefail",
+        *(queue_commands(config) if config.dispatch == "cloud_tasks" else []),
         Shell.line(
             deploy(
                 config.process_job_function,
@@ -184,7 +225,7 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
                 timeout_s=function_timeout_s(config.job_timeout_ms),
                 concurrency=config.max_concurrent_jobs,
                 max_instances=config.max_instances,
-                env=settings,
+                env=dict(sorted(process_job_env.items())),
             )
         ),
         f'PROCESS_JOB_URL="$({Shell.line([*describe, config.process_job_function, *uri])})"',
@@ -216,6 +257,54 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         "else",
         "  " + Shell.line([*scheduler, "create", "http", config.scheduler_job, *scheduler_flags]),
         "fi",
+    ]
+
+
+def queue_limits(config: DeployConfig) -> QueueLimits:
+    return QueueLimits(
+        max_dispatches_per_second=config.provider_rate_per_s,
+        max_concurrent_dispatches=config.max_instances * config.max_concurrent_jobs,
+        lease_s=function_timeout_s(config.job_timeout_ms) + LEASE_MARGIN_S,
+        max_attempts_per_job=config.max_attempts,
+    )
+
+
+def queue_flags(config: DeployConfig) -> list[str]:
+    limits = queue_limits(config)
+    return [
+        f"--location={config.region}",
+        f"--project={config.google_cloud_project}",
+        f"--max-dispatches-per-second={limits.max_dispatches_per_second:g}",
+        f"--max-concurrent-dispatches={limits.max_concurrent_dispatches}",
+        f"--max-attempts={limits.max_attempts}",
+        f"--min-backoff={limits.min_backoff_s}s",
+        f"--max-backoff={limits.max_backoff_s}s",
+        f"--max-doublings={limits.max_doublings}",
+        f"--max-retry-duration={limits.max_retry_duration_s}s",
+    ]
+
+
+def queue_commands(config: DeployConfig) -> list[str]:
+    """Create the queue or update it in place, and let the function's account (only) enqueue."""
+    queues = ["gcloud", "tasks", "queues"]
+    where = [f"--location={config.region}", f"--project={config.google_cloud_project}"]
+    flags = queue_flags(config)
+    return [
+        f"if {Shell.line([*queues, 'describe', config.tasks_queue, *where])} >/dev/null 2>&1; then",
+        "  " + Shell.line([*queues, "update", config.tasks_queue, *flags]),
+        "else",
+        "  " + Shell.line([*queues, "create", config.tasks_queue, *flags]),
+        "fi",
+        Shell.line(
+            [
+                *queues,
+                "add-iam-policy-binding",
+                config.tasks_queue,
+                *where,
+                f"--member=serviceAccount:{config.runtime_account}",
+                "--role=roles/cloudtasks.enqueuer",
+            ]
+        ),
     ]
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 from flask import Request, Response
@@ -14,10 +15,11 @@ from pydantic import ValidationError
 
 from sona.config import ConfigError, Settings
 from sona.deadline import Deadline
-from sona.errors import DatabaseUnavailable, FfmpegMissing, SonaError
+from sona.errors import DatabaseUnavailable, FfmpegMissing, ServiceOutage, SonaError, TransientError
 from sona.logs import job_context, on_cloud_functions, set_attempt
-from sona.models import CLAIMABLE, WebhookPayload
+from sona.models import CLAIMABLE, TaskPayload, WebhookPayload
 from sona.services import Services, get_services
+from sona.task_queue import TASK_TOKEN_HEADER, token_matches
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,8 @@ def parse_payload(body: Any, settings: Settings) -> WebhookPayload | Response:
 
 
 def process_job(request: Request) -> Response:
-    """Webhook on INSERT into jobs: claim the row once, run the pipeline, report the outcome."""
+    """Two callers: the database webhook (enqueue the job, or run it in direct mode) and Cloud
+    Tasks (run the job). A task is told apart by its token header, and must prove it."""
     started = time.monotonic()  # the job's budget counts from the request's arrival
     services = _services_or_error()
     if isinstance(services, Response):
@@ -108,6 +111,8 @@ def process_job(request: Request) -> Response:
     settings = services.settings
     if request.method != "POST":
         return error(405, "method_not_allowed", f"Use POST, not {request.method}.")
+    if TASK_TOKEN_HEADER in request.headers:
+        return _run_task(request, services, Deadline(settings.job_budget_s, started=started))
     if not secret_matches(request, settings):
         return error(401, "unauthorized", f"Missing or wrong {SECRET_HEADER} header.")
     body = _parse_json(request)
@@ -116,8 +121,47 @@ def process_job(request: Request) -> Response:
     payload = parse_payload(body, settings)
     if isinstance(payload, Response):
         return payload
-    deadline = Deadline(settings.job_budget_s, started=started)
-    return _run_job(services, payload.record.id, deadline)
+    if settings.dispatch == "direct":
+        return _run_job(services, payload.record.id, Deadline(settings.job_budget_s, started=started))
+    return _enqueue(services, payload.record.id, payload.record.attempts)
+
+
+def _enqueue(services: Services, job_id: uuid.UUID, attempts: int) -> Response:
+    """The webhook's whole work in cloud_tasks mode: one task, then answer at once, so pg_net's
+    batch never waits on a job. A lost enqueue is a lost webhook: reclaim_jobs covers it."""
+    with job_context(job_id):
+        try:
+            name, created = services.task_queue.enqueue(job_id, attempt=attempts)
+        except ServiceOutage as exc:
+            log.error("enqueue failed: %s", exc)
+            return error(500, "queue_misconfigured", exc.public_message)
+        except TransientError as exc:
+            log.warning("enqueue failed: %s", exc)
+            return error(503, "queue_unavailable", exc.public_message)
+        log.info("task %s (%s)", name.rsplit("/", 1)[-1], created)
+        outcome = "enqueued" if created == "created" else "already_enqueued"
+        return reply(202, {"job_id": str(job_id), "outcome": outcome, "task": name})
+
+
+def _run_task(request: Request, services: Services, deadline: Deadline) -> Response:
+    """Cloud Tasks' call: a non-2xx answer makes the queue retry it, so only "the job could not
+    even be looked at" answers 5xx; every outcome of the job itself is a 200."""
+    body = _parse_json(request)
+    if isinstance(body, Response):
+        return body
+    try:
+        task = TaskPayload.model_validate(body)
+    except ValidationError:
+        return error(422, "invalid_task", 'A task body is {"job_id": "<uuid>"}.')
+    if not token_matches(services.settings, task.job_id, request.headers.get(TASK_TOKEN_HEADER, "")):
+        return error(401, "unauthorized", f"Wrong {TASK_TOKEN_HEADER} header.")
+    with job_context(task.job_id):
+        log.info(
+            "task %s, earlier deliveries %s",
+            request.headers.get("X-CloudTasks-TaskName", "?"),
+            request.headers.get("X-CloudTasks-TaskRetryCount", "0"),
+        )
+    return _run_job(services, task.job_id, deadline)
 
 
 def _run_job(services: Services, job_id: uuid.UUID, deadline: Deadline) -> Response:
@@ -154,8 +198,19 @@ def _run_job(services: Services, job_id: uuid.UUID, deadline: Deadline) -> Respo
         set_attempt(job.attempts)
         log.info("claimed (attempt %d)", job.attempts)
         result = services.pipeline.run(job, deadline)
+        if result.outcome == "retrying" and services.settings.dispatch == "cloud_tasks":
+            _enqueue_retry(services, job_id, result.attempt, result.retry_at)
         status = 503 if result.outcome == "interrupted" else 200
         return reply(status, result.as_json())
+
+
+def _enqueue_retry(services: Services, job_id: uuid.UUID, attempt: int, when: datetime | None) -> None:
+    """A released job's next run is a task scheduled for its backoff; if that fails, reclaim_jobs
+    dispatches it once it is due."""
+    try:
+        services.task_queue.enqueue(job_id, attempt=attempt, not_before=when)
+    except TransientError as exc:
+        log.warning("could not schedule the retry (reclaim will): %s", exc)
 
 
 def reclaim_jobs(request: Request) -> Response:

@@ -40,6 +40,9 @@ class StoreError(SonaError):
 class ReclaimAction(BaseModel):
     job_id: uuid.UUID
     action: str
+    # For 'dispatch': the attempts so far and this dispatch's round, which name its task.
+    attempt: int | None = None
+    dispatch_round: int | None = None
 
 
 class _PostgrestError(BaseModel):
@@ -163,7 +166,7 @@ class JobsStore:
             {
                 "p_max_attempts": self._settings.max_attempts,
                 "p_grace_seconds": self._settings.reclaim_grace_s,
-                "p_limit": self._settings.reclaim_batch_size,
+                "p_limit": self._settings.reclaim_limit,
                 "p_base_delay_ms": self._settings.retry_delay_ms,
                 "p_max_delay_ms": self._settings.retry_backoff_cap_ms,
             },

@@ -45,6 +45,7 @@ class Job(BaseModel):
     reuse_only: bool = False
     lease_token: uuid.UUID | None = None
     lease_expires_at: datetime | None = None
+    run_after: datetime | None = None
     created_at: datetime | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
@@ -66,6 +67,15 @@ class WebhookRecord(BaseModel):
 
     id: uuid.UUID
     status: str | None = None
+    attempts: int = 0
+
+
+class TaskPayload(BaseModel):
+    """What a Cloud Tasks task POSTs to run a job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: uuid.UUID
 
 
 class WebhookPayload(BaseModel):

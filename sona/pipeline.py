@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -51,6 +52,7 @@ class Result:
     status: str | None = None
     error: str | None = None
     timings_ms: dict[str, int] = field(default_factory=dict)
+    retry_at: datetime | None = None  # when a released job may run again
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -194,6 +196,7 @@ class Pipeline:
         result.status = row.status
         result.outcome = "retrying" if row.status == "pending" else "failed"
         result.error = row.error_message
+        result.retry_at = row.run_after
 
     @staticmethod
     def _stale(result: Result, exc: StaleLease) -> Result:

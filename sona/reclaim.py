@@ -1,4 +1,5 @@
-"""reclaim_jobs: expire lost leases in SQL, then dispatch every due job to process_job over HTTP."""
+"""reclaim_jobs: expire lost leases in SQL, then dispatch every due job: as a Cloud Tasks task
+(cloud_tasks mode: thousands per call, no connection held), or to process_job over HTTP (direct)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,19 @@ from typing import Any
 import requests
 
 from sona.deadline import Deadline
+from sona.errors import TransientError
 from sona.handlers import SECRET_HEADER
+from sona.jobs_store import ReclaimAction
 from sona.models import webhook_payload
 from sona.services import Services
+from sona.task_queue import PooledHttp, TaskQueue
 
 log = logging.getLogger(__name__)
 
 # Do not start a dispatch with less than this left: it would be cut off at once.
 MIN_DISPATCH_S = 2.0
+# Task creations in flight at once: a 10,000-job backlog is a few seconds of API calls.
+ENQUEUE_CONCURRENCY = 32
 
 
 def run_reclaim(services: Services) -> dict[str, Any]:
@@ -39,7 +45,9 @@ def run_reclaim(services: Services) -> dict[str, Any]:
         "still_running": 0,
         "errors": 0,
     }
-    if due and not settings.process_job_url:
+    if due and settings.dispatch == "cloud_tasks":
+        summary.update(_enqueue_all([a for a in actions if a.action == "dispatch"], services, deadline))
+    elif due and not settings.process_job_url:
         log.error("%d jobs are due but PROCESS_JOB_URL is not set", len(due))
         summary["errors"] = len(due)
     elif due:
@@ -57,6 +65,36 @@ def run_reclaim(services: Services) -> dict[str, Any]:
     summary["elapsed_ms"] = round(deadline.elapsed() * 1000)
     log.info("reclaim: %s", summary)
     return summary
+
+
+def _enqueue_all(due: list[ReclaimAction], services: Services, deadline: Deadline) -> dict[str, int]:
+    """One task per due job, many creates at once over kept-alive connections. A job whose task
+    could not be created keeps its dispatched_at and goes out again after the grace period."""
+    queue = TaskQueue(services.settings, PooledHttp(ENQUEUE_CONCURRENCY))
+
+    def enqueue(action: ReclaimAction) -> str:
+        left = deadline.remaining()
+        if left < MIN_DISPATCH_S:
+            return "not_started"
+        try:
+            _, created = queue.enqueue(
+                action.job_id,
+                attempt=action.attempt or 0,
+                dispatch_round=action.dispatch_round or 0,
+                timeout_s=min(10.0, left),
+            )
+        except TransientError as exc:  # ServiceOutage included: counted, logged once below
+            log.warning("enqueue of %s failed: %s", action.job_id, exc)
+            return "error"
+        return created
+
+    with ThreadPoolExecutor(ENQUEUE_CONCURRENCY, thread_name_prefix="enqueue") as pool:
+        outcomes = Counter(pool.map(enqueue, due))
+    return {
+        "dispatched": outcomes["created"] + outcomes["exists"],
+        "already_enqueued": outcomes["exists"],
+        "errors": outcomes["error"] + outcomes["not_started"],
+    }
 
 
 def _dispatch_all(job_ids: list[str], services: Services, deadline: Deadline) -> list[str]:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sona.pipeline import Pipeline
     from sona.stable_audio import StableAudioClient
     from sona.storage import AudioStorage
+    from sona.task_queue import TaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ class Services:
         from sona.storage import AudioStorage
 
         return AudioStorage(self.settings)
+
+    @cached_property
+    def task_queue(self) -> TaskQueue:
+        from sona.task_queue import OneShotHttp, TaskQueue
+
+        return TaskQueue(self.settings, OneShotHttp())
 
     @cached_property
     def pipeline(self) -> Pipeline:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sona.config import function_timeout_s
+
+# Time for the webhook's call in cloud_tasks mode: a cold start plus one task creation.
+ENQUEUE_TIMEOUT_MS = 10_000
 
 
 class WebhookConfig(BaseSettings):
@@ -21,10 +25,14 @@ class WebhookConfig(BaseSettings):
     job_timeout_ms: int = Field(default=300_000, ge=10_000)
     jobs_schema: str = "public"
     jobs_table: str = "jobs"
+    dispatch: Literal["cloud_tasks", "direct"] = "cloud_tasks"
 
     @property
     def timeout_ms(self) -> int:
-        """The function's whole timeout: the connection stays open for the whole job."""
+        """With Cloud Tasks the call only enqueues: short, so one slow answer cannot hold pg_net's
+        batch for long (a lost one is reclaimed). In direct mode it must cover the whole job."""
+        if self.dispatch == "cloud_tasks":
+            return ENQUEUE_TIMEOUT_MS
         return function_timeout_s(self.job_timeout_ms) * 1000
 
 

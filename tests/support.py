@@ -40,7 +40,8 @@ SECRETS = {
 
 
 def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"supabase_url": "http://127.0.0.1:9", **SECRETS}
+    """Direct dispatch unless a test asks for Cloud Tasks (which needs its queue settings)."""
+    values: dict[str, Any] = {"supabase_url": "http://127.0.0.1:9", "dispatch": "direct", **SECRETS}
     values.update(overrides)
     return load_settings(_env_file=None, **values)
 

@@ -31,7 +31,8 @@ def test_timeouts_follow_job_timeout_ms() -> None:
     assert s.function_timeout_s == 61 + 10  # rounded up, plus the margin
     assert s.lease_seconds > s.function_timeout_s  # the lease outlives the invocation
     assert s.job_budget_s < 60.5  # the job records its own failure before the platform kills it
-    assert WebhookConfig(_env_file=None, job_timeout_ms=60_500).timeout_ms >= 60_500  # type: ignore[call-arg]
+    direct = WebhookConfig(_env_file=None, job_timeout_ms=60_500, dispatch="direct")  # type: ignore[call-arg]
+    assert direct.timeout_ms >= 60_500
 
 
 def test_a_timeout_above_cloud_functions_limit_is_refused() -> None:
@@ -116,6 +117,7 @@ def test_validate_command_passes_a_good_environment_and_reads_dotenv(tmp_path: P
             "SUPABASE_SERVICE_ROLE_KEY": SECRETS["supabase_service_role_key"],
             "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
             "STABLE_AUDIO_API_URL": OLD_STABLE_AUDIO_API_URL,
+            "DISPATCH": "direct",
         },
         tmp_path,
     )
@@ -132,6 +134,7 @@ def test_validate_command_reports_an_ffmpeg_that_does_not_exist(tmp_path: Path) 
             "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
             "WEBHOOK_SECRET": SECRETS["webhook_secret"],
             "FFMPEG_BINARY": "/no/ffmpeg",
+            "DISPATCH": "direct",
         },
         tmp_path,
     )
@@ -143,6 +146,7 @@ GOOD_ENV = {
     "SUPABASE_URL": "https://abc.supabase.co",
     "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
     "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+    "DISPATCH": "direct",
 }
 
 
@@ -174,6 +178,8 @@ def test_validate_passes_a_key_of_unknown_shape_with_a_warning(
     assert result.returncode == 0, result.stderr
     assert ("neither a secret key" in result.stderr) == warned
     assert key not in result.stdout + result.stderr
+
+
 def test_the_bucket_gets_no_size_limit_of_its_own_by_default() -> None:
     s = make_settings()
     assert (s.storage_file_size_limit, s.storage_file_size_limit_bytes) == (None, None)
@@ -227,3 +233,9 @@ def test_a_path_prefix_storage_accepts_is_kept(prefix: str) -> None:
 def test_a_bucket_name_storage_would_refuse_is_a_configuration_problem(bucket: str) -> None:
     with pytest.raises(ConfigError, match="SUPABASE_STORAGE_BUCKET"):
         make_settings(supabase_storage_bucket=bucket)
+
+
+def test_a_problem_of_several_settings_is_listed_in_its_own_words() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_settings(job_timeout_ms=10_000, deadline_margin_ms=6_000)
+    assert "  - DEADLINE_MARGIN_MS must be less than half of JOB_TIMEOUT_MS" in str(caught.value)

@@ -125,10 +125,11 @@ def test_the_audit_reads_the_lock_as_the_deployed_python_installs_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("job_timeout_ms", "timeout"), [("300000", "310s"), ("60500", "71s"), ("3590000", "3600s")]
+    ("job_timeout_ms", "dispatch", "timeout"),
+    [("300000", "cloud_tasks", "310s"), ("60500", "cloud_tasks", "71s"), ("3590000", "direct", "3600s")],
 )
-def test_timeout_follows_job_timeout_ms(job_timeout_ms: str, timeout: str) -> None:
-    functions = deploys(dry_run(cloudbuild_env({"_JOB_TIMEOUT_MS": job_timeout_ms})))
+def test_timeout_follows_job_timeout_ms(job_timeout_ms: str, dispatch: str, timeout: str) -> None:
+    functions = deploys(dry_run(cloudbuild_env({"_JOB_TIMEOUT_MS": job_timeout_ms, "_DISPATCH": dispatch})))
     assert flag(functions["process-job"], "timeout") == timeout
 
 
@@ -151,7 +152,8 @@ def test_secrets_come_only_from_secret_manager() -> None:
         assert flag(argv, "set-secrets") == (
             "SUPABASE_SERVICE_ROLE_KEY=sona-supabase-service-role-key:latest,"
             "STABLE_AUDIO_API_KEY=sona-stable-audio-api-key:latest,"
-            "WEBHOOK_SECRET=sona-webhook-secret:latest"
+            "WEBHOOK_SECRET=sona-webhook-secret:latest,"
+            "TASK_SECRET=sona-task-secret:latest"
         )
         assert not [name for name in env_vars(argv) if re.search(r"KEY|SECRET", name)]
 
@@ -229,6 +231,7 @@ def test_the_webhook_fires_on_insert_with_url_method_secret_and_timeout(db_url: 
         _env_file=None,
         webhook_secret=SECRETS["webhook_secret"],  # type: ignore[call-arg]
         job_timeout_ms=120_000,
+        dispatch="direct",
     )
     apply_sql(db_url, webhook_sql(config, URL))
     job_id = insert_job(db_url)
@@ -264,7 +267,7 @@ def test_the_vault_webhook_reads_the_secret_at_send_time(private_db_url: str) ->
         VAULT_STAND_IN,
         "insert into vault.decrypted_secrets values ('sona_webhook_secret', 'from-the-vault')",
     )
-    config = WebhookConfig(_env_file=None, job_timeout_ms=60_000)  # type: ignore[call-arg]
+    config = WebhookConfig(_env_file=None, job_timeout_ms=60_000, dispatch="direct")  # type: ignore[call-arg]
     script = webhook_sql(config, URL, vault_secret="sona_webhook_secret")
     assert "from-the-vault" not in script
     apply_sql(private_db_url, script)
@@ -281,6 +284,7 @@ def test_the_webhook_sql_command_prints_the_trigger(tmp_path: Path) -> None:
         "PYTHONPATH": str(REPO),
         "WEBHOOK_SECRET": "cli-secret",
         "JOB_TIMEOUT_MS": "90000",
+        "DISPATCH": "direct",
     }
     result = subprocess.run(
         [sys.executable, "-m", "sona", "webhook-sql", "--url", URL],

@@ -44,6 +44,8 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
             "webhook_secret",
             "process_job_url",
             "reclaim_jobs_url",
+            "dispatch",
+            "cloud_tasks_url",
         }
         assert info["process_job_url"] == f"http://127.0.0.1:{port}"
         key = info["service_role_key"]
@@ -61,13 +63,15 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
             timeout=10,
         )
         assert as_publishable.json()["code"] == "42501"  # anon may not read the figures
-        skipped = requests.post(
+        # As in production, the webhook enqueues a task; the task finds nothing to claim.
+        enqueued = requests.post(
             info["process_job_url"],
             headers={"X-Webhook-Secret": info["webhook_secret"]},
             json=webhook_payload("00000000-0000-0000-0000-000000000000"),
             timeout=10,
         )
-        assert skipped.json()["outcome"] == "skipped"
+        assert (enqueued.status_code, enqueued.json()["outcome"]) == (202, "enqueued")
+        assert (info["dispatch"], info["cloud_tasks_url"][:7]) == ("cloud_tasks", "http://")
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0

@@ -88,6 +88,7 @@ def test_one_job_on_the_cloud_functions_path_logs_only_json_with_job_fields_and_
         "WEBHOOK_SECRET": SECRETS["webhook_secret"],
         "RETRY_DELAY_MS": "20",
         "LOG_LEVEL": "debug",
+        "DISPATCH": "direct",
     }
     function = FunctionProcess("process_job", env, tmp_path / "process_job.log").wait_ready()
     try:

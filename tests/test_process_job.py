@@ -35,6 +35,7 @@ def client(
         "WEBHOOK_SECRET": SECRETS["webhook_secret"],
         "RETRY_DELAY_MS": "50",
         "LOG_FORMAT": "text",
+        "DISPATCH": "direct",  # the webhook's call runs the job; Cloud Tasks: tests/test_task_runs.py
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)

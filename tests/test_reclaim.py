@@ -32,6 +32,7 @@ SLOW = 30.0  # a provider still generating when the process is killed
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     env = {
+        "DISPATCH": "direct",  # reclaim's direct dispatch; Cloud Tasks: tests/test_cloud_tasks_dispatch.py
         "RETRY_DELAY_MS": "50",
         "RECLAIM_BATCH_SIZE": "50",
         "RECLAIM_CONCURRENCY": "4",

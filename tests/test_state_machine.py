@@ -49,9 +49,33 @@ def fail(
 
 
 def reclaim(url: str, grace_s: int = 60, limit: int = 100) -> list[dict[str, Any]]:
+    """What reclaim did, a row per job: its id and action (the task naming columns aside)."""
     return sql(
-        url, "select * from reclaim_jobs(%s, %s, %s, %s, %s)", MAX_ATTEMPTS, grace_s, limit, BASE_MS, CAP_MS
+        url,
+        "select job_id, action from reclaim_jobs(%s, %s, %s, %s, %s)",
+        MAX_ATTEMPTS,
+        grace_s,
+        limit,
+        BASE_MS,
+        CAP_MS,
     )
+
+
+def test_each_dispatch_names_its_attempt_and_a_new_round(db_url: str) -> None:
+    """Cloud Tasks keeps an executed task's name reserved: every dispatch of a job needs a new one."""
+    insert_job(db_url)
+    sql(db_url, "update jobs set created_at = now() - interval '1 hour'", role=None)
+    rounds = []
+    for _ in range(2):
+        (row,) = sql(
+            db_url,
+            "select attempt, dispatch_round from reclaim_jobs(%s, 0, 100, %s, %s) where action = 'dispatch'",
+            MAX_ATTEMPTS,
+            BASE_MS,
+            CAP_MS,
+        )
+        rounds.append((row["attempt"], row["dispatch_round"]))
+    assert rounds == [(0, 1), (0, 2)]
 
 
 def expire_lease(url: str, job_id: uuid.UUID) -> None:

@@ -35,6 +35,7 @@ from sona.local.stack import FunctionProcess, LocalStack
 from sona.local.synth import synthesize_wav
 from sona.local.venvs import ensure_venv
 from sona.models import webhook_payload
+from sona.task_queue import TASK_TOKEN_HEADER, task_token
 
 # The functions run as deployed: a virtual environment with requirements.txt only (the dev tools'
 # extra packages change what some imports pull in, e.g. httpx's optional CLI imports pygments).
@@ -88,7 +89,7 @@ def _post_until_answered(url: str, payload: dict[str, Any] | None, headers: dict
     while True:
         try:
             response = requests.post(url, json=payload, headers=headers, timeout=30)
-            if response.status_code == 200:
+            if response.ok:
                 return
         except requests.ConnectionError:
             pass
@@ -107,16 +108,22 @@ def _time_first_answer(
         function.stop()
 
 
-def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> Figure:
-    """Process start to the first answered webhook (a duplicate: the claim finds nothing)."""
+def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> list[Figure]:
+    """Process start to the first answer, for each kind of call: the webhook (it enqueues a task)
+    and a Cloud Tasks task (its claim finds the job already done), against a bare function."""
     (work / "bare").mkdir(exist_ok=True)
     (work / "bare" / "main.py").write_text(BARE_FUNCTION)
     job_id = stack.insert_job("already done", duration=1)
     with stack.postgres_connection() as conn:
         conn.execute("update jobs set status = 'completed' where id = %s", (job_id,))
-    payload = webhook_payload(job_id)
     env = stack.function_env()
-    ours, bare = [], []
+    settings = stack.settings()
+    calls = {
+        "webhook": (webhook_payload(job_id), {"X-Webhook-Secret": stack.webhook_secret}),
+        "task": ({"job_id": str(job_id)}, {TASK_TOKEN_HEADER: task_token(settings, job_id)}),
+    }
+    ours: dict[str, list[float]] = {kind: [] for kind in calls}
+    bare = []
     for i in range(runs):
         bare.append(
             _time_first_answer(
@@ -131,15 +138,19 @@ def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> Figure:
                 {},
             )
         )
-        log = work / f"cold-{i}.log"
-        ours.append(
-            _time_first_answer(
-                lambda log=log: FunctionProcess("process_job", env, log, python=python),  # type: ignore[misc]
-                payload,
-                {"X-Webhook-Secret": stack.webhook_secret},
+        for kind, (payload, headers) in calls.items():
+            log = work / f"cold-{kind}-{i}.log"
+            ours[kind].append(
+                _time_first_answer(
+                    lambda log=log: FunctionProcess("process_job", env, log, python=python),  # type: ignore[misc]
+                    payload,
+                    headers,
+                )
             )
-        )
-    return Figure("cold start", ours, bare, "s", "bare functions-framework function", "<= 2.5x")
+    return [
+        Figure(f"cold start ({kind})", ours[kind], bare, "s", "bare functions-framework function", "<= 2.5x")
+        for kind in calls
+    ]
 
 
 def _worker(function: FunctionProcess) -> psutil.Process:
@@ -196,7 +207,7 @@ def job_overhead_and_memory(stack: LocalStack, work: Path, runs: int, python: st
     walls, peaks, encodes = [], [], []
     for i in range(runs):
         function = FunctionProcess(
-            "process_job", stack.function_env(), work / f"job-{i}.log", python=python
+            "process_job", stack.function_env(DISPATCH="direct"), work / f"job-{i}.log", python=python
         ).wait_ready()
         try:
             worker = _worker(function)
@@ -230,7 +241,9 @@ def throughput(
 ) -> Figure:
     """40 jobs of 10 s at concurrency 8 in one instance, with a provider that takes 2 s."""
     assert stack.double is not None
-    env = stack.function_env(THREADS=str(concurrency), MAX_CONCURRENT_JOBS=str(concurrency))
+    env = stack.function_env(
+        THREADS=str(concurrency), MAX_CONCURRENT_JOBS=str(concurrency), DISPATCH="direct"
+    )
     function = FunctionProcess("process_job", env, work / "throughput.log", python=python).wait_ready()
     try:
         _deliver(stack, function.url, stack.insert_job("bench 10", duration=10))  # warm up
@@ -292,23 +305,28 @@ def reclaim_at_scale(stack: LocalStack, runs: int, expired: int = 10_000) -> tup
     ), max(trips)
 
 
-def run(runs: int, out: Path) -> dict[str, Any]:
+def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -> dict[str, Any]:
     python = production_python()
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    figures: list[Figure] = []
+    trips = 0
+    dispatch: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sona-bench-") as tmp:
         work = Path(tmp)
-        env = {"LOG_LEVEL": "warning", "RECLAIM_BATCH_SIZE": "50"}
-        with LocalStack(
-            work / "stack",
-            env=env,
-            start_functions=False,
-            with_relay=False,
-            process_env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        ) as stack:
-            figures = [cold_start(stack, work, runs, python)]
-            figures += job_overhead_and_memory(stack, work, runs, python)
-            figures.append(throughput(stack, work, python, max(3, runs // 2)))
-            reclaim, trips = reclaim_at_scale(stack, runs)
-            figures.append(reclaim)
+        if only in (None, "job"):
+            env = {"LOG_LEVEL": "warning", "RECLAIM_BATCH_SIZE": "50"}
+            with LocalStack(
+                work / "stack", env=env, start_functions=False, with_relay=False, process_env={"PATH": path}
+            ) as stack:
+                figures += cold_start(stack, work, runs, python)
+                figures += job_overhead_and_memory(stack, work, runs, python)
+                figures.append(throughput(stack, work, python, max(3, runs // 2)))
+                reclaim, trips = reclaim_at_scale(stack, runs)
+                figures.append(reclaim)
+        if only in (None, "dispatch"):
+            from sona.local import bench_dispatch
+
+            dispatch = bench_dispatch.run(work, path, burst_jobs)
     report = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -318,6 +336,7 @@ def run(runs: int, out: Path) -> dict[str, Any]:
         "runs": runs,
         "figures": [f.summary() for f in figures],
         "reclaim_round_trips": trips,
+        "dispatch": dispatch,
     }
     out.write_text(json.dumps(report, indent=2))
     return report
@@ -336,15 +355,19 @@ def table(report: dict[str, Any]) -> str:
             f"{f['name']:<40} {ours:<28} {f['baseline_median']:<8.3f}{unit:<4} {ratio:>7}  {f['target']}"
         )
     lines.append(f"reclaim database round trips per call: {report['reclaim_round_trips']}")
+    if report.get("dispatch"):
+        from sona.local import bench_dispatch
+
+        lines.append(bench_dispatch.table(report["dispatch"]))
     return "\n".join(lines)
 
 
-def main(runs: int, out: Path) -> int:
+def main(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -> int:
     print(
         f"Benchmarking ({runs} runs each) on {os.cpu_count()} CPUs, Python {platform.python_version()}...",
         flush=True,
     )
-    report = run(runs, out)
+    report = run(runs, out, burst_jobs, only)
     print(table(report))
     print(f"\nWritten to {out}")
     return 0

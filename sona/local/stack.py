@@ -19,21 +19,34 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
+import requests
 from psycopg.rows import dict_row
 
 from sona.config import Settings, load_settings
 from sona.ffmpeg import find_ffmpeg
+from sona.local.cloud_run import CapacityCap
+from sona.local.cloud_tasks import CloudTasksEmulator
 from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.relay import WebhookRelay
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
+from sona.task_queue import QueueLimits
 from sona.webhook_sql import WebhookConfig, webhook_sql
 
 log = logging.getLogger(__name__)
 
 # Settings the stack owns: the function must talk to this stack, whatever the shell says.
-STACK_OWNED = {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "WEBHOOK_SECRET", "PROCESS_JOB_URL"}
+STACK_OWNED = {
+    "SUPABASE_URL",
+    "SUPABASE_SERVICE_ROLE_KEY",
+    "WEBHOOK_SECRET",
+    "PROCESS_JOB_URL",
+    "CLOUD_TASKS_API_URL",
+    "CLOUD_TASKS_QUEUE",
+    "TASK_SECRET",
+}
+LOCAL_QUEUE = "projects/sona-local/locations/local/queues/sona-jobs"
 TERMINAL = ("completed", "failed")
 # The keys the stack issues: the legacy JWTs (service_role, anon) and the new sb_secret_/sb_publishable_.
 FunctionKey = Literal["service_role", "anon", "secret", "publishable"]
@@ -146,7 +159,10 @@ class LocalStack:
         function_key: FunctionKey = "service_role",
         webhook_secret: str | None = None,
         ports: Mapping[str, int] | None = None,
+        capacity: tuple[int, int] | None = None,
     ) -> None:
+        """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of
+        process_job: requests beyond it wait up to 10 s, then get 429."""
         self.root = root
         self.ports = dict(ports or {})  # gateway, process_job, reclaim_jobs: free ones unless given
         self.overrides = dict(env or {})
@@ -167,6 +183,10 @@ class LocalStack:
         self.double: StableAudioDouble | None = None
         self.functions: dict[str, FunctionProcess] = {}
         self.relay: WebhookRelay | None = None
+        self.capacity = capacity
+        self.cap: CapacityCap | None = None
+        self.tasks: CloudTasksEmulator | None = None
+        self.task_secret = secrets.token_urlsafe(24)
         self.database_url = ""
 
     @property
@@ -210,6 +230,20 @@ class LocalStack:
             self.double.start()
         self.process_job_port = self.ports.get("process_job") or free_port()
         self.process_job_url = f"http://127.0.0.1:{self.process_job_port}"
+        if self.dispatch == "cloud_tasks":
+            self.tasks = CloudTasksEmulator()
+            self.tasks.start()
+        if self.capacity is not None:
+            instances, per_instance = self.capacity
+            self.cap = CapacityCap(
+                self.process_job_url,
+                instances=instances,
+                concurrency=per_instance,
+                timeout_s=self.settings().function_timeout_s,
+            )
+            self.process_job_url = self.cap.start()
+        if self.tasks is not None:
+            self._create_queue()
         if self.start_functions:
             self.start_function("process_job", self.process_job_port)
             self.start_function("reclaim_jobs", self.ports.get("reclaim_jobs", 0))
@@ -222,6 +256,10 @@ class LocalStack:
     def stop(self) -> None:
         if self.relay is not None:
             self.relay.stop()
+        if self.tasks is not None:
+            self.tasks.stop()
+        if self.cap is not None:
+            self.cap.stop()
         for function in self.functions.values():
             function.stop()
         if self.double is not None:
@@ -255,10 +293,43 @@ class LocalStack:
         if self.double is not None:
             env["STABLE_AUDIO_API_KEY"] = self.double.api_key
             env.setdefault("STABLE_AUDIO_API_URL", self.double.url)  # the shell's URL wins
+        if self.tasks is not None:
+            env.update(
+                {
+                    "CLOUD_TASKS_API_URL": self.tasks.url,
+                    "CLOUD_TASKS_QUEUE": LOCAL_QUEUE,
+                    "TASK_SECRET": self.task_secret,
+                }
+            )
         env.setdefault("THREADS", "8")
         env.update(self.overrides)
         env.update(extra)
         return env
+
+    @property
+    def dispatch(self) -> str:
+        """As in production (cloud_tasks) unless DISPATCH says otherwise."""
+        return self.overrides.get("DISPATCH") or self.process_env.get("DISPATCH") or "cloud_tasks"
+
+    def _create_queue(self) -> None:
+        """The queue with the limits the deploy gives it; its slots are the function's threads (or
+        the capacity cap's), as max instances x MAX_CONCURRENT_JOBS are in production."""
+        assert self.tasks is not None
+        settings = self.settings()
+        slots = int(self.function_env()["THREADS"])
+        if self.capacity is not None:
+            slots = self.capacity[0] * self.capacity[1]
+        limits = QueueLimits(
+            max_dispatches_per_second=settings.provider_rate_per_s,
+            max_concurrent_dispatches=slots,
+            lease_s=settings.lease_seconds,
+            max_attempts_per_job=settings.max_attempts,
+        )
+        parent = LOCAL_QUEUE.rsplit("/queues/", 1)[0]
+        response = requests.post(
+            f"{self.tasks.url}/v2/{parent}/queues", json=limits.as_queue(LOCAL_QUEUE), timeout=10
+        )
+        response.raise_for_status()
 
     def settings(self, **extra: Any) -> Settings:
         return Settings(**_settings_fields(self.function_env(), **extra))
@@ -273,6 +344,9 @@ class LocalStack:
                 "SUPABASE_SERVICE_ROLE_KEY": self.service_role_key,
                 "WEBHOOK_SECRET": self.webhook_secret,
                 "PROCESS_JOB_URL": "http://127.0.0.1",
+                "CLOUD_TASKS_API_URL": "http://127.0.0.1",
+                "CLOUD_TASKS_QUEUE": LOCAL_QUEUE,
+                "TASK_SECRET": self.task_secret,
             }
         )
         if not self.real_provider:
@@ -297,6 +371,7 @@ class LocalStack:
             _env_file=None,
             webhook_secret=settings.webhook_secret,  # type: ignore[call-arg]
             job_timeout_ms=settings.job_timeout_ms,
+            dispatch=settings.dispatch,
             jobs_schema=settings.jobs_schema,
             jobs_table=settings.jobs_table,
         )
@@ -332,6 +407,8 @@ class LocalStack:
             if self.double
             else self.process_env.get("STABLE_AUDIO_API_URL", ""),
             "storage_dir": str(self.root / "storage"),
+            "dispatch": self.dispatch,
+            "cloud_tasks_url": self.tasks.url if self.tasks else "",
         }
 
     # -- the plug-in's side --------------------------------------------------------------------

@@ -23,6 +23,9 @@ SENTINELS = {
 }
 # JOB_TIMEOUT_MS=10 s with a 4 s margin: a 6 s job budget, so deadline cases take seconds, not minutes.
 ENV = {
+    # The webhook's own answer carries each case's outcome in direct mode; the Cloud Tasks path has
+    # its own suite (tests/test_cloud_tasks_dispatch.py) over the same pipeline.
+    "DISPATCH": "direct",
     "JOB_TIMEOUT_MS": "10000",
     "DEADLINE_MARGIN_MS": "4000",
     "MAX_RETRIES": "2",

@@ -1,0 +1,233 @@
+"""Cloud Tasks: one HTTP task per run of a job, created over the Cloud Tasks v2 REST API.
+
+The webhook's call is the function's cold path, and `google.cloud.tasks_v2` costs 0.3-0.5 s of
+imports (DESIGN.md), so this speaks the same REST call its REST transport makes
+(`POST /v2/{queue}/tasks`, the error JSON mapped by status) with the standard library. The local
+Cloud Tasks (sona/local/cloud_tasks.py) is checked against the real client and against this one.
+
+A task's name is derived from the job, its attempt and the dispatch round: a duplicate webhook
+creates nothing (ALREADY_EXISTS is success), and a re-dispatch gets a new name (executed names
+stay reserved for hours).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+from sona.config import Settings
+from sona.errors import ServiceOutage, TransientError
+from sona.tls import tls_context
+
+TASK_TOKEN_HEADER = "X-Sona-Task-Token"  # noqa: S105  a header name
+GOOGLE_API = "https://cloudtasks.googleapis.com"
+_METADATA = "http://metadata.google.internal/computeMetadata/v1"
+_METADATA_TOKEN_URL = f"{_METADATA}/instance/service-accounts/default/token"
+
+Created = Literal["created", "exists"]
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """The queue carries the limits (DESIGN.md, Google Cloud Tasks), for deploy and local stack alike:
+    - dispatch rate: the provider budget, well under Stable Audio's 15 per second;
+    - concurrency: every slot the function has (instances x jobs per instance), never more;
+    - retries: for deliveries Cloud Run refused (429 at max instances, 503) or answers lost; the
+      job's own attempts are counted in the database. Backoff starts at 1 s (a slot frees soon),
+      doubles up to the lease (a delivery retried after a crash finds the job released), and the
+      queue stops after MAX_ATTEMPTS leases' worth of time; reclaim_jobs owns a job after that."""
+
+    max_dispatches_per_second: float
+    max_concurrent_dispatches: int
+    lease_s: int
+    max_attempts_per_job: int
+    max_attempts: int = 100
+    min_backoff_s: int = 1
+    max_doublings: int = 5
+
+    @property
+    def max_backoff_s(self) -> int:
+        return self.lease_s
+
+    @property
+    def max_retry_duration_s(self) -> int:
+        return self.lease_s * self.max_attempts_per_job
+
+    def as_queue(self, name: str) -> dict[str, object]:
+        """The Queue resource of the Cloud Tasks v2 REST API."""
+        return {
+            "name": name,
+            "rateLimits": {
+                "maxDispatchesPerSecond": self.max_dispatches_per_second,
+                "maxConcurrentDispatches": self.max_concurrent_dispatches,
+            },
+            "retryConfig": {
+                "maxAttempts": self.max_attempts,
+                "maxRetryDuration": f"{self.max_retry_duration_s}s",
+                "minBackoff": f"{self.min_backoff_s}s",
+                "maxBackoff": f"{self.max_backoff_s}s",
+                "maxDoublings": self.max_doublings,
+            },
+        }
+
+
+def task_token(settings: Settings, job_id: uuid.UUID) -> str:
+    """What a task carries to prove it was made by this function: HMAC of the job id under
+    TASK_SECRET, which only the function and its queue ever hold (never the database)."""
+    assert settings.task_secret is not None  # checked by Settings in cloud_tasks mode
+    key = settings.task_secret.get_secret_value().encode()
+    return hmac.new(key, str(job_id).encode(), hashlib.sha256).hexdigest()
+
+
+def token_matches(settings: Settings, job_id: uuid.UUID, given: str) -> bool:
+    return settings.task_secret is not None and hmac.compare_digest(
+        given.encode(), task_token(settings, job_id).encode()
+    )
+
+
+def task_id(job_id: uuid.UUID, attempt: int, dispatch_round: int) -> str:
+    """A hashed prefix first, as Google advises for named tasks (it spreads them over the
+    queue's key space), then what makes the name readable in the console."""
+    prefix = hashlib.sha256(str(job_id).encode()).hexdigest()[:8]
+    return f"{prefix}-{job_id}-a{attempt}-r{dispatch_round}"
+
+
+class Http(Protocol):
+    def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]: ...
+
+
+class OneShotHttp:
+    """urllib, one connection per call: light to import, right for one task per webhook."""
+
+    def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]:
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+        context = tls_context() if url.startswith("https:") else None
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:  # noqa: S310
+                return int(response.status), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+
+class _AccessToken:
+    """The function's own service account token from the metadata server, kept until it is
+    about to expire (Cloud Run serves it; no google-auth import on the cold path)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._token = ""
+        self._expires = 0.0
+
+    def get(self, timeout_s: float) -> str:
+        with self._lock:
+            if time.monotonic() < self._expires - 60:
+                return self._token
+            request = urllib.request.Request(_METADATA_TOKEN_URL, headers={"Metadata-Flavor": "Google"})  # noqa: S310
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+                data = json.loads(response.read())
+            self._token = str(data["access_token"])
+            self._expires = time.monotonic() + float(data.get("expires_in", 300))
+            return self._token
+
+
+@dataclass
+class TaskQueue:
+    settings: Settings
+    http: Http
+
+    def __post_init__(self) -> None:
+        self._token = _AccessToken() if self.settings.cloud_tasks_api_url == GOOGLE_API else None
+
+    def enqueue(
+        self,
+        job_id: uuid.UUID,
+        *,
+        attempt: int,
+        dispatch_round: int = 0,
+        not_before: datetime | None = None,
+        timeout_s: float = 10.0,
+    ) -> tuple[str, Created]:
+        """Create the task that runs this job; an existing task of the same name is success."""
+        settings = self.settings
+        queue = str(settings.cloud_tasks_queue)
+        name = f"{queue}/tasks/{task_id(job_id, attempt, dispatch_round)}"
+        task: dict[str, object] = {
+            "name": name,
+            "dispatchDeadline": f"{settings.function_timeout_s}s",
+            "httpRequest": {
+                "url": str(settings.process_job_url),
+                "httpMethod": "POST",
+                "headers": {
+                    "Content-Type": "application/json",
+                    TASK_TOKEN_HEADER: task_token(settings, job_id),
+                },
+                "body": base64.b64encode(json.dumps({"job_id": str(job_id)}).encode()).decode(),
+            },
+        }
+        if not_before is not None:
+            task["scheduleTime"] = not_before.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        headers = {"Content-Type": "application/json"}
+        try:
+            if self._token is not None:
+                headers["Authorization"] = f"Bearer {self._token.get(timeout_s)}"
+            status, body = self.http.post(
+                f"{settings.cloud_tasks_api_url}/v2/{queue}/tasks",
+                headers,
+                json.dumps({"task": task, "responseView": "BASIC"}).encode(),
+                timeout_s,
+            )
+        except OSError as exc:  # URLError, timeouts and resets are all OSErrors
+            raise TransientError("The job queue is unavailable", detail=type(exc).__name__) from None
+        if 200 <= status < 300:
+            return name, "created"
+        return name, _refused(status, body)
+
+
+def _refused(status: int, body: bytes) -> Created:
+    """Google's error JSON: {"error": {"code", "message", "status"}}; the kind follows the status."""
+    try:
+        error = json.loads(body).get("error", {})
+        code, message = str(error.get("status", "")), str(error.get("message", ""))
+    except (ValueError, AttributeError):
+        code, message = "", ""
+    if status == 409 or code == "ALREADY_EXISTS":
+        return "exists"
+    detail = f"cloud tasks {status} {code} {message}".strip()
+    if status in (429, 408) or status >= 500:
+        raise TransientError("The job queue is busy", detail=detail)
+    # 400, 401, 403, 404: the queue, its permissions or the task's shape is misconfigured.
+    raise ServiceOutage("The job queue refused the job; the team has been alerted", detail=detail)
+
+
+class PooledHttp:
+    """httpx with keep-alive connections, for reclaim's bulk enqueue (thousands of tasks in one
+    call, many at once); reclaim is not on the webhook's cold path."""
+
+    def __init__(self, connections: int) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self._client = httpx.Client(
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            verify=tls_context(),
+        )
+
+    def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]:
+        try:
+            response = self._client.post(url, headers=headers, content=body, timeout=timeout_s)
+        except self._httpx.HTTPError as exc:
+            raise ConnectionError(type(exc).__name__) from None
+        return response.status_code, response.content
+
+    def close(self) -> None:
+        self._client.close()

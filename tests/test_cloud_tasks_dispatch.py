@@ -1,0 +1,154 @@
+"""Dispatch through Cloud Tasks, through real processes: the webhook only enqueues, a task runs the
+job, no job waits behind another, a burst drains with nothing lost or paid twice, and reclaim turns a
+backlog into tasks in one call."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from sona.local.stable_audio_double import Behaviour, RateLimit
+from sona.local.stack import LocalStack
+from sona.task_queue import TASK_TOKEN_HEADER
+from tests.support import sql
+
+pytestmark = pytest.mark.slow
+
+ENV = {"RETRY_DELAY_MS": "200", "RECLAIM_GRACE_S": "60", "MAX_ATTEMPTS": "3", "PROVIDER_RATE_PER_S": "15"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    # 2 instances x 2 jobs: the Cloud Run cap answers 429 past that, as at max instances.
+    with LocalStack(
+        tmp_path_factory.mktemp("tasks"),
+        env=ENV,
+        process_env={"PATH": "/usr/bin:/bin"},
+        capacity=(2, 2),
+    ) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def fresh(stack: LocalStack) -> None:
+    assert stack.double is not None and stack.relay is not None and stack.tasks is not None
+    assert stack.tasks.wait_idle(60)
+    stack.double.reset()
+    stack.double.rate_limit = None
+    stack.double.latency_s = 0.0
+    stack.relay.wait_idle()  # an earlier test's dropped deliveries are dropped by now
+    stack.relay.enabled = True
+    sql(stack.database_url, "delete from jobs", role=None)
+
+
+def insert_many(stack: LocalStack, count: int, duration: int = 1) -> list[uuid.UUID]:
+    """One INSERT statement of many rows, as a burst from many musicians would arrive."""
+    user = stack.create_user()
+    rows = sql(
+        stack.database_url,
+        "insert into jobs (user_id, prompt, duration, quality)"
+        " select %s, 'burst ' || g, %s, 'low' from generate_series(1, %s) g returning id",
+        user,
+        duration,
+        count,
+        role=None,
+    )
+    return [uuid.UUID(str(r["id"])) for r in rows]
+
+
+def wait_all(stack: LocalStack, timeout_s: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = sql(stack.database_url, "select * from jobs", role=None)
+        if all(r["status"] in ("completed", "failed") for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def test_the_webhook_answers_202_once_the_task_exists(stack: LocalStack) -> None:
+    assert stack.relay is not None and stack.tasks is not None
+    stack.relay.enabled = False  # deliver by hand, to read the answer
+    job_id = stack.insert_job("enqueue only", duration=1)
+    body = {"type": "INSERT", "table": "jobs", "schema": "public", "record": {"id": str(job_id)}}
+    headers = {"X-Webhook-Secret": stack.webhook_secret, "Content-Type": "application/json"}
+    first = requests.post(stack.process_job_url, data=json.dumps(body), headers=headers, timeout=10)
+    again = requests.post(stack.process_job_url, data=json.dumps(body), headers=headers, timeout=10)
+    assert (first.status_code, first.json()["outcome"]) == (202, "enqueued")
+    assert (again.status_code, again.json()["outcome"]) == (202, "already_enqueued")
+    assert first.json()["task"] == again.json()["task"]
+    assert stack.wait_for(job_id, timeout_s=30)["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{TASK_TOKEN_HEADER: "0" * 64}, {TASK_TOKEN_HEADER: ""}],
+    ids=["wrong token", "empty token"],
+)
+def test_only_a_task_with_the_jobs_token_runs_it(stack: LocalStack, headers: dict[str, str]) -> None:
+    assert stack.relay is not None and stack.double is not None
+    stack.relay.enabled = False
+    job_id = stack.insert_job("not yours to run", duration=1)
+    response = requests.post(stack.process_job_url, json={"job_id": str(job_id)}, headers=headers, timeout=10)
+    assert response.status_code == 401
+    assert response.json()["error"] == "unauthorized"
+    assert stack.job(job_id)["status"] == "pending"
+    assert stack.double.call_count == 0
+
+
+def test_a_job_inserted_while_another_is_generating_starts_without_waiting(stack: LocalStack) -> None:
+    assert stack.double is not None
+    stack.double.script(Behaviour("slow", delay_s=8))  # the first job's generation takes 8 s
+    slow = stack.insert_job("a long one", duration=1)
+    assert stack.wait_for(slow, ("processing",), timeout_s=10)["status"] == "processing"
+    quick = stack.insert_job("a quick one", duration=1)
+    row = stack.wait_for(quick, timeout_s=20)
+    assert row["status"] == "completed"
+    assert stack.job(slow)["status"] == "processing"  # still generating: the quick one did not wait
+    assert (row["started_at"] - row["created_at"]).total_seconds() < 3
+    assert stack.wait_for(slow, timeout_s=30)["status"] == "completed"
+
+
+def test_a_burst_drains_at_capacity_with_nothing_lost_or_paid_twice(stack: LocalStack) -> None:
+    assert stack.double is not None and stack.cap is not None and stack.tasks is not None
+    stack.double.latency_s = 0.3
+    stack.double.rate_limit = RateLimit(requests=150, window_s=10, lockout_s=60)
+    rejected_before = stack.cap.rejected
+    jobs = insert_many(stack, 60)
+    rows = wait_all(stack, timeout_s=120)
+    assert sorted(r["status"] for r in rows) == ["completed"] * len(jobs)
+    assert stack.double.paid_generations == len(jobs)  # each job paid exactly once
+    assert stack.double.rate_limited == 0  # the queue's rate kept the provider happy
+    assert stack.tasks.max_in_flight("sona-jobs") <= 4  # never more than the function's slots
+    assert stack.cap.rejected == rejected_before  # so Cloud Run never had to refuse one
+
+
+def test_a_released_job_is_retried_by_a_scheduled_task_without_reclaim(stack: LocalStack) -> None:
+    assert stack.double is not None
+    stack.double.script(Behaviour("error", 500), Behaviour("error", 500), Behaviour("error", 500),
+                        Behaviour("error", 500))  # the first attempt's call and all its retries
+    job_id = stack.insert_job("second time lucky", duration=1)
+    row = stack.wait_for(job_id, timeout_s=60)
+    assert row["status"] == "completed", row["error_message"]
+    assert row["attempts"] == 2
+
+
+def test_reclaim_turns_a_backlog_of_lost_webhooks_into_tasks_in_one_call(stack: LocalStack) -> None:
+    assert stack.relay is not None and stack.double is not None
+    stack.relay.enabled = False  # every webhook lost
+    jobs = insert_many(stack, 200)
+    sql(stack.database_url, "update jobs set created_at = now() - interval '1 hour'", role=None)
+    response = requests.post(
+        stack.reclaim_jobs_url, headers={"X-Webhook-Secret": stack.webhook_secret}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    summary = response.json()
+    assert (summary["due"], summary["dispatched"], summary["errors"]) == (len(jobs), len(jobs), 0)
+    rows = wait_all(stack, timeout_s=120)
+    assert sorted(r["status"] for r in rows) == ["completed"] * len(jobs)
+    assert stack.double.paid_generations == len(jobs)

@@ -1,0 +1,133 @@
+"""Dispatch through Cloud Tasks: task names, task tokens, the settings it needs, and the deploy plan
+that creates the queue with its limits."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import uuid
+
+import pytest
+
+from sona.config import ConfigError
+from sona.task_queue import task_id, task_token, token_matches
+from sona.webhook_sql import WebhookConfig
+from tests.support import make_settings
+from tests.test_deploy import cloudbuild_env, deploys, dry_run, env_vars, flag
+
+QUEUE = "projects/p/locations/us-central1/queues/sona-jobs"
+
+
+def tasks_settings(**overrides: object) -> object:
+    values: dict[str, object] = {
+        "dispatch": "cloud_tasks",
+        "cloud_tasks_queue": QUEUE,
+        "task_secret": "sentinel-task-secret-9b",
+        "process_job_url": "https://us-central1-p.cloudfunctions.net/process-job",
+        **overrides,
+    }
+    return make_settings(**values)
+
+
+# -- task names and tokens -------------------------------------------------------------------------
+
+
+def test_a_task_id_is_valid_for_cloud_tasks_and_names_the_job() -> None:
+    job = uuid.uuid4()
+    name = task_id(job, 2, 5)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,500}", name)
+    assert str(job) in name and name.endswith("-a2-r5")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [((0, 0), (0, 0)), ((0, 0), (1, 0)), ((1, 0), (1, 1))],
+    ids=["same delivery", "next attempt", "next round"],
+)
+def test_a_task_id_is_the_same_only_for_the_same_attempt_and_round(
+    a: tuple[int, int], b: tuple[int, int]
+) -> None:
+    job = uuid.uuid4()
+    assert (task_id(job, *a) == task_id(job, *b)) == (a == b)
+
+
+def test_a_task_token_proves_only_its_own_job() -> None:
+    settings = tasks_settings()
+    job, other = uuid.uuid4(), uuid.uuid4()
+    token = task_token(settings, job)  # type: ignore[arg-type]
+    assert token_matches(settings, job, token)  # type: ignore[arg-type]
+    assert not token_matches(settings, other, token)  # type: ignore[arg-type]
+    assert not token_matches(tasks_settings(task_secret="another-secret-value"), job, token)  # type: ignore[arg-type]
+    assert "sentinel-task-secret-9b" not in token
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+def test_cloud_tasks_is_the_default_and_names_everything_it_needs_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_settings(dispatch="cloud_tasks")
+    text = str(caught.value)
+    assert "CLOUD_TASKS_QUEUE" in text and "TASK_SECRET" in text and "PROCESS_JOB_URL" in text
+    assert "DISPATCH=direct" in text
+
+
+def test_a_job_longer_than_a_dispatch_deadline_is_refused_with_cloud_tasks_only() -> None:
+    with pytest.raises(ConfigError, match="15 to 1800 s"):
+        tasks_settings(job_timeout_ms=1_800_000)
+    assert make_settings(job_timeout_ms=1_800_000).dispatch == "direct"
+
+
+def test_the_queue_must_be_a_full_queue_name() -> None:
+    with pytest.raises(ConfigError, match="CLOUD_TASKS_QUEUE"):
+        tasks_settings(cloud_tasks_queue="sona-jobs")
+
+
+@pytest.mark.parametrize(
+    ("dispatch", "timeout_ms"), [("cloud_tasks", 10_000), ("direct", 310_000)], ids=["enqueue", "whole job"]
+)
+def test_the_webhook_waits_only_as_long_as_its_call_takes(dispatch: str, timeout_ms: int) -> None:
+    config = WebhookConfig(_env_file=None, job_timeout_ms=300_000, dispatch=dispatch)  # type: ignore[call-arg]
+    assert config.timeout_ms == timeout_ms
+
+
+# -- the deploy plan -------------------------------------------------------------------------------
+
+
+def test_the_deploy_creates_or_updates_the_queue_with_its_limits() -> None:
+    script = dry_run(cloudbuild_env({"_MAX_INSTANCES": "10", "_MAX_CONCURRENT_JOBS": "2"}))
+    assert "gcloud tasks queues describe sona-jobs" in script
+    for verb in ("update", "create"):
+        line = next(li for li in script.splitlines() if f"gcloud tasks queues {verb} sona-jobs" in li)
+        argv = shlex.split(line)
+        assert flag(argv, "max-dispatches-per-second") == "5"  # a third of Stability's 15 per second
+        assert flag(argv, "max-concurrent-dispatches") == "20"  # 10 instances x 2 jobs
+        assert flag(argv, "max-backoff") == "340s"  # the lease: function timeout 310 s + 30 s
+        assert flag(argv, "max-retry-duration") == "1020s"  # three leases
+    # the queue exists before the function that enqueues into it
+    assert script.index("gcloud tasks queues") < script.index("gcloud functions deploy")
+
+
+def test_only_the_functions_account_may_enqueue() -> None:
+    script = dry_run(cloudbuild_env())
+    line = next(li for li in script.splitlines() if "add-iam-policy-binding sona-jobs" in li)
+    argv = shlex.split(line)
+    assert flag(argv, "role") == "roles/cloudtasks.enqueuer"
+    assert flag(argv, "member") == "serviceAccount:sona-functions@sona-test-project.iam.gserviceaccount.com"
+    assert "serviceAccountUser" not in script  # tasks carry a token, not an OIDC identity
+
+
+def test_process_job_is_deployed_knowing_its_queue_and_its_own_url() -> None:
+    functions = deploys(dry_run(cloudbuild_env()))
+    env = env_vars(functions["process-job"])
+    assert env["DISPATCH"] == "cloud_tasks"
+    assert env["CLOUD_TASKS_QUEUE"] == "projects/sona-test-project/locations/us-central1/queues/sona-jobs"
+    assert env["PROCESS_JOB_URL"] == "https://us-central1-sona-test-project.cloudfunctions.net/process-job"
+    for argv in functions.values():
+        assert "TASK_SECRET=sona-task-secret:latest" in (flag(argv, "set-secrets") or "")
+
+
+def test_direct_dispatch_deploys_no_queue() -> None:
+    script = dry_run(cloudbuild_env({"_DISPATCH": "direct"}))
+    assert "gcloud tasks" not in script
+    assert env_vars(deploys(script)["process-job"])["DISPATCH"] == "direct"

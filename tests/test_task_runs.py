@@ -1,0 +1,175 @@
+"""process_job in cloud_tasks mode, in process (functions-framework's test client) against the local
+Cloud Tasks: the webhook creates one task and answers 202; the task's call, with its token, runs the
+job; a released job's retry is a task scheduled for its backoff."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+from functions_framework import create_app
+
+from sona.local.cloud_tasks import CloudTasksEmulator
+from sona.local.gateway import Gateway
+from sona.local.stable_audio_double import Behaviour, StableAudioDouble
+from sona.services import reset_services
+from sona.storage import AudioStorage
+from sona.task_queue import TASK_TOKEN_HEADER, QueueLimits
+from tests.support import SECRETS, insert_job, job_row
+
+MAIN = str(Path(__file__).resolve().parents[1] / "main.py")
+QUEUE = "projects/sona-test/locations/local/queues/sona-jobs"
+
+
+@pytest.fixture
+def tasks() -> Iterator[CloudTasksEmulator]:
+    emulator = CloudTasksEmulator()
+    emulator.start()
+    limits = QueueLimits(
+        max_dispatches_per_second=5, max_concurrent_dispatches=2, lease_s=60, max_attempts_per_job=3
+    )
+    requests.post(
+        f"{emulator.url}/v2/{QUEUE.rsplit('/queues/', 1)[0]}/queues", json=limits.as_queue(QUEUE), timeout=10
+    ).raise_for_status()
+    # Hold dispatch: these tests read the tasks and deliver them through the test client.
+    requests.post(f"{emulator.url}/v2/{QUEUE}:pause", json={}, timeout=10).raise_for_status()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def client(
+    gateway: Gateway, double: StableAudioDouble, tasks: CloudTasksEmulator, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FlaskClient]:
+    env = {
+        "SUPABASE_URL": gateway.url,
+        "SUPABASE_SERVICE_ROLE_KEY": gateway.service_role_key,
+        "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+        "STABLE_AUDIO_API_URL": double.url,
+        "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+        "RETRY_DELAY_MS": "50",
+        "DISPATCH": "cloud_tasks",
+        "CLOUD_TASKS_API_URL": tasks.url,
+        "CLOUD_TASKS_QUEUE": QUEUE,
+        "TASK_SECRET": "sentinel-task-secret-5e",
+        "PROCESS_JOB_URL": "http://127.0.0.1:9/process_job",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reset_services()
+    AudioStorage._checked.clear()
+    yield create_app(target="process_job", source=MAIN).test_client()
+    reset_services()
+
+
+def webhook(client: FlaskClient, job_id: uuid.UUID) -> Any:
+    body = {"type": "INSERT", "table": "jobs", "schema": "public", "record": {"id": str(job_id)}}
+    return client.post("/", json=body, headers={"X-Webhook-Secret": SECRETS["webhook_secret"]})
+
+
+def queued_tasks(tasks: CloudTasksEmulator) -> list[dict[str, Any]]:
+    listed = requests.get(f"{tasks.url}/v2/{QUEUE}/tasks?responseView=FULL", timeout=10).json()
+    return list(listed.get("tasks", []))
+
+
+def deliver(client: FlaskClient, task: dict[str, Any]) -> Any:
+    """What Cloud Tasks sends: the task's body and headers."""
+    request = task["httpRequest"]
+    return client.post("/", data=base64.b64decode(request["body"]), headers=request["headers"])
+
+
+def test_the_webhook_creates_one_named_task_and_answers_202(
+    client: FlaskClient, db_url: str, tasks: CloudTasksEmulator, double: StableAudioDouble
+) -> None:
+    job_id = insert_job(db_url, duration=1)
+    answers = [webhook(client, job_id) for _ in range(3)]
+    assert [a.status_code for a in answers] == [202, 202, 202]
+    assert [a.get_json()["outcome"] for a in answers] == ["enqueued", "already_enqueued", "already_enqueued"]
+    (task,) = queued_tasks(tasks)
+    assert task["name"].endswith(f"{job_id}-a0-r0")
+    assert task["httpRequest"]["url"] == "http://127.0.0.1:9/process_job"
+    assert json.loads(base64.b64decode(task["httpRequest"]["body"])) == {"job_id": str(job_id)}
+    assert task["dispatchDeadline"] == "310s"  # the function timeout
+    assert (job_row(db_url, job_id)["status"], double.call_count) == ("pending", 0)  # nothing ran yet
+
+
+def test_the_tasks_call_runs_the_job(
+    client: FlaskClient, db_url: str, tasks: CloudTasksEmulator, double: StableAudioDouble
+) -> None:
+    job_id = insert_job(db_url, duration=1)
+    webhook(client, job_id)
+    (task,) = queued_tasks(tasks)
+    answer = deliver(client, task)
+    assert (answer.status_code, answer.get_json()["outcome"]) == (200, "completed")
+    assert job_row(db_url, job_id)["status"] == "completed"
+    assert double.paid_generations == 1
+
+
+def test_a_task_token_is_good_only_for_its_own_job(
+    client: FlaskClient, db_url: str, tasks: CloudTasksEmulator, double: StableAudioDouble
+) -> None:
+    job_id, other = insert_job(db_url, duration=1), insert_job(db_url, duration=1)
+    webhook(client, job_id)
+    (task,) = queued_tasks(tasks)
+    headers = task["httpRequest"]["headers"]
+    answer = client.post("/", json={"job_id": str(other)}, headers=headers)
+    assert (answer.status_code, answer.get_json()["error"]) == (401, "unauthorized")
+    assert (job_row(db_url, other)["status"], double.call_count) == ("pending", 0)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [({"job_id": "not-a-uuid"}, 422), ({"job": 1}, 422), ([], 422)],
+    ids=["bad id", "wrong field", "not an object"],
+)
+def test_a_malformed_task_body_is_refused(client: FlaskClient, body: Any, status: int) -> None:
+    answer = client.post("/", json=body, headers={TASK_TOKEN_HEADER: "x"})
+    assert answer.status_code == status
+    assert answer.get_json()["error"] == "invalid_task"
+
+
+def test_a_released_job_gets_a_task_scheduled_for_its_backoff(
+    client: FlaskClient, db_url: str, tasks: CloudTasksEmulator, double: StableAudioDouble
+) -> None:
+    double.script(*[Behaviour("error", 503)] * 4)  # the call and its three retries
+    job_id = insert_job(db_url, duration=1)
+    webhook(client, job_id)
+    (first,) = queued_tasks(tasks)
+    assert deliver(client, first).get_json()["outcome"] == "retrying"
+    row = job_row(db_url, job_id)
+    retry = next(t for t in queued_tasks(tasks) if t["name"].endswith(f"{job_id}-a1-r0"))
+    scheduled = retry["scheduleTime"].replace("Z", "+00:00")
+    assert abs(_epoch(scheduled) - row["run_after"].timestamp()) < 1
+
+
+def test_an_unreachable_queue_is_a_503_and_nothing_changes(
+    client: FlaskClient, db_url: str, tasks: CloudTasksEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUD_TASKS_API_URL", "http://127.0.0.1:9")
+    reset_services()
+    job_id = insert_job(db_url, duration=1)
+    answer = webhook(client, job_id)
+    assert (answer.status_code, answer.get_json()["error"]) == (503, "queue_unavailable")
+    assert job_row(db_url, job_id)["status"] == "pending"
+
+
+def test_a_missing_queue_is_a_500_that_blames_the_configuration(
+    client: FlaskClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUD_TASKS_QUEUE", "projects/sona-test/locations/local/queues/nope")
+    reset_services()
+    answer = webhook(client, insert_job(db_url, duration=1))
+    assert (answer.status_code, answer.get_json()["error"]) == (500, "queue_misconfigured")
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
