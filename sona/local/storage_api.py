@@ -154,7 +154,7 @@ class StorageApi:
             return _row_level_security(route)
         parts = request.path.removeprefix("/storage/v1/").split("/")
         if route == "storage:delete":
-            return self._delete(parts[2], "/".join(parts[3:]), request, user)
+            return self._delete(parts[1], "/".join(parts[2:]), request, user)
         if route == "storage:bucket_get":
             return self._bucket_get(parts[1] if len(parts) > 1 else "")
         if route == "storage:bucket_create":
