@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from sona.config import ConfigError, load, load_settings
 
@@ -32,11 +33,18 @@ def _validate(_: argparse.Namespace) -> int:
     return 0
 
 
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be 0 to 1")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from sona.local.demo import demo
 
     try:
-        return demo(args.prompt, args.duration, args.quality)
+        return demo(args.prompt, args.duration, args.quality, args.input, args.strength)
     except ConfigError as exc:  # raised before the stack starts anything
         print(exc, file=sys.stderr)
         return 1
@@ -139,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("prompt")
     demo.add_argument("--duration", type=_seconds, default=10, help="1 to 60 seconds (default 10)")
     demo.add_argument("--quality", choices=["low", "medium", "high"], default="medium")
+    demo.add_argument(
+        "--input", type=Path, help="audio-to-audio: an MP3 or WAV of 6 to 190 s, uploaded as the user would"
+    )
+    demo.add_argument("--strength", type=_strength, help="audio-to-audio: 0 keeps the input, 1 ignores it")
     demo.set_defaults(run=_demo)
     dev = commands.add_parser("dev", help="run the local stack until interrupted")
     dev.add_argument("--json", action="store_true", help="print one JSON line once ready")

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     mp3_bitrate: str = Field(default="192k", pattern=r"^\d{2,3}k$")
     ffmpeg_binary: str | None = None
     supabase_storage_bucket: str = "audio-files"
+    # Audio-to-audio inputs: private, one folder per user (its policies name it: see the migration).
+    supabase_input_bucket: str = "audio-inputs"
     storage_path_prefix: str = "generated"
     storage_public: bool = True
     storage_signed_url_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
@@ -151,7 +153,7 @@ class Settings(BaseSettings):
         _url_safe(value)
         return value
 
-    @field_validator("supabase_storage_bucket")
+    @field_validator("supabase_storage_bucket", "supabase_input_bucket")
     @classmethod
     def _bucket(cls, value: str) -> str:
         if not storage_rules.is_valid_bucket_name(value):

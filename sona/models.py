@@ -39,6 +39,9 @@ class Job(BaseModel):
     duration: int
     quality: str
     mode: str
+    # Audio-to-audio: the source file in the inputs bucket, and how far to move from it (0..1).
+    input_path: str | None = None
+    strength: float | None = None
     status: JobStatus
     attempts: int = 0
     # A finishing attempt: the paid attempts are spent, so it may only complete from stored files.

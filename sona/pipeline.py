@@ -16,6 +16,7 @@ from sona.audio import Master, encode_mp3, make_master
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import DatabaseUnavailable, DeadlineExceeded, PermanentError, SonaError, StaleLease
+from sona.input_audio import inspect
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job
 from sona.retrying import retrying
 from sona.stable_audio import GenerationRequest
@@ -42,6 +43,7 @@ class Storage(Protocol):
         self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
     ) -> str: ...
     def find_output(self, job_id: object) -> StoredOutput | None: ...
+    def read_input(self, name: str, deadline: Deadline) -> bytes: ...
 
 
 @dataclass
@@ -137,7 +139,15 @@ class Pipeline:
         self, job: ClaimedJob, request: GenerationRequest, deadline: Deadline, timings: dict[str, int]
     ) -> tuple[str, str, AudioInfo]:
         settings = self.settings
-        log.info("generating %d s with %s (%d steps)", request.duration, request.model, request.steps)
+        if request.input_object is not None:
+            request = self._with_input(request, request.input_object, deadline, timings)
+        log.info(
+            "generating %d s with %s (%s, %d steps)",
+            request.duration,
+            request.model,
+            request.endpoint,
+            request.steps,
+        )
         generated = _timed(timings, "generate", lambda: self.provider.generate(request, deadline))
         model, seed, audio = generated.model, generated.seed, generated.data
         del generated
@@ -166,6 +176,16 @@ class Pipeline:
             timings["upload"] = round((time.monotonic() - started) * 1000)
         log.info("stored %s and %s", wav_path, mp3_path)
         return wav_url, mp3_url, info
+
+    def _with_input(
+        self, request: GenerationRequest, name: str, deadline: Deadline, timings: dict[str, int]
+    ) -> GenerationRequest:
+        """Audio-to-audio: the input is read and checked (size, format, length) before the provider
+        is called, so a missing or unusable file fails the job without paying for anything."""
+        data = _timed(timings, "read_input", lambda: self.storage.read_input(name, deadline))
+        source = _timed(timings, "check_input", lambda: inspect(data, self.ffmpeg, deadline))
+        log.info("input %s: %s, %.1f s, %d bytes", name, source.format, source.seconds, len(source.data))
+        return request.model_copy(update={"source": source})
 
     def _with_retries(self, what: str, deadline: Deadline, write: Callable[[], T]) -> T:
         """The final write is fenced, so retrying it when the database is briefly away is safe."""

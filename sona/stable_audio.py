@@ -1,9 +1,11 @@
-"""Stability AI's Stable Audio text-to-audio API: the request contract and its errors as typed kinds."""
+"""Stability AI's Stable Audio API (text-to-audio and audio-to-audio): the request contract and its
+errors as typed kinds."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import platform
@@ -11,16 +13,17 @@ import socket
 import time
 import unicodedata
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import requests
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, SkipValidation
 from requests.structures import CaseInsensitiveDict
 
 from sona import __version__
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
+from sona.input_audio import InputAudio, input_object
 from sona.models import GeneratedAudio, Job
 from sona.retrying import retrying
 
@@ -28,6 +31,11 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = f"sona-audio-function/{__version__} (python {platform.python_version()})"
 TEXT_TO_AUDIO_MODES = frozenset({"default", "text-to-audio"})
+AUDIO_TO_AUDIO = "audio-to-audio"
+# The least strength each model takes (stable-audio-2.5 refuses less than 0.01).
+MIN_STRENGTH = {"stable-audio-2.5": 0.01, "stable-audio-2": 0.0}
+# Sent when the row names none: the API's own default (1) ignores the input altogether.
+DEFAULT_STRENGTH = 0.5
 MAX_PROMPT_CHARS = 10_000
 # stable-audio-2.5 takes 4..8 steps; stable-audio-2 takes 30..100.
 STEPS = {
@@ -46,6 +54,8 @@ def clean_prompt(text: str) -> str:
 
 
 class GenerationRequest(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     prompt: str
     duration: int
     model: str
@@ -53,13 +63,20 @@ class GenerationRequest(BaseModel):
     output_format: str = "wav"
     seed: int | None = None
     cfg_scale: float | None = None
+    endpoint: Literal["text-to-audio", "audio-to-audio"] = "text-to-audio"
+    # Audio-to-audio: the object in the inputs bucket, and the checked file once it has been read.
+    input_object: str | None = None
+    strength: float | None = None
+    source: SkipValidation[InputAudio | None] = None  # not validated: that would copy up to 50 MB
+    # stability-client-user-id: the job's owner, hashed, for the provider's abuse handling.
+    client_user_id: str | None = None
 
     @classmethod
     def from_job(cls, job: Job, settings: Settings) -> GenerationRequest:
         """Check the row before paying for anything: bad input fails the job with a plain reason."""
-        if job.mode not in TEXT_TO_AUDIO_MODES:
+        if job.mode not in TEXT_TO_AUDIO_MODES and job.mode != AUDIO_TO_AUDIO:
             raise PermanentError(
-                f"The '{job.mode}' mode is not supported yet; only text-to-audio is available."
+                f"The '{job.mode}' mode is not supported; choose text-to-audio or audio-to-audio."
             )
         prompt = clean_prompt(job.prompt)
         if not prompt:
@@ -73,16 +90,29 @@ class GenerationRequest(BaseModel):
         steps = STEPS[settings.stable_audio_model].get(job.quality)
         if steps is None:
             raise PermanentError(f"The quality '{job.quality}' is unknown; choose low, medium or high.")
-        return cls(
+        request = cls(
             prompt=prompt,
             duration=job.duration,
             model=settings.stable_audio_model,
             steps=steps,
             cfg_scale=settings.stable_audio_cfg_scale,
+            client_user_id=client_user_id(job.user_id),
         )
+        if job.mode == AUDIO_TO_AUDIO:
+            return request._audio_to_audio(job, settings)
+        return request
 
-    def form_fields(self) -> dict[str, tuple[None, str]]:
-        """multipart/form-data fields (the API refuses a url-encoded body even with no file)."""
+    def _audio_to_audio(self, job: Job, settings: Settings) -> GenerationRequest:
+        strength = DEFAULT_STRENGTH if job.strength is None else job.strength
+        least = MIN_STRENGTH[self.model]
+        if not least <= strength <= 1:
+            raise PermanentError(f"The strength must be {least:g} to 1 with {self.model}, not {strength:g}.")
+        name = input_object(job.input_path, job.user_id, settings.supabase_input_bucket)
+        update = {"endpoint": AUDIO_TO_AUDIO, "input_object": name, "strength": strength}
+        return self.model_copy(update=update)
+
+    def form_fields(self) -> dict[str, tuple[str | None, Any] | tuple[str, bytes, str]]:
+        """multipart/form-data parts (the API refuses a url-encoded body even with no file)."""
         fields: dict[str, Any] = {
             "prompt": self.prompt,
             "duration": self.duration,  # always sent: the API's default is 190 s
@@ -91,8 +121,24 @@ class GenerationRequest(BaseModel):
             "output_format": self.output_format,
             "seed": self.seed,
             "cfg_scale": self.cfg_scale,
+            "strength": self.strength,  # audio-to-audio: always sent, the API's default (1) ignores the input
         }
-        return {k: (None, str(v)) for k, v in fields.items() if v is not None}
+        parts: dict[str, tuple[str | None, Any] | tuple[str, bytes, str]] = {
+            k: (None, str(v)) for k, v in fields.items() if v is not None
+        }
+        if self.source is not None:
+            parts["audio"] = (self.source.filename, self.source.data, self.source.content_type)
+        return parts
+
+    def headers(self) -> dict[str, str]:
+        return {"stability-client-user-id": self.client_user_id} if self.client_user_id else {}
+
+
+def client_user_id(user_id: object) -> str | None:
+    """The end user as the provider sees them: a hash, so the provider never learns our user ids."""
+    if user_id is None:
+        return None
+    return hashlib.sha256(f"sona-user:{user_id}".encode()).hexdigest()
 
 
 # What each documented error status means for the job, in words a musician can act on.
@@ -167,7 +213,7 @@ class StableAudioClient:
     ) -> None:
         self._settings = settings
         self._sleep = sleep
-        self._url = f"{settings.stable_audio_api_url}/text-to-audio"
+        self._base_url = settings.stable_audio_api_url
         self._session = session or requests.Session()
         self.calls = 0
 
@@ -189,12 +235,15 @@ class StableAudioClient:
             "authorization": f"Bearer {key}",
             "accept": self._settings.stable_audio_accept,
             "user-agent": USER_AGENT,
+            **request.headers(),
         }
+        if request.endpoint == AUDIO_TO_AUDIO and request.source is None:
+            raise PermanentError("The input audio was not read", detail="audio-to-audio without a source")
         self.calls += 1
         try:
             # Each read may wait what is left; the whole answer is cut off at the deadline.
             response = self._session.post(
-                self._url,
+                f"{self._base_url}/{request.endpoint}",
                 headers=headers,
                 files=request.form_fields(),
                 timeout=(min(10.0, left), left),

@@ -17,6 +17,7 @@ from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import PermanentError, ServiceOutage, TransientError
+from sona.input_audio import check_size
 from sona.retrying import retrying
 from sona.supabase_keys import request_headers
 from sona.tls import tls_context
@@ -156,6 +157,32 @@ class AudioStorage:
             raise _unreachable(exc) from None
         return None
 
+    def read_input(self, name: str, deadline: Deadline) -> bytes:
+        """An audio-to-audio input from the private inputs bucket, read with the service role under
+        the job's deadline; its size is checked from its info before any byte is fetched."""
+        policy = retrying(
+            f"read of input {name}",
+            max_retries=self._settings.max_retries,
+            base_delay_s=self._settings.internal_retry_delay_s,
+            deadline=deadline,
+        )
+        with deadline.applies():
+            return policy(self._read_input_once, name, deadline)
+
+    def _read_input_once(self, name: str, deadline: Deadline) -> bytes:
+        bucket = self._client.from_(self._settings.supabase_input_bucket)
+        try:
+            deadline.check("input info")
+            check_size(bucket.info(name).get("size"))
+            deadline.check("input download")
+            data = bucket.download(name)
+        except StorageApiError as exc:
+            raise _input_refused(exc) from None
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc) from None
+        check_size(len(data))
+        return data
+
     def url(self, path: str) -> str:
         """The file's URL, percent-encoded: names may hold spaces and punctuation Storage allows."""
         if self._settings.storage_public:
@@ -213,6 +240,21 @@ def _bucket_refused(exc: StorageApiError, settings: Settings) -> Exception:
     return ServiceOutage(
         "The file storage is not set up to accept the audio; the job will be retried", detail=detail
     )
+
+
+def _input_refused(exc: StorageApiError) -> Exception:
+    """Reading an input: missing is the musician's to fix; a refused key is the service's."""
+    status = str(exc.status)
+    detail = f"storage {status} {exc.code}"
+    if status.startswith("5") or status in ("429", "408"):
+        return TransientError("The file storage had a temporary problem", detail=detail)
+    if status == "404":
+        return PermanentError("The input file was not found; upload it again.", detail=detail)
+    if status in ("401", "403"):
+        return ServiceOutage(
+            "The file storage refused to read the input; the job will be retried", detail=detail
+        )
+    return PermanentError("The input file could not be read", detail=detail)
 
 
 def _translate(exc: StorageApiError) -> Exception:

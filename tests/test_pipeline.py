@@ -189,3 +189,54 @@ def test_a_failure_write_that_outlives_the_margin_leaves_the_job_to_reclaim() ->
     store = FakeStore(fail_fail=DeadlineExceeded("The job ran out of time"))
     result, _, _, _ = run(claimed(), store=store, provider=FakeProvider(error=TransientError("busy")))
     assert (result.outcome, result.error) == ("interrupted", "busy")
+
+
+@dataclass
+class InputStorage(FakeStorage):
+    """FakeStorage with an inputs bucket."""
+
+    inputs: dict[str, bytes] = field(default_factory=dict)
+    reads: list[str] = field(default_factory=list)
+
+    def read_input(self, name: str, deadline: Deadline) -> bytes:
+        self.reads.append(name)
+        if name not in self.inputs:
+            raise PermanentError("The input file was not found; upload it again.")
+        return self.inputs[name]
+
+
+@dataclass
+class SourceProvider(FakeProvider):
+    sources: list[Any] = field(default_factory=list)
+
+    def generate(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio:
+        self.sources.append(request.source)
+        return super().generate(request, deadline)
+
+
+def a2a(user: uuid.UUID, path: str) -> ClaimedJob:
+    return claimed(user_id=user, mode="audio-to-audio", input_path=path, strength=0.4)
+
+
+def test_an_audio_to_audio_job_reads_and_checks_its_input_before_the_provider_call() -> None:
+    user = uuid.uuid4()
+    storage = InputStorage(inputs={f"{user}/in.wav": wav_bytes(7)})
+    provider = SourceProvider()
+    result, _, _, _ = run(a2a(user, f"{user}/in.wav"), provider=provider, storage=storage)
+    assert result.outcome == "completed", result.error
+    (source,) = provider.sources
+    assert (source.format, round(source.seconds), source.data) == ("wav", 7, storage.inputs[f"{user}/in.wav"])
+    assert {"read_input", "check_input"} <= set(result.timings_ms)
+
+
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [(None, "not found"), (wav_bytes(3), "must be 6 to 190 seconds"), (b"plain text" * 40, "not MP3 or WAV")],
+)
+def test_an_unusable_input_fails_the_job_and_nothing_is_paid(stored: bytes | None, message: str) -> None:
+    user = uuid.uuid4()
+    storage = InputStorage(inputs={} if stored is None else {f"{user}/in.wav": stored})
+    result, store, provider, _ = run(a2a(user, f"{user}/in.wav"), storage=storage)
+    assert (result.outcome, provider.calls) == ("failed", 0)
+    assert message in store.writes[-1][1]["message"]
+    assert store.writes[-1][1]["retryable"] is False

@@ -25,7 +25,9 @@ def _banner(stack: LocalStack) -> str:
     return f"Provider: {LABEL}.\n  Set STABLE_AUDIO_API_KEY to generate with the real model."
 
 
-def demo(prompt: str, duration: int, quality: str) -> int:
+def demo(
+    prompt: str, duration: int, quality: str, input_file: Path | None = None, strength: float | None = None
+) -> int:
     root = DEMO_ROOT / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"Starting the local stack in {root} ...", flush=True)
     started = time.monotonic()
@@ -36,11 +38,36 @@ def demo(prompt: str, duration: int, quality: str) -> int:
             flush=True,
         )
         print(_banner(stack), flush=True)
-        job_id = stack.insert_job(prompt, duration, quality)
-        print(f"Inserted job {job_id} ({duration} s, {quality}): {prompt!r}", flush=True)
+        if input_file is None:
+            job_id = stack.insert_job(prompt, duration, quality)
+            print(f"Inserted job {job_id} ({duration} s, {quality}): {prompt!r}", flush=True)
+        else:
+            job_id = _audio_to_audio(stack, prompt, duration, quality, input_file, strength)
         row = _follow(stack, job_id, stack.settings().job_timeout_ms / 1000 + 30)
         _report(stack, row)
         return 0 if row["status"] == "completed" else 1
+
+
+def _audio_to_audio(
+    stack: LocalStack, prompt: str, duration: int, quality: str, input_file: Path, strength: float | None
+) -> uuid.UUID:
+    """Upload the file into a new user's folder as the plug-in would, then insert the job."""
+    from sona.input_audio import CONTENT_TYPES, sniff
+
+    data = input_file.read_bytes()
+    content_type = CONTENT_TYPES.get(sniff(data) or "", "application/octet-stream")
+    user_id = stack.create_user()
+    path = stack.upload_input(user_id, input_file.name, data, content_type)
+    print(f"Uploaded {input_file} ({len(data)} bytes) as {path}", flush=True)
+    job_id = stack.insert_job(
+        prompt, duration, quality, mode="audio-to-audio", user_id=user_id, input_path=path, strength=strength
+    )
+    print(
+        f"Inserted audio-to-audio job {job_id} ({duration} s, {quality}, strength "
+        f"{'default' if strength is None else strength}): {prompt!r}",
+        flush=True,
+    )
+    return job_id
 
 
 def _follow(stack: LocalStack, job_id: uuid.UUID, timeout_s: float) -> dict[str, Any]:

@@ -28,11 +28,13 @@ from werkzeug.wrappers import Request, Response
 from sona.local.postgrest_rpc import PostgrestRpc
 from sona.local.serving import json_response, serve_in_thread, stop_server
 from sona.local.storage_api import StorageApi, access_denied
+from sona.local.user_jwt import verify_jwt
 from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
 
 _BEARER = re.compile(r"^Bearer\s+", re.IGNORECASE)
 # PostgREST's answer to a Bearer token that is not a JWT (e.g. an sb_secret_ key): supabase-py#1230.
 NOT_A_JWT = {"code": "PGRST301", "details": None, "hint": None, "message": "Expected 3 parts in JWT; got 1"}
+BAD_JWT = {"code": "PGRST301", "details": None, "hint": None, "message": "JWSError JWSInvalidSignature"}
 
 
 def make_jwt(secret: str, role: str, ttl_s: int = 10 * 365 * 24 * 3600) -> str:
@@ -249,7 +251,18 @@ class Gateway:
                 if route.startswith("rpc:"):
                     return json_response(NOT_A_JWT, 401)
                 return access_denied("Invalid Compact JWS")
-            role = self._jwt_role(token) or role
+            known = self._jwt_role(token)
+            if known is None:
+                # Any other JWT must be one the project signed (a user's access token).
+                claims = verify_jwt(token, self.jwt_secret)
+                if claims is None or not isinstance(claims.get("role"), str):
+                    if route.startswith("rpc:"):
+                        return json_response(BAD_JWT, 401)
+                    return access_denied("invalid signature")
+                if not route.startswith("rpc:"):
+                    return self.storage.handle(route, request, claims["role"], claims)
+                known = claims["role"]
+            role = known
         if route.startswith("rpc:"):
             return self.rpc.handle(route.removeprefix("rpc:"), request, role)
         return self.storage.handle(route, request, role)

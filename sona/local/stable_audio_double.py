@@ -1,10 +1,14 @@
-"""A loopback stand-in for Stability AI's text-to-audio endpoint, following its documented contract.
+"""A loopback stand-in for Stability AI's text-to-audio and audio-to-audio endpoints, following their
+documented contract.
 
 It validates requests like the real API (multipart only, bearer auth, field ranges and defaults),
 answers WAV or MP3 at 44.1 kHz stereo (or base64 JSON), overshoots the requested length like the
 real service, and can be scripted to answer any documented error, to be slow, or to send truncated,
-trickling or corrupt audio. It counts calls and the generations it finished (which are paid for,
-however their delivery then goes), so tests can assert how many paid generations happened.
+trickling or corrupt audio. Audio-to-audio takes the `audio` file part (MP3 or WAV, 6 to 190 s,
+the request at most 50 MB) and `strength`, and answers the input mixed into the synthesiser's audio
+by strength (0 the input, 1 none of it), so a test can tell the input was used. It counts calls and
+the generations it finished (which are paid for, however their delivery then goes), so tests can
+assert how many paid generations happened.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from typing import Any, Literal
 from werkzeug.formparser import parse_form_data
 
 from sona.local.serving import serve_in_thread, stop_server
-from sona.local.synth import synthesize_wav
+from sona.local.synth import RATE, synthesize_pcm, synthesize_wav
 
 # The real service returns about 61.6 s for a 60 s request.
 OVERSHOOT = 61.6 / 60
 MODELS = {"stable-audio-2": (30, 100, 50), "stable-audio-2.5": (4, 8, 8)}  # min, max, default steps
+MIN_STRENGTH = {"stable-audio-2": 0.0, "stable-audio-2.5": 0.01}
+MAX_REQUEST_BYTES = 50 * 1000 * 1000
+ENDPOINTS = ("text-to-audio", "audio-to-audio")
 
 ERRORS: dict[int, tuple[str, str]] = {
     400: ("bad_request", "prompt: cannot be empty"),
@@ -107,6 +114,9 @@ class Call:
     headers: dict[str, str]
     fields: dict[str, str]
     content_type: str
+    endpoint: str = "text-to-audio"
+    files: dict[str, bytes] = field(default_factory=dict)  # file parts as sent (the `audio` input)
+    size: int = 0  # the request body's bytes
     answered: int = 0
     paid: bool = False  # a generation that finished, which Stability charges for
     started: float = field(default_factory=time.monotonic)
@@ -232,11 +242,77 @@ class StableAudioDouble:
             problems.append("cfg_scale: must be a number from 1 to 25")
         if f.get("output_format", "mp3") not in ("mp3", "wav"):
             problems.append("output_format: must be one of mp3, wav")
+        if call.endpoint == "audio-to-audio":
+            problems.extend(_audio_problems(call, model))
         return (400, problems) if problems else None
 
     def render(self, call: Call) -> tuple[bytes, str]:
         seconds = float(call.fields.get("duration", "190")) * self.overshoot
-        return _render(call.fields["prompt"], seconds, call.fields.get("output_format", "mp3"))
+        output_format = call.fields.get("output_format", "mp3")
+        if call.endpoint == "audio-to-audio":
+            strength = float(call.fields.get("strength", "1"))
+            return _render_from(call.files["audio"], call.fields["prompt"], seconds, strength, output_format)
+        return _render(call.fields["prompt"], seconds, output_format)
+
+
+def _audio_problems(call: Call, model: str) -> list[str]:
+    """audio-to-audio's own checks: the `audio` part, its format and length, and `strength`."""
+    problems = []
+    low = MIN_STRENGTH.get(model, 0.0)
+    if "strength" in call.fields and not _number_in(call.fields["strength"], low, 1):
+        problems.append(f"strength: must be a number from {low:g} to 1")
+    audio = call.files.get("audio")
+    if not audio:
+        return [*problems, "audio: is required"]
+    seconds = _input_seconds(audio)
+    if seconds is None:
+        problems.append("audio: must be a valid MP3 or WAV file")
+    elif not 6 <= seconds <= 190:
+        problems.append(f"audio: duration must be between 6 and 190 seconds, got {seconds:.1f}")
+    return problems
+
+
+def _input_seconds(audio: bytes) -> float | None:
+    """How long an MP3 or WAV plays (ffmpeg decodes it), or None for anything else."""
+    import subprocess
+
+    from sona.audio import decoded_seconds
+    from sona.ffmpeg import find_ffmpeg
+    from sona.input_audio import sniff
+
+    fmt = sniff(audio)
+    if fmt is None:
+        return None
+    try:
+        return decoded_seconds(audio, fmt, find_ffmpeg())
+    except subprocess.CalledProcessError:
+        return None
+
+
+def _render_from(
+    audio: bytes, prompt: str, seconds: float, strength: float, output_format: str
+) -> tuple[bytes, str]:
+    """The input (looped to length) mixed with the synthesiser's audio: (1 - strength) of the one,
+    strength of the other."""
+    from pydub.utils import audioop
+
+    from sona.audio import _ffmpeg, wav_header
+    from sona.ffmpeg import find_ffmpeg
+
+    ffmpeg = find_ffmpeg()
+    source = _ffmpeg(ffmpeg, ["-i", "pipe:0", "-ac", "2", "-ar", str(RATE), "-f", "s16le", "pipe:1"], audio)
+    size = max(1, round(seconds * RATE)) * 4
+    source = (source * (size // len(source) + 1))[:size]
+    synth = synthesize_pcm(prompt, seconds)[:size]
+    size = min(size, len(synth))  # pydub's fades may round the synthesised length
+    source, synth = source[:size], synth[:size]
+    mixed = audioop.add(audioop.mul(source, 2, 1 - strength), audioop.mul(synth, 2, strength), 2)
+    wav = wav_header(RATE, 2, 2, len(mixed) // 4) + mixed
+    if output_format == "mp3":
+        from sona.audio import encode_mp3
+
+        return encode_mp3(wav, "192k", ffmpeg), "audio/mpeg"
+    return wav, "audio/wav"
 
 
 @lru_cache(maxsize=16)
@@ -274,7 +350,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         content_type = self.headers.get("content-type", "")
         headers = {k.lower(): v for k, v in self.headers.items()}
-        call = Call(headers, _form_fields(body, content_type), content_type)
+        fields, files = _form_parts(body, content_type)
+        endpoint = self.path.rsplit("/", 1)[-1]
+        call = Call(headers, fields, content_type, endpoint, files, size=len(body))
         with self.owner._lock:
             self.owner.calls.append(call)
         try:
@@ -285,8 +363,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, call: Call) -> None:
         double = self.owner
         headers = call.headers
-        if not self.path.endswith("/text-to-audio"):
+        if call.endpoint not in ENDPOINTS:
             return self._send(call, 404, error_body(404), "application/json")
+        if call.size > MAX_REQUEST_BYTES:
+            return self._send(call, 413, error_body(413), "application/json")
         if not double._admit():
             return self._send(call, 429, error_body(429), "application/json")
         behaviour = double._next()
@@ -396,14 +476,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.setblocking(True)
 
 
-def _form_fields(body: bytes, content_type: str) -> dict[str, str]:
+def _form_parts(body: bytes, content_type: str) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The text fields (a text field sent as a file part counts too) and the raw file parts."""
     environ = {
         "wsgi.input": io.BytesIO(body),
         "CONTENT_LENGTH": str(len(body)),
         "CONTENT_TYPE": content_type,
         "REQUEST_METHOD": "POST",
     }
-    _, form, files = parse_form_data(environ)
+    _, form, file_parts = parse_form_data(environ, max_form_memory_size=None)
+    files = {k: v.read() for k, v in file_parts.items()}
     fields = {k: v for k, v in form.items()}
-    fields.update({k: v.read().decode(errors="replace") for k, v in files.items()})
-    return fields
+    fields.update({k: v.decode(errors="replace") for k, v in files.items() if k != "audio"})
+    return fields, files

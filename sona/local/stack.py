@@ -30,6 +30,7 @@ from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.relay import WebhookRelay
 from sona.local.stable_audio_double import StableAudioDouble
+from sona.local.user_jwt import make_user_jwt
 from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
 from sona.task_queue import QueueLimits
 from sona.webhook_sql import WebhookConfig, webhook_sql
@@ -428,6 +429,8 @@ class LocalStack:
         quality: str = "medium",
         mode: str = "default",
         user_id: uuid.UUID | None = None,
+        input_path: str | None = None,
+        strength: float | None = None,
     ) -> uuid.UUID:
         """Insert as the plug-in's user would: the authenticated role, under row level security."""
         user_id = user_id or self.create_user()
@@ -438,13 +441,29 @@ class LocalStack:
                 (f'{{"sub": "{user_id}", "role": "authenticated"}}',),
             )
             row = conn.execute(
-                "insert into public.jobs (user_id, prompt, duration, quality, mode)"
-                " values (%s, %s, %s, %s, %s) returning id",
-                (user_id, prompt, duration, quality, mode),
+                "insert into public.jobs (user_id, prompt, duration, quality, mode, input_path, strength)"
+                " values (%s, %s, %s, %s, %s, %s, %s) returning id",
+                (user_id, prompt, duration, quality, mode, input_path, strength),
             ).fetchone()
             conn.commit()
         assert row is not None
         return uuid.UUID(str(row[0]))
+
+    def user_token(self, user_id: uuid.UUID) -> str:
+        """The access token Supabase Auth would give this user (signed with the stack's secret)."""
+        return make_user_jwt(self.jwt_secret, user_id)
+
+    def upload_input(self, user_id: uuid.UUID, name: str, data: bytes, content_type: str) -> str:
+        """Upload into the user's folder of the inputs bucket as the plug-in does (supabase-py's
+        storage client, the publishable key and the user's token); returns the path for the row."""
+        from storage3 import SyncStorageClient
+
+        headers = {"apikey": self.publishable_key, "Authorization": f"Bearer {self.user_token(user_id)}"}
+        client = SyncStorageClient(f"{self.supabase_url}/storage/v1/", headers)
+        path = f"{user_id}/{name}"
+        bucket = self.settings().supabase_input_bucket
+        client.from_(bucket).upload(path, data, {"content-type": content_type, "upsert": "true"})
+        return path
 
     def postgres_connection(self) -> psycopg.Connection[Any]:
         """A superuser connection in autocommit, for setting up and inspecting."""

@@ -14,12 +14,17 @@ its source (supabase/storage, src/internal/errors, src/storage/limits.ts, migrat
 - listing a missing bucket answers `[]`; the list search is a case-insensitive prefix match
   (`%` and `_` are literal), sorted by lower-cased name, with folders as rows whose `id` is null;
 - public downloads carry the stored Cache-Control, ETag and Last-Modified, answer 304 and Range;
-  signed downloads carry `Expires` and no Cache-Control.
+  signed downloads carry `Expires` and no Cache-Control;
+- a signed-in user's upload, download, info and delete run as Storage runs them: in a transaction
+  with the role `authenticated` and the token's claims (`request.jwt.claims`), so PostgreSQL applies
+  the project's policies on storage.objects; a write they refuse is "403" AccessDenied, a row they
+  hide is not found. Listing and signing stay refused for users (no project needs them here).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -92,13 +97,16 @@ _RLS_GUARDED = {
     "storage:info",
     "storage:sign",
     "storage:download",
+    "storage:delete",
 }
+# What a signed-in user's token lets through to the policies on storage.objects.
+_POLICY_ROUTES = {"storage:upload", "storage:update", "storage:download", "storage:info", "storage:delete"}
 
 
 def _row_level_security(route: str) -> Response:
     if route in ("storage:bucket_create", "storage:upload", "storage:update"):
         return access_denied("new row violates row-level security policy")
-    if route == "storage:list":
+    if route in ("storage:list", "storage:delete"):
         return json_response([])
     if route == "storage:bucket_get":
         return _storage_error("404", "Bucket not found", "Bucket not found")
@@ -133,19 +141,26 @@ class StorageApi:
         if parts[:2] == ["object", "info"]:
             return "storage:info"
         if parts[0] == "object":
-            return {"POST": "storage:upload", "PUT": "storage:update"}.get(request.method, "storage:download")
+            methods = {"POST": "storage:upload", "PUT": "storage:update", "DELETE": "storage:delete"}
+            return methods.get(request.method, "storage:download")
         return "storage:unknown"
 
-    def handle(self, route: str, request: Request, role: str) -> Response:
-        if role != "service_role" and route in _RLS_GUARDED:
+    def handle(
+        self, route: str, request: Request, role: str, claims: dict[str, Any] | None = None
+    ) -> Response:
+        """`claims`: a verified user token's; its requests meet the policies on storage.objects."""
+        user = claims if role == "authenticated" and claims is not None else None
+        if role != "service_role" and route in _RLS_GUARDED and (user is None or route not in _POLICY_ROUTES):
             return _row_level_security(route)
         parts = request.path.removeprefix("/storage/v1/").split("/")
+        if route == "storage:delete":
+            return self._delete(parts[1], "/".join(parts[2:]), request, user)
         if route == "storage:bucket_get":
             return self._bucket_get(parts[1] if len(parts) > 1 else "")
         if route == "storage:bucket_create":
             return self._bucket_create(request)
         if route in ("storage:upload", "storage:update"):
-            return self._upload(parts[1], "/".join(parts[2:]), request, route == "storage:update")
+            return self._upload(parts[1], "/".join(parts[2:]), request, route == "storage:update", user)
         if route == "storage:public":
             return self._serve(parts[2], "/".join(parts[3:]), request, require_public=True)
         if route == "storage:sign":
@@ -156,23 +171,29 @@ class StorageApi:
             return self._list(parts[2], request)
         if route == "storage:info":
             skip = 3 if parts[2] == "authenticated" else 2
-            return self._info(parts[skip], "/".join(parts[skip + 1 :]))
+            return self._info(parts[skip], "/".join(parts[skip + 1 :]), user)
         if route == "storage:download":
             return self._serve(
                 parts[2] if parts[1] == "authenticated" else parts[1],
                 "/".join(parts[3:] if parts[1] == "authenticated" else parts[2:]),
                 request,
                 require_public=False,
+                user=user,
             )
         return json_response({"statusCode": "404", "error": "Not Found", "message": "Route not found"}, 404)
 
-    def _read(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    def _read(
+        self, query: str, params: tuple[Any, ...], user: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
         """A read-only query (the pool ends its transaction when the connection goes back)."""
         with self._pool.connection() as conn:
+            _scope(conn, user)
             return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
 
-    def _read_one(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        rows = self._read(query, params)
+    def _read_one(
+        self, query: str, params: tuple[Any, ...], user: dict[str, Any] | None = None
+    ) -> tuple[Any, ...] | None:
+        rows = self._read(query, params, user)
         return rows[0] if rows else None
 
     def _bucket(self, bucket_id: str) -> dict[str, Any] | None:
@@ -249,7 +270,9 @@ class StorageApi:
             raise ValueError(name)
         return path
 
-    def _upload(self, bucket_id: str, name: str, request: Request, update: bool) -> Response:
+    def _upload(
+        self, bucket_id: str, name: str, request: Request, update: bool, user: dict[str, Any] | None = None
+    ) -> Response:
         if not is_valid_bucket_name(bucket_id):
             return _invalid_bucket_name()
         bucket = self._bucket(bucket_id)
@@ -307,7 +330,12 @@ class StorageApi:
                 + " returning id"
             )
         with self._pool.connection() as conn:
-            row = conn.execute(statement, params).fetchone()  # type: ignore[arg-type]
+            _scope(conn, user)
+            try:
+                row = conn.execute(statement, params).fetchone()  # type: ignore[arg-type]
+            except psycopg.errors.InsufficientPrivilege:
+                conn.rollback()
+                return access_denied("new row violates row-level security policy")
             if row is None:
                 conn.rollback()
                 if update:
@@ -362,11 +390,12 @@ class StorageApi:
         limit = min(int(body.get("limit") or 100), 1500)
         return json_response(items[offset : offset + limit])
 
-    def _info(self, bucket_id: str, name: str) -> Response:
+    def _info(self, bucket_id: str, name: str, user: dict[str, Any] | None = None) -> Response:
         row = self._read_one(
             "select id, metadata, user_metadata, created_at, updated_at from storage.objects"
             " where bucket_id = %s and name = %s",
             (bucket_id, name),
+            user,
         )
         if row is None:
             return _no_such_key()
@@ -389,7 +418,14 @@ class StorageApi:
         )
 
     def _serve(
-        self, bucket_id: str, name: str, request: Request, *, require_public: bool, expires: int | None = None
+        self,
+        bucket_id: str,
+        name: str,
+        request: Request,
+        *,
+        require_public: bool,
+        expires: int | None = None,
+        user: dict[str, Any] | None = None,
     ) -> Response:
         """renderer.ts: ETag, Last-Modified and Range always; then either the signed URL's Expires
         or the stored Cache-Control (a public or authenticated download), never both."""
@@ -399,6 +435,7 @@ class StorageApi:
         row = self._read_one(
             "select metadata, updated_at from storage.objects where bucket_id = %s and name = %s",
             (bucket_id, name),
+            user,
         )
         if row is None:
             return _storage_error("404", "NoSuchKey", "The resource was not found", "Not found")
@@ -412,6 +449,36 @@ class StorageApi:
         elif meta.get("cacheControl"):
             response.headers["Cache-Control"] = meta["cacheControl"]
         return response.make_conditional(request, accept_ranges=True, complete_length=len(data))
+
+    def _delete(self, bucket_id: str, name: str, request: Request, user: dict[str, Any] | None) -> Response:
+        """DELETE /object/{bucket} with {"prefixes": [...]} answers the objects it removed (those the
+        policies let the caller see and delete); DELETE /object/{bucket}/{name} removes one."""
+        if name:
+            names = [name]
+        else:
+            body = request.get_json(force=True, silent=True) or {}
+            names = [str(n) for n in body.get("prefixes") or []]
+        with self._pool.connection() as conn:
+            _scope(conn, user)
+            rows = conn.execute(
+                "delete from storage.objects where bucket_id = %s and name = any(%s)"
+                " returning id, name, bucket_id, metadata, created_at, updated_at",
+                (bucket_id, names),
+            ).fetchall()
+            conn.commit()
+        for row in rows:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                self._object_path(bucket_id, row[1]).unlink()
+        if name:
+            if not rows:
+                return _no_such_key()
+            return json_response({"message": "Successfully deleted"})
+        return json_response(
+            [
+                {"id": str(oid), "name": n, "bucket_id": b, "metadata": meta, "created_at": c.isoformat()}
+                for oid, n, b, meta, c, _ in rows
+            ]
+        )
 
     def _sign(self, bucket_id: str, name: str, request: Request) -> Response:
         body = request.get_json(force=True, silent=True) or {}
@@ -447,6 +514,18 @@ class StorageApi:
         if claims.get("exp", 0) < time.time():
             return _storage_error("400", "ExpiredToken", "The provided token has expired.")
         return self._serve(bucket_id, name, request, require_public=False, expires=int(claims["exp"]))
+
+
+def _scope(conn: psycopg.Connection[Any], user: dict[str, Any] | None) -> None:
+    """Run the rest of this transaction as the user, as Storage does for a user's token: the role
+    from the token, and its claims where auth.uid() reads them."""
+    if user is None:
+        return
+    conn.execute(
+        "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
+        " set_config('request.jwt.claim.sub', %s, true), set_config('request.jwt.claim.role', %s, true)",
+        (str(user["role"]), json.dumps(user), str(user.get("sub") or ""), str(user["role"])),
+    )
 
 
 def _upload_body(request: Request) -> tuple[str, str, bytes, dict[str, Any] | None]:

@@ -60,3 +60,23 @@ create table if not exists storage.objects (
   updated_at timestamptz not null default now(),
   unique (bucket_id, name)
 );
+
+-- As Supabase Storage's own migrations have them (supabase/storage, migrations/tenant/
+-- 0002-storage-schema.sql): row level security on objects, the API roles granted the tables, and
+-- foldername(), which policies use to key on a user's folder ('abc/def.wav' -> {abc}).
+alter table storage.objects enable row level security;
+grant usage on schema storage to anon, authenticated, service_role;
+grant all on storage.objects, storage.buckets to anon, authenticated, service_role;
+
+create or replace function storage.foldername(name text)
+ returns text[]
+ language plpgsql
+as $function$
+declare
+_parts text[];
+begin
+	select string_to_array(name, '/') into _parts;
+	return _parts[1:array_length(_parts,1)-1];
+end
+$function$;
+grant execute on function storage.foldername(text) to anon, authenticated, service_role;
