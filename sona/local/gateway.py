@@ -35,17 +35,57 @@ _BEARER = re.compile(r"^Bearer\s+", re.IGNORECASE)
 NOT_A_JWT = {"code": "PGRST301", "details": None, "hint": None, "message": "Expected 3 parts in JWT; got 1"}
 
 
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _sign(secret: str, claims: dict[str, Any]) -> str:
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = _b64(json.dumps(claims).encode())
+    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64(signature)}"
+
+
 def make_jwt(secret: str, role: str, ttl_s: int = 10 * 365 * 24 * 3600) -> str:
     """An HS256 JWT shaped like Supabase's API keys (the gateway compares them verbatim)."""
-
-    def b64(raw: bytes) -> str:
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
     now = int(time.time())
-    payload = b64(json.dumps({"iss": "sona-local", "role": role, "iat": now, "exp": now + ttl_s}).encode())
-    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{b64(signature)}"
+    return _sign(secret, {"iss": "sona-local", "role": role, "iat": now, "exp": now + ttl_s})
+
+
+def make_user_jwt(secret: str, user_id: uuid.UUID | str, ttl_s: int = 3600) -> str:
+    """A signed-in user's access token as Supabase Auth issues it (HS256 with the project's JWT
+    secret): role authenticated, sub the user's id, aud authenticated."""
+    now = int(time.time())
+    claims = {
+        "iss": "sona-local/auth/v1",
+        "sub": str(user_id),
+        "aud": "authenticated",
+        "role": "authenticated",
+        "iat": now,
+        "exp": now + ttl_s,
+    }
+    return _sign(secret, claims)
+
+
+# PostgREST's answers to a Bearer JWT it cannot accept (v12 codes).
+BAD_SIGNATURE = {"code": "PGRST301", "details": None, "hint": None, "message": "JWSError JWSInvalidSignature"}
+JWT_EXPIRED = {"code": "PGRST303", "details": None, "hint": None, "message": "JWT expired"}
+
+
+def verify_jwt(token: str, secret: str) -> dict[str, Any]:
+    """{"claims": ...} of an HS256 token signed with the secret, or PostgREST's error body for it."""
+    header, payload, signature = token.split(".")
+    expected = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    try:
+        given = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except ValueError:
+        return BAD_SIGNATURE
+    if not hmac.compare_digest(given, expected) or not isinstance(claims, dict):
+        return BAD_SIGNATURE
+    if isinstance(claims.get("exp"), int | float) and claims["exp"] <= time.time():
+        return JWT_EXPIRED
+    return {"claims": claims}
 
 
 # The API gateway's (Kong's) own error answers when PostgREST or Storage behind it fails: the message
@@ -214,6 +254,8 @@ class Gateway:
             route = f"rpc:{path.removeprefix('/rest/v1/rpc/')}"
         elif path.startswith("/storage/v1/"):
             route = StorageApi.route(request)
+        elif re.fullmatch(r"/rest/v1/\w+", path):
+            route = f"table:{path.removeprefix('/rest/v1/')}"
         else:
             return json_response({"message": "no Route matched with those values"}, 404)
         self._count(route)
@@ -241,6 +283,7 @@ class Gateway:
                 401,
             )
         bearer = request.headers.get("Authorization")
+        claims: dict[str, Any] | None = None
         if bearer is not None:
             # What reaches PostgREST and Storage is the caller's own Authorization: they take only
             # a JWT there, so a new key (or anything else with no three parts) is refused.
@@ -249,9 +292,23 @@ class Gateway:
                 if route.startswith("rpc:"):
                     return json_response(NOT_A_JWT, 401)
                 return access_denied("Invalid Compact JWS")
-            role = self._jwt_role(token) or role
+            known = self._jwt_role(token)
+            if known is None:
+                # Any other JWT must be signed with the project's secret; its role claim decides,
+                # and PostgREST hands all its claims to the database (auth.uid() reads `sub`).
+                verified = verify_jwt(token, self.jwt_secret)
+                if "claims" not in verified:
+                    return json_response(verified, 401)
+                claims = dict(verified["claims"])
+                role = str(claims.get("role") or role)
+            else:
+                role = known
         if route.startswith("rpc:"):
-            return self.rpc.handle(route.removeprefix("rpc:"), request, role)
+            return self.rpc.handle(route.removeprefix("rpc:"), request, role, claims)
+        if route.startswith("table:"):
+            if request.method != "POST":
+                return json_response({"message": "only inserts are served locally"}, 405)
+            return self.rpc.insert(route.removeprefix("table:"), request, role, claims or {"role": role})
         return self.storage.handle(route, request, role)
 
     def _key_role(self, key: str) -> str | None:

@@ -27,7 +27,7 @@ from sona.ffmpeg import find_ffmpeg
 from sona.local.cloud_run import CapacityCap
 from sona.local.cloud_tasks import CloudTasksEmulator
 from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
-from sona.local.gateway import Gateway, make_jwt
+from sona.local.gateway import Gateway, make_jwt, make_user_jwt
 from sona.local.relay import WebhookRelay
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
@@ -420,6 +420,16 @@ class LocalStack:
             ).fetchone()
         assert row is not None
         return uuid.UUID(str(row[0]))
+
+    def user_token(self, user_id: uuid.UUID) -> str:
+        """The access token Supabase Auth would give this user after sign-in (an hour long): send
+        it as `Authorization: Bearer` with the publishable (or anon) key as `apikey`."""
+        return make_user_jwt(self.jwt_secret, user_id)
+
+    def sign_in(self) -> dict[str, str]:
+        """A new local user and their token: what a client needs to act as a signed-in musician."""
+        user_id = self.create_user()
+        return {"user_id": str(user_id), "user_token": self.user_token(user_id)}
 
     def insert_job(
         self,
