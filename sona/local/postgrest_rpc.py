@@ -175,7 +175,7 @@ def http_status(sqlstate: str | None, *, anonymous: bool = False) -> int:
         "09": 500,
         "0L": 403,
         "0P": 403,
-        "23": 409,
+        # no "23" class: only 23503 and 23505 are 409; a check or not-null violation is 400
         "25": 500,
         "28": 403,
         "2D": 500,
