@@ -108,7 +108,7 @@ def test_a_probe_that_fails_for_its_own_reason_lets_the_next_job_probe(db_url: s
 
 
 def test_reclaim_dispatches_nothing_while_paused_then_one_probe_then_everything(db_url: str) -> None:
-    first, _ = paused_service(db_url)
+    paused_service(db_url)
     for _ in range(3):
         insert_job(db_url)
     assert [r for r in sql(db_url, RECLAIM) if r["action"] == "dispatch"] == []

@@ -211,4 +211,6 @@ def test_a_cancelled_job_is_never_claimed_and_refuses_the_workers_fenced_writes(
     assert sql(db_url, "select * from claim_job(%s, %s, 60, 3)", job, uuid.uuid4()) == []
     row = job_row(db_url, job)
     assert (row["status"], row["wav_url"]) == ("cancelled", None)
-    assert sql(db_url, "select outcome from job_attempts where job_id = %s", job) == [{"outcome": "cancelled"}]
+    assert sql(db_url, "select outcome from job_attempts where job_id = %s", job) == [
+        {"outcome": "cancelled"}
+    ]

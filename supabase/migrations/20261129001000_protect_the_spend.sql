@@ -150,9 +150,12 @@ language sql volatile security definer set search_path = '' as $$
            lease_expires_at = null
      where j.id = p_job_id
        and j.status in ('pending', 'queued', 'processing')
+       -- the owner, or the service role (by its JWT, or the role the session set: definer
+       -- functions run as their owner, so current_user cannot tell)
        and (j.user_id = (select auth.uid())
             or coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role', '')
-               = 'service_role')
+               = 'service_role'
+            or current_setting('role', true) = 'service_role')
     returning j.*
   ), attempt as (
     update public.job_attempts a
