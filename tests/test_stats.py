@@ -59,7 +59,7 @@ def run_stats(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
         "SUPABASE_SERVICE_ROLE_KEY": gateway.service_role_key,
         "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
         "WEBHOOK_SECRET": SECRETS["webhook_secret"],
-        "DISPATCH": "direct",  # stats needs no queue settings
+        "DISPATCH": "direct",
     }
     return subprocess.run(
         [sys.executable, "-m", "sona", "stats", *args],
