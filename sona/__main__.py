@@ -116,7 +116,9 @@ def _stats(args: argparse.Namespace) -> int:
     from sona.stats import render_table
 
     try:
-        figures = JobsStore(load_settings()).stats(args.hours)
+        store = JobsStore(load_settings())
+        figures = store.stats(args.hours)
+        figures["spend"] = store.spend_stats(args.hours)  # the pause, quota refusals, cancellations
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ two paths cannot drift.
 
 from __future__ import annotations
 
+import json
 import shlex
 from typing import Literal
 
@@ -256,6 +257,69 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         "  " + Shell.line([*scheduler, "update", "http", config.scheduler_job, *scheduler_flags]),
         "else",
         "  " + Shell.line([*scheduler, "create", "http", config.scheduler_job, *scheduler_flags]),
+        "fi",
+        *pause_alert_commands(config),
+    ]
+
+
+# The stable `code` of process_job's one ERROR line per pause (sona.pipeline.PAUSE_LOG_CODE).
+PAUSE_METRIC = "sona_service_paused"
+PAUSE_POLICY = "Sona service paused"
+
+
+def pause_alert_commands(config: DeployConfig) -> list[str]:
+    """A log-based counter of pauses and an alert policy on it: an account-level outage (key,
+    credits, the provider's edge, Storage) pages someone; the queue itself waits safely."""
+    where = [f"--project={config.google_cloud_project}"]
+    log_filter = (
+        f'resource.type="cloud_run_revision" AND resource.labels.service_name="{config.process_job_function}"'
+        f' AND severity>=ERROR AND jsonPayload.code="{PAUSE_METRIC}"'
+    )
+    policy = {
+        "displayName": PAUSE_POLICY,
+        "combiner": "OR",
+        "documentation": {
+            "mimeType": "text/markdown",
+            "content": "Sona paused generation: the provider or Storage refused the account (see the log "
+            "line's `cause`). Jobs wait, nothing fails. Fix the key, credits or bucket; after the "
+            "pause one probe job runs and lifts it. `python -m sona stats` shows the pause.",
+        },
+        "conditions": [
+            {
+                "displayName": "a pause was opened",
+                "conditionThreshold": {
+                    "filter": f'metric.type="logging.googleapis.com/user/{PAUSE_METRIC}"'
+                    ' AND resource.type="cloud_run_revision"',
+                    "comparison": "COMPARISON_GT",
+                    "thresholdValue": 0,
+                    "duration": "0s",
+                    "aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_SUM"}],
+                },
+            }
+        ],
+    }
+    metrics = ["gcloud", "logging", "metrics"]
+    policies = ["gcloud", "monitoring", "policies"]
+    existing = [*policies, "list", f'--filter=displayName="{PAUSE_POLICY}"', "--format=value(name)", *where]
+    return [
+        f"if {Shell.line([*metrics, 'describe', PAUSE_METRIC, *where])} >/dev/null 2>&1; then",
+        "  " + Shell.line([*metrics, "update", PAUSE_METRIC, f"--log-filter={log_filter}", *where]),
+        "else",
+        "  "
+        + Shell.line(
+            [
+                *metrics,
+                "create",
+                PAUSE_METRIC,
+                "--description=Sona paused generation for an account-level outage",
+                f"--log-filter={log_filter}",
+                *where,
+            ]
+        ),
+        "fi",
+        # created once: policies have no natural id, so their display name stands in for one
+        f'if [ -z "$({Shell.line(existing)})" ]; then',
+        "  " + Shell.line([*policies, "create", f"--policy={json.dumps(policy)}", *where]),
         "fi",
     ]
 

@@ -32,8 +32,25 @@ class TransientError(SonaError):
 
 class ServiceOutage(TransientError):
     """The account or the configuration is wrong, not the job: a rejected or rotated key, no credits,
-    the provider's edge refusing us, Storage refusing the key or the bucket. The job is released for
-    a retry and never failed for it; the message says the service, not the request, is at fault."""
+    the provider's edge refusing us, Storage refusing the key or the bucket. The service pauses and
+    the job is released without using up its attempt; the message says the service, not the
+    request, is at fault. `code` is stable (operators alert on it); `retry_after_s`, when known,
+    is how long the pause lasts (else the configured pause_seconds)."""
+
+    def __init__(
+        self,
+        public_message: str,
+        *,
+        code: str = "service_outage",
+        detail: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(public_message, detail=detail, retry_after_s=retry_after_s)
+        self.code = code
+
+
+class Cancelled(SonaError):
+    """The job's owner cancelled it (the lease is gone): stop before paying, write nothing."""
 
 
 class DeadlineExceeded(TransientError):

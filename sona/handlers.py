@@ -192,12 +192,14 @@ def _run_job(services: Services, job_id: uuid.UUID, deadline: Deadline) -> Respo
                     "job_id": str(job_id),
                     "outcome": "skipped",
                     "reason": "The job is not claimable: it is unknown, already being processed, "
-                    "finished, waiting for its retry time, or out of attempts.",
+                    "finished, waiting for its retry time, out of attempts, or the service is "
+                    "paused.",
                 },
             )
         set_attempt(job.attempts)
         log.info("claimed (attempt %d)", job.attempts)
         result = services.pipeline.run(job, deadline)
+        # A paused job is not rescheduled here: after the pause, reclaim_jobs sends one probe first.
         if result.outcome == "retrying" and services.settings.dispatch == "cloud_tasks":
             _enqueue_retry(services, job_id, result.attempt, result.retry_at)
         status = 503 if result.outcome == "interrupted" else 200

@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, cast
 
 import httpx
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import DatabaseUnavailable, SonaError, StaleLease
+from sona.errors import DatabaseUnavailable, ServiceOutage, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, Job
 from sona.retrying import retrying
 from sona.supabase_keys import request_headers
@@ -43,6 +44,16 @@ class ReclaimAction(BaseModel):
     # For 'dispatch': the attempts so far and this dispatch's round, which name its task.
     attempt: int | None = None
     dispatch_round: int | None = None
+
+
+class Pause(BaseModel):
+    """What pause_service did: the open pause (created by this call, or already there) and
+    whether this job went back to wait for it."""
+
+    pause_id: int
+    pause_created: bool
+    paused_until: datetime
+    released: bool
 
 
 class _PostgrestError(BaseModel):
@@ -158,6 +169,39 @@ class JobsStore:
             },
         )
         return self._fenced(rows, job, "fail")
+
+    def pause(self, job: ClaimedJob, outage: ServiceOutage) -> Pause:
+        """Pause the service for an account-level outage (one open pause, however many callers)
+        and release the job without using up its attempt (fenced by the lease)."""
+        rows = self._rpc(
+            "pause_service",
+            {
+                "p_job_id": str(job.id),
+                "p_lease_token": str(job.lease_token),
+                "p_code": outage.code,
+                "p_reason": outage.detail or outage.code,
+                "p_message": outage.public_message,
+                "p_seconds": None if outage.retry_after_s is None else max(1, round(outage.retry_after_s)),
+            },
+        )
+        return Pause.model_validate(rows[0])
+
+    def lease_is_held(self, job: ClaimedJob) -> bool:
+        """Is the job still this attempt's (false once its owner cancelled it)?"""
+        with _translated_errors("lease_is_held"):
+            held = (
+                self._client.rpc(
+                    "lease_is_held", {"p_job_id": str(job.id), "p_lease_token": str(job.lease_token)}
+                )
+                .execute()
+                .data
+            )
+        return held is True
+
+    def spend_stats(self, window_hours: int) -> dict[str, Any]:
+        with _translated_errors("spend_stats"):
+            data = self._client.rpc("spend_stats", cast(Any, {"p_window_hours": window_hours})).execute().data
+        return cast(dict[str, Any], data or {})
 
     def reclaim(self) -> list[ReclaimAction]:
         """Expire lost leases and pick the jobs due for dispatch (single-flight in SQL)."""

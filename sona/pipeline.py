@@ -15,7 +15,15 @@ from typing import Any, Literal, Protocol, TypeVar
 from sona.audio import Master, encode_mp3, make_master
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import DatabaseUnavailable, DeadlineExceeded, PermanentError, SonaError, StaleLease
+from sona.errors import (
+    Cancelled,
+    DatabaseUnavailable,
+    DeadlineExceeded,
+    PermanentError,
+    ServiceOutage,
+    SonaError,
+    StaleLease,
+)
 from sona.input_audio import inspect
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job
 from sona.retrying import retrying
@@ -25,12 +33,22 @@ from sona.storage import StoredOutput, attempt_stamp, object_path
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Outcome = Literal["completed", "failed", "retrying", "stale", "interrupted"]
+Outcome = Literal["completed", "failed", "retrying", "stale", "interrupted", "paused", "cancelled"]
+# The stable `code` of the one ERROR line per pause (the deploy's log-based metric counts it).
+PAUSE_LOG_CODE = "sona_service_paused"
+
+
+class PauseRecord(Protocol):
+    pause_created: bool
+    paused_until: datetime
+    released: bool
 
 
 class Store(Protocol):
     def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job: ...
     def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job: ...
+    def pause(self, job: ClaimedJob, outage: ServiceOutage) -> PauseRecord: ...
+    def lease_is_held(self, job: ClaimedJob) -> bool: ...
 
 
 class Provider(Protocol):
@@ -84,6 +102,11 @@ class Pipeline:
             log.info("completed in %d ms", deadline.elapsed() * 1000)
         except StaleLease as exc:
             return self._stale(result, exc)
+        except Cancelled as exc:
+            log.info("%s", exc)
+            result.outcome, result.status, result.error = "cancelled", "cancelled", exc.public_message
+        except ServiceOutage as exc:
+            self._pause(job, result, exc)
         except DatabaseUnavailable as exc:
             # The row keeps its lease; when it expires, reclaim_jobs runs the job again.
             log.error("database unavailable, leaving the job to reclaim: %s", exc)
@@ -141,6 +164,9 @@ class Pipeline:
         settings = self.settings
         if request.input_object is not None:
             request = self._with_input(request, request.input_object, deadline, timings)
+        # The last moment a cancellation can save the payment.
+        if not _timed(timings, "lease_check", lambda: self.store.lease_is_held(job)):
+            raise Cancelled("The job was cancelled before it was generated; nothing was paid for.")
         log.info(
             "generating %d s with %s (%s, %d steps)",
             request.duration,
@@ -217,6 +243,30 @@ class Pipeline:
         result.outcome = "retrying" if row.status == "pending" else "failed"
         result.error = row.error_message
         result.retry_at = row.run_after
+
+    def _pause(self, job: ClaimedJob, result: Result, outage: ServiceOutage) -> None:
+        """The account or configuration is at fault: pause the service (once) and put the job back
+        to wait for it, its attempt not used up. Only the call that opened the pause logs ERROR."""
+        margin = Deadline(self.settings.deadline_margin_ms / 1000)
+        try:
+            with margin.applies():
+                pause = self._with_retries("pause", margin, lambda: self.store.pause(job, outage))
+        except (DatabaseUnavailable, DeadlineExceeded) as exc:
+            log.error("could not record the outage; the lease will expire: %s", exc)
+            result.outcome, result.error = "interrupted", outage.public_message
+            return
+        if pause.pause_created:
+            log.error(
+                "service paused until %s: %s",
+                pause.paused_until.isoformat(),
+                outage,
+                extra={"json_fields": {"code": PAUSE_LOG_CODE, "cause": outage.code}},
+            )
+        else:
+            log.warning("service already paused (%s): %s", outage.code, outage)
+        result.outcome = "paused" if pause.released else "stale"
+        result.status = "pending" if pause.released else None
+        result.error, result.retry_at = outage.public_message, pause.paused_until
 
     @staticmethod
     def _stale(result: Result, exc: StaleLease) -> Result:

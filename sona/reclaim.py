@@ -43,6 +43,8 @@ def run_reclaim(services: Services) -> dict[str, Any]:
         "retrying": 0,
         "skipped": 0,
         "still_running": 0,
+        "paused": 0,
+        "cancelled": 0,
         "errors": 0,
     }
     if due and settings.dispatch == "cloud_tasks":
@@ -60,6 +62,8 @@ def run_reclaim(services: Services) -> dict[str, Any]:
                 "retrying": "retrying",
                 "skipped": "skipped",
                 "running": "still_running",
+                "paused": "paused",
+                "cancelled": "cancelled",
             }.get(outcome, "errors")
             summary[key] += 1
     summary["elapsed_ms"] = round(deadline.elapsed() * 1000)

@@ -144,8 +144,6 @@ def client_user_id(user_id: object) -> str | None:
 # What each documented error status means for the job, in words a musician can act on.
 _PERMANENT = {
     400: "The audio service rejected the request",
-    401: "The audio service rejected our credentials; the team has been alerted",
-    402: "The audio service account is out of credits; please try again later",
     403: "The prompt was flagged by the audio service's content moderation; please rephrase it",
     404: "The audio service address is misconfigured; the team has been alerted",
     413: "The request was too large for the audio service",
@@ -157,12 +155,32 @@ _EDGE_REFUSED = (
     "The audio service refused the request; this is not a problem with your prompt. "
     "The job will be retried."
 )
+_UNAVAILABLE = (
+    "The audio service is unavailable right now; this is not a problem with your prompt. "
+    "Your job will run when the service is back."
+)
+# Answers that say the account or our configuration is at fault, never the job: the service pauses.
+# The stable code names the cause for operators (log-based metric, alert, stats).
+_ACCOUNT_LEVEL = {401: "provider_unauthorized", 402: "provider_out_of_credits"}
+# Stability locks an account out for 60 s after 150 requests in 10 s (no Retry-After documented).
+LOCKOUT_S = 60.0
+# A 429 asking for a wait this short is a throttle, retried in place within the attempt.
+THROTTLE_S = 10.0
 
 
 def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[str]) -> Exception:
     """An HTTP error answer becomes a PermanentError or a TransientError (by status, not by text)."""
     name, errors = _error_body(body)
     detail = f"HTTP {status} {name or ''} {'; '.join(errors)}".strip()
+    if status in _ACCOUNT_LEVEL:
+        return ServiceOutage(_UNAVAILABLE, code=_ACCOUNT_LEVEL[status], detail=detail)
+    wait_s = _retry_after(headers)
+    if status == 429 and name == "rate_limit_exceeded" and (wait_s is None or wait_s > THROTTLE_S):
+        # The documented lockout (no Retry-After, or a long one): every request from the account
+        # is refused for a while, whichever instance sends it, so the service pauses.
+        return ServiceOutage(
+            _UNAVAILABLE, code="provider_locked_out", detail=detail, retry_after_s=wait_s or LOCKOUT_S
+        )
     if status == 429:
         return TransientError(
             "The audio service is busy (rate limited)",
@@ -172,7 +190,7 @@ def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[
     if status == 403 and name != "content_moderation":
         # The provider's edge (an HTML page, or any other 403) refusing us: the account or the
         # network is at fault, not the prompt.
-        return ServiceOutage(_EDGE_REFUSED, detail=detail)
+        return ServiceOutage(_EDGE_REFUSED, code="provider_edge_refused", detail=detail)
     if status >= 500:
         return TransientError(
             "The audio service had a temporary problem",

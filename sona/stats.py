@@ -26,6 +26,7 @@ def render_table(figures: dict[str, Any]) -> str:
         f"  expired leases      {stuck.get('expired_leases', 0)}",
         f"  pending > 10 min    {stuck.get('pending_over_10_min', 0)}",
     ]
+    lines += _spend_lines(figures.get("spend") or {})
     failures = figures.get("recent_failures") or []
     if failures:
         lines += ["", "Recent failures:"]
@@ -33,3 +34,28 @@ def render_table(figures: dict[str, Any]) -> str:
             f"  {f['failed_at']}  {f['id']}  (attempts {f['attempts']})  {f['error']}" for f in failures
         ]
     return "\n".join(lines)
+
+
+def _spend_lines(spend: dict[str, Any]) -> list[str]:
+    """The pause (if any), quota refusals and cancellations: what protects the credit balance."""
+    if not spend:
+        return []
+    pause = spend.get("pause")
+    quota = spend.get("quota") or {}
+    lines = [""]
+    if pause:
+        lines.append(
+            f"PAUSED since {pause['since']} ({pause['code']}: {pause['reason']}); "
+            f"next probe after {pause['until']}, {pause['jobs_released']} jobs waiting for it"
+        )
+    else:
+        lines.append("  service             running (no pause)")
+    lines += [
+        f"  pauses              {spend.get('pauses_in_window', 0)}"
+        f" ({spend.get('jobs_released_by_outages', 0)} jobs sent back to wait)",
+        f"  cancelled           {spend.get('cancelled', 0)}",
+        f"  quota refusals      {quota.get('refused_active_total', 0)} over"
+        f" {quota.get('max_active_jobs', '-')} active, {quota.get('refused_daily_total', 0)} over"
+        f" {quota.get('max_jobs_per_day', '-')} a day (since install)",
+    ]
+    return lines

@@ -238,7 +238,9 @@ def _bucket_refused(exc: StorageApiError, settings: Settings) -> Exception:
             f"STORAGE_FILE_SIZE_LIMIT={limit or '(none)'} against the project's global upload limit"
         )
     return ServiceOutage(
-        "The file storage is not set up to accept the audio; the job will be retried", detail=detail
+        "The file storage is not set up to accept the audio; the job will be retried",
+        code="storage_bucket_refused",
+        detail=detail,
     )
 
 
@@ -265,4 +267,11 @@ def _translate(exc: StorageApiError) -> Exception:
         return TransientError("The file storage had a temporary problem", detail=detail)
     if status == "413":
         return PermanentError("The generated audio is larger than the storage allows", detail=detail)
+    if status in ("401", "403"):
+        # Storage refusing our key (rotated, wrong, or not the secret one): the project's fault.
+        return ServiceOutage(
+            "The file storage refused the service's credentials; your job will run when it is fixed",
+            code="storage_refused",
+            detail=detail,
+        )
     return PermanentError("The generated audio could not be stored", detail=detail)

@@ -3,6 +3,7 @@ configuration; the webhook SQL fires on INSERT with the secret header and a long
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -297,3 +298,24 @@ def test_the_webhook_sql_command_prints_the_trigger(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "create or replace trigger sona_process_job" in result.stdout
     assert "'100000'" in result.stdout  # the function's timeout: 90 s + 10 s margin
+
+
+def test_the_plan_counts_pauses_in_a_log_based_metric_and_alerts_on_it_once() -> None:
+    script = dry_run(cloudbuild_env())
+    lines = script.splitlines()
+    assert "gcloud logging metrics describe sona_service_paused" in script
+    for verb in ("update", "create"):
+        line = next(li for li in lines if f"gcloud logging metrics {verb} sona_service_paused" in li)
+        log_filter = flag(shlex.split(line.strip()), "log-filter") or ""
+        assert 'jsonPayload.code="sona_service_paused"' in log_filter
+        assert "severity>=ERROR" in log_filter
+    guard = next(li for li in lines if "gcloud monitoring policies list" in li)
+    assert guard.startswith('if [ -z "$(') and 'displayName="Sona service paused"' in guard
+    create = next(li for li in lines if "gcloud monitoring policies create" in li)
+    policy = json.loads(flag(shlex.split(create.strip()), "policy") or "{}")
+    (condition,) = policy["conditions"]
+    assert (
+        'metric.type="logging.googleapis.com/user/sona_service_paused"'
+        in condition["conditionThreshold"]["filter"]
+    )
+    assert policy["displayName"] == "Sona service paused"

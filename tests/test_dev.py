@@ -46,6 +46,8 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
             "reclaim_jobs_url",
             "dispatch",
             "cloud_tasks_url",
+            "user_id",
+            "user_token",
         }
         assert info["process_job_url"] == f"http://127.0.0.1:{port}"
         key = info["service_role_key"]
@@ -72,6 +74,22 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
         )
         assert (enqueued.status_code, enqueued.json()["outcome"]) == (202, "enqueued")
         assert (info["dispatch"], info["cloud_tasks_url"][:7]) == ("cloud_tasks", "http://")
+        # A client acts as the signed-in local user with the publishable key and the user's token.
+        as_user = {"apikey": info["publishable_key"], "Authorization": f"Bearer {info['user_token']}"}
+        inserted = requests.post(
+            f"{info['supabase_url']}/rest/v1/jobs",
+            json={"user_id": info["user_id"], "prompt": "dev user", "duration": 1},
+            headers={**as_user, "Prefer": "return=representation"},
+            timeout=10,
+        )
+        assert (inserted.status_code, inserted.json()[0]["user_id"]) == (201, info["user_id"])
+        cancelled = requests.post(
+            f"{info['supabase_url']}/rest/v1/rpc/cancel_job",
+            json={"p_job_id": inserted.json()[0]["id"]},
+            headers=as_user,
+            timeout=10,
+        )
+        assert cancelled.status_code == 200
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0

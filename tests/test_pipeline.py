@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sona.deadline import Deadline
-from sona.errors import DatabaseUnavailable, DeadlineExceeded, PermanentError, StaleLease, TransientError
+from sona.errors import (
+    DatabaseUnavailable,
+    DeadlineExceeded,
+    PermanentError,
+    ServiceOutage,
+    StaleLease,
+    TransientError,
+)
 from sona.ffmpeg import find_ffmpeg
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStatus
 from sona.pipeline import Pipeline
@@ -21,10 +30,27 @@ from tests.support import AUDIO_INFO, make_settings, wav_bytes
 
 
 @dataclass
+class FakePause:
+    pause_created: bool
+    paused_until: datetime
+    released: bool = True
+
+
+@dataclass
 class FakeStore:
     fail_complete: Exception | None = None
     fail_fail: Exception | None = None
     writes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    cancelled: bool = False  # the owner cancelled the job after it was claimed
+    pause_exists: bool = False
+
+    def lease_is_held(self, job: ClaimedJob) -> bool:
+        return not self.cancelled
+
+    def pause(self, job: ClaimedJob, outage: ServiceOutage) -> FakePause:
+        self.writes.append(("pause", {"code": outage.code, "message": outage.public_message}))
+        created, self.pause_exists = not self.pause_exists, True
+        return FakePause(created, datetime.now(UTC) + timedelta(seconds=300))
 
     def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job:
         if self.fail_complete is not None:
@@ -125,6 +151,42 @@ def test_a_failure_is_classified_and_recorded(error: Exception, retryable: bool,
     assert result.outcome == outcome
     assert store.writes[-1][1]["retryable"] is retryable
     assert storage.stored == {}
+
+
+def test_a_job_cancelled_after_its_claim_is_never_generated_nor_written() -> None:
+    result, store, provider, storage = run(claimed(), store=FakeStore(cancelled=True))
+    assert (result.outcome, result.status, provider.calls) == ("cancelled", "cancelled", 0)
+    assert (store.writes, storage.stored) == ([], {})
+
+
+@pytest.mark.parametrize(
+    ("where", "outage"),
+    [
+        ("provider", ServiceOutage("no credits", code="provider_out_of_credits")),
+        ("storage", ServiceOutage("key refused", code="storage_refused")),
+    ],
+)
+def test_an_account_level_outage_pauses_instead_of_failing(where: str, outage: ServiceOutage) -> None:
+    provider = FakeProvider(error=outage if where == "provider" else None)
+    storage = FakeStorage(error=outage if where == "storage" else None)
+    result, store, _, _ = run(claimed(), provider=provider, storage=storage)
+    assert (result.outcome, result.status) == ("paused", "pending")
+    assert [verb for verb, _ in store.writes] == ["pause"]  # never fail_job: no attempt used up
+    assert store.writes[0][1]["code"] == outage.code
+
+
+def test_only_the_call_that_opens_the_pause_logs_it_at_error_with_its_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    outage = ServiceOutage("no credits", code="provider_out_of_credits")
+    store = FakeStore()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            run(claimed(), store=store, provider=FakeProvider(error=outage))
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].json_fields["code"] == "sona_service_paused"  # type: ignore[attr-defined]
+    assert errors[0].json_fields["cause"] == "provider_out_of_credits"  # type: ignore[attr-defined]
 
 
 def test_bad_input_fails_before_any_provider_call() -> None:

@@ -66,6 +66,11 @@ def post(
     return client.post("/", headers=headers, **kwargs)
 
 
+def paused_by(db_url: str) -> list[str]:
+    """The codes of the open pauses (one at most)."""
+    return [r["code"] for r in sql(db_url, "select code from sona_pauses where lifted_at is null")]
+
+
 def snapshot(db_url: str) -> list[dict[str, Any]]:
     return sql(
         db_url,
@@ -128,7 +133,8 @@ def test_an_html_403_from_the_providers_edge_releases_the_job_without_blaming_th
     double.script(Behaviour("html403"))
     job_id = insert_job(db_url, duration=1)
     body = post(client, payload(job_id)).get_json()
-    assert (body["outcome"], body["status"]) == ("retrying", "pending")
+    assert (body["outcome"], body["status"]) == ("paused", "pending")  # the account, not the job
+    assert (job_row(db_url, job_id)["attempts"], paused_by(db_url)) == (0, ["provider_edge_refused"])
     assert job_row(db_url, job_id)["error_message"] == (
         "The audio service refused the request; this is not a problem with your prompt. "
         "The job will be retried."
@@ -156,8 +162,9 @@ def test_a_bucket_the_project_refuses_releases_the_job_before_paying_and_blames_
     reset_services()
     job_id = insert_job(db_url, duration=1)
     body = post(client, payload(job_id)).get_json()
-    assert (body["outcome"], body["status"]) == ("retrying", "pending")
+    assert (body["outcome"], body["status"]) == ("paused", "pending")
     row = job_row(db_url, job_id)
+    assert (row["attempts"], paused_by(db_url)) == (0, ["storage_bucket_refused"])
     assert (
         row["error_message"] == "The file storage is not set up to accept the audio; the job will be retried"
     )

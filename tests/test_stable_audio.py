@@ -139,8 +139,6 @@ def test_default_and_text_to_audio_modes_are_text_to_audio(mode: str) -> None:
 
 PERMANENT = [
     (Behaviour("error", 400), "rejected the request"),
-    (Behaviour("error", 401), "rejected our credentials"),
-    (Behaviour("error", 402), "out of credits"),
     (Behaviour("error", 403), "content moderation"),
     (Behaviour("filtered"), "content moderation"),
     (Behaviour("error", 413), "too large"),
@@ -168,8 +166,39 @@ def test_an_html_403_from_the_edge_is_an_outage_not_the_prompts_fault(double: St
     assert double.call_count == 1  # not retried at once: the job is released for a later attempt
 
 
+ACCOUNT_LEVEL = [
+    (Behaviour("error", 401), "provider_unauthorized"),
+    (Behaviour("error", 402), "provider_out_of_credits"),
+    (Behaviour("html403"), "provider_edge_refused"),
+    (Behaviour("error", 429), "provider_locked_out"),
+    (Behaviour("error", 429, headers={"retry-after": "60"}), "provider_locked_out"),
+]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "code"), ACCOUNT_LEVEL, ids=[f"{b.kind}-{b.status}-{c}" for b, c in ACCOUNT_LEVEL]
+)
+def test_an_account_level_refusal_is_an_outage_tried_once_that_blames_the_service(
+    double: StableAudioDouble, behaviour: Behaviour, code: str
+) -> None:
+    double.script(behaviour)
+    with pytest.raises(ServiceOutage, match="not a problem with your prompt") as caught:
+        generate(double)
+    assert (caught.value.code, double.call_count) == (code, 1)
+
+
+def test_a_lockout_pauses_for_stabilitys_60_s_unless_it_says_otherwise(double: StableAudioDouble) -> None:
+    double.script(Behaviour("error", 429), Behaviour("error", 429, headers={"retry-after": "90"}))
+    waits = []
+    for _ in range(2):
+        with pytest.raises(ServiceOutage) as caught:
+            generate(double)
+        waits.append(caught.value.retry_after_s)
+    assert waits == [60.0, 90.0]
+
+
 TRANSIENT = [
-    Behaviour("error", 429),
+    Behaviour("error", 429, headers={"retry-after": "0.01"}),
     Behaviour("error", 500),
     Behaviour("error", 502),
     Behaviour("error", 503),
@@ -215,7 +244,7 @@ def test_retries_stop_at_the_deadline_before_max_retries(double: StableAudioDoub
 
 
 def test_a_429_penalty_longer_than_the_deadline_is_not_waited_out(double: StableAudioDouble) -> None:
-    double.script(Behaviour("error", 429, headers={"retry-after": "60"}))
+    double.script(Behaviour("error", 429, headers={"retry-after": "8"}))
     sleeps = Sleeps()
     with pytest.raises(TransientError, match="busy"):
         generate(double, budget_s=5, sleep=sleeps)

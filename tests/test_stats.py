@@ -92,3 +92,22 @@ def test_stats_table_is_readable(gateway: Gateway, known_mix: str) -> None:
     assert "Jobs created in the last 24 h: 7" in result.stdout
     assert "failure rate        25.0 %" in result.stdout
     assert "Prompts must be in English" in result.stdout
+
+
+def test_stats_show_the_pause_quota_refusals_and_cancellations(gateway: Gateway, db_url: str) -> None:
+    paused = insert_job(db_url, status="processing", lease_token="00000000-0000-0000-0000-0000000000aa")
+    sql(
+        db_url,
+        "select * from pause_service(%s, '00000000-0000-0000-0000-0000000000aa', 'provider_out_of_credits',"
+        " 'HTTP 402 payment_required', 'The audio service is unavailable right now.', 300)",
+        paused,
+    )
+    sql(db_url, "select * from cancel_job(%s)", insert_job(db_url))  # an operator, as the service role
+    result = run_stats(gateway, "--json")
+    spend = json.loads(result.stdout)["spend"]
+    assert (spend["pause"]["code"], spend["pause"]["jobs_released"]) == ("provider_out_of_credits", 1)
+    assert spend["cancelled"] == 1
+    assert set(spend["quota"]) >= {"refused_active_total", "refused_daily_total", "max_active_jobs"}
+    table = run_stats(gateway).stdout
+    assert "PAUSED since" in table and "provider_out_of_credits: HTTP 402 payment_required" in table
+    assert "quota refusals" in table

@@ -223,3 +223,19 @@ def test_the_checks_before_paying_end_by_the_deadline_in_effect(
     with Deadline(1.0).applies(), pytest.raises(DeadlineExceeded):
         call(s)
     assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+def test_storage_refusing_the_key_is_an_outage_tried_once(gateway: Gateway, status: str) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    refusal = {
+        "statusCode": status,
+        "code": "AccessDenied",
+        "error": "Unauthorized",
+        "message": "Invalid Compact JWS",
+    }
+    gateway.faults.add("storage:upload", 400, refusal)
+    with pytest.raises(ServiceOutage, match="refused the service's credentials") as caught:
+        s.upload("generated/refused.wav", b"RIFF", "wav", Deadline(10))
+    assert (caught.value.code, gateway.counts["storage:upload"]) == ("storage_refused", 1)

@@ -111,7 +111,8 @@ def dev(as_json: bool, ports: dict[str, int], root: Path | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with LocalStack(root, ports=ports) as stack:
-        info = stack.describe()
+        # A signed-in local user, so a client can insert and cancel jobs as the plug-in does.
+        info = {**stack.describe(), **stack.sign_in()}
         if as_json:
             print(json.dumps(info), flush=True)
         else:

@@ -28,26 +28,34 @@ from werkzeug.wrappers import Request, Response
 from sona.local.postgrest_rpc import PostgrestRpc
 from sona.local.serving import json_response, serve_in_thread, stop_server
 from sona.local.storage_api import StorageApi, access_denied
-from sona.local.user_jwt import verify_jwt
+from sona.local.user_jwt import check_jwt
 from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
 
 _BEARER = re.compile(r"^Bearer\s+", re.IGNORECASE)
 # PostgREST's answer to a Bearer token that is not a JWT (e.g. an sb_secret_ key): supabase-py#1230.
 NOT_A_JWT = {"code": "PGRST301", "details": None, "hint": None, "message": "Expected 3 parts in JWT; got 1"}
-BAD_JWT = {"code": "PGRST301", "details": None, "hint": None, "message": "JWSError JWSInvalidSignature"}
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _sign(secret: str, claims: dict[str, Any]) -> str:
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = _b64(json.dumps(claims).encode())
+    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64(signature)}"
 
 
 def make_jwt(secret: str, role: str, ttl_s: int = 10 * 365 * 24 * 3600) -> str:
     """An HS256 JWT shaped like Supabase's API keys (the gateway compares them verbatim)."""
-
-    def b64(raw: bytes) -> str:
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
     now = int(time.time())
-    payload = b64(json.dumps({"iss": "sona-local", "role": role, "iat": now, "exp": now + ttl_s}).encode())
-    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{b64(signature)}"
+    return _sign(secret, {"iss": "sona-local", "role": role, "iat": now, "exp": now + ttl_s})
+
+
+# PostgREST's answers to a Bearer JWT it cannot accept (v12 codes).
+BAD_SIGNATURE = {"code": "PGRST301", "details": None, "hint": None, "message": "JWSError JWSInvalidSignature"}
+JWT_EXPIRED = {"code": "PGRST303", "details": None, "hint": None, "message": "JWT expired"}
 
 
 # The API gateway's (Kong's) own error answers when PostgREST or Storage behind it fails: the message
@@ -216,6 +224,8 @@ class Gateway:
             route = f"rpc:{path.removeprefix('/rest/v1/rpc/')}"
         elif path.startswith("/storage/v1/"):
             route = StorageApi.route(request)
+        elif re.fullmatch(r"/rest/v1/\w+", path):
+            route = f"table:{path.removeprefix('/rest/v1/')}"
         else:
             return json_response({"message": "no Route matched with those values"}, 404)
         self._count(route)
@@ -243,29 +253,35 @@ class Gateway:
                 401,
             )
         bearer = request.headers.get("Authorization")
+        claims: dict[str, Any] | None = None
         if bearer is not None:
             # What reaches PostgREST and Storage is the caller's own Authorization: they take only
             # a JWT there, so a new key (or anything else with no three parts) is refused.
             token = _BEARER.sub("", bearer, count=1)
             if len(token.split(".")) != 3:
-                if route.startswith("rpc:"):
+                if route.startswith(("rpc:", "table:")):
                     return json_response(NOT_A_JWT, 401)
                 return access_denied("Invalid Compact JWS")
             known = self._jwt_role(token)
             if known is None:
-                # Any other JWT must be one the project signed (a user's access token).
-                claims = verify_jwt(token, self.jwt_secret)
+                # Any other JWT must be signed with the project's secret (a user's access token):
+                # its role claim decides, and PostgREST and Storage get all its claims (auth.uid()
+                # reads `sub`).
+                claims, problem = check_jwt(token, self.jwt_secret)
                 if claims is None or not isinstance(claims.get("role"), str):
-                    if route.startswith("rpc:"):
-                        return json_response(BAD_JWT, 401)
-                    return access_denied("invalid signature")
-                if not route.startswith("rpc:"):
-                    return self.storage.handle(route, request, claims["role"], claims)
-                known = claims["role"]
-            role = known
+                    if route.startswith(("rpc:", "table:")):
+                        return json_response(JWT_EXPIRED if problem == "expired" else BAD_SIGNATURE, 401)
+                    return access_denied("jwt expired" if problem == "expired" else "invalid signature")
+                role = claims["role"]
+            else:
+                role = known
         if route.startswith("rpc:"):
-            return self.rpc.handle(route.removeprefix("rpc:"), request, role)
-        return self.storage.handle(route, request, role)
+            return self.rpc.handle(route.removeprefix("rpc:"), request, role, claims)
+        if route.startswith("table:"):
+            if request.method != "POST":
+                return json_response({"message": "only inserts are served locally"}, 405)
+            return self.rpc.insert(route.removeprefix("table:"), request, role, claims or {"role": role})
+        return self.storage.handle(route, request, role, claims)
 
     def _key_role(self, key: str) -> str | None:
         """The role the gateway maps an `apikey` to: the legacy JWTs and the new keys alike."""

@@ -49,7 +49,9 @@ class PostgrestRpc:
             self._functions[name] = found
         return found
 
-    def handle(self, name: str, request: Request, role: str) -> Response:
+    def handle(
+        self, name: str, request: Request, role: str, claims: dict[str, Any] | None = None
+    ) -> Response:
         if request.method not in ("POST", "GET"):
             return _pgrst_error(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
         try:
@@ -70,9 +72,11 @@ class PostgrestRpc:
                 "a single unnamed json/jsonb parameter, but no matches were found in the schema cache.",
                 None,
             )
-        return self._call(name, match, params, role)
+        return self._call(name, match, params, role, claims or {"role": role})
 
-    def _call(self, name: str, fn: _Function, params: dict[str, Any], role: str) -> Response:
+    def _call(
+        self, name: str, fn: _Function, params: dict[str, Any], role: str, claims: dict[str, Any]
+    ) -> Response:
         record = sql.SQL(", ").join(
             sql.SQL("{} {}").format(sql.Identifier(a), sql.SQL(t)) for a, t in fn.args
         )
@@ -87,25 +91,60 @@ class PostgrestRpc:
             query = sql.SQL("select " + agg + " {} " + joiner + " {} as _r").format(source, call)
         else:
             query = sql.SQL("select to_json({}) {}").format(call, source)
-        claims = json.dumps({"role": role})
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-                conn.execute("select set_config('request.jwt.claims', %s, true)", (claims,))
-                row = conn.execute(query, (json.dumps(params),) if fn.args else None).fetchone()
+            row = self._run_as(role, claims, query, (json.dumps(params),) if fn.args else None)
         except psycopg.Error as exc:
-            diag = exc.diag
-            status = http_status(exc.sqlstate, anonymous=role == "anon")
-            return _pgrst_error(
-                status,
-                exc.sqlstate or "XX000",
-                diag.message_primary or str(exc),
-                diag.message_detail,
-                diag.message_hint,
-            )
+            return _database_error(exc, role)
         if fn.returns_void:
             return Response(status=204)
         return json_response(row[0] if row else None)
+
+    def insert(self, table: str, request: Request, role: str, claims: dict[str, Any]) -> Response:
+        """POST /rest/v1/<table>: PostgREST's insert of one object or an array of objects (the
+        columns are the keys of the first), as the request's role with its JWT claims. Answers
+        201, with the rows when the request says Prefer: return=representation."""
+        try:
+            body = request.get_json(force=True, silent=False)
+        except Exception:
+            return _pgrst_error(400, "PGRST102", "Empty or invalid json")
+        rows = body if isinstance(body, list) else [body]
+        if not rows or not all(isinstance(r, dict) for r in rows):
+            return _pgrst_error(400, "PGRST102", "Empty or invalid json")
+        columns = list(rows[0])
+        target = sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(table))
+        names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        query = sql.SQL(
+            "with ins as (insert into {t} ({n}) select {n} from json_populate_recordset(null::{t}, %s::json)"
+            " returning *) select coalesce(json_agg(ins), '[]'::json) from ins"
+        ).format(t=target, n=names)
+        try:
+            row = self._run_as(role, claims, query, (json.dumps(rows),))
+        except psycopg.Error as exc:
+            return _database_error(exc, role)
+        if "return=representation" in request.headers.get("Prefer", ""):
+            return json_response(row[0] if row else [], 201)
+        return Response(status=201)
+
+    def _run_as(
+        self, role: str, claims: dict[str, Any], query: sql.Composed, params: tuple[Any, ...] | None
+    ) -> tuple[Any, ...] | None:
+        """One transaction as PostgREST runs a request: the role, then the JWT's claims."""
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+            conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+            row: tuple[Any, ...] | None = conn.execute(query, params).fetchone()
+            return row
+
+
+def _database_error(exc: psycopg.Error, role: str) -> Response:
+    diag = exc.diag
+    return _pgrst_error(
+        http_status(exc.sqlstate, anonymous=role == "anon"),
+        exc.sqlstate or "XX000",
+        diag.message_primary or str(exc),
+        diag.message_detail,
+        diag.message_hint,
+    )
 
 
 def _pgrst_error(
@@ -136,7 +175,7 @@ def http_status(sqlstate: str | None, *, anonymous: bool = False) -> int:
         "09": 500,
         "0L": 403,
         "0P": 403,
-        "23": 409,
+        # no "23" class: only 23503 and 23505 are 409; a check or not-null violation is 400
         "25": 500,
         "28": 403,
         "2D": 500,

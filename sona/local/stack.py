@@ -422,6 +422,16 @@ class LocalStack:
         assert row is not None
         return uuid.UUID(str(row[0]))
 
+    def user_token(self, user_id: uuid.UUID) -> str:
+        """The access token Supabase Auth would give this user after sign-in (an hour long): send
+        it as `Authorization: Bearer` with the publishable (or anon) key as `apikey`."""
+        return make_user_jwt(self.jwt_secret, user_id)
+
+    def sign_in(self) -> dict[str, str]:
+        """A new local user and their token: what a client needs to act as a signed-in musician."""
+        user_id = self.create_user()
+        return {"user_id": str(user_id), "user_token": self.user_token(user_id)}
+
     def insert_job(
         self,
         prompt: str,
@@ -448,10 +458,6 @@ class LocalStack:
             conn.commit()
         assert row is not None
         return uuid.UUID(str(row[0]))
-
-    def user_token(self, user_id: uuid.UUID) -> str:
-        """The access token Supabase Auth would give this user (signed with the stack's secret)."""
-        return make_user_jwt(self.jwt_secret, user_id)
 
     def upload_input(self, user_id: uuid.UUID, name: str, data: bytes, content_type: str) -> str:
         """Upload into the user's folder of the inputs bucket as the plug-in does (supabase-py's

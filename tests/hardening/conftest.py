@@ -70,9 +70,7 @@ class Ledger:
     def _duplicates(self) -> str:
         count = self.duplicate_paid
         text = f"{count} duplicate paid generation{'' if count == 1 else 's'}"
-        reasons = Counter(
-            why for job, why in self.why_paid_again.items() for _ in range(self.paid[job] - 1)
-        )
+        reasons = Counter(why for job, why in self.why_paid_again.items() for _ in range(self.paid[job] - 1))
         if not reasons:
             return text
         if len(reasons) == 1 and sum(reasons.values()) == count:
@@ -142,6 +140,7 @@ def settle(
             job_id,
             role=None,
         )
+        end_pause(stack)
         summary = reclaim(stack)
         row = _wait(stack, job_id, while_processing=summary.get("still_running", 0) > 0)
     if prompt is not None and stack.double is not None:
@@ -149,6 +148,11 @@ def settle(
         LEDGER.calls[job_id] = len(mine)
         LEDGER.paid[job_id] = sum(1 for c in mine if c.paid)
     return row
+
+
+def end_pause(stack: LocalStack) -> None:
+    """Time fast-forwarded past an open pause's end too: the next dispatch is its probe."""
+    sql(stack.database_url, "update sona_pauses set until = now() where lifted_at is null", role=None)
 
 
 def run_job(stack: LocalStack, label: str, script: list[Behaviour]) -> tuple[uuid.UUID, dict[str, Any]]:

@@ -20,6 +20,7 @@ from tests.hardening.conftest import (
     run_job,
     settle,
 )
+from tests.support import sql
 
 B = Behaviour
 RETRY_AFTER_60 = {"retry-after": "60"}
@@ -28,11 +29,12 @@ RETRY_AFTER_60 = {"retry-after": "60"}
 # MAX_RETRIES=2: an attempt makes at most 3 calls; MAX_ATTEMPTS=3.
 CASES: list[tuple[str, list[Behaviour], str, str | None, int, int]] = [
     ("400 bad request", [B("error", 400)], "failed", "rejected the request", 1, 1),
-    ("401 unauthorized", [B("error", 401)], "failed", "rejected our credentials", 1, 1),
-    ("402 payment required", [B("error", 402)], "failed", "out of credits", 1, 1),
+    # Account-level refusals are not the job's fault: the service pauses, the job waits without
+    # using up its attempt, and (the account fixed) it is the probe that lifts the pause.
+    ("401 unauthorized", [B("error", 401)], "completed", None, 2, 1),
+    ("402 payment required", [B("error", 402)], "completed", None, 2, 1),
     ("403 moderation (JSON)", [B("error", 403)], "failed", "content moderation", 1, 1),
-    # The edge refusing us is not the prompt's fault: released at once, completed by the next attempt.
-    ("403 from the CDN (HTML)", [B("html403")], "completed", None, 2, 2),
+    ("403 from the CDN (HTML)", [B("html403")], "completed", None, 2, 1),
     ("404 wrong route", [B("error", 404)], "failed", "misconfigured", 1, 1),
     ("413 payload too large", [B("error", 413)], "failed", "too large", 1, 1),
     ("422 not English", [B("error", 422)], "failed", "must be in English", 1, 1),
@@ -50,9 +52,18 @@ CASES: list[tuple[str, list[Behaviour], str, str | None, int, int]] = [
     ("corrupt audio", [B("corrupt")], "failed", "could not be read", 1, 1),
     ("empty audio", [B("empty")], "failed", "returned no audio", 1, 1),
     ("503 storm", [B("error", 503)] * 20, "failed", "temporary problem (gave up after 3 attempts)", 9, 3),
+    # The lockout outlasts two probes: each re-arms the one pause; no attempt is ever used up.
     (
-        "429 storm with the 60 s penalty",
-        [B("error", 429, headers=RETRY_AFTER_60)] * 20,
+        "429 lockout storm (Retry-After 60)",
+        [B("error", 429, headers=RETRY_AFTER_60)] * 3,
+        "completed",
+        None,
+        4,
+        1,
+    ),
+    (
+        "429 throttle storm (Retry-After 8)",
+        [B("error", 429, headers={"retry-after": "8"})] * 20,
         "failed",
         "busy (rate limited) (gave up after 3 attempts)",
         3,
@@ -85,6 +96,15 @@ def test_a_provider_fault_ends_as_designed(
     assert ledger.paid[job_id] == first + (why is not None)
     assert ledger.calls[job_id] == calls
     assert_recorded_in_time(stack, job_id)
+    assert open_pauses(stack) == 0  # a probe's success lifted any pause the case opened
+
+
+def open_pauses(stack: LocalStack) -> int:
+    return int(
+        sql(stack.database_url, "select count(*) as n from sona_pauses where lifted_at is null", role=None)[
+            0
+        ]["n"]
+    )
 
 
 # The provider charges for a generation it finished, delivered whole or not, and the synchronous API

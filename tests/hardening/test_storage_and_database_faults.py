@@ -96,6 +96,17 @@ CASES: list[tuple[str, str, dict[str, Any], list[Behaviour], str, str | None, in
         1,
     ),
     (
+        # A rotated or wrong key: the service pauses; once fixed, the probe completes the job.
+        "storage refuses the key",
+        "storage:upload",
+        {"status": 400, "body": storage_error("403", "Unauthorized", "Invalid Compact JWS")},
+        [],
+        "completed",
+        None,
+        2,
+        1,
+    ),
+    (
         "slow storage",
         "storage:upload",
         {"status": 200, "body": None, "delay_s": 1.0, "delay_only": True},
@@ -232,7 +243,9 @@ CASES: list[tuple[str, str, dict[str, Any], list[Behaviour], str, str | None, in
 # The first attempt paid, then Storage answered only after the deadline: nothing complete was stored
 # (the WAV lands late, the MP3 never went), so the retry that rescues the job pays again.
 PAID_AGAIN = {
-    "storage slower than the job's deadline": "storage answered past the deadline, nothing stored yet"
+    "storage slower than the job's deadline": "storage answered past the deadline, nothing stored yet",
+    # Storage refused the key only once the audio was paid for (the bucket check is per instance).
+    "storage refuses the key": "storage refused the key after the provider finished",
 }
 
 

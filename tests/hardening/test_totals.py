@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from sona.local.stack import TERMINAL, LocalStack
-from tests.hardening.conftest import SENTINELS, Ledger, reclaim
+from tests.hardening.conftest import SENTINELS, Ledger, end_pause, reclaim
 from tests.support import sql
 
 
@@ -27,6 +27,7 @@ def test_no_job_is_left_unfinished(stack: LocalStack, ledger: Ledger) -> None:
             " then now() - interval '1 second' end where status not in ('completed', 'failed')",
             role=None,
         )
+        end_pause(stack)
         reclaim(stack)
     rows = sql(stack.database_url, "select id, status from jobs", role=None)
     ledger.jobs.update(r["id"] for r in rows)
