@@ -85,7 +85,11 @@ def test_a_free_plan_project_completes_a_job_with_the_default_storage_settings(s
     job_id = stack.insert_job("free plan", duration=2, quality="low")
     row = stack.wait_for(job_id, timeout_s=60)
     assert row["status"] == "completed", row["error_message"]
-    buckets = sql(stack.database_url, "select id, file_size_limit from storage.buckets", role=None)
+    buckets = sql(
+        stack.database_url,
+        "select id, file_size_limit from storage.buckets where id = 'audio-files'",
+        role=None,
+    )
     assert buckets == [{"id": "audio-files", "file_size_limit": None}]
 
 
