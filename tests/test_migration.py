@@ -120,7 +120,8 @@ def test_upgrade_leaves_exactly_one_updated_at_trigger(empty_db_url: str) -> Non
     apply_sql(empty_db_url, stand_ins_sql(), OLD_SCHEMA, *migrate_sql())
     triggers = sql(
         empty_db_url,
-        "select tgname from pg_trigger where tgrelid = 'public.jobs'::regclass and not tgisinternal",
+        "select tgname from pg_trigger where tgrelid = 'public.jobs'::regclass and not tgisinternal"
+        " and tgname like '%updated_at%'",
         role=None,
     )
     assert triggers == [{"tgname": "jobs_set_updated_at"}]
