@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 TARGET_LUFS = -14.0
 CEILING_DBTP = -1.0
-# MP3 encoding moves inter-sample peaks a little (measured on loud test masters at 128k-320k:
-# under 0.3 dB); the ceiling keeps this much more headroom so the preview's own peak stays under it.
+# MP3 encoding moves inter-sample peaks a little; the ceiling keeps this much more headroom, so the
+# preview's own true peak (measured on the decoded MP3 in tests/test_plugin_audio.py) stays under it.
 CODEC_HEADROOM_DB = 0.5
 # ebur128 reports -70 LUFS (its absolute gate) for silence: nothing there to normalise.
 SILENCE_LUFS = -70.0
