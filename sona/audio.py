@@ -25,10 +25,12 @@ with warnings.catch_warnings():
     # pydub warns at import when ffmpeg is not on PATH; we find and pass ffmpeg ourselves.
     warnings.simplefilter("ignore", RuntimeWarning)
     from pydub import AudioSegment as AudioSegment
-    from pydub.utils import audioop  # the stdlib module, or audioop-lts on Python 3.13+
+    from pydub.utils import audioop as audioop  # the stdlib module, or audioop-lts on Python 3.13+
 
+from sona import loudness, mp3gain
 from sona.deadline import Deadline
 from sona.errors import DeadlineExceeded, PermanentError
+from sona.loudness import Loudness
 
 FADE_MS = 30  # a short fade at a trimmed end, so the cut does not click
 # At most one encoder per CPU: jobs that finish generating together (a concurrent instance) would
@@ -215,6 +217,48 @@ def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None 
         return out.read_bytes()
 
 
+@dataclass(frozen=True)
+class Preview:
+    """The MP3 preview and what was measured of the master in the run that encoded it."""
+
+    mp3: bytes
+    loudness: Loudness
+    gain_db: float  # applied to the preview; 0 when normalisation is off or nothing is needed
+
+
+def encode_preview(
+    wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None = None, *, normalize: bool = True
+) -> Preview:
+    """One ffmpeg run reads the master once: it encodes the MP3 at unity gain and, on a branch of
+    the same input, measures the master's loudness (ebur128); the gain that follows from it is then
+    applied to the encoded frames losslessly (sona.mp3gain). The master is never altered."""
+    with _encoder(deadline), tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
+        out = Path(tmp) / "preview.mp3"
+        graph = f"[0:a]asplit=2[enc][m];[m]{loudness.FILTER},anullsink"
+        rate = str(_wav_rate(wav))
+        encode = ["-codec:a", "libmp3lame", "-b:a", bitrate, "-ar", rate, "-f", "mp3", str(out)]
+        _, log = _run_ffmpeg(
+            ffmpeg,
+            ["-f", "wav", "-i", "pipe:0", "-filter_complex", graph, "-map", "[enc]", *encode],
+            wav,
+            expect_stdout=False,
+            deadline=deadline,
+            loglevel="info",  # the ebur128 summary is logged at info
+        )
+        mp3 = out.read_bytes()
+    measured = loudness.parse_summary(log.decode("utf-8", "replace"))
+    if not normalize:
+        return Preview(mp3, measured, 0.0)
+    mp3, steps = mp3gain.apply_gain(mp3, mp3gain.steps_for(*loudness.wanted_gain_db(measured)))
+    return Preview(mp3, measured, round(steps * mp3gain.STEP_DB, 2))
+
+
+def _wav_rate(wav: bytes) -> int:
+    """The master's rate, pinned on the preview: an ffmpeg whose ebur128 wants 48 kHz (before 7)
+    would otherwise resample the encoder's branch too."""
+    return int.from_bytes(wav[_chunk(wav, b"fmt ") + 4 : _chunk(wav, b"fmt ") + 8], "little")
+
+
 @contextmanager
 def _encoder(deadline: Deadline | None) -> Iterator[None]:
     """One of the encoder slots, waited for no longer than the deadline allows."""
@@ -241,10 +285,23 @@ def _ffmpeg(
     expect_stdout: bool = True,
     deadline: Deadline | None = None,
 ) -> bytes:
+    return _run_ffmpeg(binary, args, stdin, expect_stdout=expect_stdout, deadline=deadline)[0]
+
+
+def _run_ffmpeg(
+    binary: str,
+    args: list[str],
+    stdin: Audio,
+    *,
+    expect_stdout: bool = True,
+    deadline: Deadline | None = None,
+    loglevel: str = "error",
+) -> tuple[bytes, bytes]:
     """ffmpeg in its own process group, so that at the deadline it is killed with anything it
-    started (a wrapper script's children too) and no process outlives the job."""
+    started (a wrapper script's children too) and no process outlives the job. Answers its stdout
+    and its log."""
     timeout = None if deadline is None else deadline.check("ffmpeg")
-    command = [binary, "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args]
+    command = [binary, "-hide_banner", "-nostats", "-loglevel", loglevel, "-nostdin", "-y", *args]
     pipe = subprocess.PIPE
     with subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=pipe, start_new_session=True) as proc:
         try:
@@ -257,7 +314,7 @@ def _ffmpeg(
             raise DeadlineExceeded(_OUT_OF_TIME, detail=f"ffmpeg killed after {timeout:.1f} s") from None
     if proc.returncode != 0 or (expect_stdout and not stdout):
         raise subprocess.CalledProcessError(proc.returncode, binary, stdout, stderr)
-    return stdout
+    return stdout, stderr
 
 
 def decoded_seconds(data: Audio, input_format: str, ffmpeg: str, deadline: Deadline | None = None) -> float:

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
 
     # Audio and storage.
     mp3_bitrate: str = Field(default="192k", pattern=r"^\d{2,3}k$")
+    # The preview at -14 LUFS with a -1 dBTP ceiling (the master is never altered); false keeps the
+    # master's level (its loudness is measured and stored either way).
+    preview_normalize: bool = True
     ffmpeg_binary: str | None = None
     supabase_storage_bucket: str = "audio-files"
     # Audio-to-audio inputs: private, one folder per user (its policies name it: see the migration).

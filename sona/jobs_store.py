@@ -20,7 +20,7 @@ from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import DatabaseUnavailable, ServiceOutage, SonaError, StaleLease
-from sona.models import AudioInfo, ClaimedJob, Job
+from sona.models import AudioInfo, ClaimedJob, Job, JobStage
 from sona.retrying import retrying
 from sona.supabase_keys import request_headers
 from sona.tls import tls_context
@@ -153,6 +153,14 @@ class JobsStore:
             },
         )
         return self._fenced(rows, job, "complete")
+
+    def advance(self, job: ClaimedJob, stage: JobStage) -> Job:
+        """Move the job's progress stage; fenced like complete (StaleLease when the lease is gone)."""
+        rows = self._rpc(
+            "advance_stage",
+            {"p_job_id": str(job.id), "p_lease_token": str(job.lease_token), "p_stage": stage.value},
+        )
+        return self._fenced(rows, job, f"stage {stage.value}")
 
     def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job:
         """Fail the job, or release it for a retry with backoff when retryable and attempts remain."""

@@ -22,6 +22,20 @@ class JobStatus(StrEnum):
 CLAIMABLE = frozenset({JobStatus.PENDING, JobStatus.QUEUED})
 
 
+class JobStage(StrEnum):
+    """Where a job is, for the plug-in's progress (derived from the status by the database; the
+    three stages inside an attempt are written by advance_stage)."""
+
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    GENERATING = "generating"
+    ENCODING = "encoding"
+    UPLOADING = "uploading"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 class Quality(StrEnum):
     LOW = "low"
     MEDIUM = "medium"
@@ -57,6 +71,8 @@ class Job(BaseModel):
     mp3_url: str | None = None
     result_url: str | None = None
     audio: dict[str, Any] | None = None
+    stage: JobStage | None = None
+    peaks_url: str | None = None
 
 
 class ClaimedJob(Job):
@@ -124,6 +140,12 @@ class AudioInfo(BaseModel):
     trimmed: bool
     model: str
     seed: int | None = None
+    # What the plug-in shows (None on rows from before they were measured): the master's loudness
+    # (ITU-R BS.1770 integrated, and true peak), the gain the preview got, the waveform peaks file.
+    loudness_lufs: float | None = None
+    true_peak_dbtp: float | None = None
+    preview_gain_db: float | None = None
+    peaks_url: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
-from sona.audio import Master, encode_mp3, make_master
+from sona.audio import Master, Preview, encode_preview, make_master, read_wav
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import (
@@ -25,7 +25,8 @@ from sona.errors import (
     StaleLease,
 )
 from sona.input_audio import inspect
-from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job
+from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage
+from sona.peaks import waveform_peaks
 from sona.retrying import retrying
 from sona.stable_audio import GenerationRequest
 from sona.storage import StoredOutput, attempt_stamp, object_path
@@ -45,6 +46,7 @@ class PauseRecord(Protocol):
 
 
 class Store(Protocol):
+    def advance(self, job: ClaimedJob, stage: JobStage) -> Job: ...
     def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job: ...
     def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job: ...
     def pause(self, job: ClaimedJob, outage: ServiceOutage) -> PauseRecord: ...
@@ -174,26 +176,37 @@ class Pipeline:
             request.endpoint,
             request.steps,
         )
+        # A stale lease is found here, before anything is paid for.
+        self._stage(job, JobStage.GENERATING, timings, fence=True)
         generated = _timed(timings, "generate", lambda: self.provider.generate(request, deadline))
         model, seed, audio = generated.model, generated.seed, generated.data
         del generated
+        self._stage(job, JobStage.ENCODING, timings)
         deadline.check("encode")
         master = _timed(timings, "master", partial(make_master, audio, job.duration, self.ffmpeg, deadline))
         del audio  # the provider's copy is not needed once the master is cut: 10 MB less to hold
         stamp = attempt_stamp()
         wav_path = object_path(settings.storage_path_prefix, job.id, stamp, "wav")
         mp3_path = object_path(settings.storage_path_prefix, job.id, stamp, "mp3")
-        # The WAV upload overlaps the MP3 encode: the encode is the only real work left.
+        peaks_path = object_path(settings.storage_path_prefix, job.id, stamp, "json")
+        # The WAV upload, then the peaks (read from the master in memory) and their upload, overlap
+        # the MP3 encode: the encode is the only real work left.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as pool:
             started = time.monotonic()
             wav_future = pool.submit(self.storage.upload, wav_path, master.wav, "wav", deadline)
-            mp3 = _timed(
+            normalize = settings.preview_normalize
+            peaks_future = pool.submit(self._store_peaks, master, peaks_path, deadline, timings)
+            preview = _timed(
                 timings,
                 "encode_mp3",
-                lambda: encode_mp3(master.wav, settings.mp3_bitrate, self.ffmpeg, deadline),
+                lambda: encode_preview(
+                    master.wav, settings.mp3_bitrate, self.ffmpeg, deadline, normalize=normalize
+                ),
             )
-            info = _audio_info(master, mp3, settings, model, seed)
+            mp3 = preview.mp3
+            self._stage(job, JobStage.UPLOADING, timings)
             wav_url = wav_future.result()
+            info = _audio_info(master, preview, settings, model, seed, peaks_future.result())
             # The MP3 goes last and carries the audio info: its presence marks a complete output.
             metadata = {"sona_audio": info.model_dump(mode="json")}
             mp3_url = _timed(
@@ -212,6 +225,38 @@ class Pipeline:
         source = _timed(timings, "check_input", lambda: inspect(data, self.ffmpeg, deadline))
         log.info("input %s: %s, %.1f s, %d bytes", name, source.format, source.seconds, len(source.data))
         return request.model_copy(update={"source": source})
+
+    def _stage(
+        self, job: ClaimedJob, stage: JobStage, timings: dict[str, int], *, fence: bool = False
+    ) -> None:
+        """Progress for the plug-in. Only the write before generating is a fence: once the audio is
+        paid for, a stale worker still stores it (the next attempt reuses stored files), and a
+        database too busy for a progress write is no reason to drop the job."""
+        started = time.monotonic()
+        try:
+            self.store.advance(job, stage)
+        except StaleLease:
+            if fence:
+                raise
+            log.warning("stage %s refused: the lease was reclaimed; storing the paid audio anyway", stage)
+        except DatabaseUnavailable as exc:
+            log.warning("stage %s not recorded: %s", stage, exc)
+        finally:
+            timings["stages"] = timings.get("stages", 0) + round((time.monotonic() - started) * 1000)
+
+    def _store_peaks(
+        self, master: Master, path: str, deadline: Deadline, timings: dict[str, int]
+    ) -> str | None:
+        """The waveform peaks file's URL, or None when Storage refuses it: a drawing aid is never a
+        reason to fail a paid job (a bucket made before peaks existed may allow audio types only)."""
+        started = time.monotonic()
+        peaks = waveform_peaks(read_wav(master.wav))
+        timings["peaks"] = round((time.monotonic() - started) * 1000)
+        try:
+            return self.storage.upload(path, peaks.model_dump_json().encode(), "json", deadline)
+        except PermanentError as exc:
+            log.warning("waveform peaks not stored (does the bucket allow application/json?): %s", exc)
+            return None
 
     def _with_retries(self, what: str, deadline: Deadline, write: Callable[[], T]) -> T:
         """The final write is fenced, so retrying it when the database is briefly away is safe."""
@@ -283,17 +328,23 @@ def _timed(timings: dict[str, int], name: str, step: Callable[[], T]) -> T:
         timings[name] = round((time.monotonic() - started) * 1000)
 
 
-def _audio_info(master: Master, mp3: bytes, settings: Settings, model: str, seed: int | None) -> AudioInfo:
+def _audio_info(
+    master: Master, preview: Preview, settings: Settings, model: str, seed: int | None, peaks_url: str | None
+) -> AudioInfo:
     return AudioInfo(
         duration_s=round(master.duration_s, 4),
         sample_rate=master.sample_rate,
         channels=master.channels,
         sample_width_bytes=master.sample_width,
         wav_bytes=len(master.wav),
-        mp3_bytes=len(mp3),
+        mp3_bytes=len(preview.mp3),
         mp3_bitrate=settings.mp3_bitrate,
         provider_duration_s=round(master.provider_duration_s, 4),
         trimmed=master.trimmed,
         model=model,
         seed=seed,
+        loudness_lufs=preview.loudness.integrated_lufs,
+        true_peak_dbtp=preview.loudness.true_peak_dbtp,
+        preview_gain_db=preview.gain_db,
+        peaks_url=peaks_url,
     )

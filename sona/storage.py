@@ -24,7 +24,7 @@ from sona.tls import tls_context
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg"}
+CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "json": "application/json"}
 CACHE_CONTROL_S = "31536000"  # a path is never rewritten with other audio: cache it for a year
 
 

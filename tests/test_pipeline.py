@@ -22,7 +22,7 @@ from sona.errors import (
     TransientError,
 )
 from sona.ffmpeg import find_ffmpeg
-from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStatus
+from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, JobStatus
 from sona.pipeline import Pipeline
 from sona.stable_audio import GenerationRequest
 from sona.storage import StoredOutput
@@ -52,6 +52,16 @@ class FakeStore:
         created, self.pause_exists = not self.pause_exists, True
         return FakePause(created, datetime.now(UTC) + timedelta(seconds=300))
 
+    stale_from: JobStage | None = None  # the lease is reclaimed just before this stage's write
+    stages: list[JobStage] = field(default_factory=list)
+
+    def advance(self, job: ClaimedJob, stage: JobStage) -> Job:
+        if self.stale_from is not None and _ORDER.index(stage) >= _ORDER.index(self.stale_from):
+            self.fail_complete = StaleLease("reclaimed")
+            raise StaleLease("reclaimed")
+        self.stages.append(stage)
+        return job
+
     def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job:
         if self.fail_complete is not None:
             raise self.fail_complete
@@ -64,6 +74,9 @@ class FakeStore:
         self.writes.append(("fail", {"message": message, "retryable": retryable}))
         status = JobStatus.PENDING if retryable else JobStatus.FAILED
         return job.model_copy(update={"status": status, "error_message": message})
+
+
+_ORDER = [JobStage.GENERATING, JobStage.ENCODING, JobStage.UPLOADING]
 
 
 @dataclass
@@ -88,9 +101,13 @@ class FakeStorage:
         if self.error is not None:
             raise self.error
 
+    refuse_ext: str | None = None
+
     def upload(
         self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
     ) -> str:
+        if ext == self.refuse_ext:
+            raise PermanentError("The generated audio could not be stored", detail="storage 415")
         self.stored[path] = data
         return f"https://files/{path}"
 
@@ -120,9 +137,10 @@ def run(
     *,
     ffmpeg: str | None = None,
     budget_s: float = 30,
+    **setting: Any,
 ) -> tuple[Any, FakeStore, FakeProvider, FakeStorage]:
     store, provider, storage = store or FakeStore(), provider or FakeProvider(), storage or FakeStorage()
-    settings = make_settings(retry_delay_ms=10)
+    settings = make_settings(retry_delay_ms=10, **setting)
     pipeline = Pipeline(settings, store, provider, storage, ffmpeg or find_ffmpeg())
     return pipeline.run(job, Deadline(budget_s)), store, provider, storage
 
@@ -130,7 +148,7 @@ def run(
 def test_a_job_is_generated_cut_stored_and_completed() -> None:
     result, store, provider, storage = run(claimed())
     assert (result.outcome, provider.calls) == ("completed", 1)
-    assert sorted(p.rsplit(".", 1)[1] for p in storage.stored) == ["mp3", "wav"]
+    assert sorted(p.rsplit(".", 1)[1] for p in storage.stored) == ["json", "mp3", "wav"]
     ((verb, written),) = store.writes
     assert verb == "complete"
     assert written["audio"].duration_s == 2.0
@@ -218,7 +236,7 @@ def test_a_database_outage_at_the_end_leaves_the_job_to_reclaim() -> None:
     result, store, _, storage = run(claimed(), store=store)
     assert result.outcome == "interrupted"
     assert store.writes == []
-    assert len(storage.stored) == 2  # the files stay for the next attempt to reuse
+    assert len(storage.stored) == 3  # the files stay for the next attempt to reuse
 
 
 def test_a_finishing_attempt_completes_from_the_stored_files_without_generating() -> None:
@@ -302,3 +320,49 @@ def test_an_unusable_input_fails_the_job_and_nothing_is_paid(stored: bytes | Non
     assert (result.outcome, provider.calls) == ("failed", 0)
     assert message in store.writes[-1][1]["message"]
     assert store.writes[-1][1]["retryable"] is False
+def completed_audio(store: FakeStore) -> AudioInfo:
+    ((verb, written),) = store.writes
+    assert verb == "complete"
+    audio: AudioInfo = written["audio"]
+    return audio
+
+
+def test_a_job_moves_through_generating_encoding_and_uploading_in_order() -> None:
+    _, store, _, _ = run(claimed())
+    assert store.stages == [JobStage.GENERATING, JobStage.ENCODING, JobStage.UPLOADING]
+
+
+def test_a_lease_lost_before_generating_pays_for_nothing() -> None:
+    result, store, provider, storage = run(claimed(), store=FakeStore(stale_from=JobStage.GENERATING))
+    assert (result.outcome, provider.calls) == ("stale", 0)
+    assert (store.writes, storage.stored) == ([], {})
+
+
+@pytest.mark.parametrize("stage", [JobStage.ENCODING, JobStage.UPLOADING])
+def test_a_lease_lost_after_generating_still_stores_the_paid_audio(stage: JobStage) -> None:
+    result, _, provider, storage = run(claimed(), store=FakeStore(stale_from=stage))
+    assert (result.outcome, provider.calls) == ("stale", 1)
+    assert sorted(p.rsplit(".", 1)[1] for p in storage.stored) == ["json", "mp3", "wav"]
+
+
+def test_the_row_gets_the_peaks_url_and_the_masters_loudness() -> None:
+    _, store, _, storage = run(claimed())
+    audio = completed_audio(store)
+    (peaks_path,) = (p for p in storage.stored if p.endswith(".json"))
+    assert audio.peaks_url == f"https://files/{peaks_path}"
+    assert audio.loudness_lufs is not None and -40 < audio.loudness_lufs < 0
+    assert audio.true_peak_dbtp is not None and audio.true_peak_dbtp < 0
+    assert audio.preview_gain_db not in (None, 0.0)
+
+
+def test_peaks_refused_by_storage_leave_the_job_completed_without_them() -> None:
+    result, store, _, _ = run(claimed(), storage=FakeStorage(refuse_ext="json"))
+    assert result.outcome == "completed"
+    assert completed_audio(store).peaks_url is None
+
+
+def test_preview_normalisation_can_be_turned_off() -> None:
+    _, store, _, _ = run(claimed(), preview_normalize=False)
+    audio = completed_audio(store)
+    assert audio.preview_gain_db == 0.0
+    assert audio.loudness_lufs is not None  # measured either way

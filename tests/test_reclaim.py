@@ -119,7 +119,7 @@ def test_a_job_whose_process_was_killed_completes_after_one_reclaim(
     assert (row["status"], row["attempts"]) == ("completed", 2)
     assert attempts(stack, job_id) == [(1, "lease_expired"), (2, "completed")]
     assert stored_files(stack, job_id) == sorted(
-        [row["wav_url"].rsplit("/", 1)[1], row["mp3_url"].rsplit("/", 1)[1]]
+        row[url].rsplit("/", 1)[1] for url in ("wav_url", "mp3_url", "peaks_url")
     )
     killed = ClaimedJob.model_validate({**row, "lease_token": killed_token, "attempts": 1})
     with pytest.raises(StaleLease):
@@ -144,7 +144,8 @@ def test_a_stale_worker_finishing_late_does_not_overwrite_the_newer_result(
     newer = stack.job(job_id)
     assert (summary["completed"], newer["status"], newer["attempts"]) == (1, "completed", 2)
 
-    wait_until(lambda: double.paid_generations == 2 and len(stored_files(stack, job_id)) == 4)
+    # each attempt stores its WAV, peaks and MP3 (a stale one too: its audio is paid for)
+    wait_until(lambda: double.paid_generations == 2 and len(stored_files(stack, job_id)) == 6)
     wait_until(lambda: not stack.relay or stack.relay.inflight() == 0)
     assert stack.job(job_id) == newer
     assert attempts(stack, job_id) == [(1, "lease_expired"), (2, "completed")]

@@ -38,7 +38,7 @@ def test_object_paths_follow_prefix_job_and_timestamp() -> None:
     )
 
 
-def test_the_bucket_is_created_once_public_with_no_size_limit_of_its_own_and_audio_types(
+def test_the_bucket_is_created_once_public_with_no_size_limit_of_its_own_and_our_file_types(
     gateway: Gateway, db_url: str
 ) -> None:
     s = storage(gateway)
@@ -46,7 +46,8 @@ def test_the_bucket_is_created_once_public_with_no_size_limit_of_its_own_and_aud
     s.ensure_bucket()
     bucket = sql(db_url, "select * from storage.buckets", role=None)
     assert [(b["id"], b["public"], b["file_size_limit"]) for b in bucket] == [("audio-files", True, None)]
-    assert sorted(bucket[0]["allowed_mime_types"]) == ["audio/mpeg", "audio/wav"]
+    # the audio, and the waveform peaks beside it
+    assert sorted(bucket[0]["allowed_mime_types"]) == ["application/json", "audio/mpeg", "audio/wav"]
     assert gateway.counts["storage:bucket_get"] == 1
 
 
