@@ -108,7 +108,8 @@ def _stats(args: argparse.Namespace) -> int:
     from sona.stats import render_table
 
     try:
-        figures = JobsStore(load_settings()).stats(args.hours)
+        # Only the database is read: how jobs are dispatched does not matter here.
+        figures = JobsStore(load_settings(dispatch="direct")).stats(args.hours)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
