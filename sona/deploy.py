@@ -21,6 +21,7 @@ from sona.config import (
     Settings,
     function_timeout_s,
 )
+from sona.monitoring import monitoring_commands
 from sona.task_queue import QueueLimits
 
 RUNTIME = "python312"
@@ -257,6 +258,7 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         "else",
         "  " + Shell.line([*scheduler, "create", "http", config.scheduler_job, *scheduler_flags]),
         "fi",
+        *monitoring_commands(config, Shell.line),
     ]
 
 
