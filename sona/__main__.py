@@ -116,7 +116,9 @@ def _stats(args: argparse.Namespace) -> int:
     from sona.stats import render_table
 
     try:
-        store = JobsStore(load_settings())
+        # Only the database is read: how jobs are dispatched does not matter here.
+        # A window of a month over a large table takes seconds, not the claim's 10 s budget.
+        store = JobsStore(load_settings(dispatch="direct"), timeout_s=120)
         figures = store.stats(args.hours)
         figures["spend"] = store.spend_stats(args.hours)  # the pause, quota refusals, cancellations
     except ConfigError as exc:

@@ -22,6 +22,7 @@ from sona.config import (
     Settings,
     function_timeout_s,
 )
+from sona.monitoring import monitoring_commands
 from sona.task_queue import QueueLimits
 
 RUNTIME = "python312"
@@ -259,6 +260,7 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         "  " + Shell.line([*scheduler, "create", "http", config.scheduler_job, *scheduler_flags]),
         "fi",
         *pause_alert_commands(config),
+        *monitoring_commands(config, Shell.line),
     ]
 
 

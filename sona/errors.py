@@ -61,6 +61,18 @@ class DatabaseUnavailable(TransientError):
     """The jobs store could not be reached: answer 503 and leave the row as it was."""
 
 
+class StorageFailure(SonaError):
+    """Mixin: Supabase Storage, not the provider, failed (counted apart in the operator figures)."""
+
+
+class StorageUnavailable(StorageFailure, TransientError):
+    """Storage answered 5xx, 429 or 408, or could not be reached."""
+
+
+class StorageRefused(StorageFailure, PermanentError):
+    """Storage refused the file for good (too large, a bad key)."""
+
+
 class FfmpegMissing(RuntimeError):
     """No ffmpeg anywhere: a startup error, so no job is claimed and then lost mid-way."""
 

@@ -169,8 +169,10 @@ def _run_job(services: Services, job_id: uuid.UUID, deadline: Deadline) -> Respo
         try:
             services.ffmpeg  # noqa: B018  a missing ffmpeg fails here, before anything is claimed
             # One claim id per request: a retried claim whose first answer was lost gets its lease.
+            claim_started = time.monotonic()
             with deadline.applies():
                 job = services.store.claim(job_id, uuid.uuid4(), deadline)
+            claim_ms = round((time.monotonic() - claim_started) * 1000)
         except DatabaseUnavailable as exc:
             log.error("claim failed: %s", exc)
             return error(
@@ -198,7 +200,7 @@ def _run_job(services: Services, job_id: uuid.UUID, deadline: Deadline) -> Respo
             )
         set_attempt(job.attempts)
         log.info("claimed (attempt %d)", job.attempts)
-        result = services.pipeline.run(job, deadline)
+        result = services.pipeline.run(job, deadline, {"claim": claim_ms})
         # A paused job is not rescheduled here: after the pause, reclaim_jobs sends one probe first.
         if result.outcome == "retrying" and services.settings.dispatch == "cloud_tasks":
             _enqueue_retry(services, job_id, result.attempt, result.retry_at)

@@ -21,6 +21,7 @@ from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import DatabaseUnavailable, ServiceOutage, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, Job, JobStage
+from sona.outcomes import OutcomeClass
 from sona.retrying import retrying
 from sona.supabase_keys import request_headers
 from sona.tls import tls_context
@@ -141,7 +142,16 @@ class JobsStore:
         rows = policy(lambda: self._rpc("claim_job", params))
         return ClaimedJob.model_validate(rows[0]) if rows else None
 
-    def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job:
+    def complete(
+        self,
+        job: ClaimedJob,
+        *,
+        wav_url: str,
+        mp3_url: str,
+        audio: AudioInfo,
+        timings_ms: dict[str, int] | None = None,
+    ) -> Job:
+        """Complete the job; the attempt's row keeps its step timings (same statement)."""
         rows = self._rpc(
             "complete_job",
             {
@@ -150,6 +160,7 @@ class JobsStore:
                 "p_wav_url": wav_url,
                 "p_mp3_url": mp3_url,
                 "p_audio": audio.model_dump(mode="json"),
+                "p_timings_ms": timings_ms,
             },
         )
         return self._fenced(rows, job, "complete")
@@ -162,8 +173,17 @@ class JobsStore:
         )
         return self._fenced(rows, job, f"stage {stage.value}")
 
-    def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job:
-        """Fail the job, or release it for a retry with backoff when retryable and attempts remain."""
+    def fail(
+        self,
+        job: ClaimedJob,
+        *,
+        message: str,
+        retryable: bool,
+        outcome_class: OutcomeClass | None = None,
+        timings_ms: dict[str, int] | None = None,
+    ) -> Job:
+        """Fail the job, or release it for a retry with backoff when retryable and attempts remain.
+        The attempt's row keeps the class of the failure and its step timings (same statement)."""
         rows = self._rpc(
             "fail_job",
             {
@@ -174,6 +194,8 @@ class JobsStore:
                 "p_max_attempts": self._settings.max_attempts,
                 "p_base_delay_ms": self._settings.retry_delay_ms,
                 "p_max_delay_ms": self._settings.retry_backoff_cap_ms,
+                "p_outcome_class": outcome_class,
+                "p_timings_ms": timings_ms,
             },
         )
         return self._fenced(rows, job, "fail")

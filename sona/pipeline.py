@@ -26,6 +26,7 @@ from sona.errors import (
 )
 from sona.input_audio import inspect
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage
+from sona.outcomes import OutcomeClass, outcome_class
 from sona.peaks import waveform_peaks
 from sona.retrying import retrying
 from sona.stable_audio import GenerationRequest
@@ -37,6 +38,8 @@ T = TypeVar("T")
 Outcome = Literal["completed", "failed", "retrying", "stale", "interrupted", "paused", "cancelled"]
 # The stable `code` of the one ERROR line per pause (the deploy's log-based metric counts it).
 PAUSE_LOG_CODE = "sona_service_paused"
+# The log line that ends every attempt carries this as jsonPayload.event.
+ATTEMPT_EVENT = "sona_attempt"
 
 
 class PauseRecord(Protocol):
@@ -47,8 +50,18 @@ class PauseRecord(Protocol):
 
 class Store(Protocol):
     def advance(self, job: ClaimedJob, stage: JobStage) -> Job: ...
-    def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job: ...
-    def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job: ...
+    def complete(
+        self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo, timings_ms: dict[str, int]
+    ) -> Job: ...
+    def fail(
+        self,
+        job: ClaimedJob,
+        *,
+        message: str,
+        retryable: bool,
+        outcome_class: OutcomeClass,
+        timings_ms: dict[str, int],
+    ) -> Job: ...
     def pause(self, job: ClaimedJob, outage: ServiceOutage) -> PauseRecord: ...
     def lease_is_held(self, job: ClaimedJob) -> bool: ...
 
@@ -75,6 +88,8 @@ class Result:
     error: str | None = None
     timings_ms: dict[str, int] = field(default_factory=dict)
     retry_at: datetime | None = None  # when a released job may run again
+    outcome_class: OutcomeClass | None = None  # why the attempt did not complete
+    queue_wait_ms: int | None = None  # insert to the first attempt's start (first attempts only)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -95,36 +110,34 @@ class Pipeline:
     storage: Storage
     ffmpeg: str
 
-    def run(self, job: ClaimedJob, deadline: Deadline) -> Result:
-        result = Result(str(job.id), job.attempts, "completed")
+    def run(self, job: ClaimedJob, deadline: Deadline, timings: dict[str, int] | None = None) -> Result:
+        """timings: steps measured before the pipeline (the claim), kept with the attempt's own."""
+        result = Result(str(job.id), job.attempts, "completed", timings_ms=dict(timings or {}))
+        result.queue_wait_ms = _queue_wait_ms(job)
         try:
             with deadline.applies():  # bucket check, listing and the database end by it too
                 row = self._produce(job, deadline, result.timings_ms)
             result.status = row.status
-            log.info("completed in %d ms", deadline.elapsed() * 1000)
         except StaleLease as exc:
-            return self._stale(result, exc)
+            self._stale(result, exc)
         except Cancelled as exc:
             log.info("%s", exc)
             result.outcome, result.status, result.error = "cancelled", "cancelled", exc.public_message
         except ServiceOutage as exc:
+            result.outcome_class = "account"
             self._pause(job, result, exc)
         except DatabaseUnavailable as exc:
             # The row keeps its lease; when it expires, reclaim_jobs runs the job again.
             log.error("database unavailable, leaving the job to reclaim: %s", exc)
             result.outcome, result.error = "interrupted", exc.public_message
+            result.outcome_class = "database"
         except SonaError as exc:
-            self._fail(job, result, exc.public_message, exc.retryable, str(exc))
-        except Exception:
+            self._fail(job, result, exc, exc.public_message, exc.retryable, str(exc), deadline)
+        except Exception as exc:
             log.exception("unexpected error")
-            self._fail(
-                job,
-                result,
-                "An unexpected error occurred",
-                True,
-                "unexpected error",
-            )
+            self._fail(job, result, exc, "An unexpected error occurred", True, "unexpected error", deadline)
         result.timings_ms["total"] = round(deadline.elapsed() * 1000)
+        _log_attempt(result)
         return result
 
     def _produce(self, job: ClaimedJob, deadline: Deadline, timings: dict[str, int]) -> Job:
@@ -145,7 +158,9 @@ class Pipeline:
             lambda: self._with_retries(
                 "complete",
                 deadline,
-                lambda: self.store.complete(job, wav_url=wav_url, mp3_url=mp3_url, audio=info),
+                lambda: self.store.complete(
+                    job, wav_url=wav_url, mp3_url=mp3_url, audio=info, timings_ms=_so_far(timings, deadline)
+                ),
             ),
         )
 
@@ -268,14 +283,29 @@ class Pipeline:
         )
         return policy(write)
 
-    def _fail(self, job: ClaimedJob, result: Result, message: str, retryable: bool, detail: str) -> None:
-        log.warning("attempt failed (%s): %s", "transient" if retryable else "permanent", detail)
+    def _fail(
+        self,
+        job: ClaimedJob,
+        result: Result,
+        error: BaseException,
+        message: str,
+        retryable: bool,
+        detail: str,
+        deadline: Deadline,
+    ) -> None:
+        kind = result.outcome_class = outcome_class(error)
+        log.warning("attempt failed (%s, %s): %s", "transient" if retryable else "permanent", kind, detail)
+        timings = _so_far(result.timings_ms, deadline)
         # The job's budget may be spent; recording its end gets the margin kept for exactly this.
         margin = Deadline(self.settings.deadline_margin_ms / 1000)
         try:
             with margin.applies():
                 row = self._with_retries(
-                    "fail", margin, lambda: self.store.fail(job, message=message, retryable=retryable)
+                    "fail",
+                    margin,
+                    lambda: self.store.fail(
+                        job, message=message, retryable=retryable, outcome_class=kind, timings_ms=timings
+                    ),
                 )
         except StaleLease as exc:
             self._stale(result, exc)
@@ -318,6 +348,37 @@ class Pipeline:
         log.warning("%s", exc)
         result.outcome, result.error = "stale", exc.public_message
         return result
+
+
+def _so_far(timings: dict[str, int], deadline: Deadline) -> dict[str, int]:
+    """What the attempt's final write records: every step so far, and the total up to the write
+    (the write's own time is known only after it, so it reaches the log line, not the row)."""
+    return {**timings, "total": round(deadline.elapsed() * 1000)}
+
+
+def _queue_wait_ms(job: ClaimedJob) -> int | None:
+    if job.attempts != 1 or job.created_at is None or job.started_at is None:
+        return None
+    return max(0, round((job.started_at - job.created_at).total_seconds() * 1000))
+
+
+def _log_attempt(result: Result) -> None:
+    """One structured line per attempt: Cloud Logging's log-based metrics read its fields
+    (sona/monitoring.py names them)."""
+    fields: dict[str, Any] = {
+        "event": ATTEMPT_EVENT,
+        "outcome": result.outcome,
+        "outcome_class": result.outcome_class or "none",
+        "timings_ms": result.timings_ms,
+    }
+    if result.queue_wait_ms is not None:
+        fields["queue_wait_ms"] = result.queue_wait_ms
+    log.info(
+        "attempt %s in %d ms",
+        result.outcome,
+        result.timings_ms.get("total", 0),
+        extra={"json_fields": fields},
+    )
 
 
 def _timed(timings: dict[str, int], name: str, step: Callable[[], T]) -> T:

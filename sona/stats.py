@@ -11,8 +11,51 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _percent(rate: float | None) -> str:
+    return _fmt(None if rate is None else round(rate * 100, 2), " %")
+
+
+def _pair(figure: dict[str, Any] | None, low: str = "p50", high: str = "p95") -> str:
+    figure = figure or {}
+    return f"{_fmt(figure.get(low), ' s')} / {_fmt(figure.get(high), ' s')}"
+
+
+def _attempt_lines(figures: dict[str, Any]) -> list[str]:
+    attempts = figures.get("attempts") or {}
+    by_class = attempts.get("failed_by_class") or {}
+    lines = [f"Attempts ended: {attempts.get('ended', 0)}; failed by class (share of attempts):"]
+    lines += [
+        f"  {kind:<19} {entry['count']:>5}  {_percent(entry['rate'])}"
+        for kind, entry in sorted(by_class.items())
+    ]
+    if not by_class:
+        lines.append("  (none)")
+    return lines
+
+
+def _figure_lines(figures: dict[str, Any]) -> list[str]:
+    throughput = figures.get("throughput") or {}
+    busiest = throughput.get("busiest_minute") or {}
+    provider = figures.get("provider") or {}
+    storage = figures.get("storage") or {}
+    retries = figures.get("retries") or {}
+    return [
+        f"  completed           {throughput.get('completed', 0)}"
+        f" ({_fmt(throughput.get('per_minute'))} per minute)",
+        f"  busiest minute      {_fmt(busiest.get('completed'), ' jobs')} at {_fmt(busiest.get('minute'))}",
+        f"  failure rate        {_percent(figures.get('failure_rate'))} of ended jobs",
+        f"  queue wait p50/p95  {_pair(figures.get('queue_wait_s'))}",
+        f"  processing p50/p95  {_pair(figures.get('processing_s'))}",
+        f"  provider p50/p95    {_pair(provider, 'p50_s', 'p95_s')} over {provider.get('calls', 0)} calls,"
+        f" errors {_percent(provider.get('error_rate'))}",
+        f"  storage success     {_percent(storage.get('success_rate'))},"
+        f" upload p95 {_fmt(storage.get('upload_p95_s'), ' s')}",
+        f"  retries per job     {_fmt(retries.get('per_job'))} (max {_fmt(retries.get('max'))},"
+        f" {retries.get('jobs_retried') or 0} jobs retried)",
+    ]
+
+
 def render_table(figures: dict[str, Any]) -> str:
-    rate = figures.get("failure_rate")
     stuck = figures.get("stuck") or {}
     lines = [
         f"Jobs created in the last {figures['window_hours']} h: {figures['total']}",
@@ -20,11 +63,12 @@ def render_table(figures: dict[str, Any]) -> str:
         "  status       jobs",
         *(f"  {status:<11} {count:>5}" for status, count in sorted(figures["by_status"].items())),
         "",
-        f"  failure rate        {_fmt(None if rate is None else round(rate * 100, 2), ' %')}",
+        *_figure_lines(figures),
         f"  processing, average {_fmt(figures.get('avg_processing_s'), ' s')}",
-        f"  processing, p95     {_fmt(figures.get('p95_processing_s'), ' s')}",
         f"  expired leases      {stuck.get('expired_leases', 0)}",
         f"  pending > 10 min    {stuck.get('pending_over_10_min', 0)}",
+        "",
+        *_attempt_lines(figures),
     ]
     lines += _spend_lines(figures.get("spend") or {})
     failures = figures.get("recent_failures") or []

@@ -16,7 +16,7 @@ from storage3.exceptions import StorageApiError
 from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import PermanentError, ServiceOutage, TransientError
+from sona.errors import PermanentError, ServiceOutage, StorageRefused, StorageUnavailable, TransientError
 from sona.input_audio import check_size
 from sona.retrying import retrying
 from sona.supabase_keys import request_headers
@@ -216,7 +216,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _unreachable(exc: httpx.HTTPError) -> TransientError:
-    return TransientError("The file storage is unavailable", detail=type(exc).__name__)
+    return StorageUnavailable("The file storage is unavailable", detail=type(exc).__name__)
 
 
 def _bucket_refused(exc: StorageApiError, settings: Settings) -> Exception:
@@ -264,9 +264,9 @@ def _translate(exc: StorageApiError) -> Exception:
     status = str(exc.status)
     detail = f"storage {status} {exc.code}"
     if status.startswith("5") or status in ("429", "408"):
-        return TransientError("The file storage had a temporary problem", detail=detail)
+        return StorageUnavailable("The file storage had a temporary problem", detail=detail)
     if status == "413":
-        return PermanentError("The generated audio is larger than the storage allows", detail=detail)
+        return StorageRefused("The generated audio is larger than the storage allows", detail=detail)
     if status in ("401", "403"):
         # Storage refusing our key (rotated, wrong, or not the secret one): the project's fault.
         return ServiceOutage(
@@ -274,4 +274,4 @@ def _translate(exc: StorageApiError) -> Exception:
             code="storage_refused",
             detail=detail,
         )
-    return PermanentError("The generated audio could not be stored", detail=detail)
+    return StorageRefused("The generated audio could not be stored", detail=detail)

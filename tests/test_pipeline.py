@@ -19,11 +19,15 @@ from sona.errors import (
     PermanentError,
     ServiceOutage,
     StaleLease,
+    StorageRefused,
+    StorageUnavailable,
     TransientError,
 )
 from sona.ffmpeg import find_ffmpeg
+from sona.jobs_store import StoreError
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, JobStatus
-from sona.pipeline import Pipeline
+from sona.outcomes import OutcomeClass, outcome_class
+from sona.pipeline import ATTEMPT_EVENT, Pipeline
 from sona.stable_audio import GenerationRequest
 from sona.storage import StoredOutput
 from tests.support import AUDIO_INFO, make_settings, wav_bytes
@@ -62,16 +66,31 @@ class FakeStore:
         self.stages.append(stage)
         return job
 
-    def complete(self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo) -> Job:
+    # What each write recorded for the operator figures: (outcome class, timings).
+    figures: list[tuple[OutcomeClass | None, dict[str, int]]] = field(default_factory=list)
+
+    def complete(
+        self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo, timings_ms: dict[str, int]
+    ) -> Job:
         if self.fail_complete is not None:
             raise self.fail_complete
         self.writes.append(("complete", {"wav_url": wav_url, "mp3_url": mp3_url, "audio": audio}))
+        self.figures.append((None, timings_ms))
         return job.model_copy(update={"status": JobStatus.COMPLETED})
 
-    def fail(self, job: ClaimedJob, *, message: str, retryable: bool) -> Job:
+    def fail(
+        self,
+        job: ClaimedJob,
+        *,
+        message: str,
+        retryable: bool,
+        outcome_class: OutcomeClass,
+        timings_ms: dict[str, int],
+    ) -> Job:
         if self.fail_fail is not None:
             raise self.fail_fail
         self.writes.append(("fail", {"message": message, "retryable": retryable}))
+        self.figures.append((outcome_class, timings_ms))
         status = JobStatus.PENDING if retryable else JobStatus.FAILED
         return job.model_copy(update={"status": status, "error_message": message})
 
@@ -137,12 +156,13 @@ def run(
     *,
     ffmpeg: str | None = None,
     budget_s: float = 30,
+    timings: dict[str, int] | None = None,
     **setting: Any,
 ) -> tuple[Any, FakeStore, FakeProvider, FakeStorage]:
     store, provider, storage = store or FakeStore(), provider or FakeProvider(), storage or FakeStorage()
     settings = make_settings(retry_delay_ms=10, **setting)
     pipeline = Pipeline(settings, store, provider, storage, ffmpeg or find_ffmpeg())
-    return pipeline.run(job, Deadline(budget_s)), store, provider, storage
+    return pipeline.run(job, Deadline(budget_s), timings), store, provider, storage
 
 
 def test_a_job_is_generated_cut_stored_and_completed() -> None:
@@ -366,3 +386,84 @@ def test_preview_normalisation_can_be_turned_off() -> None:
     audio = completed_audio(store)
     assert audio.preview_gain_db == 0.0
     assert audio.loudness_lufs is not None  # measured either way
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (PermanentError("The prompt was flagged"), "provider_permanent"),
+        (TransientError("The audio service is busy"), "provider_transient"),
+        (StorageUnavailable("The file storage had a temporary problem"), "storage"),
+        (StorageRefused("The generated audio could not be stored"), "storage"),
+        (ServiceOutage("The audio service refused our key"), "account"),
+        (DeadlineExceeded("The job ran out of time"), "timeout"),
+        (DatabaseUnavailable("The job database is unavailable"), "database"),
+        (StoreError("The job database rejected a request"), "database"),
+        (RuntimeError("a bug"), "internal"),
+    ],
+)
+def test_an_error_is_classed_by_its_kind(error: Exception, expected: OutcomeClass) -> None:
+    assert outcome_class(error) == expected
+
+
+@pytest.mark.parametrize(
+    ("provider_error", "storage_error", "expected"),
+    [
+        (PermanentError("The prompt was flagged"), None, "provider_permanent"),
+        (TransientError("The audio service is busy"), None, "provider_transient"),
+        (None, StorageUnavailable("The file storage is unavailable"), "storage"),
+        (RuntimeError("a bug"), None, "internal"),
+    ],
+)
+def test_the_failure_write_records_the_class_of_the_failure(
+    provider_error: Exception | None, storage_error: Exception | None, expected: OutcomeClass
+) -> None:
+    result, store, _, _ = run(
+        claimed(), provider=FakeProvider(error=provider_error), storage=FakeStorage(error=storage_error)
+    )
+    assert result.outcome_class == expected
+    ((recorded, _),) = store.figures
+    assert recorded == expected
+
+
+def test_an_account_level_outage_is_classed_on_the_attempt_and_recorded_as_a_pause() -> None:
+    result, store, _, _ = run(claimed(), provider=FakeProvider(error=ServiceOutage("refused our key")))
+    assert (result.outcome, result.outcome_class) == ("paused", "account")
+    assert [verb for verb, _ in store.writes] == ["pause"]  # not a failure: the job waits
+    assert store.figures == []
+
+
+def test_the_completing_write_records_every_step_timed_before_it() -> None:
+    _, store, _, _ = run(claimed(), timings={"claim": 12})
+    ((recorded, timings),) = store.figures
+    assert recorded is None
+    assert {"claim", "bucket", "generate", "master", "encode_mp3", "upload", "total"} <= set(timings)
+    assert timings["claim"] == 12
+
+
+def test_the_failure_write_records_the_steps_reached_and_the_provider_call() -> None:
+    _, store, _, _ = run(claimed(), provider=FakeProvider(error=TransientError("busy")))
+    ((_, timings),) = store.figures
+    assert {"bucket", "generate", "total"} <= set(timings)
+    assert "upload" not in timings
+
+
+def test_every_attempt_ends_with_one_structured_line_for_log_based_metrics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    created = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+    job = claimed(created_at=created, started_at=created + timedelta(seconds=1.5))
+    with caplog.at_level("INFO", logger="sona.pipeline"):
+        result, _, _, _ = run(job, provider=FakeProvider(error=TransientError("busy")))
+    (line,) = [r for r in caplog.records if getattr(r, "json_fields", {}).get("event") == ATTEMPT_EVENT]
+    fields = line.json_fields  # type: ignore[attr-defined]
+    assert (fields["outcome"], fields["outcome_class"]) == ("retrying", "provider_transient")
+    assert fields["timings_ms"] == result.timings_ms
+    assert fields["queue_wait_ms"] == 1500
+
+
+def test_only_a_first_attempt_reports_its_queue_wait(caplog: pytest.LogCaptureFixture) -> None:
+    created = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+    job = claimed(attempts=2, created_at=created, started_at=created + timedelta(minutes=3))
+    with caplog.at_level("INFO", logger="sona.pipeline"):
+        run(job)
+    (line,) = [r for r in caplog.records if getattr(r, "json_fields", {}).get("event") == ATTEMPT_EVENT]
+    assert "queue_wait_ms" not in line.json_fields  # type: ignore[attr-defined]

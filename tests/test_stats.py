@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from sona.local.gateway import Gateway
+from sona.stats import render_table
 from tests.support import SECRETS, insert_job, sql
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +112,35 @@ def test_stats_show_the_pause_quota_refusals_and_cancellations(gateway: Gateway,
     table = run_stats(gateway).stdout
     assert "PAUSED since" in table and "provider_out_of_credits: HTTP 402 payment_required" in table
     assert "quota refusals" in table
+
+
+def test_the_table_shows_every_operator_figure() -> None:
+    figures: dict[str, Any] = {
+        "window_hours": 1,
+        "total": 2,
+        "by_status": {"completed": 1, "failed": 1},
+        "failure_rate": 0.5,
+        "throughput": {
+            "completed": 1,
+            "per_minute": 0.0167,
+            "busiest_minute": {"minute": "12:00", "completed": 1},
+        },
+        "attempts": {"ended": 3, "failed_by_class": {"storage": {"count": 1, "rate": 0.3333}}},
+        "queue_wait_s": {"p50": 0.2, "p95": 0.9},
+        "processing_s": {"p50": 3.1, "p95": 4.2},
+        "provider": {"calls": 3, "p50_s": 2.5, "p95_s": 3.5, "errors": 1, "error_rate": 0.3333},
+        "storage": {"stored": 1, "failed": 1, "success_rate": 0.5, "upload_p95_s": 0.12},
+        "retries": {"per_job": 0.5, "max": 1, "jobs_retried": 1},
+    }
+    text = render_table(figures)
+    for line in (
+        "completed           1 (0.0167 per minute)",
+        "busiest minute      1 jobs at 12:00",
+        "queue wait p50/p95  0.2 s / 0.9 s",
+        "processing p50/p95  3.1 s / 4.2 s",
+        "provider p50/p95    2.5 s / 3.5 s over 3 calls, errors 33.33 %",
+        "storage success     50.0 %, upload p95 0.12 s",
+        "retries per job     0.5 (max 1, 1 jobs retried)",
+        "storage                 1  33.33 %",
+    ):
+        assert line in text
