@@ -1,6 +1,7 @@
 """A mixed run through real processes (relay, Cloud Tasks, functions-framework, gateway, ffmpeg):
-jobs that complete, fail for good, are retried after each class of failure, and one whose process
-crashed; then `python -m sona stats --json` must give every figure of that known mix."""
+jobs that complete, fail for good, are retried after each class of failure, one whose process
+crashed, and one that met an account-level refusal (which pauses the service instead of failing an
+attempt); then `python -m sona stats --json` must give every figure of that known mix."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import requests
 
 from sona.local.stable_audio_double import Behaviour
 from sona.local.stack import LocalStack
-from tests.support import sql
+from tests.support import sql, wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,27 @@ def crashed_job(stack: LocalStack) -> dict[str, Any]:
     return stack.wait_for(job_id, timeout_s=60)
 
 
+def paused_then_probed(stack: LocalStack) -> dict[str, Any]:
+    """An account-level refusal pauses the service and gives the attempt back; once the pause is
+    over, reclaim's probe runs the job again."""
+    job_id = stack.insert_job("account refused once", duration=1)
+    wait_until(lambda: bool(sql(stack.database_url, "select 1 from sona_pauses", role=None)), 30)
+    assert stack.wait_for(job_id, ("pending",), timeout_s=30)["status"] == "pending"
+    # Time passes and the account is fixed: the pause ends.
+    sql(
+        stack.database_url,
+        "update sona_pauses set until = now(); update jobs set run_after = null",
+        role=None,
+    )
+    response = requests.post(
+        stack.reclaim_jobs_url, headers={"X-Webhook-Secret": stack.webhook_secret}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    row = stack.wait_for(job_id, timeout_s=60)
+    assert row["attempts"] == 1  # the paused attempt was given back
+    return row
+
+
 @pytest.fixture(scope="module")
 def mixed_run(stack: LocalStack) -> dict[str, Any]:
     """Seven jobs, one after another so each scripted answer meets its job."""
@@ -69,7 +91,7 @@ def mixed_run(stack: LocalStack) -> dict[str, Any]:
     stack.double.script(Behaviour("error", 503))  # provider transient, then it works
     statuses.append(run_job(stack, "busy once")["status"])
     stack.double.script(Behaviour("html403"))  # the provider's edge refuses the account, once
-    statuses.append(run_job(stack, "account refused once")["status"])
+    statuses.append(paused_then_probed(stack)["status"])
     stack.gateway.faults.add("storage:upload", 500, STORAGE_FAULT)  # storage, then it works
     statuses.append(run_job(stack, "storage failed once")["status"])
     statuses.append(crashed_job(stack)["status"])  # timeout, then it works
@@ -103,26 +125,28 @@ def test_stats_counts_the_jobs_of_the_mix(mixed_run: dict[str, Any]) -> None:
 
 
 def test_stats_classes_each_failed_attempt_of_the_mix(mixed_run: dict[str, Any]) -> None:
-    # 7 first attempts and 4 retries ended; one failure of each class.
+    # 7 first attempts and 3 retries ended; one failure of each class an attempt can fail by.
     attempts = mixed_run["attempts"]
-    assert attempts["ended"] == 11
+    assert attempts["ended"] == 10
     assert {kind: entry["count"] for kind, entry in attempts["failed_by_class"].items()} == {
         "provider_permanent": 1,
         "provider_transient": 1,
-        "account": 1,
         "storage": 1,
         "timeout": 1,
     }
+    # the account-level refusal failed no attempt: it shows as a pause
+    assert (mixed_run["spend"]["pauses_in_window"], mixed_run["spend"]["jobs_released_by_outages"]) == (1, 1)
 
 
 def test_stats_gives_provider_and_storage_rates_of_the_mix(mixed_run: dict[str, Any]) -> None:
     provider, storage = mixed_run["provider"], mixed_run["storage"]
-    # every attempt but the crashed one called the provider; two failed there
-    assert (provider["calls"], provider["errors"], provider["error_rate"]) == (10, 2, 0.2)
+    # every recorded attempt but the crashed one called the provider; two failed there
+    assert (provider["calls"], provider["errors"]) == (9, 2)
+    assert provider["error_rate"] == pytest.approx(2 / 9, abs=1e-3)
     # six attempts stored both files; one attempt's upload failed
     assert (storage["stored"], storage["failed"]) == (6, 1)
     assert storage["success_rate"] == pytest.approx(6 / 7, abs=1e-4)
-    assert mixed_run["retries"] == {"per_job": pytest.approx(4 / 7, abs=1e-3), "max": 1, "jobs_retried": 4}
+    assert mixed_run["retries"] == {"per_job": pytest.approx(3 / 7, abs=1e-3), "max": 1, "jobs_retried": 3}
 
 
 def test_stats_gives_every_latency_of_the_mix(mixed_run: dict[str, Any]) -> None:
