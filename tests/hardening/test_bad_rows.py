@@ -28,6 +28,12 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("unknown user", {"user_id": uuid.UUID(int=1)}, "23503"),
     # The provider's own limit, held by the table: an oversized prompt never reaches the webhook.
     ("10,001-character prompt", {"prompt": "a" * 10_001}, "23514"),
+    # The modes the plug-in sends, held by the table; audio-to-audio needs its input.
+    ("mode inpaint", {"mode": "inpaint"}, "23514"),
+    ("mode empty", {"mode": ""}, "23514"),
+    ("mode in capitals", {"mode": "TEXT-TO-AUDIO"}, "23514"),
+    ("audio-to-audio without an input", {"mode": "audio-to-audio"}, "23514"),
+    ("strength 1.5", {"mode": "audio-to-audio", "input_path": "x/in.wav", "strength": 1.5}, "23514"),
 ]
 
 # (name, columns, final status, error_message fragment, provider calls)
@@ -40,15 +46,19 @@ PROCESSED: list[tuple[str, dict[str, Any], str, str | None, int]] = [
     ("emoji", {"prompt": "🌲🌅 forest at dawn 🐦"}, "completed", None, 1),
     ("accents and CJK", {"prompt": "forêt à l'aube, 森の夜明け"}, "completed", None, 1),
     (
-        "mode audio-to-audio",
-        {"mode": "audio-to-audio"},
+        "audio-to-audio from another user's folder",
+        {"mode": "audio-to-audio", "input_path": f"{uuid.UUID(int=7)}/take.wav", "strength": 0.5},
         "failed",
-        "'audio-to-audio' mode is not supported",
+        "another user's folder",
         0,
     ),
-    ("mode inpaint", {"mode": "inpaint"}, "failed", "'inpaint' mode is not supported", 0),
-    ("mode empty", {"mode": ""}, "failed", "mode is not supported", 0),
-    ("mode in capitals", {"mode": "TEXT-TO-AUDIO"}, "failed", "mode is not supported", 0),
+    (
+        "audio-to-audio outside the inputs bucket",
+        {"mode": "audio-to-audio", "input_path": "elsewhere/take.wav", "strength": 0.5},
+        "failed",
+        "outside the inputs bucket",
+        0,
+    ),
     ("mode text-to-audio", {"mode": "text-to-audio"}, "completed", None, 1),
     ("duration 1", {"duration": 1}, "completed", None, 1),
     ("duration 60", {"duration": 60}, "completed", None, 1),
