@@ -49,8 +49,13 @@ class ServiceOutage(TransientError):
         self.code = code
 
 
-class Cancelled(SonaError):
-    """The job's owner cancelled it (the lease is gone): stop before paying, write nothing."""
+class StaleLease(SonaError):
+    """A fenced write matched no row: the lease was reclaimed and this worker's result is dropped."""
+
+
+class Cancelled(StaleLease):
+    """The job's owner cancelled it: its lease is gone like a reclaimed one's, so every fenced write
+    matches nothing; before paying, the worker stops and reports the cancellation."""
 
 
 class DeadlineExceeded(TransientError):
@@ -75,7 +80,3 @@ class StorageRefused(StorageFailure, PermanentError):
 
 class FfmpegMissing(RuntimeError):
     """No ffmpeg anywhere: a startup error, so no job is claimed and then lost mid-way."""
-
-
-class StaleLease(SonaError):
-    """A fenced write matched no row: the lease was reclaimed and this worker's result is dropped."""

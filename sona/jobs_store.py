@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import DatabaseUnavailable, ServiceOutage, SonaError, StaleLease
+from sona.errors import Cancelled, DatabaseUnavailable, ServiceOutage, SonaError, StaleLease
 from sona.models import AudioInfo, ClaimedJob, Job, JobStage
 from sona.outcomes import OutcomeClass
 from sona.retrying import retrying
@@ -30,6 +30,9 @@ from sona.tls import tls_context
 # connection failures, insufficient resources, the server shutting down, PostgREST unable to reach
 # the database, and a statement timeout (57014, which PostgREST answers with a 500).
 _UNAVAILABLE_PREFIXES = ("08", "53", "57P", "57014", "PGRST000", "PGRST001", "PGRST002", "PGRST003")
+
+# advance_stage's answer when the owner cancelled the job (20261129001400_stage_fence_tells_cancelled.sql).
+CANCELLED_SQLSTATE = "SQ003"
 
 # How long one request's claim keeps retrying when the database is briefly away.
 CLAIM_BUDGET_S = 10.0
@@ -166,7 +169,8 @@ class JobsStore:
         return self._fenced(rows, job, "complete")
 
     def advance(self, job: ClaimedJob, stage: JobStage) -> Job:
-        """Move the job's progress stage; fenced like complete (StaleLease when the lease is gone)."""
+        """Move the job's progress stage; fenced like complete (StaleLease when the lease is gone,
+        Cancelled when its owner cancelled the job)."""
         rows = self._rpc(
             "advance_stage",
             {"p_job_id": str(job.id), "p_lease_token": str(job.lease_token), "p_stage": stage.value},
@@ -216,18 +220,6 @@ class JobsStore:
         )
         return Pause.model_validate(rows[0])
 
-    def lease_is_held(self, job: ClaimedJob) -> bool:
-        """Is the job still this attempt's (false once its owner cancelled it)?"""
-        with _translated_errors("lease_is_held"):
-            held = (
-                self._client.rpc(
-                    "lease_is_held", {"p_job_id": str(job.id), "p_lease_token": str(job.lease_token)}
-                )
-                .execute()
-                .data
-            )
-        return held is True
-
     def spend_stats(self, window_hours: int) -> dict[str, Any]:
         with _translated_errors("spend_stats"):
             data = self._client.rpc("spend_stats", cast(Any, {"p_window_hours": window_hours})).execute().data
@@ -267,6 +259,8 @@ def _translated_errors(name: str) -> Iterator[None]:
     try:
         yield
     except APIError as exc:
+        if exc.code == CANCELLED_SQLSTATE:
+            raise Cancelled("The job was cancelled; nothing more is paid for it.", detail=name) from None
         if _unavailable(exc.code):
             raise DatabaseUnavailable(
                 "The job database is unavailable", detail=f"{name}: {exc.code}"

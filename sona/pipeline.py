@@ -63,7 +63,6 @@ class Store(Protocol):
         timings_ms: dict[str, int],
     ) -> Job: ...
     def pause(self, job: ClaimedJob, outage: ServiceOutage) -> PauseRecord: ...
-    def lease_is_held(self, job: ClaimedJob) -> bool: ...
 
 
 class Provider(Protocol):
@@ -118,11 +117,11 @@ class Pipeline:
             with deadline.applies():  # bucket check, listing and the database end by it too
                 row = self._produce(job, deadline, result.timings_ms)
             result.status = row.status
-        except StaleLease as exc:
-            self._stale(result, exc)
-        except Cancelled as exc:
+        except Cancelled as exc:  # before StaleLease, which it is a case of
             log.info("%s", exc)
             result.outcome, result.status, result.error = "cancelled", "cancelled", exc.public_message
+        except StaleLease as exc:
+            self._stale(result, exc)
         except ServiceOutage as exc:
             result.outcome_class = "account"
             self._pause(job, result, exc)
@@ -181,9 +180,9 @@ class Pipeline:
         settings = self.settings
         if request.input_object is not None:
             request = self._with_input(request, request.input_object, deadline, timings)
-        # The last moment a cancellation can save the payment.
-        if not _timed(timings, "lease_check", lambda: self.store.lease_is_held(job)):
-            raise Cancelled("The job was cancelled before it was generated; nothing was paid for.")
+        # The last moment a reclaimed lease or a cancellation can save the payment: this write is
+        # fenced by the lease (StaleLease, or Cancelled when the owner cancelled the job).
+        self._stage(job, JobStage.GENERATING, timings, fence=True)
         log.info(
             "generating %d s with %s (%s, %d steps)",
             request.duration,
@@ -191,8 +190,6 @@ class Pipeline:
             request.endpoint,
             request.steps,
         )
-        # A stale lease is found here, before anything is paid for.
-        self._stage(job, JobStage.GENERATING, timings, fence=True)
         generated = _timed(timings, "generate", lambda: self.provider.generate(request, deadline))
         model, seed, audio = generated.model, generated.seed, generated.data
         del generated

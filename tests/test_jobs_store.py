@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from sona.errors import DatabaseUnavailable, StaleLease
+from sona.errors import Cancelled, DatabaseUnavailable, StaleLease
 from sona.jobs_store import JobsStore, StoreError
 from sona.local.gateway import Gateway, gateway_error, gateway_error_page
-from sona.models import JobStatus
+from sona.models import JobStage, JobStatus
 from tests.support import AUDIO_INFO as INFO
 from tests.support import insert_job, job_row, make_settings, sql
 
@@ -91,6 +91,22 @@ def test_a_stale_worker_gets_stale_lease_and_changes_nothing(store: JobsStore, d
         store.fail(job, message="stale", retryable=False)
     row = job_row(db_url, job.id)
     assert (row["status"], row["lease_token"], row["wav_url"]) == ("processing", fresh.lease_token, None)
+
+
+def test_the_stage_fence_tells_a_cancelled_job_from_a_reclaimed_lease(store: JobsStore, db_url: str) -> None:
+    cancelled = store.claim(insert_job(db_url), uuid.uuid4())
+    assert cancelled is not None
+    sql(db_url, "select * from cancel_job(%s)", cancelled.id)
+    with pytest.raises(Cancelled):
+        store.advance(cancelled, JobStage.GENERATING)
+    assert job_row(db_url, cancelled.id)["status"] == "cancelled"
+
+    reclaimed = store.claim(insert_job(db_url), uuid.uuid4())
+    assert reclaimed is not None
+    sql(db_url, "update jobs set lease_token = gen_random_uuid() where id = %s", reclaimed.id, role=None)
+    with pytest.raises(StaleLease) as stale:
+        store.advance(reclaimed, JobStage.GENERATING)
+    assert not isinstance(stale.value, Cancelled)
 
 
 def test_reclaim_returns_typed_actions(store: JobsStore, db_url: str) -> None:

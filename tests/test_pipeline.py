@@ -14,6 +14,7 @@ import pytest
 
 from sona.deadline import Deadline
 from sona.errors import (
+    Cancelled,
     DatabaseUnavailable,
     DeadlineExceeded,
     PermanentError,
@@ -48,9 +49,6 @@ class FakeStore:
     cancelled: bool = False  # the owner cancelled the job after it was claimed
     pause_exists: bool = False
 
-    def lease_is_held(self, job: ClaimedJob) -> bool:
-        return not self.cancelled
-
     def pause(self, job: ClaimedJob, outage: ServiceOutage) -> FakePause:
         self.writes.append(("pause", {"code": outage.code, "message": outage.public_message}))
         created, self.pause_exists = not self.pause_exists, True
@@ -60,6 +58,8 @@ class FakeStore:
     stages: list[JobStage] = field(default_factory=list)
 
     def advance(self, job: ClaimedJob, stage: JobStage) -> Job:
+        if self.cancelled:
+            raise Cancelled("The job was cancelled; nothing more is paid for it.")
         if self.stale_from is not None and _ORDER.index(stage) >= _ORDER.index(self.stale_from):
             self.fail_complete = StaleLease("reclaimed")
             raise StaleLease("reclaimed")

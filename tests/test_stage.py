@@ -94,6 +94,17 @@ def test_a_stale_workers_stage_write_is_refused_and_changes_nothing(db_url: str)
     assert advance(db_url, job_id, current["lease_token"], "generating")
 
 
+def test_a_stage_write_to_a_cancelled_job_says_it_was_cancelled(db_url: str) -> None:
+    job_id = insert_job(db_url)
+    claimed = claim(db_url, job_id)
+    assert claimed is not None
+    sql(db_url, "select * from cancel_job(%s)", job_id)
+    with pytest.raises(psycopg.Error) as refused:
+        advance(db_url, job_id, claimed["lease_token"], "generating")
+    assert refused.value.sqlstate == "SQ003"
+    assert stage_of(db_url, job_id) == "cancelled"
+
+
 def test_a_stage_write_after_the_job_ended_is_refused(db_url: str) -> None:
     job_id = insert_job(db_url)
     row = claim(db_url, job_id)
