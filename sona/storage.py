@@ -223,7 +223,7 @@ def _bucket_refused(exc: StorageApiError, settings: Settings) -> Exception:
     """Storage refusing to create the bucket is the project's configuration, never the musician's
     request: an outage, so the job is released for a retry once the setting is fixed."""
     status = str(exc.status)
-    if status.startswith("5") or status in ("429", "408"):
+    if _temporary(status):
         return _translate(exc)
     limit = settings.storage_file_size_limit
     if status == "413":
@@ -245,25 +245,27 @@ def _bucket_refused(exc: StorageApiError, settings: Settings) -> Exception:
 
 
 def _input_refused(exc: StorageApiError) -> Exception:
-    """Reading an input: missing is the musician's to fix; a refused key is the service's."""
+    """Reading an input: missing is the musician's to fix; a temporary fault or a refused key is
+    Storage's or the service's, as for any call (_translate)."""
     status = str(exc.status)
     detail = f"storage {status} {exc.code}"
-    if status.startswith("5") or status in ("429", "408"):
-        return TransientError("The file storage had a temporary problem", detail=detail)
     if status == "404":
         return PermanentError("The input file was not found; upload it again.", detail=detail)
-    if status in ("401", "403"):
-        return ServiceOutage(
-            "The file storage refused to read the input; the job will be retried", detail=detail
-        )
+    if _temporary(status) or status in ("401", "403"):
+        return _translate(exc)
     return PermanentError("The input file could not be read", detail=detail)
+
+
+def _temporary(status: str) -> bool:
+    """Storage's original status (a string in its body) says a retry may work."""
+    return status.startswith("5") or status in ("429", "408")
 
 
 def _translate(exc: StorageApiError) -> Exception:
     """Storage's original status travels as a string in the body; the kind follows from it."""
     status = str(exc.status)
     detail = f"storage {status} {exc.code}"
-    if status.startswith("5") or status in ("429", "408"):
+    if _temporary(status):
         return StorageUnavailable("The file storage had a temporary problem", detail=detail)
     if status == "413":
         return StorageRefused("The generated audio is larger than the storage allows", detail=detail)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from sona.deadline import Deadline
-from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage
+from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, StorageUnavailable
 from sona.local.gateway import Gateway
 from sona.storage import AudioStorage, object_path
 from tests.support import make_settings, sql
@@ -240,3 +240,23 @@ def test_storage_refusing_the_key_is_an_outage_tried_once(gateway: Gateway, stat
     with pytest.raises(ServiceOutage, match="refused the service's credentials") as caught:
         s.upload("generated/refused.wav", b"RIFF", "wav", Deadline(10))
     assert (caught.value.code, gateway.counts["storage:upload"]) == ("storage_refused", 1)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        ("503", StorageUnavailable),
+        ("429", StorageUnavailable),
+        ("403", ServiceOutage),
+        ("404", PermanentError),
+    ],
+)
+def test_reading_an_input_is_classed_like_every_storage_call(
+    gateway: Gateway, status: str, kind: type[Exception]
+) -> None:
+    body = {"statusCode": status, "error": "e", "message": "m"}
+    gateway.faults.add("storage:info", 400, body, times=5)
+    with pytest.raises(kind) as caught:
+        storage(gateway, max_retries=0).read_input(f"{uuid.uuid4()}/take.wav", Deadline(5))
+    if status == "404":
+        assert "not found" in str(caught.value)
