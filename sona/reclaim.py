@@ -32,7 +32,7 @@ def run_reclaim(services: Services) -> dict[str, Any]:
     deadline = Deadline(settings.reclaim_budget_s)
     actions = services.store.reclaim()
     counts = Counter(a.action for a in actions)
-    due = [str(a.job_id) for a in actions if a.action == "dispatch"]
+    due = [a for a in actions if a.action == "dispatch"]
     summary: dict[str, Any] = {
         "reclaimed": counts["released"],
         "failed": counts["failed"],
@@ -48,12 +48,12 @@ def run_reclaim(services: Services) -> dict[str, Any]:
         "errors": 0,
     }
     if due and settings.dispatch == "cloud_tasks":
-        summary.update(_enqueue_all([a for a in actions if a.action == "dispatch"], services, deadline))
+        summary.update(_enqueue_all(due, services, deadline))
     elif due and not settings.process_job_url:
         log.error("%d jobs are due but PROCESS_JOB_URL is not set", len(due))
         summary["errors"] = len(due)
     elif due:
-        outcomes = _dispatch_all(due, services, deadline)
+        outcomes = _dispatch_all([str(a.job_id) for a in due], services, deadline)
         summary["dispatched"] = len(outcomes)
         for outcome in outcomes:
             key = {
@@ -74,7 +74,8 @@ def run_reclaim(services: Services) -> dict[str, Any]:
 def _enqueue_all(due: list[ReclaimAction], services: Services, deadline: Deadline) -> dict[str, int]:
     """One task per due job, many creates at once over kept-alive connections. A job whose task
     could not be created keeps its dispatched_at and goes out again after the grace period."""
-    queue = TaskQueue(services.settings, PooledHttp(ENQUEUE_CONCURRENCY))
+    http = PooledHttp(ENQUEUE_CONCURRENCY)
+    queue = TaskQueue(services.settings, http)
 
     def enqueue(action: ReclaimAction) -> str:
         left = deadline.remaining()
@@ -92,8 +93,11 @@ def _enqueue_all(due: list[ReclaimAction], services: Services, deadline: Deadlin
             return "error"
         return created
 
-    with ThreadPoolExecutor(ENQUEUE_CONCURRENCY, thread_name_prefix="enqueue") as pool:
-        outcomes = Counter(pool.map(enqueue, due))
+    try:
+        with ThreadPoolExecutor(ENQUEUE_CONCURRENCY, thread_name_prefix="enqueue") as pool:
+            outcomes = Counter(pool.map(enqueue, due))
+    finally:
+        http.close()  # a warm instance runs reclaim again: its connections must not pile up
     return {
         "dispatched": outcomes["created"] + outcomes["exists"],
         "already_enqueued": outcomes["exists"],
