@@ -221,9 +221,7 @@ class JobsStore:
         return Pause.model_validate(rows[0])
 
     def spend_stats(self, window_hours: int) -> dict[str, Any]:
-        with _translated_errors("spend_stats"):
-            data = self._client.rpc("spend_stats", cast(Any, {"p_window_hours": window_hours})).execute().data
-        return cast(dict[str, Any], data or {})
+        return self._figures("spend_stats", window_hours)
 
     def reclaim(self) -> list[ReclaimAction]:
         """Expire lost leases and pick the jobs due for dispatch (single-flight in SQL)."""
@@ -240,8 +238,12 @@ class JobsStore:
         return [ReclaimAction.model_validate(r) for r in rows]
 
     def stats(self, window_hours: int) -> dict[str, Any]:
-        with _translated_errors("job_stats"):
-            data = self._client.rpc("job_stats", cast(Any, {"p_window_hours": window_hours})).execute().data
+        return self._figures("job_stats", window_hours)
+
+    def _figures(self, name: str, window_hours: int) -> dict[str, Any]:
+        """A figures function of the window: one JSON object (not a set of rows like the others)."""
+        with _translated_errors(name):
+            data = self._client.rpc(name, cast(Any, {"p_window_hours": window_hours})).execute().data
         return cast(dict[str, Any], data or {})
 
     @staticmethod
