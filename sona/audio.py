@@ -256,7 +256,8 @@ def encode_preview(
 def _wav_rate(wav: bytes) -> int:
     """The master's rate, pinned on the preview: an ffmpeg whose ebur128 wants 48 kHz (before 7)
     would otherwise resample the encoder's branch too."""
-    return int.from_bytes(wav[_chunk(wav, b"fmt ") + 4 : _chunk(wav, b"fmt ") + 8], "little")
+    fmt = _chunk(wav, b"fmt ")
+    return int.from_bytes(wav[fmt + 4 : fmt + 8], "little")
 
 
 @contextmanager

@@ -12,10 +12,7 @@ from typing import Any
 
 import httpx
 
-from sona.deadline import Deadline, in_effect
-
-# A timeout this close to the deadline is the deadline's (socket timeouts round to milliseconds).
-_SLACK_S = 0.05
+from sona.deadline import SLACK_S, Deadline, in_effect
 
 
 class DeadlineTransport(httpx.BaseTransport):
@@ -66,7 +63,7 @@ def _capped(timeouts: dict[str, float | None], left: float) -> dict[str, float]:
 
 def _spent_or(exc: httpx.TransportError, deadline: Deadline, step: str) -> Exception:
     """The deadline's own kind when it is what ended the call; otherwise the original error."""
-    if deadline.remaining() <= _SLACK_S:
+    if deadline.remaining() <= SLACK_S:
         return deadline.exceeded(step)
     return exc
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from sona.errors import DeadlineExceeded
 
+# A timeout this close to the deadline is the deadline's (socket timeouts round to milliseconds).
+SLACK_S = 0.05
+
 # The deadline the outside calls on this thread must end by (see Deadline.applies).
 _IN_EFFECT: ContextVar[Deadline | None] = ContextVar("sona_deadline", default=None)
 

@@ -21,7 +21,7 @@ from requests.structures import CaseInsensitiveDict
 
 from sona import __version__
 from sona.config import Settings
-from sona.deadline import Deadline
+from sona.deadline import SLACK_S, Deadline
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
 from sona.input_audio import InputAudio, input_object
 from sona.models import GeneratedAudio, Job
@@ -43,8 +43,6 @@ STEPS = {
     "stable-audio-2": {"low": 30, "medium": 50, "high": 100},
 }
 _CHUNK = 256 * 1024
-# A timeout this close to the deadline is the deadline's (socket timeouts round to milliseconds).
-_DEADLINE_SLACK_S = 0.05
 
 
 def clean_prompt(text: str) -> str:
@@ -182,11 +180,7 @@ def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[
             _UNAVAILABLE, code="provider_locked_out", detail=detail, retry_after_s=wait_s or LOCKOUT_S
         )
     if status == 429:
-        return TransientError(
-            "The audio service is busy (rate limited)",
-            detail=detail,
-            retry_after_s=_retry_after(headers),
-        )
+        return TransientError("The audio service is busy (rate limited)", detail=detail, retry_after_s=wait_s)
     if status == 403 and name != "content_moderation":
         # The provider's edge (an HTML page, or any other 403) refusing us: the account or the
         # network is at fault, not the prompt.
@@ -284,7 +278,7 @@ def _socket_of(response: requests.Response) -> socket.socket | None:
 
 
 def _unanswered(exc: requests.RequestException, deadline: Deadline) -> TransientError:
-    if deadline.remaining() <= _DEADLINE_SLACK_S:
+    if deadline.remaining() <= SLACK_S:
         return DeadlineExceeded("The audio service did not answer in time", detail=type(exc).__name__)
     if isinstance(exc, requests.Timeout):
         return TransientError("The audio service did not answer in time", detail="timeout")
