@@ -190,31 +190,37 @@ def _chunk(data: Audio, wanted: bytes) -> int:
 
 
 def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None = None) -> bytes:
-    """The MP3 preview at a constant bitrate. WAV goes in through a pipe; the MP3 goes to a file in
-    memory-backed temp space, because only a seekable output gets the LAME header that tells players
-    the encoder's padding (through a pipe, the preview decodes about 20 ms too long)."""
+    """The MP3 at a constant bitrate, nothing else measured (the double's MP3 answers use it)."""
+    mp3, _ = _encode(ffmpeg, wav, bitrate, deadline)
+    return mp3
+
+
+def _encode(
+    ffmpeg: str,
+    wav: bytes,
+    bitrate: str,
+    deadline: Deadline | None,
+    *,
+    filters: tuple[str, ...] = (),
+    output: tuple[str, ...] = (),
+    loglevel: str = "error",
+) -> tuple[bytes, bytes]:
+    """A constant-bitrate MP3 encode in one of the encoder slots: WAV goes in through a pipe; the
+    MP3 goes to a file in memory-backed temp space, because only a seekable output gets the LAME
+    header that tells players the encoder's padding (through a pipe, the preview decodes about
+    20 ms too long). Answers the MP3 and ffmpeg's log."""
     with _encoder(deadline), tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
         out = Path(tmp) / "preview.mp3"
-        _ffmpeg(
+        args = ["-f", "wav", "-i", "pipe:0", *filters, "-codec:a", "libmp3lame", "-b:a", bitrate, *output]
+        _, log = _run_ffmpeg(
             ffmpeg,
-            [
-                "-f",
-                "wav",
-                "-i",
-                "pipe:0",
-                "-codec:a",
-                "libmp3lame",
-                "-b:a",
-                bitrate,
-                "-f",
-                "mp3",
-                str(out),
-            ],
+            [*args, "-f", "mp3", str(out)],
             wav,
             expect_stdout=False,
             deadline=deadline,
+            loglevel=loglevel,
         )
-        return out.read_bytes()
+        return out.read_bytes(), log
 
 
 @dataclass(frozen=True)
@@ -232,20 +238,16 @@ def encode_preview(
     """One ffmpeg run reads the master once: it encodes the MP3 at unity gain and, on a branch of
     the same input, measures the master's loudness (ebur128); the gain that follows from it is then
     applied to the encoded frames losslessly (sona.mp3gain). The master is never altered."""
-    with _encoder(deadline), tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
-        out = Path(tmp) / "preview.mp3"
-        graph = f"[0:a]asplit=2[enc][m];[m]{loudness.FILTER},anullsink"
-        rate = str(_wav_rate(wav))
-        encode = ["-codec:a", "libmp3lame", "-b:a", bitrate, "-ar", rate, "-f", "mp3", str(out)]
-        _, log = _run_ffmpeg(
-            ffmpeg,
-            ["-f", "wav", "-i", "pipe:0", "-filter_complex", graph, "-map", "[enc]", *encode],
-            wav,
-            expect_stdout=False,
-            deadline=deadline,
-            loglevel="info",  # the ebur128 summary is logged at info
-        )
-        mp3 = out.read_bytes()
+    graph = f"[0:a]asplit=2[enc][m];[m]{loudness.FILTER},anullsink"
+    mp3, log = _encode(
+        ffmpeg,
+        wav,
+        bitrate,
+        deadline,
+        filters=("-filter_complex", graph, "-map", "[enc]"),
+        output=("-ar", str(_wav_rate(wav))),
+        loglevel="info",  # the ebur128 summary is logged at info
+    )
     measured = loudness.parse_summary(log.decode("utf-8", "replace"))
     if not normalize:
         return Preview(mp3, measured, 0.0)

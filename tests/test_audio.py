@@ -127,7 +127,7 @@ def test_no_more_encoders_run_at_once_than_there_are_cpus(monkeypatch: pytest.Mo
 
     running, most, lock = 0, 0, threading.Lock()
 
-    def counting_ffmpeg(binary: str, args: list[str], stdin: bytes, **kwargs: object) -> bytes:
+    def counting_ffmpeg(binary: str, args: list[str], stdin: bytes, **kwargs: object) -> tuple[bytes, bytes]:
         nonlocal running, most
         with lock:
             running += 1
@@ -136,9 +136,9 @@ def test_no_more_encoders_run_at_once_than_there_are_cpus(monkeypatch: pytest.Mo
         with lock:
             running -= 1
         Path(args[-1]).write_bytes(b"mp3")  # where encode_mp3 reads the preview from
-        return b""
+        return b"", b""
 
-    monkeypatch.setattr(sona.audio, "_ffmpeg", counting_ffmpeg)
+    monkeypatch.setattr(sona.audio, "_run_ffmpeg", counting_ffmpeg)
     threads = [threading.Thread(target=sona.audio.encode_mp3, args=(b"", "192k", "ffmpeg")) for _ in range(8)]
     for thread in threads:
         thread.start()
