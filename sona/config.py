@@ -33,6 +33,18 @@ PROVIDER_RATE_LIMIT_PER_S = 15
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
+def dispatch_deadline_problem(job_timeout_ms: int) -> str | None:
+    """Why a Cloud Tasks task could not carry this job's function timeout as its dispatch deadline."""
+    timeout_s = function_timeout_s(job_timeout_ms)
+    if MIN_DISPATCH_DEADLINE_S <= timeout_s <= MAX_DISPATCH_DEADLINE_S:
+        return None
+    return (
+        f"JOB_TIMEOUT_MS={job_timeout_ms} gives a function timeout of {timeout_s} s; a Cloud Tasks "
+        f"dispatch deadline must be {MIN_DISPATCH_DEADLINE_S} to {MAX_DISPATCH_DEADLINE_S} s "
+        "(use DISPATCH=direct for longer)"
+    )
+
+
 def function_timeout_s(timeout_ms: int) -> int:
     """A function's --timeout: its job budget rounded up to seconds, plus the margin."""
     return math.ceil(timeout_ms / 1000) + FUNCTION_TIMEOUT_MARGIN_S
@@ -204,12 +216,9 @@ class Settings(BaseSettings):
                 f"DISPATCH=cloud_tasks (the default) needs {', '.join(missing)}; "
                 "set DISPATCH=direct to let the webhook's call run the job instead"
             )
-        if not MIN_DISPATCH_DEADLINE_S <= self.function_timeout_s <= MAX_DISPATCH_DEADLINE_S:
-            raise ValueError(
-                f"JOB_TIMEOUT_MS={self.job_timeout_ms} gives a function timeout of "
-                f"{self.function_timeout_s} s; a Cloud Tasks dispatch deadline must be "
-                f"{MIN_DISPATCH_DEADLINE_S} to {MAX_DISPATCH_DEADLINE_S} s (use DISPATCH=direct for longer)"
-            )
+        problem = dispatch_deadline_problem(self.job_timeout_ms)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def storage_file_size_limit_bytes(self) -> int | None:

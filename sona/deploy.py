@@ -15,11 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sona.config import (
     LEASE_MARGIN_S,
-    MAX_DISPATCH_DEADLINE_S,
     MAX_FUNCTION_TIMEOUT_S,
     PROVIDER_RATE_LIMIT_PER_S,
     SECRET_FIELDS,
     Settings,
+    dispatch_deadline_problem,
     function_timeout_s,
 )
 from sona.monitoring import monitoring_commands
@@ -80,12 +80,9 @@ class DeployConfig(BaseSettings):
                     f"{name}={ms} needs a function timeout of {function_timeout_s(ms)} s, above "
                     f"Cloud Functions' {MAX_FUNCTION_TIMEOUT_S} s limit"
                 )
-        timeout_s = function_timeout_s(self.job_timeout_ms)
-        if self.dispatch == "cloud_tasks" and timeout_s > MAX_DISPATCH_DEADLINE_S:
-            raise ValueError(
-                f"JOB_TIMEOUT_MS={self.job_timeout_ms} needs a dispatch deadline of {timeout_s} s, "
-                f"above Cloud Tasks' {MAX_DISPATCH_DEADLINE_S} s (use DISPATCH=direct for longer jobs)"
-            )
+        problem = dispatch_deadline_problem(self.job_timeout_ms)
+        if self.dispatch == "cloud_tasks" and problem:
+            raise ValueError(problem)
         if self.max_concurrent_jobs > 1 and self.function_cpu < 1:
             raise ValueError(
                 f"MAX_CONCURRENT_JOBS={self.max_concurrent_jobs} needs FUNCTION_CPU of at least 1 "

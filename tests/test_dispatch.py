@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from sona.config import ConfigError
+from sona.config import ConfigError, load
+from sona.deploy import DeployConfig
 from sona.task_queue import task_id, task_token, token_matches
 from sona.webhook_sql import WebhookConfig
 from tests.support import make_settings
@@ -125,6 +126,19 @@ def test_process_job_is_deployed_knowing_its_queue_and_its_own_url() -> None:
     assert env["PROCESS_JOB_URL"] == "https://us-central1-sona-test-project.cloudfunctions.net/process-job"
     for argv in functions.values():
         assert "TASK_SECRET=sona-task-secret:latest" in (flag(argv, "set-secrets") or "")
+
+
+@pytest.mark.parametrize(("dispatch", "refused"), [("cloud_tasks", True), ("direct", False)])
+def test_the_deploy_refuses_a_job_longer_than_a_dispatch_deadline_with_cloud_tasks(
+    dispatch: str, refused: bool
+) -> None:
+    env = cloudbuild_env({"_JOB_TIMEOUT_MS": "1800000", "_DISPATCH": dispatch})
+    config = {k.lower(): v for k, v in env.items()}
+    if refused:
+        with pytest.raises(ConfigError, match="15 to 1800 s"):
+            load(DeployConfig, _env_file=None, **config)
+    else:
+        assert load(DeployConfig, _env_file=None, **config).dispatch == "direct"
 
 
 def test_direct_dispatch_deploys_no_queue() -> None:
