@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer
 from werkzeug.wrappers import Request, Response
 
-from sona.local.serving import serve_in_thread, stop_server
+from sona.local.serving import serve_wsgi, stop_server
 
 NO_INSTANCE_LOG = "The request was aborted because there was no available instance."
 RATE_EXCEEDED_PAGE = (
@@ -42,11 +42,6 @@ RATE_EXCEEDED_PAGE = (
 )
 TIMEOUT_BODY = "upstream request timeout"
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"}
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        return
 
 
 class CapacityCap:
@@ -79,9 +74,7 @@ class CapacityCap:
         self.url = ""
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._server = make_server(host, port, self, threaded=True, request_handler=_QuietHandler)
-        serve_in_thread(self._server, "cloud-run-cap")
-        self.url = f"http://{host}:{self._server.server_port}"
+        self._server, self.url = serve_wsgi(self, host, port, "cloud-run-cap")
         return self.url
 
     def stop(self) -> None:

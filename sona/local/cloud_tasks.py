@@ -61,10 +61,10 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer
 from werkzeug.wrappers import Request, Response
 
-from sona.local.serving import serve_in_thread, stop_server
+from sona.local.serving import serve_wsgi, stop_server
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 QUEUE_ID = re.compile(r"^[A-Za-z0-9-]{1,100}$")
@@ -373,11 +373,6 @@ def decode_oidc_token(token: str, key: bytes) -> dict[str, Any] | None:
 
 
 # -- the service --------------------------------------------------------------------------------
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        return
-
-
 class CloudTasksEmulator:
     """start() serves the REST API on loopback and dispatches tasks; stop() leaves no thread."""
 
@@ -408,13 +403,11 @@ class CloudTasksEmulator:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._server = make_server(host, port, self, threaded=True, request_handler=_QuietHandler)
-        serve_in_thread(self._server, "cloud-tasks")
+        self._server, self.url = serve_wsgi(self, host, port, "cloud-tasks")
         self._scheduler = threading.Thread(
             target=self._schedule_loop, name="cloud-tasks-dispatch", daemon=True
         )
         self._scheduler.start()
-        self.url = f"http://{host}:{self._server.server_port}"
         return self.url
 
     def stop(self) -> None:

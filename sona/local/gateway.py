@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from psycopg_pool import ConnectionPool
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer
 from werkzeug.wrappers import Request, Response
 
 from sona.local.postgrest_rpc import PostgrestRpc
-from sona.local.serving import json_response, serve_in_thread, stop_server
+from sona.local.serving import json_response, serve_wsgi, stop_server
 from sona.local.storage_api import StorageApi, access_denied
 from sona.local.user_jwt import check_jwt
 from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
@@ -152,11 +152,6 @@ class FaultPlan:
             self.down.clear()
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        return
-
-
 class Gateway:
     """WSGI app serving /rest/v1/rpc/* and /storage/v1/*; start() runs it on a loopback port."""
 
@@ -198,9 +193,7 @@ class Gateway:
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._pool.open(wait=True)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
-        self._server = make_server(host, port, self, threaded=True, request_handler=_QuietHandler)
-        serve_in_thread(self._server, "gateway")
-        self.url = f"http://{host}:{self._server.server_port}"
+        self._server, self.url = serve_wsgi(self, host, port, "gateway")
         return self.url
 
     def stop(self) -> None:

@@ -7,7 +7,20 @@ import socketserver
 import threading
 from typing import Any
 
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Response
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        return
+
+
+def serve_wsgi(app: Any, host: str, port: int, name: str) -> tuple[BaseWSGIServer, str]:
+    """A threaded WSGI server for a local stand-in, quiet, in a background thread; and its URL."""
+    server = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
+    serve_in_thread(server, name)
+    return server, f"http://{host}:{server.server_port}"
 
 
 def serve_in_thread(server: socketserver.BaseServer, name: str) -> None:
