@@ -41,10 +41,11 @@ def _strength(text: str) -> float:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sona.local.demo import demo
+    from sona.local.demo import PluginRequest, demo
 
     try:
-        return demo(args.prompt, args.duration, args.quality, args.input, args.strength)
+        plugin = PluginRequest(args.mode, args.bpm, args.key) if args.mode else None
+        return demo(args.prompt, args.duration, args.quality, args.input, args.strength, plugin)
     except ConfigError as exc:  # raised before the stack starts anything
         print(exc, file=sys.stderr)
         return 1
@@ -138,8 +139,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _seconds(text: str) -> int:
     value = int(text)
-    if not 1 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"must be 1 to 60 seconds, not {value}")
+    if not 1 <= value <= 180:
+        raise argparse.ArgumentTypeError(f"must be 1 to 180 seconds, not {value}")
     return value
 
 
@@ -149,8 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("validate", help="check the configuration").set_defaults(run=_validate)
     demo = commands.add_parser("demo", help="run one job end to end on the local stack")
     demo.add_argument("prompt")
-    demo.add_argument("--duration", type=_seconds, default=10, help="1 to 60 seconds (default 10)")
-    demo.add_argument("--quality", choices=["low", "medium", "high"], default="medium")
+    demo.add_argument("--duration", type=_seconds, default=10, help="1 to 180 seconds (default 10)")
+    demo.add_argument("--quality", choices=["low", "medium", "high", "draft", "standard"], default="medium")
+    demo.add_argument(
+        "--mode",
+        choices=["designer", "producer", "creator"],
+        help="insert as the plug-in's generate function does (service role, queued) in this mode",
+    )
+    demo.add_argument("--bpm", type=float, help="with --mode producer or creator")
+    demo.add_argument("--key", help="with --mode: a musical key and scale, e.g. 'A minor'")
     demo.add_argument(
         "--input", type=Path, help="audio-to-audio: an MP3 or WAV of 6 to 190 s, uploaded as the user would"
     )

@@ -31,6 +31,8 @@ MIN_DISPATCH_DEADLINE_S, MAX_DISPATCH_DEADLINE_S = 15, 1800
 PROVIDER_RATE_LIMIT_PER_S = 15
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+# The models a mode may name (sona/modes.py MODELS says which engine serves each).
+ModelName = Literal["stable-audio-2.5", "stable-audio-2"]
 
 
 def dispatch_deadline_problem(job_timeout_ms: int) -> str | None:
@@ -77,7 +79,13 @@ class Settings(BaseSettings):
 
     # Provider.
     stable_audio_api_url: str = DEFAULT_STABLE_AUDIO_API_URL
-    stable_audio_model: Literal["stable-audio-2.5", "stable-audio-2"] = "stable-audio-2.5"
+    # The model for the earlier worker's modes (default, text-to-audio, audio-to-audio).
+    stable_audio_model: ModelName = "stable-audio-2.5"
+    # One model per plug-in mode (sona/modes.py decides what each row asks for). The plug-in's own
+    # worker served designer with TangoFlux on Replicate; Stable Audio 2.5 serves all three here.
+    designer_model: ModelName = "stable-audio-2.5"
+    producer_model: ModelName = "stable-audio-2.5"
+    creator_model: ModelName = "stable-audio-2.5"
     # audio/* answers raw bytes; application/json answers base64 (both are handled).
     stable_audio_accept: Literal["audio/*", "application/json"] = "audio/*"
     stable_audio_cfg_scale: float | None = Field(default=None, ge=1, le=25)
@@ -104,7 +112,9 @@ class Settings(BaseSettings):
     # Audio-to-audio inputs: private, one folder per user (its policies name it: see the migration).
     supabase_input_bucket: str = "audio-inputs"
     storage_path_prefix: str = "generated"
-    storage_public: bool = True
+    # Whether a bucket the function creates is public. An existing bucket keeps its own setting and
+    # is read, not changed: a private one gets signed URLs (valid STORAGE_SIGNED_URL_TTL_S).
+    storage_public: bool = False
     storage_signed_url_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     # Unset: the bucket gets no limit of its own, so only the project's global upload limit applies
     # (a bucket limit above that global limit is refused by Storage when the bucket is created).

@@ -20,7 +20,7 @@ from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import Cancelled, DatabaseUnavailable, ServiceOutage, SonaError, StaleLease
-from sona.models import AudioInfo, ClaimedJob, Job, JobStage
+from sona.models import ClaimedJob, Job, JobStage, Output
 from sona.outcomes import OutcomeClass
 from sona.retrying import retrying
 from sona.supabase_keys import request_headers
@@ -50,6 +50,11 @@ class ReclaimAction(BaseModel):
     dispatch_round: int | None = None
 
 
+class Garbage(BaseModel):
+    id: int
+    name: str
+
+
 class Pause(BaseModel):
     """What pause_service did: the open pause (created by this call, or already there) and
     whether this job went back to wait for it."""
@@ -58,6 +63,7 @@ class Pause(BaseModel):
     pause_created: bool
     paused_until: datetime
     released: bool
+    released_status: str | None = None  # the status the released job waits in (pending or queued)
 
 
 class _PostgrestError(BaseModel):
@@ -145,25 +151,21 @@ class JobsStore:
         rows = policy(lambda: self._rpc("claim_job", params))
         return ClaimedJob.model_validate(rows[0]) if rows else None
 
-    def complete(
-        self,
-        job: ClaimedJob,
-        *,
-        wav_url: str,
-        mp3_url: str,
-        audio: AudioInfo,
-        timings_ms: dict[str, int] | None = None,
-    ) -> Job:
-        """Complete the job; the attempt's row keeps its step timings (same statement)."""
+    def complete(self, job: ClaimedJob, output: Output, *, timings_ms: dict[str, int] | None = None) -> Job:
+        """Complete the job with its output; the attempt's row keeps its step timings (same call)."""
         rows = self._rpc(
             "complete_job",
             {
                 "p_job_id": str(job.id),
                 "p_lease_token": str(job.lease_token),
-                "p_wav_url": wav_url,
-                "p_mp3_url": mp3_url,
-                "p_audio": audio.model_dump(mode="json"),
+                "p_wav_url": output.wav_url,
+                "p_mp3_url": output.mp3_url,
+                "p_audio": output.audio.model_dump(mode="json"),
                 "p_timings_ms": timings_ms,
+                "p_master_path": output.master_path,
+                "p_preview_path": output.preview_path,
+                "p_filename": output.filename,
+                "p_enhanced_prompt": output.enhanced_prompt,
             },
         )
         return self._fenced(rows, job, "complete")
@@ -236,6 +238,16 @@ class JobsStore:
             },
         )
         return [ReclaimAction.model_validate(r) for r in rows]
+
+    def files_to_delete(self, limit: int) -> list[Garbage]:
+        """Object names whose rows no longer point at them (retention; PLUGIN.md), oldest first."""
+        rows = self._rpc("sona_storage_garbage_due", {"p_limit": limit})
+        return [Garbage.model_validate(r) for r in rows]
+
+    def files_deleted(self, ids: list[int]) -> int:
+        with _translated_errors("sona_storage_garbage_done"):
+            data = self._client.rpc("sona_storage_garbage_done", cast(Any, {"p_ids": ids})).execute().data
+        return int(cast(int, data or 0))
 
     def stats(self, window_hours: int) -> dict[str, Any]:
         return self._figures("job_stats", window_hours)

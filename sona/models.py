@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,6 +74,16 @@ class Job(BaseModel):
     audio: dict[str, Any] | None = None
     stage: JobStage | None = None
     peaks_url: str | None = None
+    # The plug-in's columns (PLUGIN.md): what it asks for, and what its player reads.
+    musical_key: Any = None  # {"key","scale"}, or a JSON string holding it
+    producer_config: Any = None  # {"type","bpm","timeSignature","bars"}, likewise
+    naming_convention: Any = None  # {"parameters","separator"}, likewise
+    skip_naming: bool | None = None
+    user_email: str | None = None
+    enhanced_prompt: str | None = None
+    filename: str | None = None
+    master_path: str | None = None
+    preview_path: str | None = None
 
 
 class ClaimedJob(Job):
@@ -149,6 +160,20 @@ class AudioInfo(BaseModel):
 
 
 @dataclass(frozen=True)
+class Output:
+    """What a completed job records: its files (URLs for the earlier worker's clients, object names
+    for the plug-in's player), what they are, and what was asked for."""
+
+    wav_url: str
+    mp3_url: str
+    audio: AudioInfo
+    master_path: str | None = None
+    preview_path: str | None = None
+    filename: str | None = None
+    enhanced_prompt: str | None = None
+
+
+@dataclass(frozen=True)
 class GeneratedAudio:
     """The provider's answer: raw audio bytes and what it said about them. A dataclass, not a
     model: validating 10 MB of audio would copy it."""
@@ -158,3 +183,15 @@ class GeneratedAudio:
     model: str
     seed: int | None = None
     finish_reason: str | None = None
+
+
+def json_column(value: Any) -> Any:
+    """The plug-in's generate stores musical_key, producer_config and naming_convention as jsonb
+    strings holding JSON (PLUGIN.md); other writers store objects. Both read the same; unreadable
+    text reads as None, as the plug-in's worker did."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value

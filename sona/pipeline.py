@@ -25,7 +25,8 @@ from sona.errors import (
     StaleLease,
 )
 from sona.input_audio import inspect
-from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage
+from sona.models import CLAIMABLE, AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, Output
+from sona.modes import plan_job
 from sona.outcomes import OutcomeClass, outcome_class
 from sona.peaks import waveform_peaks
 from sona.retrying import retrying
@@ -46,13 +47,12 @@ class PauseRecord(Protocol):
     pause_created: bool
     paused_until: datetime
     released: bool
+    released_status: str | None
 
 
 class Store(Protocol):
     def advance(self, job: ClaimedJob, stage: JobStage) -> Job: ...
-    def complete(
-        self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo, timings_ms: dict[str, int]
-    ) -> Job: ...
+    def complete(self, job: ClaimedJob, output: Output, *, timings_ms: dict[str, int]) -> Job: ...
     def fail(
         self,
         job: ClaimedJob,
@@ -140,43 +140,50 @@ class Pipeline:
         return result
 
     def _produce(self, job: ClaimedJob, deadline: Deadline, timings: dict[str, int]) -> Job:
-        request = GenerationRequest.from_job(job, self.settings)  # bad input fails before any payment
+        plan = plan_job(job, self.settings)  # what the row asks for; bad input fails before any payment
+        request = GenerationRequest.from_plan(plan, job, self.settings)
         # Storage must be usable before anything is paid for (checked once per instance).
         _timed(timings, "bucket", self.storage.ensure_bucket)
         stored = self._earlier_output(job, timings)
         if stored is not None:
-            wav_url, mp3_url, info = stored
+            files = stored
         elif job.reuse_only:
             # Every paid attempt is spent and none stored its files: fail, never pay again.
             raise PermanentError(f"The job timed out after {self.settings.max_attempts} attempts.")
         else:
-            wav_url, mp3_url, info = self._generate_and_store(job, request, deadline, timings)
+            files = self._generate_and_store(job, request, deadline, timings)
+        output = Output(
+            files.wav_url,
+            files.mp3_url,
+            AudioInfo.model_validate(files.audio),
+            master_path=files.wav_path,
+            preview_path=files.mp3_path,
+            filename=plan.filename,
+            enhanced_prompt=plan.prompt,
+        )
         return _timed(
             timings,
             "complete",
             lambda: self._with_retries(
                 "complete",
                 deadline,
-                lambda: self.store.complete(
-                    job, wav_url=wav_url, mp3_url=mp3_url, audio=info, timings_ms=_so_far(timings, deadline)
-                ),
+                lambda: self.store.complete(job, output, timings_ms=_so_far(timings, deadline)),
             ),
         )
 
-    def _earlier_output(self, job: ClaimedJob, timings: dict[str, int]) -> tuple[str, str, AudioInfo] | None:
+    def _earlier_output(self, job: ClaimedJob, timings: dict[str, int]) -> StoredOutput | None:
         """A retry first looks for files an earlier attempt stored before it could complete the
         row (the database was down, or the process died): those were already paid for."""
         if job.attempts <= 1 and not job.reuse_only:
             return None
         found = _timed(timings, "find_output", lambda: self.storage.find_output(job.id))
-        if found is None:
-            return None
-        log.info("reusing the files an earlier attempt stored; no new generation")
-        return found.wav_url, found.mp3_url, AudioInfo.model_validate(found.audio)
+        if found is not None:
+            log.info("reusing the files an earlier attempt stored; no new generation")
+        return found
 
     def _generate_and_store(
         self, job: ClaimedJob, request: GenerationRequest, deadline: Deadline, timings: dict[str, int]
-    ) -> tuple[str, str, AudioInfo]:
+    ) -> StoredOutput:
         settings = self.settings
         if request.input_object is not None:
             request = self._with_input(request, request.input_object, deadline, timings)
@@ -226,7 +233,7 @@ class Pipeline:
             )
             timings["upload"] = round((time.monotonic() - started) * 1000)
         log.info("stored %s and %s", wav_path, mp3_path)
-        return wav_url, mp3_url, info
+        return StoredOutput(wav_url, mp3_url, info.model_dump(mode="json"), wav_path, mp3_path)
 
     def _with_input(
         self, request: GenerationRequest, name: str, deadline: Deadline, timings: dict[str, int]
@@ -312,7 +319,7 @@ class Pipeline:
             result.outcome, result.error = "interrupted", message
             return
         result.status = row.status
-        result.outcome = "retrying" if row.status == "pending" else "failed"
+        result.outcome = "retrying" if row.status in CLAIMABLE else "failed"
         result.error = row.error_message
         result.retry_at = row.run_after
 
@@ -337,7 +344,7 @@ class Pipeline:
         else:
             log.warning("service already paused (%s): %s", outage.code, outage)
         result.outcome = "paused" if pause.released else "stale"
-        result.status = "pending" if pause.released else None
+        result.status = pause.released_status if pause.released else None
         result.error, result.retry_at = outage.public_message, pause.paused_until
 
     @staticmethod

@@ -12,7 +12,7 @@ from typing import Any
 import requests
 
 from sona.deadline import Deadline
-from sona.errors import TransientError
+from sona.errors import SonaError, TransientError
 from sona.handlers import SECRET_HEADER
 from sona.jobs_store import ReclaimAction
 from sona.models import webhook_payload
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 MIN_DISPATCH_S = 2.0
 # Task creations in flight at once: a 10,000-job backlog is a few seconds of API calls.
 ENQUEUE_CONCURRENCY = 32
+# Object names deleted per Storage call.
+GARBAGE_BATCH = 100
 
 
 def run_reclaim(services: Services) -> dict[str, Any]:
@@ -66,9 +68,31 @@ def run_reclaim(services: Services) -> dict[str, Any]:
                 "cancelled": "cancelled",
             }.get(outcome, "errors")
             summary[key] += 1
+    summary["files_deleted"] = _delete_expired_files(services, deadline)
     summary["elapsed_ms"] = round(deadline.elapsed() * 1000)
     log.info("reclaim: %s", summary)
     return summary
+
+
+def _delete_expired_files(services: Services, deadline: Deadline) -> int:
+    """Delete the files whose jobs let them go (each user's newest outputs are kept, the plug-in's
+    daily cleanup cleared the rest, or the row was deleted), peaks included; a name is forgotten only
+    once Storage has deleted it, so a failed call is tried again by the next reclaim."""
+    deleted = 0
+    while deadline.remaining() > MIN_DISPATCH_S:
+        batch = services.store.files_to_delete(GARBAGE_BATCH)
+        if not batch:
+            break
+        try:
+            with deadline.applies():
+                services.storage.remove([g.name for g in batch])
+        except SonaError as exc:  # Storage away or refusing: the names wait for the next run
+            log.warning("expired files not deleted yet: %s", exc)
+            break
+        deleted += services.store.files_deleted([g.id for g in batch])
+        if len(batch) < GARBAGE_BATCH:
+            break
+    return deleted
 
 
 def _enqueue_all(due: list[ReclaimAction], services: Services, deadline: Deadline) -> dict[str, int]:

@@ -11,7 +11,6 @@ import logging
 import platform
 import socket
 import time
-import unicodedata
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -25,30 +24,23 @@ from sona.deadline import SLACK_S, Deadline
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
 from sona.input_audio import InputAudio, input_object
 from sona.models import GeneratedAudio, Job
+from sona.modes import JobPlan, plan_job
 from sona.retrying import retrying
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"sona-audio-function/{__version__} (python {platform.python_version()})"
-TEXT_TO_AUDIO_MODES = frozenset({"default", "text-to-audio"})
 AUDIO_TO_AUDIO = "audio-to-audio"
 # The least strength each model takes (stable-audio-2.5 refuses less than 0.01).
 MIN_STRENGTH = {"stable-audio-2.5": 0.01, "stable-audio-2": 0.0}
 # Sent when the row names none: the API's own default (1) ignores the input altogether.
 DEFAULT_STRENGTH = 0.5
-MAX_PROMPT_CHARS = 10_000
 # stable-audio-2.5 takes 4..8 steps; stable-audio-2 takes 30..100.
 STEPS = {
     "stable-audio-2.5": {"low": 4, "medium": 6, "high": 8},
     "stable-audio-2": {"low": 30, "medium": 50, "high": 100},
 }
 _CHUNK = 256 * 1024
-
-
-def clean_prompt(text: str) -> str:
-    """Control characters (a pasted bell, a stray escape) become spaces; emoji and every other
-    printable character stay. Leading and trailing space goes."""
-    return "".join(" " if unicodedata.category(c) == "Cc" else c for c in text).strip()
 
 
 class GenerationRequest(BaseModel):
@@ -72,31 +64,20 @@ class GenerationRequest(BaseModel):
     @classmethod
     def from_job(cls, job: Job, settings: Settings) -> GenerationRequest:
         """Check the row before paying for anything: bad input fails the job with a plain reason."""
-        if job.mode not in TEXT_TO_AUDIO_MODES and job.mode != AUDIO_TO_AUDIO:
-            raise PermanentError(
-                f"The '{job.mode}' mode is not supported; choose text-to-audio or audio-to-audio."
-            )
-        prompt = clean_prompt(job.prompt)
-        if not prompt:
-            raise PermanentError("The prompt is empty. Describe the sound you want.")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise PermanentError(
-                f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}."
-            )
-        if not 1 <= job.duration <= 60:
-            raise PermanentError(f"The duration must be 1 to 60 seconds, not {job.duration}.")
-        steps = STEPS[settings.stable_audio_model].get(job.quality)
-        if steps is None:
-            raise PermanentError(f"The quality '{job.quality}' is unknown; choose low, medium or high.")
+        return cls.from_plan(plan_job(job, settings), job, settings)
+
+    @classmethod
+    def from_plan(cls, plan: JobPlan, job: Job, settings: Settings) -> GenerationRequest:
+        """The request for what the row asks for (sona/modes.py decided it)."""
         request = cls(
-            prompt=prompt,
-            duration=job.duration,
-            model=settings.stable_audio_model,
-            steps=steps,
+            prompt=plan.prompt,
+            duration=plan.duration,
+            model=plan.model,
+            steps=STEPS[plan.model][plan.quality],
             cfg_scale=settings.stable_audio_cfg_scale,
             client_user_id=client_user_id(job.user_id),
         )
-        if job.mode == AUDIO_TO_AUDIO:
+        if plan.kind == AUDIO_TO_AUDIO:
             return request._audio_to_audio(job, settings)
         return request
 

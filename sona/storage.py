@@ -38,8 +38,8 @@ def attempt_stamp() -> datetime:
 
 
 class AudioStorage:
-    # One bucket check per instance, not per job.
-    _checked: ClassVar[set[tuple[str, str]]] = set()
+    # One bucket check per instance, not per job; it also learns whether the bucket is public.
+    _public: ClassVar[dict[tuple[str, str], bool]] = {}
     _check_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, settings: Settings, *, timeout_s: float = 30.0) -> None:
@@ -61,22 +61,30 @@ class AudioStorage:
         return self._settings.supabase_storage_bucket
 
     def ensure_bucket(self) -> None:
-        """Create the bucket when it is missing (public unless configured otherwise)."""
+        """Create the bucket when it is missing (private unless STORAGE_PUBLIC says otherwise), and
+        learn whether it is public: a private bucket never gets public URLs (the plug-in's
+        `audio-files` is private in production; PLUGIN.md)."""
         key = (self._settings.supabase_url, self.bucket)
         with self._check_lock:
-            if key in self._checked:
+            if key in self._public:
                 return
             try:
-                self._client.get_bucket(self.bucket)
+                public = bool(self._client.get_bucket(self.bucket).public)
             except StorageApiError as exc:
                 if str(exc.status) != "404":
                     raise _translate(exc) from None
-                self._create_bucket()
+                public = self._create_bucket()
             except httpx.HTTPError as exc:
                 raise _unreachable(exc) from None
-            self._checked.add(key)
+            self._public[key] = public
 
-    def _create_bucket(self) -> None:
+    @property
+    def public(self) -> bool:
+        """Whether the bucket serves public URLs (as ensure_bucket found it; private until then)."""
+        return self._public.get((self._settings.supabase_url, self.bucket), False)
+
+    def _create_bucket(self) -> bool:
+        """Create the bucket; whether it is public (another instance may have created it first)."""
         options: dict[str, Any] = {
             "public": self._settings.storage_public,
             "allowed_mime_types": sorted(set(CONTENT_TYPES.values())),
@@ -86,10 +94,12 @@ class AudioStorage:
             options["file_size_limit"] = limit
         try:
             self._client.create_bucket(self.bucket, options=cast(Any, options))
-            log.info("created storage bucket %s", self.bucket)
+            log.info("created storage bucket %s (public: %s)", self.bucket, options["public"])
+            return bool(options["public"])
         except StorageApiError as exc:
             if str(exc.status) != "409":  # another instance created it first
                 raise _bucket_refused(exc, self._settings) from None
+        return bool(self._client.get_bucket(self.bucket).public)
 
     def upload(
         self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
@@ -150,7 +160,7 @@ class AudioStorage:
                 mp3_path, wav_path = _join(prefix, name), _join(prefix, wav)
                 audio = (bucket.info(mp3_path).get("metadata") or {}).get("sona_audio")
                 if audio:
-                    return StoredOutput(self.url(wav_path), self.url(mp3_path), audio)
+                    return StoredOutput(self.url(wav_path), self.url(mp3_path), audio, wav_path, mp3_path)
         except StorageApiError as exc:
             raise _translate(exc) from None
         except httpx.HTTPError as exc:
@@ -183,9 +193,23 @@ class AudioStorage:
         check_size(len(data))
         return data
 
+    def remove(self, names: list[str]) -> None:
+        """Delete objects of the output bucket; a name already gone is no error (Storage answers
+        only what it deleted)."""
+        if not names:
+            return
+        try:
+            self._client.from_(self.bucket).remove(names)
+        except StorageApiError as exc:
+            raise _translate(exc) from None
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc) from None
+
     def url(self, path: str) -> str:
-        """The file's URL, percent-encoded: names may hold spaces and punctuation Storage allows."""
-        if self._settings.storage_public:
+        """The file's URL, percent-encoded: names may hold spaces and punctuation Storage allows.
+        A public bucket's is built locally; a private bucket's is signed for
+        STORAGE_SIGNED_URL_TTL_S (the plug-in itself signs preview_path when it plays it)."""
+        if self.public:
             # Built locally: the public URL needs no request.
             return self._object_url("public", path)
         try:
@@ -209,6 +233,8 @@ class StoredOutput:
     wav_url: str
     mp3_url: str
     audio: dict[str, Any]
+    wav_path: str
+    mp3_path: str
 
 
 def _join(prefix: str, name: str) -> str:

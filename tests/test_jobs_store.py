@@ -11,7 +11,7 @@ import pytest
 from sona.errors import Cancelled, DatabaseUnavailable, StaleLease
 from sona.jobs_store import JobsStore, StoreError
 from sona.local.gateway import Gateway, gateway_error, gateway_error_page
-from sona.models import JobStage, JobStatus
+from sona.models import JobStage, JobStatus, Output
 from tests.support import AUDIO_INFO as INFO
 from tests.support import insert_job, job_row, make_settings, sql
 
@@ -62,7 +62,7 @@ def test_second_claim_returns_none(store: JobsStore, db_url: str) -> None:
 def test_complete_stores_urls_and_audio_info(store: JobsStore, db_url: str) -> None:
     job = store.claim(insert_job(db_url), uuid.uuid4())
     assert job is not None
-    done = store.complete(job, wav_url="http://s/a.wav", mp3_url="http://s/a.mp3", audio=INFO)
+    done = store.complete(job, Output("http://s/a.wav", "http://s/a.mp3", INFO))
     assert done.status == JobStatus.COMPLETED
     assert done.result_url == "http://s/a.mp3"
     assert job_row(db_url, job.id)["audio"]["sample_rate"] == 44100
@@ -86,7 +86,7 @@ def test_a_stale_worker_gets_stale_lease_and_changes_nothing(store: JobsStore, d
     assert fresh is not None
 
     with pytest.raises(StaleLease):
-        store.complete(job, wav_url="http://stale", mp3_url="http://stale", audio=INFO)
+        store.complete(job, Output("http://stale", "http://stale", INFO))
     with pytest.raises(StaleLease):
         store.fail(job, message="stale", retryable=False)
     row = job_row(db_url, job.id)
@@ -168,9 +168,7 @@ def test_an_answer_that_is_not_the_jobs_fault_on_complete_or_fail_is_unavailable
     assert job is not None
     gateway.faults.add(f"rpc:{verb}_job", **fault)
     writes = {
-        "complete": lambda: store.complete(
-            job, wav_url="http://s/a.wav", mp3_url="http://s/a.mp3", audio=INFO
-        ),
+        "complete": lambda: store.complete(job, Output("http://s/a.wav", "http://s/a.mp3", INFO)),
         "fail": lambda: store.fail(job, message="nope", retryable=False),
     }
     with pytest.raises(DatabaseUnavailable):

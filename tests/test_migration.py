@@ -116,7 +116,7 @@ def test_created_at_is_required_and_defaults_to_now_after_the_upgrade(empty_db_u
     assert caught.value.sqlstate == "23502"  # not_null_violation
 
 
-def test_upgrade_leaves_exactly_one_updated_at_trigger(empty_db_url: str) -> None:
+def test_upgrade_keeps_the_tables_own_updated_at_trigger_and_adds_none(empty_db_url: str) -> None:
     apply_sql(empty_db_url, stand_ins_sql(), OLD_SCHEMA, *migrate_sql())
     triggers = sql(
         empty_db_url,
@@ -124,7 +124,8 @@ def test_upgrade_leaves_exactly_one_updated_at_trigger(empty_db_url: str) -> Non
         " and tgfoid::regproc::text like '%updated_at%'",
         role=None,
     )
-    assert triggers == [{"tgname": "jobs_set_updated_at"}]
+    # Another owner's trigger is never dropped (PLUGIN.md); one is enough, so ours is not added.
+    assert triggers == [{"tgname": "update_jobs_updated_at"}]
     # The earlier function stays: other tables may use it.
     assert sql(empty_db_url, "select to_regproc('public.update_updated_at_column') is not null as kept")[0][
         "kept"

@@ -13,6 +13,7 @@ import pytest
 
 from sona.jobs_store import JobsStore
 from sona.local.gateway import Gateway
+from sona.models import Output
 from sona.outcomes import OUTCOME_CLASSES
 from tests.support import AUDIO_INFO, insert_job, make_settings, sql
 
@@ -134,7 +135,7 @@ def test_the_store_sends_the_figures_with_the_final_write(gateway: Gateway, db_u
     first, second = insert_job(db_url), insert_job(db_url)
     job = store.claim(first, uuid.uuid4())
     assert job is not None
-    store.complete(job, wav_url="w", mp3_url="m", audio=AUDIO_INFO, timings_ms={"generate": 7, "total": 9})
+    store.complete(job, Output("w", "m", AUDIO_INFO), timings_ms={"generate": 7, "total": 9})
     job = store.claim(second, uuid.uuid4())
     assert job is not None
     store.fail(job, message="busy", retryable=True, outcome_class="account", timings_ms={"total": 4})

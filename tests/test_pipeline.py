@@ -26,7 +26,7 @@ from sona.errors import (
 )
 from sona.ffmpeg import find_ffmpeg
 from sona.jobs_store import StoreError
-from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, JobStatus
+from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, JobStatus, Output
 from sona.outcomes import OutcomeClass, outcome_class
 from sona.pipeline import ATTEMPT_EVENT, Pipeline
 from sona.stable_audio import GenerationRequest
@@ -39,6 +39,7 @@ class FakePause:
     pause_created: bool
     paused_until: datetime
     released: bool = True
+    released_status: str | None = "pending"
 
 
 @dataclass
@@ -69,12 +70,11 @@ class FakeStore:
     # What each write recorded for the operator figures: (outcome class, timings).
     figures: list[tuple[OutcomeClass | None, dict[str, int]]] = field(default_factory=list)
 
-    def complete(
-        self, job: ClaimedJob, *, wav_url: str, mp3_url: str, audio: AudioInfo, timings_ms: dict[str, int]
-    ) -> Job:
+    def complete(self, job: ClaimedJob, output: Output, *, timings_ms: dict[str, int]) -> Job:
         if self.fail_complete is not None:
             raise self.fail_complete
-        self.writes.append(("complete", {"wav_url": wav_url, "mp3_url": mp3_url, "audio": audio}))
+        written = {"wav_url": output.wav_url, "mp3_url": output.mp3_url, "output": output}
+        self.writes.append(("complete", written))
         self.figures.append((None, timings_ms))
         return job.model_copy(update={"status": JobStatus.COMPLETED})
 
@@ -171,9 +171,9 @@ def test_a_job_is_generated_cut_stored_and_completed() -> None:
     assert sorted(p.rsplit(".", 1)[1] for p in storage.stored) == ["json", "mp3", "wav"]
     ((verb, written),) = store.writes
     assert verb == "complete"
-    assert written["audio"].duration_s == 2.0
-    assert written["audio"].trimmed is True
-    assert written["audio"].seed == 7
+    assert written["output"].audio.duration_s == 2.0
+    assert written["output"].audio.trimmed is True
+    assert written["output"].audio.seed == 7
 
 
 @pytest.mark.parametrize(
@@ -238,11 +238,14 @@ def test_unusable_storage_fails_before_paying_for_a_generation() -> None:
     assert (result.outcome, provider.calls) == ("retrying", 0)
 
 
+EARLIER = StoredOutput("https://f/a.wav", "https://f/a.mp3", AUDIO_INFO.model_dump(), "a.wav", "a.mp3")
+
+
 def test_a_retry_completes_from_the_files_an_earlier_attempt_stored() -> None:
-    earlier = StoredOutput("https://files/a.wav", "https://files/a.mp3", AUDIO_INFO.model_dump())
+    earlier = EARLIER
     result, store, provider, _ = run(claimed(attempts=2), storage=FakeStorage(earlier=earlier))
     assert (result.outcome, provider.calls) == ("completed", 0)
-    assert store.writes[-1][1]["mp3_url"] == "https://files/a.mp3"
+    assert store.writes[-1][1]["mp3_url"] == "https://f/a.mp3"
 
 
 def test_a_stale_lease_drops_the_result_without_a_failure_write() -> None:
@@ -260,11 +263,11 @@ def test_a_database_outage_at_the_end_leaves_the_job_to_reclaim() -> None:
 
 
 def test_a_finishing_attempt_completes_from_the_stored_files_without_generating() -> None:
-    earlier = StoredOutput("https://files/a.wav", "https://files/a.mp3", AUDIO_INFO.model_dump())
+    earlier = EARLIER
     job = claimed(attempts=4, reuse_only=True)
     result, store, provider, _ = run(job, storage=FakeStorage(earlier=earlier))
     assert (result.outcome, provider.calls) == ("completed", 0)
-    assert store.writes[-1][1]["wav_url"] == "https://files/a.wav"
+    assert store.writes[-1][1]["wav_url"] == "https://f/a.wav"
 
 
 def test_a_finishing_attempt_without_stored_files_fails_for_good_without_generating() -> None:
@@ -343,7 +346,7 @@ def test_an_unusable_input_fails_the_job_and_nothing_is_paid(stored: bytes | Non
 def completed_audio(store: FakeStore) -> AudioInfo:
     ((verb, written),) = store.writes
     assert verb == "complete"
-    audio: AudioInfo = written["audio"]
+    audio: AudioInfo = written["output"].audio
     return audio
 
 

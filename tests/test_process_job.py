@@ -40,7 +40,7 @@ def client(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     reset_services()
-    AudioStorage._checked.clear()
+    AudioStorage._public.clear()
     yield create_app(target="process_job", source=MAIN).test_client()
     reset_services()
 

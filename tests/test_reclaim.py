@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -21,7 +22,7 @@ from sona.errors import StaleLease
 from sona.jobs_store import JobsStore
 from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.local.stack import LocalStack
-from sona.models import ClaimedJob
+from sona.models import ClaimedJob, Output
 from tests.support import AUDIO_INFO, sql
 
 pytestmark = pytest.mark.slow
@@ -119,16 +120,11 @@ def test_a_job_whose_process_was_killed_completes_after_one_reclaim(
     assert (row["status"], row["attempts"]) == ("completed", 2)
     assert attempts(stack, job_id) == [(1, "lease_expired"), (2, "completed")]
     assert stored_files(stack, job_id) == sorted(
-        row[url].rsplit("/", 1)[1] for url in ("wav_url", "mp3_url", "peaks_url")
+        urlsplit(row[url]).path.rsplit("/", 1)[1] for url in ("wav_url", "mp3_url", "peaks_url")
     )
     killed = ClaimedJob.model_validate({**row, "lease_token": killed_token, "attempts": 1})
     with pytest.raises(StaleLease):
-        JobsStore(stack.settings()).complete(
-            killed,
-            wav_url="x",
-            mp3_url="y",
-            audio=AUDIO_INFO,
-        )
+        JobsStore(stack.settings()).complete(killed, Output("x", "y", AUDIO_INFO))
     assert stack.job(job_id)["wav_url"] == row["wav_url"]
 
 

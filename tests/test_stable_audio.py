@@ -117,11 +117,11 @@ def test_the_double_refuses_what_the_real_api_refuses(double: StableAudioDouble)
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"mode": "ambient"}, "'ambient' mode is not supported; choose text-to-audio or audio-to-audio"),
+        ({"mode": "ambient"}, "'ambient' mode is not supported; choose designer, producer or creator"),
         ({"mode": "audio-to-audio"}, "needs an input file"),
         ({"prompt": "   "}, "prompt is empty"),
         ({"prompt": "x" * 10_001}, "limit is 10000"),
-        ({"duration": 61}, "1 to 60 seconds"),
+        ({"duration": 181}, "1 to 180 seconds"),
         ({"quality": "ultra"}, "quality 'ultra' is unknown"),
     ],
 )

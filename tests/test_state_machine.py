@@ -366,12 +366,20 @@ RECLAIM_CASES: list[tuple[str, dict[str, Any], str, list[str], str, str | None]]
         None,
     ),
     (
-        "processing with no lease at all",
+        "processing with no lease (the plug-in's old worker), inside its hour",
         {"status": "processing", "attempts": 0},
-        "created_at = now() - interval '1 hour'",
-        ["released", "dispatch"],
-        "pending",
-        "The attempt timed out; retrying.",
+        "created_at = now() - interval '1 hour', updated_at = now() - interval '59 minutes'",
+        [],
+        "processing",
+        None,
+    ),
+    (
+        "processing with no lease (the plug-in's old worker), past its hour: failed, never run again",
+        {"status": "processing", "attempts": 0},
+        "created_at = now() - interval '2 hours', updated_at = now() - interval '61 minutes'",
+        ["failed"],
+        "failed",
+        "The job did not finish; please try again.",
     ),
     (
         "live lease",
@@ -465,7 +473,9 @@ def test_reclaim_case(
     job_id = insert_job(db_url, **columns)
     if columns.get("status") == "processing" and columns.get("attempts"):
         sql(db_url, "update jobs set lease_token = gen_random_uuid() where id = %s", job_id, role=None)
-    sql(db_url, f"update jobs set {backdate} where id = %s", job_id, role=None)
+    # Backdated with the updated_at triggers held off, so a backdated updated_at stays.
+    backdating = f"update public.jobs set {backdate} where id = '{job_id}'"
+    sql(db_url, "select sona_backfill_jobs(%s)", backdating, role=None)
 
     taken = [r["action"] for r in reclaim(db_url) if r["job_id"] == job_id]
 
@@ -487,7 +497,8 @@ def test_two_reclaims_at_once_do_not_both_act(db_url: str) -> None:
     job_id = insert_job(db_url, status="processing", attempts=1)
     sql(
         db_url,
-        "update jobs set lease_expires_at = now() - interval '1 second' where id = %s",
+        "update jobs set lease_token = gen_random_uuid(), lease_expires_at = now() - interval '1 second'"
+        " where id = %s",
         job_id,
         role=None,
     )

@@ -19,15 +19,17 @@ from tests.support import make_settings, sql
 
 @pytest.fixture(autouse=True)
 def fresh_bucket_cache() -> None:
-    AudioStorage._checked.clear()
+    AudioStorage._public.clear()
 
 
 def storage(gateway: Gateway, **overrides: object) -> AudioStorage:
-    return AudioStorage(
-        make_settings(
-            supabase_url=gateway.url, supabase_service_role_key=gateway.service_role_key, **overrides
-        )
-    )
+    """Most tests here use the earlier worker's public bucket; the privacy tests say otherwise."""
+    return private_or_not(gateway, **{"storage_public": True, **overrides})
+
+
+def private_or_not(gateway: Gateway, **overrides: object) -> AudioStorage:
+    key = gateway.service_role_key
+    return AudioStorage(make_settings(supabase_url=gateway.url, supabase_service_role_key=key, **overrides))
 
 
 def test_object_paths_follow_prefix_job_and_timestamp() -> None:
@@ -38,14 +40,15 @@ def test_object_paths_follow_prefix_job_and_timestamp() -> None:
     )
 
 
-def test_the_bucket_is_created_once_public_with_no_size_limit_of_its_own_and_our_file_types(
-    gateway: Gateway, db_url: str
+@pytest.mark.parametrize(("overrides", "public"), [({}, False), ({"storage_public": True}, True)])
+def test_the_bucket_is_created_once_private_unless_asked_with_no_size_limit_and_our_file_types(
+    gateway: Gateway, db_url: str, overrides: dict[str, object], public: bool
 ) -> None:
-    s = storage(gateway)
+    s = private_or_not(gateway, **overrides)
     s.ensure_bucket()
     s.ensure_bucket()
     bucket = sql(db_url, "select * from storage.buckets", role=None)
-    assert [(b["id"], b["public"], b["file_size_limit"]) for b in bucket] == [("audio-files", True, None)]
+    assert [(b["id"], b["public"], b["file_size_limit"]) for b in bucket] == [("audio-files", public, None)]
     # the audio, and the waveform peaks beside it
     assert sorted(bucket[0]["allowed_mime_types"]) == ["application/json", "audio/mpeg", "audio/wav"]
     assert gateway.counts["storage:bucket_get"] == 1
@@ -260,3 +263,32 @@ def test_reading_an_input_is_classed_like_every_storage_call(
         storage(gateway, max_retries=0).read_input(f"{uuid.uuid4()}/take.wav", Deadline(5))
     if status == "404":
         assert "not found" in str(caught.value)
+
+
+@pytest.mark.parametrize(("bucket_public", "setting"), [(False, True), (True, False)])
+def test_an_existing_buckets_own_privacy_decides_the_urls_whatever_the_setting(
+    gateway: Gateway, db_url: str, bucket_public: bool, setting: bool
+) -> None:
+    # The plug-in's audio-files is private in production: it must never get public URLs (PLUGIN.md).
+    sql(
+        db_url,
+        "insert into storage.buckets (id, name, public) values ('audio-files', 'audio-files', %s)",
+        bucket_public,
+        role=None,
+    )
+    s = storage(gateway, storage_public=setting)
+    s.ensure_bucket()
+    url = s.upload(f"generated/{uuid.uuid4()}_1.wav", b"RIFF", "wav", Deadline(10))
+    kind = "public" if bucket_public else "sign"
+    assert f"/storage/v1/object/{kind}/audio-files/generated/" in url
+    assert ("?token=" in url) is not bucket_public
+    assert httpx.get(url).status_code == 200
+    assert sql(db_url, "select public from storage.buckets", role=None) == [{"public": bucket_public}]
+
+
+def test_expired_files_are_removed_and_a_name_already_gone_is_no_error(gateway: Gateway, db_url: str) -> None:
+    s = storage(gateway)
+    s.ensure_bucket()
+    s.upload("generated/a_1.wav", b"RIFF", "wav", Deadline(10))
+    s.remove(["generated/a_1.wav", "generated/never-there.json"])
+    assert sql(db_url, "select name from storage.objects", role=None) == []

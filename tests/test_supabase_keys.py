@@ -102,7 +102,7 @@ def test_the_real_clients_send_each_key_kind_only_where_supabase_takes_it(
 ) -> None:
     key = gateway.service_role_key if kind == "legacy_jwt" else gateway.secret_key
     settings = make_settings(supabase_url=gateway.url, supabase_service_role_key=key)
-    AudioStorage._checked.clear()
+    AudioStorage._public.clear()
     storage = AudioStorage(settings)
     storage.ensure_bucket()
     path = object_path("generated", "job", datetime.now(UTC), "wav")

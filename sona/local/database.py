@@ -33,8 +33,12 @@ def apply_sql(url: str, *scripts: str) -> None:
 
 
 def migrate(url: str) -> None:
-    """Supabase's stand-ins first (they exist on a real project), then every migration in order."""
-    apply_sql(url, stand_ins_sql(), *(p.read_text() for p in migration_files()))
+    """Supabase's stand-ins first (they exist on a real project), then every migration in order, all
+    in one transaction: a migration that fails leaves nothing of any of them applied."""
+    apply_sql(url, stand_ins_sql())
+    with psycopg.connect(url) as conn, conn.transaction():
+        for path in migration_files():
+            conn.execute(path.read_text())  # type: ignore[arg-type]  # a whole file, no parameters
 
 
 @dataclass

@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,33 @@ def _banner(stack: LocalStack) -> str:
     return f"Provider: {LABEL}.\n  Set STABLE_AUDIO_API_KEY to generate with the real model."
 
 
+@dataclass(frozen=True)
+class PluginRequest:
+    """What the plug-in's generate would insert besides the prompt (PLUGIN.md)."""
+
+    mode: str
+    bpm: float | None = None
+    key: str | None = None  # "A minor"
+
+    def columns(self) -> dict[str, Any]:
+        key, _, scale = (self.key or "").partition(" ")
+        columns: dict[str, Any] = {}
+        if key:
+            columns["musical_key"] = {"key": key, "scale": scale or "major"}
+        if self.bpm is not None and self.mode != "designer":
+            kind = "song" if self.mode == "creator" else "loop"
+            bpm = int(self.bpm) if self.bpm.is_integer() else self.bpm
+            columns["producer_config"] = {"type": kind, "bpm": bpm, "timeSignature": "4/4", "bars": 4}
+        return columns
+
+
 def demo(
-    prompt: str, duration: int, quality: str, input_file: Path | None = None, strength: float | None = None
+    prompt: str,
+    duration: int,
+    quality: str,
+    input_file: Path | None = None,
+    strength: float | None = None,
+    plugin: PluginRequest | None = None,
 ) -> int:
     root = DEMO_ROOT / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"Starting the local stack in {root} ...", flush=True)
@@ -38,7 +64,10 @@ def demo(
             flush=True,
         )
         print(_banner(stack), flush=True)
-        if input_file is None:
+        if plugin is not None:
+            job_id = stack.insert_as_generate(prompt, duration, quality, plugin.mode, **plugin.columns())
+            print(f"Inserted {plugin.mode} job {job_id} as the plug-in does ({duration} s)", flush=True)
+        elif input_file is None:
             job_id = stack.insert_job(prompt, duration, quality)
             print(f"Inserted job {job_id} ({duration} s, {quality}): {prompt!r}", flush=True)
         else:
@@ -95,6 +124,8 @@ def _report(stack: LocalStack, row: dict[str, Any]) -> None:
     }
     print(json.dumps(shown, indent=2, default=str))
     if row["status"] == "completed":
+        if row.get("preview_path"):
+            print(f"Player: preview_path {row['preview_path']}, download name {row['filename']!r}")
         print(f"WAV: {row['wav_url']}\n     {stack.local_file(row['wav_url'])}")
         print(f"MP3: {row['mp3_url']}\n     {stack.local_file(row['mp3_url'])}")
         print("(The URLs are served while the stack runs; the files stay.)")

@@ -5,6 +5,7 @@ API when STABLE_AUDIO_API_KEY is set, otherwise the offline synthesiser behind t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import psycopg
 import requests
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from sona.config import Settings, load_settings
 from sona.ffmpeg import find_ffmpeg
@@ -454,6 +456,40 @@ class LocalStack:
                 "insert into public.jobs (user_id, prompt, duration, quality, mode, input_path, strength)"
                 " values (%s, %s, %s, %s, %s, %s, %s) returning id",
                 (user_id, prompt, duration, quality, mode, input_path, strength),
+            ).fetchone()
+            conn.commit()
+        assert row is not None
+        return uuid.UUID(str(row[0]))
+
+    def insert_as_generate(
+        self,
+        prompt: str,
+        duration: int,
+        quality: str,
+        mode: str,
+        user_id: uuid.UUID | None = None,
+        **json_columns: dict[str, Any],
+    ) -> uuid.UUID:
+        """Insert as the plug-in's generate Edge Function does (PLUGIN.md): with the service role,
+        status queued, and musical_key / producer_config / naming_convention as JSON strings."""
+        user_id = user_id or self.create_user()
+        values: dict[str, Any] = {
+            "user_id": user_id,
+            "prompt": prompt.strip(),
+            "duration": duration,
+            "quality": quality,
+            "mode": mode,
+            "status": "queued",
+            "skip_naming": False,
+            **{name: Jsonb(json.dumps(value)) for name, value in json_columns.items()},
+        }
+        names = ", ".join(values)
+        marks = ", ".join(["%s"] * len(values))
+        with psycopg.connect(self.database_url) as conn:
+            conn.execute("set local role service_role")
+            row = conn.execute(
+                f"insert into public.jobs ({names}) values ({marks}) returning id",  # type: ignore[arg-type]
+                list(values.values()),
             ).fetchone()
             conn.commit()
         assert row is not None

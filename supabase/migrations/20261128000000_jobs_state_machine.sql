@@ -2,12 +2,15 @@
 -- Idempotent: applying it twice changes nothing. Valid on PostgreSQL 15 and newer.
 -- Needs Supabase's auth schema (auth.users, auth.uid()) and roles anon, authenticated, service_role.
 
--- The table as the earlier worker created it (a fresh database gets it here).
+-- The table as the earlier worker created it (a fresh database gets it here). On a database that
+-- already has it (the plug-in's, or the earlier worker's), nothing of the table changes here: its
+-- columns, checks, policies, grants and triggers stay its owner's (PLUGIN.md).
 create table if not exists public.jobs (
   id uuid primary key default gen_random_uuid(),
   user_id uuid not null references auth.users (id) on delete cascade,
   prompt text not null,
-  duration integer not null default 10 check (duration between 1 and 60),
+  -- the plug-in's range (its generate function and its table allow 1 to 180 s)
+  duration integer not null default 10 check (duration between 1 and 180),
   quality text not null default 'medium' check (quality in ('low', 'medium', 'high')),
   mode text not null default 'default',
   status text not null default 'pending'
@@ -51,9 +54,19 @@ begin
   return new;
 end $$;
 
-drop trigger if exists jobs_set_updated_at on public.jobs;
-create trigger jobs_set_updated_at before update on public.jobs
-  for each row execute function public.jobs_set_updated_at();
+-- Ours only where no other updated_at trigger keeps it (the plug-in has update_jobs_updated_at):
+-- another owner's trigger is never dropped, and one is enough.
+do $$ begin
+  if not exists (
+    select from pg_trigger t
+     where t.tgrelid = 'public.jobs'::regclass and not t.tgisinternal
+       and t.tgname <> 'jobs_set_updated_at' and t.tgname ilike '%updated%at%'
+       and (t.tgtype & 2) = 2 and (t.tgtype & 16) = 16) then
+    drop trigger if exists jobs_set_updated_at on public.jobs;
+    create trigger jobs_set_updated_at before update on public.jobs
+      for each row execute function public.jobs_set_updated_at();
+  end if;
+end $$;
 
 -- Serve claim (by id), the expired-lease scan and the due-pending scan.
 create index if not exists jobs_processing_lease_idx on public.jobs (lease_expires_at)
@@ -256,27 +269,28 @@ end $$;
 alter table public.jobs enable row level security;
 alter table public.job_attempts enable row level security;
 
--- The earlier policies (whatever their names) included an UPDATE that let a user complete their
--- own job and point wav_url anywhere: drop them all and state the rules afresh.
-do $$
-declare pol record;
-begin
-  for pol in select policyname from pg_policies where schemaname = 'public' and tablename = 'jobs'
-  loop
-    execute format('drop policy %I on public.jobs', pol.policyname);
-  end loop;
-end $$;
-
+-- Our two policies, beside whatever policies the table already has (the plug-in's own-row, admin and
+-- public-showcase policies stay: they are its owner's). Results stay the worker's whatever those
+-- policies allow: the guard trigger in 20261202000100_plugin_client.sql refuses a user's write of a
+-- status, URL, path, file name or audio figure.
+drop policy if exists jobs_select_own on public.jobs;
 create policy jobs_select_own on public.jobs for select to authenticated
   using ((select auth.uid()) = user_id);
+drop policy if exists jobs_insert_own on public.jobs;
 create policy jobs_insert_own on public.jobs for insert to authenticated
   with check ((select auth.uid()) = user_id and status = 'pending');
 
--- Column privileges: a user may only name the request columns; status, URLs, leases and
--- timestamps keep their defaults. No UPDATE or DELETE at all for users.
-revoke all on public.jobs from anon;
-revoke insert, update, delete, truncate on public.jobs from authenticated;
-grant select on public.jobs to authenticated;
-grant insert (id, user_id, prompt, duration, quality, mode) on public.jobs to authenticated;
+-- Grants: on a table this project created (no other owner's grants to keep), a user may only name
+-- the request columns and read their rows; anon gets nothing. On an existing table the grants are
+-- left as they are.
+do $$ begin
+  if not exists (select from pg_policies where schemaname = 'public' and tablename = 'jobs'
+                  and policyname not in ('jobs_select_own', 'jobs_insert_own')) then
+    revoke all on public.jobs from anon;
+    revoke insert, update, delete, truncate on public.jobs from authenticated;
+    grant select on public.jobs to authenticated;
+    grant insert (id, user_id, prompt, duration, quality, mode) on public.jobs to authenticated;
+  end if;
+end $$;
 revoke all on public.job_attempts from anon, authenticated;
 grant all on public.jobs, public.job_attempts to service_role;

@@ -199,6 +199,8 @@ grant all on public.sona_pauses to service_role;
 -- Record the outage (once) and release the job for after the pause without using up its attempt.
 -- A pause whose end has passed (its probe met the outage again) is re-armed. The release is fenced
 -- like fail_job; the pause is recorded even for a stale lease (the account is at fault either way).
+-- (20261202000100 adds a column to its answer: a second application of this file starts afresh.)
+drop function if exists public.pause_service(uuid, uuid, text, text, text, integer);
 create or replace function public.pause_service(
   p_job_id uuid, p_lease_token uuid, p_code text, p_reason text, p_message text, p_seconds integer)
 returns table (pause_id bigint, pause_created boolean, paused_until timestamptz, released boolean)

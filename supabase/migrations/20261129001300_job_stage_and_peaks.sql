@@ -58,14 +58,14 @@ drop trigger if exists jobs_derive_stage on public.jobs;
 create trigger jobs_derive_stage before insert or update on public.jobs
   for each row execute function public.jobs_derive_stage();
 
--- Rows from before this migration: their stage and URL from what they already say, without moving
--- their updated_at.
-alter table public.jobs disable trigger jobs_set_updated_at;
-update public.jobs j
-   set stage = coalesce(public.sona_stage_of(j.status), j.stage)
- where j.stage is distinct from coalesce(public.sona_stage_of(j.status), j.stage)
-    or j.peaks_url is distinct from j.audio ->> 'peaks_url';
-alter table public.jobs enable trigger jobs_set_updated_at;
+-- Rows from before this migration: their stage and URL from what they already say; nothing else of
+-- the row changes, updated_at included (sona_backfill_jobs, 20261129000300).
+select public.sona_backfill_jobs($sql$
+  update public.jobs j
+     set stage = coalesce(public.sona_stage_of(j.status), j.stage)
+   where j.stage is distinct from coalesce(public.sona_stage_of(j.status), j.stage)
+      or j.peaks_url is distinct from j.audio ->> 'peaks_url'
+$sql$);
 
 -- advance_stage: fenced like complete_job; zero rows means a stale worker (its lease was reclaimed)
 -- or a stage behind the row's, and nothing is written. Repeating the current stage matches, so a

@@ -18,7 +18,7 @@ from tests.support import connect, new_user, sql
 # (name, columns, the SQLSTATE the table answers)
 REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("duration 0", {"duration": 0}, "23514"),
-    ("duration 61", {"duration": 61}, "23514"),
+    ("duration 181", {"duration": 181}, "23514"),
     ("duration -5", {"duration": -5}, "23514"),
     ("duration null", {"duration": None}, "23502"),
     ("quality ultra", {"quality": "ultra"}, "23514"),
@@ -28,10 +28,7 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("unknown user", {"user_id": uuid.UUID(int=1)}, "23503"),
     # The provider's own limit, held by the table: an oversized prompt never reaches the webhook.
     ("10,001-character prompt", {"prompt": "a" * 10_001}, "23514"),
-    # The modes the plug-in sends, held by the table; audio-to-audio needs its input.
-    ("mode inpaint", {"mode": "inpaint"}, "23514"),
-    ("mode empty", {"mode": ""}, "23514"),
-    ("mode in capitals", {"mode": "TEXT-TO-AUDIO"}, "23514"),
+    # Audio-to-audio needs its input (any other mode is taken and decided by the function).
     ("audio-to-audio without an input", {"mode": "audio-to-audio"}, "23514"),
     ("strength 1.5", {"mode": "audio-to-audio", "input_path": "x/in.wav", "strength": 1.5}, "23514"),
 ]
@@ -60,12 +57,22 @@ PROCESSED: list[tuple[str, dict[str, Any], str, str | None, int]] = [
         0,
     ),
     ("mode text-to-audio", {"mode": "text-to-audio"}, "completed", None, 1),
+    # The plug-in has charged its tokens before it inserts: an unknown mode is never refused by the
+    # table, its job fails with a message instead (PLUGIN.md).
+    ("mode inpaint", {"mode": "inpaint"}, "failed", "'inpaint' mode is not supported", 0),
+    ("mode empty", {"mode": ""}, "failed", "mode is not supported", 0),
+    ("mode in capitals", {"mode": "TEXT-TO-AUDIO"}, "failed", "mode is not supported", 0),
+    ("mode designer", {"mode": "designer", "status": "queued"}, "completed", None, 1),
+    ("quality standard (the plug-in's default)", {"quality": "standard"}, "completed", None, 1),
+    ("duration 180", {"mode": "creator", "duration": 180}, "completed", None, 1),
     ("duration 1", {"duration": 1}, "completed", None, 1),
     ("duration 60", {"duration": 60}, "completed", None, 1),
     ("quality low", {"quality": "low"}, "completed", None, 1),
     ("quality high", {"quality": "high"}, "completed", None, 1),
     ("inserted as queued", {"status": "queued"}, "completed", None, 1),
-    ("inserted as processing", {"status": "processing"}, "completed", None, 1),
+    # Processing with no lease is how the plug-in's old worker holds a job: never run again, failed
+    # once legacy_processing_timeout_seconds (0 in this test) has passed.
+    ("inserted as processing", {"status": "processing"}, "failed", "did not finish", 0),
     ("inserted as failed", {"status": "failed", "error_message": "by hand"}, "failed", "by hand", 0),
     ("inserted with no attempts left", {"attempts": 3}, "failed", "no attempts left after 3", 0),
 ]
@@ -121,6 +128,12 @@ def test_an_accepted_row_ends_completed_or_failed_with_a_plain_message(
     message: str | None,
     calls: int,
 ) -> None:
+    sql(
+        stack.database_url,
+        "insert into sona_settings values ('legacy_processing_timeout_seconds', 0)"
+        " on conflict (key) do update set value = 0",
+        role=None,
+    )
     job_id = insert(stack, columns)
     row = settle(stack, job_id, prompt=None)
     ledger.bad_inputs.append((f"row {name}", row["status"]))

@@ -1,0 +1,156 @@
+"""What a row asks for (sona/modes.py): the plug-in's modes, their prompts, lengths, qualities and
+models, the earlier worker's modes, and the reasons a row fails before anything is paid for.
+
+The expected prompts are PLUGIN.md's table "The three modes" (the plug-in's worker,
+audio-worker/src/prepare-prompt.ts at 34648b7): the musician's prompt, ". ", then the phrases."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from sona.errors import PermanentError
+from sona.models import Job, JobStatus
+from sona.modes import duration_phrase, plan_job
+from tests.support import make_settings
+
+KEY = {"key": "A", "scale": "minor"}
+LOOP = {"type": "loop", "bpm": 124, "timeSignature": "4/4", "bars": 8}
+SONG = {"type": "song", "bpm": 92, "timeSignature": "4/4", "bars": 4}
+
+
+def job(**fields: Any) -> Job:
+    values: dict[str, Any] = {
+        "id": uuid.UUID(int=0xABCDEF),
+        "user_id": uuid.uuid4(),
+        "prompt": "deep warm bass groove",
+        "duration": 10,
+        "quality": "medium",
+        "mode": "designer",
+        "status": JobStatus.QUEUED,
+        "created_at": datetime(2026, 1, 20, 9, 30, tzinfo=UTC),
+        **fields,
+    }
+    return Job(**values)
+
+
+def as_generate_stores(value: dict[str, Any]) -> str:
+    """generate writes JSON.stringify(...) into a jsonb column: a string scalar holding JSON."""
+    return json.dumps(value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "prompt"),
+    [
+        ({"mode": "designer", "duration": 3}, "deep warm bass groove. very short"),
+        ({"mode": "designer", "duration": 12}, "deep warm bass groove. 12 seconds"),
+        (
+            {"mode": "producer", "duration": 16, "musical_key": KEY, "producer_config": LOOP},
+            "deep warm bass groove. 124 BPM, A minor, 4/4 time, 8 bars, 16 seconds",
+        ),
+        (
+            {"mode": "producer", "duration": 8, "producer_config": {"bpm": 140, "bars": 1}},
+            "deep warm bass groove. 140 BPM, 1 bar, 8 seconds",
+        ),
+        ({"mode": "producer", "duration": 30}, "deep warm bass groove. 30 seconds"),
+        (
+            {"mode": "creator", "duration": 120, "musical_key": KEY, "producer_config": SONG},
+            "deep warm bass groove. 92 BPM, A minor, 2 minutes",
+        ),
+        (
+            {"mode": "creator", "duration": 150, "producer_config": SONG},
+            "deep warm bass groove. 92 BPM, 2:30 minutes",
+        ),
+        ({"mode": "creator", "duration": 60}, "deep warm bass groove. 60 seconds"),
+        ({"mode": "default", "duration": 12}, "deep warm bass groove"),
+        ({"mode": "text-to-audio", "duration": 12}, "deep warm bass groove"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, str) else None,
+)
+def test_each_mode_sends_the_prompt_the_plugins_worker_built(fields: dict[str, Any], prompt: str) -> None:
+    assert plan_job(job(**fields), make_settings()).prompt == prompt
+
+
+@pytest.mark.parametrize("stored", ["object", "json string"])
+def test_the_json_columns_read_the_same_as_objects_or_as_generates_json_strings(stored: str) -> None:
+    key, config = (KEY, LOOP) if stored == "object" else (as_generate_stores(KEY), as_generate_stores(LOOP))
+    plan = plan_job(
+        job(mode="producer", duration=16, musical_key=key, producer_config=config), make_settings()
+    )
+    assert plan.prompt.endswith(". 124 BPM, A minor, 4/4 time, 8 bars, 16 seconds")
+
+
+def test_an_unreadable_json_column_is_ignored_as_the_plugins_worker_ignored_it() -> None:
+    plan = plan_job(
+        job(mode="creator", duration=20, musical_key="{not json", producer_config=7), make_settings()
+    )
+    assert plan.prompt == "deep warm bass groove. 20 seconds"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "phrase"),
+    [
+        (1, "very short"),
+        (5, "very short"),
+        (6, "6 seconds"),
+        (60, "60 seconds"),
+        (61, "1:01 minutes"),
+        (180, "3 minutes"),
+    ],
+)
+def test_durations_read_as_the_plugins_worker_wrote_them(seconds: int, phrase: str) -> None:
+    assert duration_phrase(seconds) == phrase
+
+
+@pytest.mark.parametrize(
+    ("quality", "steps"), [("draft", 4), ("low", 4), ("standard", 6), ("medium", 6), ("high", 8)]
+)
+def test_the_uis_quality_names_map_to_the_tables(quality: str, steps: int) -> None:
+    from sona.stable_audio import GenerationRequest
+
+    request = GenerationRequest.from_job(job(quality=quality), make_settings())
+    assert request.steps == steps
+
+
+def test_a_120_second_creator_job_asks_the_provider_for_120_seconds() -> None:
+    plan = plan_job(job(mode="creator", duration=120), make_settings())
+    assert (plan.duration, plan.model, plan.engine) == (120, "stable-audio-2.5", "stable-audio")
+
+
+@pytest.mark.parametrize("mode", ["designer", "producer", "creator"])
+def test_each_plugin_mode_is_served_by_its_own_model_setting(mode: str) -> None:
+    settings = make_settings(**{f"{mode}_model": "stable-audio-2"})
+    assert plan_job(job(mode=mode), settings).model == "stable-audio-2"
+    others = {"designer", "producer", "creator"} - {mode}
+    assert {plan_job(job(mode=m), settings).model for m in others} == {"stable-audio-2.5"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"mode": "ambient"}, "The 'ambient' mode is not supported; choose designer, producer or creator"),
+        ({"duration": 181}, "The duration must be 1 to 180 seconds, not 181."),
+        ({"duration": 0}, "The duration must be 1 to 180 seconds, not 0."),
+        (
+            {"quality": "ultra"},
+            "The quality 'ultra' is unknown; choose low (draft), medium (standard) or high.",
+        ),
+        ({"prompt": " \x07 "}, "The prompt is empty. Describe the sound you want."),
+        ({"prompt": "x" * 10_000, "mode": "creator"}, "characters long; the limit is 10000."),
+    ],
+)
+def test_a_row_it_cannot_run_fails_with_a_reason_before_anything_is_paid(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(PermanentError) as failed:
+        plan_job(job(**fields), make_settings())
+    assert message in failed.value.public_message
+
+
+def test_the_earlier_workers_modes_get_no_file_name_and_the_plugins_always_do() -> None:
+    assert plan_job(job(mode="default"), make_settings()).filename is None
+    assert plan_job(job(mode="designer"), make_settings()).filename is not None
