@@ -17,7 +17,8 @@
 -- 2. Settlement, once, in the transaction of the job's final write: failed (whatever the cause) or
 --    cancelled before its attempt reached the `generating` stage -> one 'refund' transaction naming
 --    the job and the balance raised by what was charged; completed, or cancelled once generation had
---    begun -> the tokens are kept. A row lock on the charge makes concurrent finishes settle once.
+--    begun -> the tokens are kept (a user marking their own job failed counts as a cancel). A row
+--    lock on the charge makes concurrent finishes settle once.
 -- 3. Quotas on the service-role path (generate's): a charged job over the user's quota is not
 --    refused (its tokens are already spent) but inserted `failed` with the quota's message, and
 --    refunded at once. Service-role inserts with no charge (the worker, an operator) stay exempt.
@@ -191,9 +192,11 @@ begin
   if not public.sona_tokens_present() then
     return null;
   end if;
-  if new.status = 'failed' then
+  -- A user's own write of 'failed' (the plug-in's "Users can update own jobs" policy allows it) is
+  -- a cancel in all but name: it refunds only what was not yet paid for.
+  if new.status = 'failed' and coalesce(current_setting('role', true), '') not in ('anon', 'authenticated') then
     perform public.sona_settle_charge(new.id, true, 'failed');
-  elsif new.status = 'cancelled' then
+  elsif new.status in ('cancelled', 'failed') then
     if public.sona_generation_began(to_jsonb(old)) then
       perform public.sona_settle_charge(new.id, false, 'cancelled after generation began');
     else

@@ -326,3 +326,18 @@ def test_live_plugin_jobs_take_their_charges_when_the_migration_runs(plugin_db_u
     old_worker_fails = "update public.jobs set status = 'failed', error_message = 'boom' where id = %s"
     sql(url, old_worker_fails, PROCESSING_PRODUCER)
     assert balance(url, MUSICIAN) == START_BALANCE[MUSICIAN] + 21
+
+
+@pytest.mark.parametrize(("status", "refunded"), [("queued", True), ("processing", False)])
+def test_a_user_marking_their_own_job_failed_counts_as_a_cancel(
+    plugin_db_url: str, status: str, refunded: bool
+) -> None:
+    """The plug-in lets an owner update their job: a 'failed' they write refunds only a job whose
+    generation had not begun (without stages, one still queued)."""
+    url = plugin_db_url
+    apply_sql(url, REFUNDS_MIGRATION.read_text())
+    job = QUEUED_DESIGNER if status == "queued" else PROCESSING_PRODUCER
+    with connect(url, "authenticated", MUSICIAN) as conn:
+        conn.execute("update public.jobs set status = 'failed' where id = %s", (job,))
+    tokens = 14 if status == "queued" else 21
+    assert balance(url, MUSICIAN) == START_BALANCE[MUSICIAN] + (tokens if refunded else 0)
