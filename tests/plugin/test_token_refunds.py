@@ -194,23 +194,27 @@ def test_concurrent_duplicate_finishes_refund_once(plugin_refunds_db_url: str) -
 def test_two_jobs_of_different_prices_in_one_second_each_get_their_own_charge(
     plugin_refunds_db_url: str,
 ) -> None:
-    """Both charges first, then the inserts in the other order, all inside one second."""
+    """Both charges first, then both inserts in the other order, at the same instant."""
     url = plugin_refunds_db_url
     user = new_user(url)
     for request in (DESIGNER, CREATOR):
         charge = "select public.use_tokens(%s, %s, %s) as ok"
         assert sql(url, charge, user, request.cost(), request.description())
     ids: dict[str, uuid.UUID] = {}
-    for name, request in (("creator", CREATOR), ("designer", DESIGNER)):
-        row = request.job_record(user)
-        names = ", ".join(row)
-        inserted = sql(
-            url,
-            f"insert into public.jobs ({names}) select {names}"
-            " from json_populate_record(null::public.jobs, %s::json) returning id, created_at",
-            json.dumps(row),
-        )
-        ids[name] = inserted[0]["id"]
+    created: set[Any] = set()
+    with connect(url, "service_role") as conn:  # one transaction: the very same created_at
+        for name, request in (("creator", CREATOR), ("designer", DESIGNER)):
+            row = request.job_record(user)
+            names = ", ".join(row)
+            inserted = conn.execute(
+                f"insert into public.jobs ({names}) select {names}"  # type: ignore[arg-type]
+                " from json_populate_record(null::public.jobs, %s::json) returning id, created_at",
+                (json.dumps(row),),
+            ).fetchone()
+            assert inserted is not None
+            ids[name] = inserted["id"]
+            created.add(inserted["created_at"])
+    assert len(created) == 1
     links = sql(url, "select job_id, tokens from public.sona_job_charges where user_id = %s", user)
     assert {r["job_id"]: r["tokens"] for r in links} == {ids["designer"]: 14, ids["creator"]: 33}
 
