@@ -167,6 +167,17 @@ def test_the_owner_signs_and_plays_their_preview(plugin_gateway: Gateway, plugin
     assert played.content[:4] == b"RIFF"
 
 
+def test_the_main_pages_public_url_into_the_private_bucket_is_refused(
+    plugin_gateway: Gateway, plugin_db_url: str
+) -> None:
+    """sona.tsx (34648b7) plays getStorageUrl(preview_path): a public URL into `audio-files`, which
+    the bucket, private since 20260120_storage_policies, refuses. Only signed URLs play."""
+    job = owner_reads_job(plugin_db_url, MUSICIAN, COMPLETED_CREATOR)
+    assert job is not None
+    url = f"{plugin_gateway.url}/storage/v1/object/public/audio-files/{job['preview_path']}"
+    assert requests.get(url, timeout=10).status_code == 400
+
+
 def test_another_user_cannot_sign_someone_elses_preview(plugin_gateway: Gateway, plugin_db_url: str) -> None:
     path = sql(plugin_db_url, "select preview_path from public.jobs where id = %s", COMPLETED_CREATOR)
     refused = sign_preview(plugin_gateway, OTHER_MUSICIAN, path[0]["preview_path"])
