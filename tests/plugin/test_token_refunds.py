@@ -36,9 +36,18 @@ CREATOR = GenerateRequest("epic orchestral trailer music", 150, "medium", "creat
 
 
 def _generate(url: str, user: uuid.UUID, request: GenerateRequest = DESIGNER) -> uuid.UUID:
+    """generate's charge and insert; asserts the state before the job ends: charged, nothing back."""
+    before = balance(url, user)
     answer = generate_over_sql(url, user, request)
     assert answer.status == 201, answer.error
     assert answer.job is not None
+    assert balance(url, user) == before - request.cost()
+    last = transactions(url, user)[-1]
+    assert (last["type"], last["amount"], last["description"]) == (
+        "usage",
+        -request.cost(),
+        request.description(),
+    )
     return uuid.UUID(str(answer.job["id"]))
 
 
