@@ -122,6 +122,7 @@ def _stats(args: argparse.Namespace) -> int:
         store = JobsStore(load_settings(dispatch="direct"), timeout_s=120)
         figures = store.stats(args.hours)
         figures["spend"] = store.spend_stats(args.hours)  # the pause, quota refusals, cancellations
+        figures["tokens"] = store.token_stats(args.hours)  # the plug-in's tokens refunded
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -225,6 +225,10 @@ class JobsStore:
     def spend_stats(self, window_hours: int) -> dict[str, Any]:
         return self._figures("spend_stats", window_hours)
 
+    def token_stats(self, window_hours: int) -> dict[str, Any]:
+        """The plug-in's tokens charged and refunded, and jobs whose charge was not found."""
+        return self._figures("token_stats", window_hours)
+
     def reclaim(self) -> list[ReclaimAction]:
         """Expire lost leases and pick the jobs due for dispatch (single-flight in SQL)."""
         rows = self._rpc(

@@ -71,6 +71,7 @@ def render_table(figures: dict[str, Any]) -> str:
         *_attempt_lines(figures),
     ]
     lines += _spend_lines(figures.get("spend") or {})
+    lines += _token_lines(figures.get("tokens") or {})
     failures = figures.get("recent_failures") or []
     if failures:
         lines += ["", "Recent failures:"]
@@ -103,3 +104,17 @@ def _spend_lines(spend: dict[str, Any]) -> list[str]:
         f" {quota.get('max_jobs_per_day', '-')} a day (since install)",
     ]
     return lines
+
+
+def _token_lines(tokens: dict[str, Any]) -> list[str]:
+    """The plug-in's tokens (only where its token tables exist): charged, given back, and the jobs
+    whose charge was never found, so were refunded nothing."""
+    if not tokens.get("tokens_present"):
+        return []
+    return [
+        "",
+        f"  tokens charged      {tokens.get('tokens_charged', 0)} ({tokens.get('jobs_charged', 0)} jobs)",
+        f"  tokens refunded     {tokens.get('tokens_refunded', 0)} ({tokens.get('refunds', 0)} jobs)",
+        f"  charge not found    {tokens.get('charge_not_found', 0)} jobs (refunded nothing)",
+        f"  refunds failed      {tokens.get('refund_failed', 0)}",
+    ]

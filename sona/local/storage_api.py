@@ -18,7 +18,8 @@ its source (supabase/storage, src/internal/errors, src/storage/limits.ts, migrat
 - a signed-in user's upload, download, info and delete run as Storage runs them: in a transaction
   with the role `authenticated` and the token's claims (`request.jwt.claims`), so PostgreSQL applies
   the project's policies on storage.objects; a write they refuse is "403" AccessDenied, a row they
-  hide is not found. Listing and signing stay refused for users (no project needs them here).
+  hide is not found. Signing too (the plug-in's createSignedUrl of its own preview); listing stays
+  refused for users (no client needs it here).
 """
 
 from __future__ import annotations
@@ -100,7 +101,14 @@ _RLS_GUARDED = {
     "storage:delete",
 }
 # What a signed-in user's token lets through to the policies on storage.objects.
-_POLICY_ROUTES = {"storage:upload", "storage:update", "storage:download", "storage:info", "storage:delete"}
+_POLICY_ROUTES = {
+    "storage:upload",
+    "storage:update",
+    "storage:download",
+    "storage:info",
+    "storage:delete",
+    "storage:sign",
+}
 
 
 def _row_level_security(route: str) -> Response:
@@ -164,7 +172,7 @@ class StorageApi:
         if route == "storage:public":
             return self._serve(parts[2], "/".join(parts[3:]), request, require_public=True)
         if route == "storage:sign":
-            return self._sign(parts[2], "/".join(parts[3:]), request)
+            return self._sign(parts[2], "/".join(parts[3:]), request, user)
         if route == "storage:signed_get":
             return self._serve_signed(parts[2], "/".join(parts[3:]), request)
         if route == "storage:list":
@@ -480,7 +488,11 @@ class StorageApi:
             ]
         )
 
-    def _sign(self, bucket_id: str, name: str, request: Request) -> Response:
+    def _sign(
+        self, bucket_id: str, name: str, request: Request, user: dict[str, Any] | None = None
+    ) -> Response:
+        """Signing needs read access to the object: a user's token signs only what the policies on
+        storage.objects let them select (createSignedUrl on a private bucket, as the plug-in does)."""
         body = request.get_json(force=True, silent=True) or {}
         try:
             expires_in = int(str(body.get("expiresIn")))
@@ -489,6 +501,7 @@ class StorageApi:
         row = self._read_one(
             "select 1 from storage.objects where bucket_id = %s and name = %s",
             (bucket_id, name),
+            user,
         )
         if row is None:
             return _no_such_key()

@@ -1,0 +1,139 @@
+"""Fixtures: a database holding the real plug-in's schema and rows, bare or with this project's
+migrations applied on top, each test getting its own clone of a session template; and the local
+gateway over it with the rows' audio objects stored."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from sona.local.database import apply_sql, migrate
+from sona.local.gateway import Gateway, make_jwt
+from sona.local.stack import _stand_in
+from tests.conftest import _database_url, fresh_database
+from tests.plugin.plugin_db import build_plugin_database, store_plugin_audio
+from tests.support import wav_bytes
+
+PLUGIN_TEMPLATE = "plugin_template"
+PLUGIN_EMPTY_TEMPLATE = "plugin_empty_template"
+PLUGIN_MIGRATED_TEMPLATE = "plugin_migrated_template"
+PLUGIN_REFUNDS_TEMPLATE = "plugin_refunds_template"
+
+# Stands in for the lead's pending change to main's migrations (they refuse the plug-in's modes
+# today): where the mode check does not know `designer`, it goes. A no-op once main accepts them.
+ACCEPT_PLUGIN_MODES = """
+do $$ begin
+  if exists (select from pg_constraint where conname = 'jobs_mode_known'
+              and conrelid = 'public.jobs'::regclass
+              and pg_get_constraintdef(oid) not like '%designer%') then
+    alter table public.jobs drop constraint jobs_mode_known;
+  end if;
+end $$;
+"""
+
+# Tests that apply this project's migrations on the plug-in's database carry this mark until the
+# migrations keep the plug-in's schema (its modes, policies and grants): strict, so the day they pass
+# the mark must go.
+needs_plugin_aware_migrations = pytest.mark.xfail(
+    strict=True,
+    reason="main's migrations do not yet apply on the plug-in's schema (PLUGIN.md: the mode check, "
+    "the dropped policies, anon's revoked privileges)",
+)
+
+
+def _template(pg_server: str, name: str, build: object) -> str:
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"drop database if exists {name} with (force)")  # type: ignore[arg-type]
+        conn.execute(f"create database {name} template template0")  # type: ignore[arg-type]
+    url = _database_url(pg_server, name)
+    build(url)  # type: ignore[operator]
+    return name
+
+
+@pytest.fixture(scope="session")
+def plugin_template(pg_server: str) -> str:
+    return _template(pg_server, PLUGIN_TEMPLATE, build_plugin_database)
+
+
+@pytest.fixture(scope="session")
+def plugin_empty_template(pg_server: str) -> str:
+    return _template(pg_server, PLUGIN_EMPTY_TEMPLATE, lambda url: build_plugin_database(url, rows=False))
+
+
+@pytest.fixture(scope="session")
+def plugin_migrated_template(pg_server: str, plugin_template: str) -> str:
+    def build(url: str) -> None:
+        build_plugin_database(url)
+        migrate(url)
+        apply_sql(url, _stand_in("supabase_functions_stand_in.sql"))
+
+    return _template(pg_server, PLUGIN_MIGRATED_TEMPLATE, build)
+
+
+@pytest.fixture(scope="session")
+def plugin_refunds_template(pg_server: str) -> str:
+    """The plug-in's schema with no rows, then every migration of this project (the refunds'
+    included), the plug-in's modes accepted."""
+
+    def build(url: str) -> None:
+        build_plugin_database(url, rows=False)
+        migrate(url)
+        apply_sql(url, ACCEPT_PLUGIN_MODES)
+
+    return _template(pg_server, PLUGIN_REFUNDS_TEMPLATE, build)
+
+
+@pytest.fixture
+def plugin_refunds_db_url(pg_server: str, plugin_refunds_template: str) -> str:
+    return fresh_database(pg_server, plugin_refunds_template)
+
+
+@pytest.fixture
+def plugin_db_url(pg_server: str, plugin_template: str) -> str:
+    """The plug-in's schema and rows, none of this project's migrations."""
+    return fresh_database(pg_server, plugin_template)
+
+
+@pytest.fixture
+def plugin_empty_db_url(pg_server: str, plugin_empty_template: str) -> str:
+    """The plug-in's schema with no rows (and no users)."""
+    return fresh_database(pg_server, plugin_empty_template)
+
+
+@pytest.fixture
+def plugin_migrated_db_url(pg_server: str, plugin_migrated_template: str) -> str:
+    """The plug-in's schema and rows, then every migration of this project, as a deploy would do."""
+    return fresh_database(pg_server, plugin_migrated_template)
+
+
+def _gateway(url: str, storage: Path) -> Gateway:
+    secret = "local-jwt-secret-for-plugin-tests"
+    return Gateway(
+        url,
+        storage,
+        service_role_key=make_jwt(secret, "service_role"),
+        anon_key=make_jwt(secret, "anon"),
+        jwt_secret=secret,
+    )
+
+
+@pytest.fixture
+def plugin_gateway(plugin_db_url: str, tmp_path: Path) -> Iterator[Gateway]:
+    """The local gateway over the bare plug-in database, every path the rows name stored."""
+    gw = _gateway(plugin_db_url, tmp_path / "storage")
+    gw.start()
+    store_plugin_audio(gw, plugin_db_url, wav_bytes(0.5))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def plugin_migrated_gateway(plugin_migrated_db_url: str, tmp_path: Path) -> Iterator[Gateway]:
+    gw = _gateway(plugin_migrated_db_url, tmp_path / "storage")
+    gw.start()
+    store_plugin_audio(gw, plugin_migrated_db_url, wav_bytes(0.5))
+    yield gw
+    gw.stop()
