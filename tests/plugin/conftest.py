@@ -22,28 +22,6 @@ PLUGIN_EMPTY_TEMPLATE = "plugin_empty_template"
 PLUGIN_MIGRATED_TEMPLATE = "plugin_migrated_template"
 PLUGIN_REFUNDS_TEMPLATE = "plugin_refunds_template"
 
-# Stands in for the lead's pending change to main's migrations (they refuse the plug-in's modes
-# today): where the mode check does not know `designer`, it goes. A no-op once main accepts them.
-ACCEPT_PLUGIN_MODES = """
-do $$ begin
-  if exists (select from pg_constraint where conname = 'jobs_mode_known'
-              and conrelid = 'public.jobs'::regclass
-              and pg_get_constraintdef(oid) not like '%designer%') then
-    alter table public.jobs drop constraint jobs_mode_known;
-  end if;
-end $$;
-"""
-
-# Tests that apply this project's migrations on the plug-in's database carry this mark until the
-# migrations keep the plug-in's schema (its modes, policies and grants): strict, so the day they pass
-# the mark must go.
-needs_plugin_aware_migrations = pytest.mark.xfail(
-    strict=True,
-    reason="main's migrations do not yet apply on the plug-in's schema (PLUGIN.md: the mode check, "
-    "the dropped policies, anon's revoked privileges)",
-)
-
-
 def _template(pg_server: str, name: str, build: object) -> str:
     with psycopg.connect(pg_server, autocommit=True) as conn:
         conn.execute(f"drop database if exists {name} with (force)")  # type: ignore[arg-type]
@@ -76,12 +54,11 @@ def plugin_migrated_template(pg_server: str, plugin_template: str) -> str:
 @pytest.fixture(scope="session")
 def plugin_refunds_template(pg_server: str) -> str:
     """The plug-in's schema with no rows, then every migration of this project (the refunds'
-    included), the plug-in's modes accepted."""
+    included)."""
 
     def build(url: str) -> None:
         build_plugin_database(url, rows=False)
         migrate(url)
-        apply_sql(url, ACCEPT_PLUGIN_MODES)
 
     return _template(pg_server, PLUGIN_REFUNDS_TEMPLATE, build)
 
