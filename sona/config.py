@@ -32,7 +32,14 @@ PROVIDER_RATE_LIMIT_PER_S = 15
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 # The models a mode may name (sona/modes.py MODELS says which engine serves each).
-ModelName = Literal["stable-audio-2.5", "stable-audio-2"]
+ModelName = Literal["stable-audio-2.5", "stable-audio-2", "stable-audio-3"]
+# Stable Audio 3's asynchronous routes sit under this base: POST {base}/stable-audio/{endpoint},
+# GET {base}/results/{id} (DESIGN.md, Stable Audio 3).
+DEFAULT_STABLE_AUDIO_3_API_URL = "https://api.stability.ai/v2beta/audio"
+# Credits per paid generation (1 credit = $0.01): stable-audio-2.5 is 20; stable-audio-2 is
+# 17 + 0.06 x steps (about 20 at its 50 steps); stable-audio-3 is 26 per Stability's spec but 8 per its
+# explainer of 2026-11-23 (unresolved: MODEL_CREDITS overrides any of them).
+DEFAULT_MODEL_CREDITS: dict[str, float] = {"stable-audio-2.5": 20, "stable-audio-2": 20, "stable-audio-3": 26}
 
 
 def dispatch_deadline_problem(job_timeout_ms: int) -> str | None:
@@ -79,6 +86,12 @@ class Settings(BaseSettings):
 
     # Provider.
     stable_audio_api_url: str = DEFAULT_STABLE_AUDIO_API_URL
+    stable_audio_3_api_url: str = DEFAULT_STABLE_AUDIO_3_API_URL
+    # Stable Audio 3 answers a generation's id at once; the attempt then asks for the audio every
+    # GENERATION_POLL_MS (PERFORMANCE.md: why the wait is spent polling inside the attempt).
+    generation_poll_ms: int = Field(default=2000, ge=100, le=60_000)
+    # What `stats` prices each paid generation at, per model, in credits (JSON: {"stable-audio-3": 8}).
+    model_credits: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MODEL_CREDITS))
     # The model for the earlier worker's modes (default, text-to-audio, audio-to-audio).
     stable_audio_model: ModelName = "stable-audio-2.5"
     # One model per plug-in mode (sona/modes.py decides what each row asks for). The plug-in's own
@@ -148,7 +161,25 @@ class Settings(BaseSettings):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("supabase_url", "stable_audio_api_url", "process_job_url", "cloud_tasks_api_url")
+    @field_validator("model_credits")
+    @classmethod
+    def _every_model_priced(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(DEFAULT_MODEL_CREDITS))
+        if unknown:
+            raise ValueError(
+                f"names unknown models {', '.join(unknown)}; known: {', '.join(DEFAULT_MODEL_CREDITS)}"
+            )
+        if any(credits < 0 for credits in value.values()):
+            raise ValueError("must not price a model below 0 credits")
+        return {**DEFAULT_MODEL_CREDITS, **value}
+
+    @field_validator(
+        "supabase_url",
+        "stable_audio_api_url",
+        "stable_audio_3_api_url",
+        "process_job_url",
+        "cloud_tasks_api_url",
+    )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
