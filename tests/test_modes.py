@@ -129,6 +129,18 @@ def test_each_plugin_mode_is_served_by_its_own_model_setting(mode: str) -> None:
     assert {plan_job(job(mode=m), settings).model for m in others} == {"stable-audio-2.5"}
 
 
+@pytest.mark.parametrize(("duration", "asked"), [(181, 181), (300, 300), (380, 380)])
+def test_a_mode_served_by_stable_audio_3_takes_up_to_380_seconds(duration: int, asked: int) -> None:
+    plan = plan_job(job(mode="creator", duration=duration), make_settings(creator_model="stable-audio-3"))
+    assert (plan.duration, plan.model, plan.engine) == (asked, "stable-audio-3", "stable-audio-3")
+
+
+def test_stable_audio_3_refuses_a_row_past_380_seconds_before_anything_is_paid() -> None:
+    with pytest.raises(PermanentError) as failed:
+        plan_job(job(mode="creator", duration=381), make_settings(creator_model="stable-audio-3"))
+    assert failed.value.public_message == "The duration must be 1 to 380 seconds, not 381."
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
