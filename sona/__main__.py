@@ -114,15 +114,18 @@ def _webhook_sql(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from sona.jobs_store import JobsStore
-    from sona.stats import render_table
+    from sona.stats import credits_spent, render_table
 
     try:
         # Only the database is read: how jobs are dispatched does not matter here.
         # A window of a month over a large table takes seconds, not the claim's 10 s budget.
-        store = JobsStore(load_settings(dispatch="direct"), timeout_s=120)
+        settings = load_settings(dispatch="direct")
+        store = JobsStore(settings, timeout_s=120)
         figures = store.stats(args.hours)
         figures["spend"] = store.spend_stats(args.hours)  # the pause, quota refusals, cancellations
         figures["tokens"] = store.token_stats(args.hours)  # the plug-in's tokens refunded
+        # Paid generations per model, priced by MODEL_CREDITS (Stable Audio 3's price is unresolved).
+        figures["credits"] = credits_spent(store.generation_stats(args.hours), settings.model_credits)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
