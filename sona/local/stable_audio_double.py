@@ -160,6 +160,7 @@ class Generation:
     created: float
     ready_at: float
     fetched: int = 0  # 200 answers sent for it
+    asked: int = 0  # GET results requests for it, in progress or not
 
 
 def error_body(status: int, errors: list[str] | None = None, name: str | None = None) -> bytes:
@@ -183,6 +184,8 @@ class StableAudioDouble:
         self.retention_s = RETENTION_S
         self.sa3_access = True
         self.generations: dict[str, Generation] = {}
+        # The next generations' lengths, in POST order (the benchmark's mix); then generation_s.
+        self.generation_plan: deque[float] = deque()
         self.fetch_count = 0  # GET results requests answered
         self._fetch_script: deque[Behaviour] = deque()
         self.latency_s = latency_s
@@ -263,8 +266,9 @@ class StableAudioDouble:
 
     def _accept(self, call: Call) -> Generation:
         now = time.monotonic()
-        generation = Generation(uuid.uuid4().hex + uuid.uuid4().hex, call, now, now + self.generation_s)
         with self._lock:
+            takes = self.generation_plan.popleft() if self.generation_plan else self.generation_s
+            generation = Generation(uuid.uuid4().hex + uuid.uuid4().hex, call, now, now + takes)
             self.generations[generation.id] = generation
         call.generation_id = generation.id
         call.paid = True
@@ -514,6 +518,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return None
         generation = double._generation(self.path[len(RESULTS_PREFIX) :])
+        if generation is not None:
+            generation.asked += 1
         if generation is None:
             expired = ["Generation not found, it may have expired."]
             gone = error_body(404, expired, name="generation_not_found")
