@@ -61,15 +61,27 @@ class ById:
         generation_id = engine.submit(request, deadline)
         self._record(job, generation_id, request.model)
         try:
-            return self.wait(engine, generation_id, request.model, deadline)
+            # Just started: nothing is ready before one interval (a resumed wait asks at once).
+            first = engine.poll_interval_s
+            return self.wait(engine, generation_id, request.model, deadline, first_after_s=first)
         except GenerationGone as exc:
             # Just paid for and already unknown: the provider's fault; retrying the fetch later is
             # all that is left (the id stays on the row).
             lost = "The audio service lost a generation it had just accepted"
             raise TransientError(lost, detail=exc.detail) from None
 
-    def wait(self, engine: EngineById, generation_id: str, model: str, deadline: Deadline) -> GeneratedAudio:
+    def wait(
+        self,
+        engine: EngineById,
+        generation_id: str,
+        model: str,
+        deadline: Deadline,
+        *,
+        first_after_s: float = 0.0,
+    ) -> GeneratedAudio:
         """Poll until the audio is there; DeadlineExceeded leaves the id for the next attempt."""
+        if first_after_s:
+            self.sleep(min(first_after_s, deadline.remaining()))
         while True:
             audio = engine.fetch(generation_id, model, deadline)
             if audio is not None:
