@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     # Unset: the bucket gets no limit of its own, so only the project's global upload limit applies
     # (a bucket limit above that global limit is refused by Storage when the bucket is created).
     storage_file_size_limit: str | None = None
+    # The project's global upload limit (Supabase dashboard: Storage settings; the Free plan's is
+    # 50MB). A row whose WAV master cannot fit under it (nor the bucket's) fails before it is paid for:
+    # 16-bit 44.1 kHz stereo is 176.4 kB a second, so 50MB holds about 283 s of the 380 s
+    # stable-audio-3 makes.
+    storage_upload_limit: str = "50MB"
 
     # Dispatch: the webhook enqueues a Cloud Tasks task that runs the job (cloud_tasks), or the
     # webhook's own call runs it (direct, for setups without Cloud Tasks).
@@ -220,6 +225,13 @@ class Settings(BaseSettings):
         _url_safe(value)
         return value
 
+    @field_validator("storage_upload_limit")
+    @classmethod
+    def _upload_limit(cls, value: str) -> str:
+        if storage_rules.parse_file_size(value) == 0:
+            raise ValueError("must be more than 0 bytes, e.g. 50MB (the Free plan's) or 500MB")
+        return value
+
     @field_validator("storage_file_size_limit", mode="before")
     @classmethod
     def _size_limit(cls, value: object) -> object:
@@ -266,6 +278,13 @@ class Settings(BaseSettings):
         """The bucket limit in bytes, as Storage parses it (decimal units: 100MB is 10^8 bytes)."""
         limit = self.storage_file_size_limit
         return None if limit is None else storage_rules.parse_file_size(limit)
+
+    @property
+    def stored_file_limit_bytes(self) -> int:
+        """The largest file an upload can store: the bucket's limit, within the project's."""
+        upload = storage_rules.parse_file_size(self.storage_upload_limit)
+        bucket = self.storage_file_size_limit_bytes
+        return upload if bucket is None else min(upload, bucket)
 
     # Everything below follows from JOB_TIMEOUT_MS, the one knob (DESIGN.md, Timeouts).
     @property

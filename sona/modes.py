@@ -33,6 +33,8 @@ MAX_JOB_DURATION_S = 180
 MAX_SA3_JOB_DURATION_S = 380
 # Stable Audio's own prompt limit.
 MAX_PROMPT_CHARS = 10_000
+# The least a second of the WAV master takes: 16-bit 44.1 kHz stereo (a wider format is bigger).
+MASTER_BYTES_PER_S = 44_100 * 2 * 2
 # The plug-in's UI says draft and standard for the table's low and medium (PLUGIN.md).
 QUALITIES = {"low": "low", "draft": "low", "medium": "medium", "standard": "medium", "high": "high"}
 
@@ -115,6 +117,7 @@ def plan_job(job: Job, settings: Settings) -> JobPlan:
             f"The quality '{job.quality}' is unknown; choose low (draft), medium (standard) or high."
         )
     duration = min(job.duration, model.max_duration_s)
+    _fits_storage(duration, settings)
     prompt = clean_prompt(job.prompt)
     if not prompt:
         raise PermanentError("The prompt is empty. Describe the sound you want.")
@@ -135,6 +138,18 @@ def plan_job(job: Job, settings: Settings) -> JobPlan:
         quality=quality,  # type: ignore[arg-type]
         filename=filename,
     )
+
+
+def _fits_storage(duration: int, settings: Settings) -> None:
+    """A clip whose master cannot be stored would be paid for and lost: refuse it before paying."""
+    limit = settings.stored_file_limit_bytes
+    if duration * MASTER_BYTES_PER_S + 44 > limit:
+        longest = (limit - 44) // MASTER_BYTES_PER_S
+        raise PermanentError(
+            f"A {duration} s clip is larger than the storage allows ({limit / 1e6:g} MB); "
+            f"choose {longest} seconds or less.",
+            detail="STORAGE_UPLOAD_LIMIT / STORAGE_FILE_SIZE_LIMIT",
+        )
 
 
 def clean_prompt(text: str) -> str:
