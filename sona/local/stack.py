@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -163,9 +163,12 @@ class LocalStack:
         webhook_secret: str | None = None,
         ports: Mapping[str, int] | None = None,
         capacity: tuple[int, int] | None = None,
+        before_migrations: Callable[[str], None] | None = None,
     ) -> None:
         """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of
-        process_job: requests beyond it wait up to 10 s, then get 429."""
+        process_job: requests beyond it wait up to 10 s, then get 429. `before_migrations` builds
+        what the database held before this project (the plug-in's schema and rows, say)."""
+        self.before_migrations = before_migrations
         self.root = root
         self.ports = dict(ports or {})  # gateway, process_job, reclaim_jobs: free ones unless given
         self.overrides = dict(env or {})
@@ -213,6 +216,8 @@ class LocalStack:
     def _start(self) -> LocalStack:
         self.root.mkdir(parents=True, exist_ok=True)
         self.database_url = self.postgres.start()
+        if self.before_migrations is not None:
+            self.before_migrations(self.database_url)
         migrate(self.database_url)
         apply_sql(self.database_url, _stand_in("supabase_functions_stand_in.sql"))
         self.gateway = Gateway(
