@@ -38,8 +38,8 @@ def attempt_stamp() -> datetime:
 
 
 class AudioStorage:
-    # One bucket check per instance, not per job.
-    _checked: ClassVar[set[tuple[str, str]]] = set()
+    # One bucket check per instance, not per job; it also learns whether the bucket is public.
+    _checked: ClassVar[dict[tuple[str, str], bool]] = {}
     _check_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, settings: Settings, *, timeout_s: float = 30.0) -> None:
@@ -61,20 +61,28 @@ class AudioStorage:
         return self._settings.supabase_storage_bucket
 
     def ensure_bucket(self) -> None:
-        """Create the bucket when it is missing (public unless configured otherwise)."""
+        """Create the bucket when it is missing (public unless configured otherwise). An existing
+        bucket's own privacy decides the URLs: one turned private serves no public URL (issue 25,
+        Storage 3), so it gets signed URLs whatever STORAGE_PUBLIC says."""
         key = (self._settings.supabase_url, self.bucket)
         with self._check_lock:
             if key in self._checked:
                 return
+            public = self._settings.storage_public
             try:
-                self._client.get_bucket(self.bucket)
+                public = bool(self._client.get_bucket(self.bucket).public)
             except StorageApiError as exc:
                 if str(exc.status) != "404":
                     raise _translate(exc) from None
                 self._create_bucket()
             except httpx.HTTPError as exc:
                 raise _unreachable(exc) from None
-            self._checked.add(key)
+            self._checked[key] = public
+
+    @property
+    def public(self) -> bool:
+        """Whether the bucket serves public URLs: as checked, else as configured."""
+        return self._checked.get((self._settings.supabase_url, self.bucket), self._settings.storage_public)
 
     def _create_bucket(self) -> None:
         options: dict[str, Any] = {
@@ -185,7 +193,7 @@ class AudioStorage:
 
     def url(self, path: str) -> str:
         """The file's URL, percent-encoded: names may hold spaces and punctuation Storage allows."""
-        if self._settings.storage_public:
+        if self.public:
             # Built locally: the public URL needs no request.
             return self._object_url("public", path)
         try:

@@ -60,6 +60,8 @@ create table if not exists storage.objects (
   updated_at timestamptz not null default now(),
   unique (bucket_id, name)
 );
+-- Storage writes a new version id on every upload and overwrite (issue 25, Storage 7).
+alter table storage.objects add column if not exists version text;
 
 -- As Supabase Storage's own migrations have them (supabase/storage, migrations/tenant/
 -- 0002-storage-schema.sql): row level security on objects, the API roles granted the tables, and
