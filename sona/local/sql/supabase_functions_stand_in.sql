@@ -58,12 +58,20 @@ create unlogged table if not exists net._http_response (
 create index if not exists _http_response_created_idx on net._http_response (created);
 
 -- pg_net wakes its worker when the inserting transaction commits; NOTIFY is delivered at commit too.
-create or replace function net.wake() returns void language sql as $$
+do $do$
+begin
+if to_regprocedure('net.wake()') is null then
+create function net.wake() returns void language sql as $$
   select pg_notify('pg_net_wake', '')
 $$;
+end if;
+end $do$;
 
 -- pg_net does these two in C (curl's URL API); the same percent-encoding of unreserved characters.
-create or replace function net._urlencode_string(string varchar) returns text
+do $do$
+begin
+if to_regprocedure('net._urlencode_string(character varying)') is null then
+create function net._urlencode_string(string varchar) returns text
 language sql immutable as $$
   select string_agg(
     case when b between 48 and 57 or b between 65 and 90 or b between 97 and 122 or b in (45, 46, 95, 126)
@@ -72,13 +80,20 @@ language sql immutable as $$
   from (select i, get_byte(convert_to(string, 'UTF8'), i) as b
         from generate_series(0, octet_length(convert_to(string, 'UTF8')) - 1) i) bytes
 $$;
+end if;
+end $do$;
 
-create or replace function net._encode_url_with_params_array(url text, params_array text[]) returns text
+do $do$
+begin
+if to_regprocedure('net._encode_url_with_params_array(text, text[])') is null then
+create function net._encode_url_with_params_array(url text, params_array text[]) returns text
 language sql immutable as $$
   select case when cardinality(params_array) = 0 then url
               else url || case when position('?' in url) > 0 then '&' else '?' end
                        || array_to_string(params_array, '&') end
 $$;
+end if;
+end $do$;
 
 do $do$
 begin
