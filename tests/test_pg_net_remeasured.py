@@ -29,6 +29,8 @@ do $$ begin
     create role sona_plain_caller nologin;
   end if;
 end $$;
+-- So that a role that is not a superuser (postgres on Supabase) may act as it.
+grant sona_plain_caller to current_user;
 """
 
 
