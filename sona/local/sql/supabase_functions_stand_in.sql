@@ -344,8 +344,13 @@ begin
   values (tg_relid, tg_name, request_id);
   return new;
 end $$;
-alter function supabase_functions.http_request() owner to supabase_functions_admin;
-alter table supabase_functions.hooks owner to supabase_functions_admin;
+-- Supabase's owner, where this session may hand it over (a superuser, or a member of the role);
+-- otherwise whoever ran this keeps it, and the function still runs as its owner.
+if pg_has_role('supabase_functions_admin', 'member')
+   or (select rolsuper from pg_roles where rolname = current_user) then
+  alter function supabase_functions.http_request() owner to supabase_functions_admin;
+  alter table supabase_functions.hooks owner to supabase_functions_admin;
+end if;
 end if;
 end $do$;
 
