@@ -17,9 +17,11 @@ import httpx
 import pytest
 from storage3 import SyncStorageClient
 
+from sona.deadline import Deadline
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.user_jwt import check_jwt, make_user_jwt
-from tests.support import connect, insert_job, new_user
+from sona.storage import AudioStorage
+from tests.support import connect, insert_job, make_settings, new_user
 
 BUCKET = "audio-files"
 SECRET = "local-jwt-secret-for-storage-remeasured"
@@ -120,6 +122,25 @@ def test_1_signing_another_users_object_or_a_missing_one_is_no_such_key(
         headers={"apikey": gateway.anon_key, "Authorization": f"Bearer {token}"},
     )
     assert error(refused) == (400, "404", "NoSuchKey")
+
+
+def test_1_the_owner_signs_and_plays_what_the_worker_stored_for_their_job(
+    gateway: Gateway, db_url: str
+) -> None:
+    """The production path: the worker stores the MP3 with the service role (sona/storage.py, into
+    the private bucket); the job's row names it; its owner signs it under the player's policy."""
+    AudioStorage._checked.clear()
+    settings = make_settings(
+        supabase_url=gateway.url, supabase_service_role_key=gateway.service_role_key, storage_public=False
+    )
+    worker = AudioStorage(settings)
+    worker.ensure_bucket()
+    owner = new_user(db_url)
+    path = f"generated/{uuid.uuid4()}_1.mp3"
+    worker.upload(path, b"ID3 preview", "mp3", Deadline(10))
+    insert_job(db_url, user_id=owner, preview_path=path)
+    signed = as_user(gateway, owner).from_(BUCKET).create_signed_url(path, 3600)
+    assert httpx.get(signed["signedURL"]).content == b"ID3 preview"
 
 
 # -- 2. a signed-in user listing their own folder --------------------------------------------------
