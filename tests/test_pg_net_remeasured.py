@@ -136,6 +136,9 @@ def endpoint() -> Iterator[Seen]:
         def do_GET(self) -> None:
             self.do_POST()
 
+        def do_DELETE(self) -> None:
+            self.do_POST()
+
         def log_message(self, *args: Any) -> None:
             pass
 
@@ -171,7 +174,7 @@ def test_3_a_307_to_another_url_delivers_there_and_records_the_final_200(
     db_url: str, relay: WebhookRelay, endpoint: Seen
 ) -> None:
     response = delivered(db_url, f"{endpoint.url}/hop?to={endpoint.url}/final")
-    assert (response["status_code"], response["content"]) == (200, "{\"ok\":true}"), response
+    assert (response["status_code"], response["content"]) == (200, '{"ok":true}'), response
     assert [(method, path, body) for method, path, _, body in endpoint.requests] == [
         ("POST", "/hop", b'{"n": 1}'),
         ("POST", "/final", b'{"n": 1}'),
@@ -186,3 +189,15 @@ def test_3_a_request_carries_accept_any_and_no_accept_encoding(
     names = {name.lower(): value for name, value in headers.items()}
     assert names["accept"] == "*/*"
     assert "accept-encoding" not in names
+
+
+def test_1_a_delete_is_sent_and_its_response_collected_as_pg_net_does(
+    db_url: str, relay: WebhookRelay, endpoint: Seen
+) -> None:
+    (row,) = sql(db_url, "select net.http_delete(%s) as id", f"{endpoint.url}/gone", role=None)
+    query = "select (r).status, (r).message, ((r).response).status_code from net._http_collect_response(%s) r"
+    wait_until(lambda: sql(db_url, query, row["id"], role=None)[0]["status"] == "SUCCESS", timeout_s=10)
+    assert sql(db_url, query, row["id"], role=None) == [
+        {"status": "SUCCESS", "message": "ok", "status_code": 200}
+    ]
+    assert [(method, path) for method, path, _, _ in endpoint.requests] == [("DELETE", "/gone")]
