@@ -218,9 +218,8 @@ def readable(text: str, limit: int = 200) -> str:
     with the error itself), links and control characters out, one line, at most `limit` characters."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = lines[-1] if lines else ""
-    line = _URL.sub("[link]", line)
-    line = "".join(c for c in line if c.isprintable())
-    line = _SPACE.sub(" ", line).strip(" -")
+    line = _URL.sub("[link]", _SPACE.sub(" ", line))
+    line = "".join(c for c in line if c.isprintable()).strip(" -")
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
