@@ -100,9 +100,11 @@ class TangoFluxInput(BaseModel):
     guidance_scale: float = Field(default=GUIDANCE_SCALE, ge=1, le=20)
 
     @classmethod
-    def for_quality(cls, prompt: str, duration: int, quality: str) -> TangoFluxInput:
-        """What the plug-in's worker sent for a row's prompt, length and quality."""
-        return cls.build(prompt=prompt, duration=duration, steps=STEPS.get(quality, STEPS["medium"]))
+    def for_quality(cls, prompt: str, duration: int, quality: str | None) -> TangoFluxInput:
+        """What the plug-in's worker sent for a row's prompt, length and quality (medium when the
+        quality is unset or a name it did not know)."""
+        steps = STEPS.get(quality or "medium", STEPS["medium"])
+        return cls.build(prompt=prompt, duration=duration, steps=steps)
 
     @classmethod
     def build(cls, **fields: Any) -> TangoFluxInput:
@@ -147,10 +149,12 @@ class Prediction:
 
 
 def _output_url(output: object) -> str | None:
-    """TangoFlux's output is one URL; a list holding one is read the same (older cog outputs)."""
+    """TangoFlux's output is one URL; a list holding one is read the same (older cog outputs), and
+    a data: URL (a file answered inline) is kept for download to decode."""
     if isinstance(output, list) and len(output) == 1:
         output = output[0]
-    return output if isinstance(output, str) and output.startswith(("http://", "https://")) else None
+    schemes = ("http://", "https://", "data:")
+    return output if isinstance(output, str) and output.startswith(schemes) else None
 
 
 # -- what each answer means for the job ------------------------------------------------------------
@@ -173,7 +177,7 @@ _PERMANENT = {
 def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[str]) -> Exception:
     """An HTTP error answer from the API becomes one of the project's kinds (by status, not text)."""
     title, detail = _problem(body)
-    said = f"HTTP {status} {title or ''}: {detail or ''}".strip(" :")
+    said = ": ".join(part for part in (f"HTTP {status} {title or ''}".strip(), detail) if part)
     if status in _ACCOUNT_LEVEL:
         return ServiceOutage(_UNAVAILABLE, code=_ACCOUNT_LEVEL[status], detail=said)
     if status == 429:
@@ -342,6 +346,8 @@ class ReplicateClient:
     def download(self, output_url: str, deadline: Deadline) -> bytes:
         """The output file's bytes (no token is sent: the file host is not the API);
         PredictionGone when the hour has passed and the file is deleted."""
+        if output_url.startswith("data:"):
+            return _data_url(output_url)
         return self._retrying("replicate download", deadline)(self._download_once, output_url, deadline)
 
     def result(self, prediction_id: str, deadline: Deadline) -> GeneratedAudio | None:
@@ -484,6 +490,19 @@ def _read_within(response: requests.Response, deadline: Deadline, step: str) -> 
         body += chunk
         deadline.check(f"replicate {step}: reading the answer")
     return body
+
+
+def _data_url(url: str) -> bytes:
+    """The bytes of a base64 data: URL."""
+    meta, _, data = url.partition(",")
+    try:
+        if not meta.endswith(";base64") or not data:
+            raise ValueError("not a base64 data URL")
+        return base64.b64decode(data, validate=True)
+    except (ValueError, binascii.Error):
+        raise PermanentError(
+            "The audio service returned audio that could not be read", detail="bad data URL"
+        ) from None
 
 
 def _json(payload: bytes | bytearray) -> Any:

@@ -4,6 +4,7 @@ the token kept out of every log line."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import socket
@@ -540,3 +541,14 @@ def test_the_api_url_defaults_to_replicates_and_an_empty_token_is_unset() -> Non
 
 def test_the_version_is_the_one_the_plugin_pinned() -> None:
     assert VERSION == "fcdc421786888a045329d7c4e1874764433a2516b21f4c34bd3da4e054d04cf9"
+
+
+def test_an_output_answered_inline_as_a_data_url_is_decoded_without_a_request(
+    double: ReplicateDouble,
+) -> None:
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt "
+    url = "data:audio/wav;base64," + base64.b64encode(wav).decode()
+    prediction = Prediction.from_json({"id": "abc", "status": "succeeded", "output": url})
+    assert prediction.output_url == url
+    assert client_for(double).download(url, Deadline(30)) == wav
+    assert double.seen == []
