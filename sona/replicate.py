@@ -397,7 +397,13 @@ class ReplicateClient:
         )
         if status not in (200, 201):
             raise classify(status, payload, answer_headers)
-        return Prediction.from_json(_json(payload))
+        try:
+            return Prediction.from_json(_json(payload))
+        except TransientError as exc:
+            # Accepted, so made and billed, but its id unreadable: never sent again in place.
+            raise CreateUnanswered(
+                "The audio service answered something unreadable", detail=exc.detail
+            ) from None
 
     def _get_once(self, prediction_id: str, deadline: Deadline) -> Prediction:
         deadline.check("replicate get", need_s=0.2)
@@ -447,8 +453,9 @@ class ReplicateClient:
 
 
 class CreateUnanswered(TransientError):
-    """A create whose answer never arrived: Replicate may have made (and billed) a prediction whose
-    id we do not know, so it is not sent again within this call."""
+    """A create whose answer never arrived (or arrived unreadable): Replicate may have made (and
+    billed) a prediction whose id we do not know, so it is not sent again within this call. A
+    DeadlineExceeded from create leaves the same doubt when the request had been sent."""
 
 
 class _Stop(Exception):

@@ -351,6 +351,14 @@ def test_a_create_whose_answer_is_lost_is_not_sent_again(hangs_up: tuple[str, li
     assert client.created == 0
 
 
+def test_an_accepted_create_with_an_unreadable_answer_is_not_sent_again(double: ReplicateDouble) -> None:
+    sleeps = Sleeps()
+    double.script(Answer(201, on="create", body={"status": "starting"}))
+    with pytest.raises(CreateUnanswered):
+        client_for(double, sleeps).create(TANGO, Deadline(30))
+    assert [m for m, _, _ in double.seen] == ["POST"] and sleeps == []
+
+
 def test_a_create_that_never_connected_is_retried() -> None:
     closed = socket.create_server(("127.0.0.1", 0))
     port = closed.getsockname()[1]
