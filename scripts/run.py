@@ -2,7 +2,8 @@
 """Bootstrap for a fresh machine with only Python 3.11+: make .venv, install, then run.
 
 python3 scripts/run.py demo "ambient forest at dawn" --duration 5
-python3 scripts/run.py test              # ruff, mypy, then pytest (extra args go to pytest)
+python3 scripts/run.py test              # ruff, mypy, then the whole suite on 4 xdist workers
+python3 scripts/run.py test tests/test_x.py -k name   # ... then only those tests, in one process
 python3 scripts/run.py lock [--upgrade]  # regenerate requirements.txt and requirements-dev.txt
 python3 scripts/run.py <any python -m sona command>
 """
@@ -15,6 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = (ROOT / "requirements.txt", ROOT / "requirements-dev.txt")
+# The suite mostly waits (servers, deadlines, the relay's pauses), so four workers keep two cores
+# busy; pyproject.toml's addopts group the tests so that parallel runs stay safe.
+WORKERS = "4"
 
 if sys.version_info < (3, 11):  # noqa: UP036  this file runs under whatever python3 is
     sys.exit(f"Python 3.11 or newer is needed; this is {sys.version.split()[0]}")
@@ -35,8 +39,10 @@ def test(python: str, pytest_args: list[str]) -> int:
         print(f"$ {' '.join(step[2:])}", flush=True)
         if run(*step) != 0:
             return 1
-    print("$ pytest", *pytest_args, flush=True)
-    return run(python, "-m", "pytest", *pytest_args)
+    # The whole suite in parallel; with arguments (a file, -k) it is the quick loop, in one process.
+    args = pytest_args or ["-n", WORKERS]
+    print("$ pytest", *args, flush=True)
+    return run(python, "-m", "pytest", *args)
 
 
 def lock(python: str, uv_args: list[str]) -> int:

