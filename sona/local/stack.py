@@ -28,7 +28,7 @@ from sona.local.cloud_run import CapacityCap
 from sona.local.cloud_tasks import CloudTasksEmulator
 from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
 from sona.local.gateway import Gateway, make_jwt
-from sona.local.relay import WebhookRelay
+from sona.local.relay import DEFAULT_PAUSE_S, WebhookRelay
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.local.user_jwt import make_user_jwt
 from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
@@ -129,10 +129,16 @@ class FunctionProcess:
         wait_for_port(self.port, timeout_s, self.process)
         return self
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def send_signal(self, sig: int) -> None:
+        """Send without waiting, so several processes can wind down at once (gunicorn takes about a
+        second to end on SIGTERM: its workers notice on their next 1 s poll)."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            self.send_signal(sig)
             self.process.wait(timeout=10)
             # gunicorn's worker is a grandchild: until it is gone its socket still accepts (and then
             # resets) connections, so a new instance must not be trusted before the port is free.
@@ -161,9 +167,11 @@ class LocalStack:
         webhook_secret: str | None = None,
         ports: Mapping[str, int] | None = None,
         capacity: tuple[int, int] | None = None,
+        relay_pause_s: float = DEFAULT_PAUSE_S,
     ) -> None:
         """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of
-        process_job: requests beyond it wait up to 10 s, then get 429."""
+        process_job: requests beyond it wait up to 10 s, then get 429. `relay_pause_s` is pg_net's
+        pause between batches (1 s, as pg_net has it); a test of something else may shorten it."""
         self.root = root
         self.ports = dict(ports or {})  # gateway, process_job, reclaim_jobs: free ones unless given
         self.overrides = dict(env or {})
@@ -185,6 +193,7 @@ class LocalStack:
         self.functions: dict[str, FunctionProcess] = {}
         self.relay: WebhookRelay | None = None
         self.capacity = capacity
+        self.relay_pause_s = relay_pause_s
         self.cap: CapacityCap | None = None
         self.tasks: CloudTasksEmulator | None = None
         self.task_secret = secrets.token_urlsafe(24)
@@ -246,11 +255,12 @@ class LocalStack:
         if self.tasks is not None:
             self._create_queue()
         if self.start_functions:
-            self.start_function("process_job", self.process_job_port)
-            self.start_function("reclaim_jobs", self.ports.get("reclaim_jobs", 0))
+            self.start_functions_together(
+                {"process_job": self.process_job_port, "reclaim_jobs": self.ports.get("reclaim_jobs", 0)}
+            )
         self.install_webhook(self.process_job_url)
         if self.with_relay:
-            self.relay = WebhookRelay(self.database_url)
+            self.relay = WebhookRelay(self.database_url, pause_s=self.relay_pause_s)
             self.relay.start()
         return self
 
@@ -261,6 +271,8 @@ class LocalStack:
             self.tasks.stop()
         if self.cap is not None:
             self.cap.stop()
+        for function in self.functions.values():
+            function.send_signal(signal.SIGTERM)  # all at once; each stop() below then waits for its own
         for function in self.functions.values():
             function.stop()
         if self.double is not None:
@@ -364,6 +376,15 @@ class LocalStack:
         )
         self.functions[target] = function.wait_ready()
         return function
+
+    def start_functions_together(self, ports: Mapping[str, int]) -> None:
+        """Both processes start side by side (each takes most of a second to import and listen)."""
+        for target, port in ports.items():
+            self.functions[target] = FunctionProcess(
+                target, self.function_env(), self.root / "logs" / f"{target}.log", port
+            )
+        for function in list(self.functions.values()):
+            function.wait_ready()
 
     def install_webhook(self, url: str) -> None:
         # The stack's own key, so a test can hand the functions a key they must refuse.
