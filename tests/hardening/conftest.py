@@ -36,6 +36,9 @@ ENV = {
     "STABLE_AUDIO_API_KEY": SENTINELS["STABLE_AUDIO_API_KEY"],
 }
 JOB_BUDGET_S = 6.0
+# pg_net's 1 s pause between batches is the webhook transport's own behaviour (tests/
+# test_webhook_delivery.py); here it only made each case wait for the one before it was taken.
+RELAY_PAUSE_S = 0.05
 
 
 @dataclass
@@ -94,6 +97,7 @@ def hstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         process_env={"PATH": "/usr/bin:/bin"},
         service_role_key=SENTINELS["SUPABASE_SERVICE_ROLE_KEY"],
         webhook_secret=SENTINELS["WEBHOOK_SECRET"],
+        relay_pause_s=RELAY_PAUSE_S,
     ) as stack:
         yield stack
 
