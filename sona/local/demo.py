@@ -28,7 +28,9 @@ def _banner(stack: LocalStack) -> str:
 def demo(
     prompt: str, duration: int, quality: str, input_file: Path | None = None, strength: float | None = None
 ) -> int:
-    root = DEMO_ROOT / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Unique even for two demos started in the same second (the test suite runs them in parallel).
+    DEMO_ROOT.mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f"demo-{time.strftime('%Y%m%d-%H%M%S')}-", dir=DEMO_ROOT))
     print(f"Starting the local stack in {root} ...", flush=True)
     started = time.monotonic()
     with LocalStack(root) as stack:
