@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import pytest
 import requests
+from psycopg.rows import dict_row
 
 from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.local.stack import TERMINAL, LocalStack
@@ -198,21 +200,24 @@ def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> di
     """Wait out a delivery in flight (the relay's), or a dispatch reclaim stopped waiting for;
     either ends within the function's timeout, and then the row has its answer."""
     deadline = time.monotonic() + JOB_BUDGET_S + 6
-    while True:
-        # pg_net keeps a request's queue row (uncommitted delete) until its whole batch has ended.
-        # Looked at before the row, so a row read after its delivery ended is the answered one.
-        delivering = sql(
-            stack.database_url,
-            "select 1 from net.http_request_queue"
-            " where convert_from(body, 'UTF8')::jsonb->'record'->>'id' = %s",
-            str(job_id),
-            role=None,
-        )
-        row = stack.job(job_id)
-        running = while_processing and row["status"] == "processing"
-        if not (delivering or running) or time.monotonic() > deadline:
-            return row
-        time.sleep(0.05)
+    with psycopg.connect(stack.database_url, autocommit=True, row_factory=dict_row) as conn:
+        while True:
+            # pg_net keeps a request's queue row (uncommitted delete) until its whole batch has
+            # ended. Looked at before the row, so a row read after its delivery ended is the answered
+            # one. (Autocommit: each statement sees what has committed by then.)
+            delivering = conn.execute(
+                "select 1 from net.http_request_queue"
+                " where convert_from(body, 'UTF8')::jsonb->'record'->>'id' = %s",
+                (str(job_id),),
+            ).fetchone()
+            found = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
+            if found is None:
+                raise KeyError(job_id)
+            row = dict(found)
+            running = while_processing and row["status"] == "processing"
+            if not (delivering or running) or time.monotonic() > deadline:
+                return row
+            time.sleep(0.05)
 
 
 def summary_lines() -> list[str]:
