@@ -47,9 +47,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_own_basetemp] = base
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    base = config.stash.get(_own_basetemp, None)
-    if base is not None:
+@pytest.hookimpl(trylast=True)  # after the session's fixtures (PostgreSQL in it) are torn down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Our temp dir goes when every test passed; after a failure it stays, for the logs in it."""
+    base = session.config.stash.get(_own_basetemp, None)
+    if base is not None and exitstatus == 0:
         shutil.rmtree(base, ignore_errors=True)
 
 
