@@ -3,11 +3,13 @@ SONA_TEST_DATABASE_URL), a migrated template, and a fresh database per test clon
 
 Under pytest-xdist (`scripts/run.py test` runs with `-n 4`) a "session" is one worker: each worker has
 its own PostgreSQL (or its own template on a given server), its own temp dirs and ports. Each test
-file runs whole on one worker, in order, and so does each folder under tests/ (hardening/): tests in
-different files must not depend on each other, or belong in one folder. See `group_of` below."""
+file runs whole on one worker, in order, and so does each folder under tests/ (hardening/). Tests in
+different files that cannot run at the same time, or share state, name one group:
+@pytest.mark.xdist_group("name") (or `pytestmark = ...` for a whole file). See `group_of` below."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -56,10 +58,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def group_of(nodeid: str) -> str:
-    """The unit a worker runs whole, in order: a folder directly under tests/ (a suite sharing
-    session state, like hardening/), else the test's own file."""
+    """The unit a worker runs whole, in order, unless the test names one with
+    @pytest.mark.xdist_group("name"): a folder directly under tests/ (a suite sharing session
+    state, like hardening/), else the test's own file."""
     parts = nodeid.split("::", 1)[0].split("/")
     return "/".join(parts[:2]) if len(parts) > 2 and parts[0] == "tests" else "/".join(parts)
+
+
+def _group(item: pytest.Item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    if mark is None:
+        return group_of(item.nodeid)
+    return "@" + str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
 
 
 def _cost(item: pytest.Item) -> int:
@@ -75,22 +85,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # every worker sorts the same way, so their collections still agree.
         costs: dict[str, int] = {}
         for item in items:
-            costs[group_of(item.nodeid)] = costs.get(group_of(item.nodeid), 0) + _cost(item)
-        items.sort(key=lambda item: -costs[group_of(item.nodeid)])
+            costs[_group(item)] = costs.get(_group(item), 0) + _cost(item)
+        items.sort(key=lambda item: -costs[_group(item)])
+
+
+def _named_groups_file(basetemp: Path, worker: str) -> Path:
+    return basetemp / f"xdist-groups-{worker}.json"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist tells the controller that collection is done
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A worker leaves the tests that name their group where the controller's scheduler reads them
+    (a worker's basetemp is <the controller's>/<worker id>): a node id is all xdist sends it."""
+    if hasattr(session.config, "workerinput"):
+        named = {item.nodeid: group for item in session.items if (group := _group(item)).startswith("@")}
+        base = Path(session.config.option.basetemp).resolve().parent
+        _named_groups_file(base, WORKER).write_text(json.dumps(named))
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook, on the controller
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Whole groups (group_of) to a worker, in collection order. xdist's own --dist loadgroup
-    reads the group from a suffix it writes into each test's node id, which pytest 9.2 no longer
-    lets it write (pytest-xdist issue #1386): it silently spread a group over every worker."""
+    """Whole groups (_group) to a worker, in collection order. xdist's own --dist loadgroup reads
+    the group from a suffix it writes into each test's node id, which pytest 9.2 no longer lets it
+    write (pytest-xdist issue #1386): it silently spread a group over every worker."""
     if config.getvalue("dist") != "load":  # -n's default; an explicit --dist other than load wins
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    base = Path(config.option.basetemp).resolve()
+
     class GroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        named: dict[str, str] | None = None
+
         def _split_scope(self, nodeid: str) -> str:
-            return group_of(nodeid)
+            if self.named is None:  # every worker has collected by the first call (schedule())
+                self.named = {}
+                for node in self.nodes:
+                    path = _named_groups_file(base, node.workerinput["workerid"])
+                    if path.exists():
+                        self.named.update(json.loads(path.read_text()))
+            return self.named.get(nodeid) or group_of(nodeid)
 
     config.option.loadscopereorder = False
     return GroupScheduling(config, log)
