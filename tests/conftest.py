@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sona.local.database import DATABASE_URL_ENV, EmbeddedPostgres, apply_sql, migrate
+from sona.local.database import DATABASE_URL_ENV, EmbeddedPostgres, apply_sql, database_url_on, migrate
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.local.stack import _stand_in
@@ -148,10 +148,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 # -- the database ----------------------------------------------------------------------------------
 
 
-def _database_url(server_url: str, name: str) -> str:
-    base, _, query = server_url.partition("?")
-    base = base.rsplit("/", 1)[0]
-    return f"{base}/{name}" + (f"?{query}" if query else "")
+_database_url = database_url_on  # the name this helper had here
 
 
 @pytest.fixture(scope="session")

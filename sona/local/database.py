@@ -34,6 +34,13 @@ def apply_sql(url: str, *scripts: str) -> None:
             conn.execute(script)  # type: ignore[arg-type]  # a whole file, with no parameters
 
 
+def database_url_on(server_url: str, name: str) -> str:
+    """The URL of database `name` on the server `server_url` points at (query string kept)."""
+    base, _, query = server_url.partition("?")
+    base = base.rsplit("/", 1)[0]
+    return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
 def migrate(url: str) -> None:
     """Supabase's stand-ins first (they exist on a real project), then every migration in order."""
     apply_sql(url, stand_ins_sql(), *(p.read_text() for p in migration_files()))

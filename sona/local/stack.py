@@ -26,7 +26,7 @@ from sona.config import Settings, load_settings
 from sona.ffmpeg import find_ffmpeg
 from sona.local.cloud_run import CapacityCap
 from sona.local.cloud_tasks import CloudTasksEmulator
-from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
+from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, database_url_on, migrate
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.relay import DEFAULT_PAUSE_S, WebhookRelay
 from sona.local.stable_audio_double import StableAudioDouble
@@ -168,10 +168,13 @@ class LocalStack:
         ports: Mapping[str, int] | None = None,
         capacity: tuple[int, int] | None = None,
         relay_pause_s: float = DEFAULT_PAUSE_S,
+        database_server: str | None = None,
     ) -> None:
         """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of
         process_job: requests beyond it wait up to 10 s, then get 429. `relay_pause_s` is pg_net's
-        pause between batches (1 s, as pg_net has it); a test of something else may shorten it."""
+        pause between batches (1 s, as pg_net has it); a test of something else may shorten it.
+        `database_server` (a PostgreSQL URL) puts the stack's database on that server, dropped on
+        stop, instead of starting an embedded server of its own (the test suite shares one)."""
         self.root = root
         self.ports = dict(ports or {})  # gateway, process_job, reclaim_jobs: free ones unless given
         self.overrides = dict(env or {})
@@ -189,6 +192,8 @@ class LocalStack:
         self.function_key = function_key  # which of the four the functions get
         self.webhook_secret = webhook_secret or secrets.token_urlsafe(24)
         self.postgres = EmbeddedPostgres(root / "pgdata")
+        self.database_server = database_server
+        self._own_database = ""  # the database made on database_server, dropped on stop
         self.double: StableAudioDouble | None = None
         self.functions: dict[str, FunctionProcess] = {}
         self.relay: WebhookRelay | None = None
@@ -219,7 +224,7 @@ class LocalStack:
 
     def _start(self) -> LocalStack:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.database_url = self.postgres.start()
+        self.database_url = self._new_database()
         migrate(self.database_url)
         apply_sql(self.database_url, _stand_in("supabase_functions_stand_in.sql"))
         self.gateway = Gateway(
@@ -280,7 +285,25 @@ class LocalStack:
         gateway = getattr(self, "gateway", None)
         if gateway is not None:
             gateway.stop()
-        self.postgres.stop()
+        self._drop_database()
+
+    def _new_database(self) -> str:
+        """An empty database: on the given server, or the only one of a new embedded server."""
+        if self.database_server is None:
+            return self.postgres.start()
+        name = f"stack_{secrets.token_hex(6)}"
+        with psycopg.connect(self.database_server, autocommit=True) as conn:
+            conn.execute(f"create database {name}")  # type: ignore[arg-type]  # a generated name
+        self._own_database = name
+        return database_url_on(self.database_server, name)
+
+    def _drop_database(self) -> None:
+        if self.database_server is None:
+            self.postgres.stop()
+        elif self._own_database:
+            with psycopg.connect(self.database_server, autocommit=True) as conn:
+                conn.execute(f"drop database if exists {self._own_database} with (force)")  # type: ignore[arg-type]
+            self._own_database = ""
 
     def __enter__(self) -> LocalStack:
         return self.start()

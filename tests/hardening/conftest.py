@@ -92,7 +92,7 @@ def ledger() -> Ledger:
 
 
 @pytest.fixture(scope="session")
-def hstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def hstack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     with LocalStack(
         tmp_path_factory.mktemp("hardening"),
         env=ENV,
@@ -100,6 +100,7 @@ def hstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         service_role_key=SENTINELS["SUPABASE_SERVICE_ROLE_KEY"],
         webhook_secret=SENTINELS["WEBHOOK_SECRET"],
         relay_pause_s=RELAY_PAUSE_S,
+        database_server=pg_server,
     ) as stack:
         yield stack
 
