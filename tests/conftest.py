@@ -21,7 +21,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from sona.local.database import DATABASE_URL_ENV, EmbeddedPostgres, apply_sql, database_url_on, migrate
+from sona.local.database import (
+    DATABASE_URL_ENV,
+    EmbeddedPostgres,
+    apply_sql,
+    database_url_on,
+    migrate,
+    migration_turn,
+)
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.local.stack import _stand_in
@@ -168,8 +175,9 @@ def template_url(pg_server: str) -> str:
         conn.execute(f"drop database if exists {TEMPLATE} with (force)")  # type: ignore[arg-type]
         conn.execute(f"create database {TEMPLATE}")  # type: ignore[arg-type]
     url = _database_url(pg_server, TEMPLATE)
-    migrate(url)
-    apply_sql(url, _stand_in("supabase_functions_stand_in.sql"))
+    with migration_turn(pg_server):  # workers may share one SONA_TEST_DATABASE_URL server
+        migrate(url)
+        apply_sql(url, _stand_in("supabase_functions_stand_in.sql"))
     return url
 
 

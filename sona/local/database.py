@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,21 @@ def database_url_on(server_url: str, name: str) -> str:
     base, _, query = server_url.partition("?")
     base = base.rsplit("/", 1)[0]
     return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
+# Any bigint, the same for every process: migrations on one server take turns (below).
+MIGRATION_LOCK = 5_040_617
+
+
+@contextlib.contextmanager
+def migration_turn(server_url: str) -> Iterator[None]:
+    """Hold the server's migration lock: the stand-ins create cluster-wide roles, and their "if not
+    exists" is no guard against another session creating the same role at the same moment (test
+    workers sharing one server). An advisory lock taken in the server's own database is one lock
+    for everyone who connects there; it goes with the connection."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        yield
 
 
 def migrate(url: str) -> None:

@@ -26,7 +26,14 @@ from sona.config import Settings, load_settings
 from sona.ffmpeg import find_ffmpeg
 from sona.local.cloud_run import CapacityCap
 from sona.local.cloud_tasks import CloudTasksEmulator
-from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, database_url_on, migrate
+from sona.local.database import (
+    REPO_ROOT,
+    EmbeddedPostgres,
+    apply_sql,
+    database_url_on,
+    migrate,
+    migration_turn,
+)
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.relay import DEFAULT_PAUSE_S, WebhookRelay
 from sona.local.stable_audio_double import StableAudioDouble
@@ -225,8 +232,9 @@ class LocalStack:
     def _start(self) -> LocalStack:
         self.root.mkdir(parents=True, exist_ok=True)
         self.database_url = self._new_database()
-        migrate(self.database_url)
-        apply_sql(self.database_url, _stand_in("supabase_functions_stand_in.sql"))
+        with migration_turn(self.database_server) if self.database_server else contextlib.nullcontext():
+            migrate(self.database_url)
+            apply_sql(self.database_url, _stand_in("supabase_functions_stand_in.sql"))
         self.gateway = Gateway(
             self.database_url,
             self.root / "storage",
