@@ -54,7 +54,9 @@ def demo(
     strength: float | None = None,
     plugin: PluginRequest | None = None,
 ) -> int:
-    root = DEMO_ROOT / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Unique even for two demos started in the same second (the test suite runs them in parallel).
+    DEMO_ROOT.mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f"demo-{time.strftime('%Y%m%d-%H%M%S')}-", dir=DEMO_ROOT))
     print(f"Starting the local stack in {root} ...", flush=True)
     started = time.monotonic()
     with LocalStack(root) as stack:

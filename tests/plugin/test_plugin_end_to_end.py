@@ -78,9 +78,9 @@ GENERATED: dict[str, uuid.UUID] = {}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     root: Path = tmp_path_factory.mktemp("plugin-stack")
-    with LocalStack(root, before_migrations=build_plugin_database) as running:
+    with LocalStack(root, before_migrations=build_plugin_database, database_server=pg_server) as running:
         # The musician's rows hold three live jobs (the default quota); room for these.
         sql(running.database_url, "insert into sona_settings values ('max_active_jobs', 10)", role=None)
         yield running
