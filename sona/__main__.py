@@ -64,7 +64,7 @@ def _dev(args: argparse.Namespace) -> int:
         if port
     }
     try:
-        return dev(args.json, ports)
+        return dev(args.json, ports, database_url=args.database_url)
     except ConfigError as exc:  # raised before the stack starts anything
         print(exc, file=sys.stderr)
         return 1
@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--gateway-port", type=int, default=0, help="Supabase gateway port (default: free)")
     dev.add_argument("--process-job-port", type=int, default=0, help="process_job port (default: free)")
     dev.add_argument("--reclaim-jobs-port", type=int, default=0, help="reclaim_jobs port (default: free)")
+    dev.add_argument(
+        "--database-url",
+        help="run on this existing PostgreSQL (e.g. a copy of production) instead of an embedded one: "
+        "Supabase's roles and schemas are added where missing, the migrations applied, no row dropped",
+    )
     dev.set_defaults(run=_dev)
     commands.add_parser("reclaim", help="run reclaim_jobs once").set_defaults(run=_reclaim)
     commands.add_parser(

@@ -24,7 +24,14 @@ FUNCTION_TIMEOUT_MARGIN_S = 10
 # The lease outlives the invocation by this much, so reclaim never races a live invocation.
 LEASE_MARGIN_S = 30
 
-SECRET_FIELDS = ("supabase_service_role_key", "stable_audio_api_key", "webhook_secret", "task_secret")
+SECRET_FIELDS = (
+    "supabase_service_role_key",
+    "stable_audio_api_key",
+    "webhook_secret",
+    "task_secret",
+    "replicate_api_token",
+    "replicate_webhook_secret",
+)
 # Cloud Tasks allows a task's dispatch deadline between 15 s and 30 minutes.
 MIN_DISPATCH_DEADLINE_S, MAX_DISPATCH_DEADLINE_S = 15, 1800
 # Stable Audio allows 150 requests in 10 s, then refuses everything for 60 s.
@@ -57,6 +64,33 @@ def dispatch_deadline_problem(job_timeout_ms: int) -> str | None:
 def function_timeout_s(timeout_ms: int) -> int:
     """A function's --timeout: its job budget rounded up to seconds, plus the margin."""
     return math.ceil(timeout_ms / 1000) + FUNCTION_TIMEOUT_MARGIN_S
+
+
+# TangoFlux on Replicate: the API's base (its token and webhook secret are in SECRET_FIELDS).
+DEFAULT_REPLICATE_API_URL = "https://api.replicate.com/v1"
+
+
+def replicate_token_problem(token: str) -> str | None:
+    """Why a REPLICATE_API_TOKEN cannot be sent as is (never echoing it)."""
+    if token.split(" ", 1)[0].lower() in ("bearer", "token"):
+        return "must be the token alone, without 'Bearer ' or 'Token ' before it"
+    if any(c.isspace() or c in "\"'" for c in token):
+        return "must not contain spaces or quotes (was it pasted with them?)"
+    return None
+
+
+def webhook_secret_problem(secret: str) -> str | None:
+    """Why a REPLICATE_WEBHOOK_SECRET cannot verify signatures (the standard-webhooks whsec_ form)."""
+    import base64
+    import binascii
+
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (ValueError, binascii.Error):
+        key = b""
+    if not secret.startswith("whsec_") or not key:
+        return "must be the whsec_... key that GET /v1/webhooks/default/secret answers"
+    return None
 
 
 class ConfigError(Exception):
@@ -104,6 +138,41 @@ class Settings(BaseSettings):
     stable_audio_cfg_scale: float | None = Field(default=None, ge=1, le=25)
     max_retries: int = Field(default=3, ge=0, le=10)
     retry_delay_ms: int = Field(default=2000, ge=0)
+
+    # TangoFlux on Replicate (sona/replicate.py; README "TangoFlux on Replicate (designer)"). The
+    # token is needed only where an engine setting names TangoFlux; the webhook secret (whsec_...,
+    # from GET /v1/webhooks/default/secret) only where Replicate's webhook is received.
+    replicate_api_token: SecretStr | None = None
+    replicate_api_url: str = DEFAULT_REPLICATE_API_URL
+    replicate_webhook_secret: SecretStr | None = None
+
+    @field_validator("replicate_api_token", "replicate_webhook_secret", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("replicate_api_token")
+    @classmethod
+    def _replicate_token(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = value and replicate_token_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("replicate_webhook_secret")
+    @classmethod
+    def _replicate_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = value and webhook_secret_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("replicate_api_url")
+    @classmethod
+    def _replicate_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
 
     # Jobs.
     jobs_schema: str = "public"

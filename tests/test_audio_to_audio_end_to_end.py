@@ -22,9 +22,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     with LocalStack(
-        tmp_path_factory.mktemp("a2a"), env={"RETRY_DELAY_MS": "50"}, process_env={"PATH": "/usr/bin:/bin"}
+        tmp_path_factory.mktemp("a2a"),
+        env={"RETRY_DELAY_MS": "50"},
+        process_env={"PATH": "/usr/bin:/bin"},
+        database_server=pg_server,
     ) as s:
         yield s
 

@@ -24,13 +24,14 @@ ENV = {"RETRY_DELAY_MS": "200", "RECLAIM_GRACE_S": "60", "MAX_ATTEMPTS": "3", "P
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     # 2 instances x 2 jobs: the Cloud Run cap answers 429 past that, as at max instances.
     with LocalStack(
         tmp_path_factory.mktemp("tasks"),
         env=ENV,
         process_env={"PATH": "/usr/bin:/bin"},
         capacity=(2, 2),
+        database_server=pg_server,
     ) as s:
         yield s
 

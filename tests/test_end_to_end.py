@@ -23,9 +23,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     with LocalStack(
-        tmp_path_factory.mktemp("stack"), env={"RETRY_DELAY_MS": "50"}, process_env={"PATH": "/usr/bin:/bin"}
+        tmp_path_factory.mktemp("stack"),
+        env={"RETRY_DELAY_MS": "50"},
+        process_env={"PATH": "/usr/bin:/bin"},
+        database_server=pg_server,
     ) as s:
         yield s
 
@@ -175,8 +178,10 @@ def test_demo_refuses_a_duration_outside_1_to_380_before_starting(tmp_path: Path
     assert "must be 1 to 380 seconds, not 381" in result.stderr
 
 
-def test_a_job_completes_with_a_secret_key_sent_only_as_apikey(tmp_path: Path) -> None:
-    with LocalStack(tmp_path, function_key="secret", process_env={"PATH": "/usr/bin:/bin"}) as stack:
+def test_a_job_completes_with_a_secret_key_sent_only_as_apikey(tmp_path: Path, pg_server: str) -> None:
+    with LocalStack(
+        tmp_path, function_key="secret", process_env={"PATH": "/usr/bin:/bin"}, database_server=pg_server
+    ) as stack:
         job_id = stack.insert_job("rain on a tin roof", duration=2, quality="low")
         row = stack.wait_for(job_id, timeout_s=60)
         seen = list(stack.gateway.seen_headers)

@@ -278,7 +278,10 @@ def test_job_stats_reads_the_window_through_indexes(db_url: str) -> None:
         role=None,
     )
     sql(db_url, "analyze jobs; analyze job_attempts", role=None)
+    attempts_seq_scans = "select seq_scan from pg_stat_user_tables where relname = 'job_attempts'"
     with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("select pg_stat_force_next_flush()")
+        before = conn.execute(attempts_seq_scans).fetchone()
         conn.execute("select job_stats(24)")
         conn.execute("select pg_stat_force_next_flush()")
         used = dict(
@@ -287,5 +290,8 @@ def test_job_stats_reads_the_window_through_indexes(db_url: str) -> None:
                 " where indexrelname in ('jobs_created_idx', 'job_attempts_started_idx')"
             ).fetchall()
         )
+        after = conn.execute(attempts_seq_scans).fetchone()
     assert used["jobs_created_idx"] >= 1
-    assert used["job_attempts_started_idx"] >= 1
+    # PostgreSQL 18 reads the attempts by their started_at index; 15 drives the join from the empty
+    # window and reads none: either way, never the whole table.
+    assert after == before

@@ -27,10 +27,15 @@ STORAGE_FAULT = {"statusCode": "500", "error": "internal", "message": "Internal 
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     # No retries inside an attempt, so one scripted failure ends the attempt with its class.
     env = {"RETRY_DELAY_MS": "50", "MAX_RETRIES": "0", "MAX_ATTEMPTS": "3"}
-    with LocalStack(tmp_path_factory.mktemp("figures"), env=env, process_env={"PATH": "/usr/bin:/bin"}) as s:
+    with LocalStack(
+        tmp_path_factory.mktemp("figures"),
+        env=env,
+        process_env={"PATH": "/usr/bin:/bin"},
+        database_server=pg_server,
+    ) as s:
         yield s
 
 

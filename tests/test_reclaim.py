@@ -31,7 +31,7 @@ SLOW = 30.0  # a provider still generating when the process is killed
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     env = {
         "DISPATCH": "direct",  # reclaim's direct dispatch; Cloud Tasks: tests/test_cloud_tasks_dispatch.py
         "RETRY_DELAY_MS": "50",
@@ -40,7 +40,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         "RECLAIM_GRACE_S": "60",
         "MAX_ATTEMPTS": "3",
     }
-    with LocalStack(tmp_path_factory.mktemp("reclaim"), env=env, process_env={"PATH": "/usr/bin:/bin"}) as s:
+    with LocalStack(
+        tmp_path_factory.mktemp("reclaim"),
+        env=env,
+        process_env={"PATH": "/usr/bin:/bin"},
+        database_server=pg_server,
+    ) as s:
         yield s
 
 

@@ -22,10 +22,15 @@ JOBS = 8
 
 
 @pytest.fixture(scope="module", params=["cloud_tasks", "direct"])
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_server: str
+) -> Iterator[LocalStack]:
     env = {"DISPATCH": request.param, "RETRY_DELAY_MS": "50", "RECLAIM_GRACE_S": "0", "MAX_ATTEMPTS": "3"}
     with LocalStack(
-        tmp_path_factory.mktemp(f"spend-{request.param}"), env=env, process_env={"PATH": "/usr/bin:/bin"}
+        tmp_path_factory.mktemp(f"spend-{request.param}"),
+        env=env,
+        process_env={"PATH": "/usr/bin:/bin"},
+        database_server=pg_server,
     ) as s:
         yield s
 

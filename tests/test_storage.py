@@ -292,3 +292,33 @@ def test_expired_files_are_removed_and_a_name_already_gone_is_no_error(gateway: 
     s.upload("generated/a_1.wav", b"RIFF", "wav", Deadline(10))
     s.remove(["generated/a_1.wav", "generated/never-there.json"])
     assert sql(db_url, "select name from storage.objects", role=None) == []
+
+
+def test_a_bucket_turned_private_gets_signed_urls_from_the_next_instance(gateway: Gateway) -> None:
+    """Issue 25, Storage 3: a bucket turned private answers its public URLs with "404"
+    NoSuchBucket, so an instance that meets it private hands out signed URLs that download."""
+    s = storage(gateway)
+    s.ensure_bucket()
+    assert "/object/public/" in s.upload("generated/before.mp3", b"before", "mp3", Deadline(10))
+    turned = httpx.put(
+        f"{gateway.url}/storage/v1/bucket/audio-files",
+        json={"public": False},
+        headers={"apikey": gateway.service_role_key},
+    )
+    assert turned.json() == {"message": "Successfully updated"}
+    AudioStorage._public.clear()  # a new instance: its first job checks the bucket
+    fresh = storage(gateway)  # STORAGE_PUBLIC still says public
+    fresh.ensure_bucket()
+    url = fresh.upload("generated/after.mp3", b"after", "mp3", Deadline(10))
+    assert "/object/sign/audio-files/generated/after.mp3?token=" in url
+    assert httpx.get(url).content == b"after"
+
+
+def test_a_name_ending_in_a_slash_is_refused_for_good_and_tried_once(gateway: Gateway) -> None:
+    """Issue 25, Storage 4: the real server refuses an upload to a folder name ("400"
+    InvalidRequest "No content provided"); the client takes it as permanent, not as stored."""
+    s = storage(gateway)
+    s.ensure_bucket()
+    with pytest.raises(PermanentError, match="could not be stored") as caught:
+        s.upload("generated/", b"audio", "mp3", Deadline(10))
+    assert (caught.value.detail, gateway.counts["storage:upload"]) == ("storage 400 InvalidRequest", 1)

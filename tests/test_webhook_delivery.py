@@ -266,6 +266,8 @@ do $$ begin
     create role sona_plain_reader nologin;
   end if;
 end $$;
+-- So that a role that is not a superuser (postgres on Supabase) may act as it.
+grant sona_plain_reader to current_user;
 """
 
 

@@ -66,7 +66,9 @@ def demo(
     plugin: PluginRequest | None = None,
     model: str | None = None,
 ) -> int:
-    root = DEMO_ROOT / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Unique even for two demos started in the same second (the test suite runs them in parallel).
+    DEMO_ROOT.mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f"demo-{time.strftime('%Y%m%d-%H%M%S')}-", dir=DEMO_ROOT))
     print(f"Starting the local stack in {root} ...", flush=True)
     started = time.monotonic()
     with LocalStack(root, env=model_env(model), double_generation_s=DEMO_GENERATION_S) as stack:
@@ -147,13 +149,15 @@ def _report(stack: LocalStack, row: dict[str, Any]) -> None:
         print(f"Job {row['status']}: {row['error_message']}", file=sys.stderr)
 
 
-def dev(as_json: bool, ports: dict[str, int], root: Path | None = None) -> int:
+def dev(
+    as_json: bool, ports: dict[str, int], root: Path | None = None, database_url: str | None = None
+) -> int:
     DEMO_ROOT.mkdir(exist_ok=True)
     root = root or Path(tempfile.mkdtemp(prefix="dev-", dir=DEMO_ROOT))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalStack(root, ports=ports) as stack:
+    with LocalStack(root, ports=ports, database_url=database_url) as stack:
         # A signed-in local user, so a client can insert and cancel jobs as the plug-in does.
         info = {**stack.describe(), **stack.sign_in()}
         if as_json:

@@ -7,6 +7,12 @@ write each outcome to net._http_response, commit; then wait up to `pause_s` (a w
 short, but only the first wake since the worker last woke, as pg_net's latch does). So the next
 batch starts only when every request of the current one has ended: one long request holds up every
 later webhook. The timeout is curl's total time; nothing is ever retried.
+
+Measured against real pg_net 0.20.x (issue 25, pg_net 3): a redirect is followed (a 307 to another
+URL delivers there and the final 200 is recorded), and a request carries `Accept: */*` and no
+`Accept-Encoding`. How the rest of the redirect follows curl's documented defaults: 307 and 308 keep
+the method and body, 301, 302 and 303 turn a POST into a GET without a body, at most 30 redirects,
+Authorization and Cookie are not sent on to another host.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import psycopg
 from pydantic import BaseModel, ConfigDict
@@ -33,6 +39,9 @@ WAKE_CHANNEL = "pg_net_wake"
 DEFAULT_BATCH_SIZE = 200  # pg_net.batch_size
 DEFAULT_PAUSE_S = 1.0  # the worker's WaitLatch between batches
 DEFAULT_TTL = "6 hours"  # pg_net.ttl: how long responses are kept
+WORKER_NAME = "pg_net worker"  # the application_name net.check_worker_is_up() looks for
+MAX_REDIRECTS = 30  # curl's CURLOPT_MAXREDIRS default
+REDIRECTS = {301, 302, 303, 307, 308}
 
 EXPIRE = """
 with rows as (select ctid from net._http_response where created < now() - %s::interval
@@ -142,37 +151,74 @@ def _connection(url: str, clock: _Clock) -> tuple[http.client.HTTPConnection, st
 
 
 def perform(request: QueuedRequest) -> Outcome:
-    """One request as pg_net's curl handle makes it: its headers plus pg_net's User-Agent, the body
-    as queued, every step bounded by what is left of the total timeout."""
+    """One request as pg_net's curl handle makes it: its headers plus pg_net's User-Agent and curl's
+    Accept, the body as queued, redirects followed, every step bounded by what is left of the total
+    timeout."""
     clock = _Clock(request.timeout_milliseconds)
+    method, url, body = request.method.upper(), request.url, request.body
+    headers = dict(request.headers or {})
+    if not any(name.lower() == "accept" for name in headers):
+        headers = {"Accept": "*/*", **headers}
+    headers["User-Agent"] = f"pg_net/{PG_NET_VERSION}"
     try:
-        conn, target = _connection(request.url, clock)
-        try:
-            conn.connect()
-            clock.connected = time.monotonic()
-            sock = conn.sock  # http.client drops its reference once the answer says close
-            assert sock is not None
-            headers = {**(request.headers or {}), "User-Agent": f"pg_net/{PG_NET_VERSION}"}
-            conn.request(request.method.upper(), target, body=request.body, headers=headers)
-            sock.settimeout(clock.remaining())
-            response = conn.getresponse()
-            chunks = []
-            while chunk := response.read(65536):
-                chunks.append(chunk)
-                sock.settimeout(clock.remaining())
-        finally:
-            conn.close()
+        for _ in range(MAX_REDIRECTS + 1):
+            status, answer_headers, content = _exchange(method, url, headers, body, clock)
+            location = next((v for k, v in answer_headers.items() if k.lower() == "location"), None)
+            if status not in REDIRECTS or location is None:
+                break
+            target = urljoin(url, location)
+            if _origin(target) != _origin(url):
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
+            if status in (301, 302, 303) and method == "POST":
+                method, body = "GET", None
+            url = target
+        else:
+            return Outcome(error_msg="Number of redirects hit maximum amount")
     except TimeoutError:
         return Outcome(timed_out=True, error_msg=clock.timeout_message())
     except (OSError, ValueError, http.client.HTTPException) as exc:
         return Outcome(error_msg=_curl_error(exc))
-    content = b"".join(chunks).decode("utf-8", errors="replace")
+    text = content.decode("utf-8", errors="replace")
+    content_type = next((v for k, v in answer_headers.items() if k.lower() == "content-type"), None)
     return Outcome(
-        status_code=response.status,
-        content_type=response.getheader("Content-Type"),
-        headers=dict(response.getheaders()),
-        content=content or None,
+        status_code=status, content_type=content_type, headers=answer_headers, content=text or None
     )
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+def _exchange(
+    method: str, url: str, headers: dict[str, str], body: bytes | None, clock: _Clock
+) -> tuple[int, dict[str, str], bytes]:
+    """One request and its whole answer. curl sends no Accept-Encoding unless asked, so neither
+    does this (http.client would add `identity`)."""
+    conn, target = _connection(url, clock)
+    try:
+        conn.connect()
+        if clock.connected is None:
+            clock.connected = time.monotonic()
+        sock = conn.sock  # http.client drops its reference once the answer says close
+        assert sock is not None
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        sock.settimeout(clock.remaining())
+        response = conn.getresponse()
+        chunks = []
+        # http.client closes the socket once a body of known length has been read whole.
+        while not response.isclosed() and (chunk := response.read(65536)):
+            chunks.append(chunk)
+            if not response.isclosed():
+                sock.settimeout(clock.remaining())
+        return response.status, dict(response.getheaders()), b"".join(chunks)
+    finally:
+        conn.close()
 
 
 class WebhookRelay:
@@ -235,6 +281,9 @@ class WebhookRelay:
             taken = [d.request for d in self.delivered] + list(self.dropped)
         return [r for r in taken if (r.json_body() or {}).get("record", {}).get("id") == str(job_id)]
 
+    def _worker_connection(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.database_url, autocommit=True, application_name=WORKER_NAME)
+
     # -- waking ----------------------------------------------------------------------------------
     def wake(self) -> None:
         """A commit that queued a request: sets the latch only if the worker is not already due."""
@@ -252,7 +301,7 @@ class WebhookRelay:
     def _listen(self, listening: threading.Event) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.database_url, autocommit=True) as conn:
+                with self._worker_connection() as conn:
                     conn.execute(f"listen {WAKE_CHANNEL}")  # type: ignore[arg-type]
                     listening.set()
                     self.wake()  # whatever committed while we were not listening
@@ -267,7 +316,7 @@ class WebhookRelay:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.database_url, autocommit=True) as conn:
+                with self._worker_connection() as conn:
                     self._serve(conn)
             except psycopg.Error as exc:
                 # pg_net's worker is restarted by the postmaster after 1 s.

@@ -15,9 +15,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import requests
@@ -28,9 +29,16 @@ from sona.config import Settings, load_settings
 from sona.ffmpeg import find_ffmpeg
 from sona.local.cloud_run import CapacityCap
 from sona.local.cloud_tasks import CloudTasksEmulator
-from sona.local.database import REPO_ROOT, EmbeddedPostgres, apply_sql, migrate
+from sona.local.database import (
+    REPO_ROOT,
+    EmbeddedPostgres,
+    apply_sql,
+    database_url_on,
+    migrate,
+    migration_turn,
+)
 from sona.local.gateway import Gateway, make_jwt
-from sona.local.relay import WebhookRelay
+from sona.local.relay import DEFAULT_PAUSE_S, WebhookRelay
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.local.user_jwt import make_user_jwt
 from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
@@ -131,10 +139,16 @@ class FunctionProcess:
         wait_for_port(self.port, timeout_s, self.process)
         return self
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def send_signal(self, sig: int) -> None:
+        """Send without waiting, so several processes can wind down at once (gunicorn takes about a
+        second to end on SIGTERM: its workers notice on their next 1 s poll)."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            self.send_signal(sig)
             self.process.wait(timeout=10)
             # gunicorn's worker is a grandchild: until it is gone its socket still accepts (and then
             # resets) connections, so a new instance must not be trusted before the port is free.
@@ -164,9 +178,22 @@ class LocalStack:
         webhook_secret: str | None = None,
         ports: Mapping[str, int] | None = None,
         capacity: tuple[int, int] | None = None,
+        database_url: str | None = None,
+        before_migrations: Callable[[str], None] | None = None,
+        relay_pause_s: float = DEFAULT_PAUSE_S,
+        database_server: str | None = None,
     ) -> None:
         """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of
-        process_job: requests beyond it wait up to 10 s, then get 429."""
+        process_job: requests beyond it wait up to 10 s, then get 429. `database_url` runs the stack
+        on an existing PostgreSQL (a copy of production) instead of an embedded one: Supabase's
+        roles and schemas are added only where missing, the migrations applied on top, no row
+        dropped; the database is left running and kept when the stack stops. `before_migrations`
+        builds what the database held before this project (the plug-in's schema and rows, say).
+        `relay_pause_s` is pg_net's pause between batches (1 s, as pg_net has it); a test of
+        something else may shorten it. `database_server` (a PostgreSQL URL) puts the stack's
+        database on that server, dropped on stop, instead of starting an embedded server of its own
+        (the test suite shares one)."""
+        self.before_migrations = before_migrations
         self.root = root
         self.ports = dict(ports or {})  # gateway, process_job, reclaim_jobs: free ones unless given
         self.overrides = dict(env or {})
@@ -185,13 +212,17 @@ class LocalStack:
         self.function_key = function_key  # which of the four the functions get
         self.webhook_secret = webhook_secret or secrets.token_urlsafe(24)
         self.postgres = EmbeddedPostgres(root / "pgdata")
+        self.database_server = database_server
+        self._own_database = ""  # the database made on database_server, dropped on stop
         self.double: StableAudioDouble | None = None
         self.functions: dict[str, FunctionProcess] = {}
         self.relay: WebhookRelay | None = None
         self.capacity = capacity
+        self.relay_pause_s = relay_pause_s
         self.cap: CapacityCap | None = None
         self.tasks: CloudTasksEmulator | None = None
         self.task_secret = secrets.token_urlsafe(24)
+        self.existing_database_url = database_url
         self.database_url = ""
 
     @property
@@ -214,9 +245,11 @@ class LocalStack:
 
     def _start(self) -> LocalStack:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.database_url = self.postgres.start()
-        migrate(self.database_url)
-        apply_sql(self.database_url, _stand_in("supabase_functions_stand_in.sql"))
+        self.database_url = self.existing_database_url or self._new_database()
+        if self.before_migrations is not None:
+            self.before_migrations(self.database_url)
+        with migration_turn(self.database_server) if self.database_server else contextlib.nullcontext():
+            prepare_database(self.database_url)
         self.gateway = Gateway(
             self.database_url,
             self.root / "storage",
@@ -251,11 +284,12 @@ class LocalStack:
         if self.tasks is not None:
             self._create_queue()
         if self.start_functions:
-            self.start_function("process_job", self.process_job_port)
-            self.start_function("reclaim_jobs", self.ports.get("reclaim_jobs", 0))
+            self.start_functions_together(
+                {"process_job": self.process_job_port, "reclaim_jobs": self.ports.get("reclaim_jobs", 0)}
+            )
         self.install_webhook(self.process_job_url)
         if self.with_relay:
-            self.relay = WebhookRelay(self.database_url)
+            self.relay = WebhookRelay(self.database_url, pause_s=self.relay_pause_s)
             self.relay.start()
         return self
 
@@ -267,13 +301,33 @@ class LocalStack:
         if self.cap is not None:
             self.cap.stop()
         for function in self.functions.values():
+            function.send_signal(signal.SIGTERM)  # all at once; each stop() below then waits for its own
+        for function in self.functions.values():
             function.stop()
         if self.double is not None:
             self.double.stop()
         gateway = getattr(self, "gateway", None)
         if gateway is not None:
             gateway.stop()
-        self.postgres.stop()
+        self._drop_database()
+
+    def _new_database(self) -> str:
+        """An empty database: on the given server, or the only one of a new embedded server."""
+        if self.database_server is None:
+            return self.postgres.start()
+        name = f"stack_{secrets.token_hex(6)}"
+        with psycopg.connect(self.database_server, autocommit=True) as conn:
+            conn.execute(f"create database {name}")  # type: ignore[arg-type]  # a generated name
+        self._own_database = name
+        return database_url_on(self.database_server, name)
+
+    def _drop_database(self) -> None:
+        if self.database_server is None:
+            self.postgres.stop()
+        elif self._own_database:
+            with psycopg.connect(self.database_server, autocommit=True) as conn:
+                conn.execute(f"drop database if exists {self._own_database} with (force)")  # type: ignore[arg-type]
+            self._own_database = ""
 
     def __enter__(self) -> LocalStack:
         return self.start()
@@ -371,6 +425,15 @@ class LocalStack:
         self.functions[target] = function.wait_ready()
         return function
 
+    def start_functions_together(self, ports: Mapping[str, int]) -> None:
+        """Both processes start side by side (each takes most of a second to import and listen)."""
+        for target, port in ports.items():
+            self.functions[target] = FunctionProcess(
+                target, self.function_env(), self.root / "logs" / f"{target}.log", port
+            )
+        for function in list(self.functions.values()):
+            function.wait_ready()
+
     def install_webhook(self, url: str) -> None:
         # The stack's own key, so a test can hand the functions a key they must refuse.
         settings = self.settings(supabase_service_role_key=self.service_role_key)
@@ -404,7 +467,7 @@ class LocalStack:
             "anon_key": self.anon_key,
             "secret_key": self.secret_key,
             "publishable_key": self.publishable_key,
-            "database_url": self.database_url,
+            "database_url": without_password(self.database_url),
             "webhook_secret": self.webhook_secret,
             "process_job_url": self.process_job_url,
             "reclaim_jobs_url": self.functions["reclaim_jobs"].url
@@ -421,8 +484,9 @@ class LocalStack:
     # -- the plug-in's side --------------------------------------------------------------------
     def create_user(self) -> uuid.UUID:
         with psycopg.connect(self.database_url, autocommit=True) as conn:
+            # A real auth.users has no default id (Supabase Auth makes it): give one.
             row = conn.execute(
-                "insert into auth.users (email) values (%s) returning id",
+                "insert into auth.users (id, email) values (gen_random_uuid(), %s) returning id",
                 (f"musician-{uuid.uuid4().hex[:8]}@example.com",),
             ).fetchone()
         assert row is not None
@@ -526,11 +590,16 @@ class LocalStack:
         self, job_id: uuid.UUID, statuses: tuple[str, ...] = TERMINAL, timeout_s: float = 60
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
-        while True:
-            row = self.job(job_id)
-            if row["status"] in statuses or time.monotonic() > deadline:
-                return row
-            time.sleep(0.05)
+        # One connection for the whole wait: a new one per look cost the server a backend start
+        # (a few ms of CPU) twenty times a second, per waiting test.
+        with psycopg.connect(self.database_url, autocommit=True, row_factory=dict_row) as conn:
+            while True:
+                row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
+                if row is None:
+                    raise KeyError(job_id)
+                if row["status"] in statuses or time.monotonic() > deadline:
+                    return dict(row)
+                time.sleep(0.05)
 
     def local_file(self, url: str) -> Path:
         """Where the gateway keeps the object a public or signed URL names."""
@@ -538,6 +607,22 @@ class LocalStack:
         for prefix in ("public/", "sign/", "authenticated/"):
             path = path.removeprefix(prefix)
         return self.root / "storage" / path
+
+
+def prepare_database(url: str) -> None:
+    """Supabase's stand-ins where missing (auth, storage, roles, pg_net, webhooks), then every
+    migration: nothing here drops a row, so it is safe on a copy of a production database."""
+    migrate(url)
+    apply_sql(url, _stand_in("supabase_functions_stand_in.sql"))
+
+
+def without_password(url: str) -> str:
+    """A database URL fit to print: its password, if any, replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _settings_fields(env: Mapping[str, str], **extra: Any) -> dict[str, Any]:

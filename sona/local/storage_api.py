@@ -15,11 +15,26 @@ its source (supabase/storage, src/internal/errors, src/storage/limits.ts, migrat
   (`%` and `_` are literal), sorted by lower-cased name, with folders as rows whose `id` is null;
 - public downloads carry the stored Cache-Control, ETag and Last-Modified, answer 304 and Range;
   signed downloads carry `Expires` and no Cache-Control;
-- a signed-in user's upload, download, info and delete run as Storage runs them: in a transaction
-  with the role `authenticated` and the token's claims (`request.jwt.claims`), so PostgreSQL applies
-  the project's policies on storage.objects; a write they refuse is "403" AccessDenied, a row they
-  hide is not found. Signing too (the plug-in's createSignedUrl of its own preview); listing stays
-  refused for users (no client needs it here).
+- a caller without the service role (a signed-in user's token, or only the anon or publishable key)
+  has every object request (upload, update, list, info, sign, download, delete) run as Storage runs
+  it: in a transaction with the token's role and claims (`request.jwt.claims`), so PostgreSQL
+  applies the project's policies on storage.objects; a write they refuse is "403" AccessDenied, a
+  row they hide is "404" NoSuchKey (issue 25, Storage 1 and 2: a user signs and lists their own
+  objects under a select policy). Bucket requests stay the service role's;
+- `PUT /bucket/{id}` updates `public`, `file_size_limit` and `allowed_mime_types` and answers
+  `{"message": "Successfully updated"}`; a bucket turned private serves no public URL
+  ("404" NoSuchBucket) (issue 25, Storage 3);
+- an object name ending in `/` is refused: "400" InvalidRequest "No content provided" (issue 25,
+  Storage 4); `PUT /object` on a missing name creates it, as an upsert (Storage 5);
+- object info in a missing bucket is NoSuchBucket; a missing object is NoSuchKey "Object not found";
+  a signed URL's token is an HS256 JWT with the project's secret (`url`, `iat`, `exp`): a tampered
+  one is InvalidJWT, a missing one InvalidRequest "querystring must have required property
+  'token'" (Storage 6). The real token also carries a `scope` claim whose value was not recorded:
+  it is left out, and nothing here reads it;
+- each write stores a new `version` uuid; an upload without a cache time is stored `no-cache`;
+  absent user metadata is `{}`; object info carries Cache-Control, ETag and Last-Modified headers;
+  stored (and listed) metadata has `eTag`, `size`, `mimetype`, `cacheControl`, `lastModified`,
+  `contentLength`, `httpStatusCode` (Storage 7).
 """
 
 from __future__ import annotations
@@ -27,7 +42,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import hmac
 import json
 import mimetypes
 import time
@@ -43,6 +57,7 @@ from werkzeug.formparser import parse_form_data
 from werkzeug.wrappers import Request, Response
 
 from sona.local.serving import json_response
+from sona.local.user_jwt import check_jwt, sign_jwt
 from sona.storage_rules import is_valid_bucket_name, is_valid_key, parse_file_size
 
 # The Free plan's global upload limit: "50 MB" in the dashboard, 52428800 bytes as Storage's own
@@ -75,6 +90,12 @@ def _too_large() -> Response:
     )
 
 
+def _bad_size_limit() -> Response:
+    return _storage_error(
+        "400", "InvalidRequest", "body/file_size_limit must match a schema in anyOf", "Bad Request"
+    )
+
+
 def _invalid_bucket_name() -> Response:
     return _storage_error("400", "InvalidBucketName", "Bucket name invalid", "Invalid Input")
 
@@ -86,39 +107,15 @@ def access_denied(message: str) -> Response:
     )
 
 
-# What row level security does to a key without the service role: storage.buckets and
-# storage.objects have RLS on and this project adds no policies, so writes are refused and reads
-# see no rows (as the real server answers once its query comes back empty).
-_RLS_GUARDED = {
-    "storage:bucket_create",
-    "storage:upload",
-    "storage:update",
-    "storage:list",
-    "storage:bucket_get",
-    "storage:info",
-    "storage:sign",
-    "storage:download",
-    "storage:delete",
-}
-# What a signed-in user's token lets through to the policies on storage.objects.
-_POLICY_ROUTES = {
-    "storage:upload",
-    "storage:update",
-    "storage:download",
-    "storage:info",
-    "storage:delete",
-    "storage:sign",
-}
+# Bucket requests without the service role: storage.buckets has row level security on and this
+# project adds no policies on it, so a create is refused and a read or an update finds nothing.
+_BUCKET_ROUTES = {"storage:bucket_create", "storage:bucket_get", "storage:bucket_update"}
 
 
-def _row_level_security(route: str) -> Response:
-    if route in ("storage:bucket_create", "storage:upload", "storage:update"):
+def _bucket_refused(route: str) -> Response:
+    if route == "storage:bucket_create":
         return access_denied("new row violates row-level security policy")
-    if route in ("storage:list", "storage:delete"):
-        return json_response([])
-    if route == "storage:bucket_get":
-        return _storage_error("404", "Bucket not found", "Bucket not found")
-    return _storage_error("404", "not_found", "Object not found")
+    return _no_such_bucket()
 
 
 class StorageApi:
@@ -139,7 +136,8 @@ class StorageApi:
     def route(request: Request) -> str:
         parts = request.path.removeprefix("/storage/v1/").split("/")
         if parts[0] == "bucket":
-            return "storage:bucket_create" if request.method == "POST" else "storage:bucket_get"
+            methods = {"POST": "storage:bucket_create", "PUT": "storage:bucket_update"}
+            return methods.get(request.method, "storage:bucket_get")
         if parts[:2] == ["object", "public"]:
             return "storage:public"
         if parts[:2] == ["object", "sign"]:
@@ -156,10 +154,11 @@ class StorageApi:
     def handle(
         self, route: str, request: Request, role: str, claims: dict[str, Any] | None = None
     ) -> Response:
-        """`claims`: a verified user token's; its requests meet the policies on storage.objects."""
-        user = claims if role == "authenticated" and claims is not None else None
-        if role != "service_role" and route in _RLS_GUARDED and (user is None or route not in _POLICY_ROUTES):
-            return _row_level_security(route)
+        """`claims`: a verified user token's. Whoever is not the service role meets the policies on
+        storage.objects with their role and claims, as the real server's database connection does."""
+        user = None if role == "service_role" else (claims or {"role": role})
+        if user is not None and route in _BUCKET_ROUTES:
+            return _bucket_refused(route)
         parts = request.path.removeprefix("/storage/v1/").split("/")
         if route == "storage:delete":
             return self._delete(parts[1], "/".join(parts[2:]), request, user)
@@ -167,6 +166,8 @@ class StorageApi:
             return self._bucket_get(parts[1] if len(parts) > 1 else "")
         if route == "storage:bucket_create":
             return self._bucket_create(request)
+        if route == "storage:bucket_update":
+            return self._bucket_update(parts[1] if len(parts) > 1 else "", request)
         if route in ("storage:upload", "storage:update"):
             return self._upload(parts[1], "/".join(parts[2:]), request, route == "storage:update", user)
         if route == "storage:public":
@@ -176,7 +177,7 @@ class StorageApi:
         if route == "storage:signed_get":
             return self._serve_signed(parts[2], "/".join(parts[3:]), request)
         if route == "storage:list":
-            return self._list(parts[2], request)
+            return self._list(parts[2], request, user)
         if route == "storage:info":
             skip = 3 if parts[2] == "authenticated" else 2
             return self._info(parts[skip], "/".join(parts[skip + 1 :]), user)
@@ -245,12 +246,7 @@ class StorageApi:
         try:
             size_limit = _size_limit(body.get("file_size_limit"))
         except ValueError:
-            return _storage_error(
-                "400",
-                "InvalidRequest",
-                "body/file_size_limit must match a schema in anyOf",
-                "Bad Request",
-            )
+            return _bad_size_limit()
         if size_limit is not None and size_limit > self.upload_limit:
             # storage.ts parseMaxSizeLimit: a bucket may not allow more than the project does.
             return _too_large()
@@ -272,6 +268,33 @@ class StorageApi:
             return _duplicate("BucketAlreadyExists")
         return json_response({"name": body["name"]})
 
+    def _bucket_update(self, bucket_id: str, request: Request) -> Response:
+        """PUT /bucket/{id}: the fields given change, the others stay (bucket.ts updateBucket)."""
+        body = request.get_json(force=True, silent=True) or {}
+        changes: dict[str, Any] = {}
+        if "public" in body:
+            changes["public"] = bool(body["public"])
+        if "file_size_limit" in body:
+            try:
+                changes["file_size_limit"] = _size_limit(body["file_size_limit"])
+            except ValueError:
+                return _bad_size_limit()
+            if (changes["file_size_limit"] or 0) > self.upload_limit:
+                return _too_large()
+        if "allowed_mime_types" in body:
+            changes["allowed_mime_types"] = body["allowed_mime_types"]
+        assignments = "".join(f", {column} = %({column})s" for column in changes)
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                f"update storage.buckets set updated_at = now(){assignments}"  # type: ignore[arg-type]
+                " where id = %(id)s returning id",
+                {**changes, "id": bucket_id},
+            ).fetchone()
+            conn.commit()
+        if row is None:
+            return _no_such_bucket()
+        return json_response({"message": "Successfully updated"})
+
     def _object_path(self, bucket_id: str, name: str) -> Path:
         path = (self.storage_dir / bucket_id / name).resolve()
         if not path.is_relative_to(self.storage_dir.resolve()) or not name:
@@ -281,11 +304,16 @@ class StorageApi:
     def _upload(
         self, bucket_id: str, name: str, request: Request, update: bool, user: dict[str, Any] | None = None
     ) -> Response:
+        """POST uploads (x-upsert: true overwrites); PUT updates, which is an upsert: a missing name
+        is created (issue 25, Storage 5). Each write stores a new version."""
         if not is_valid_bucket_name(bucket_id):
             return _invalid_bucket_name()
         bucket = self._bucket(bucket_id)
         if bucket is None:
             return _no_such_bucket()
+        if name.endswith("/"):
+            # A folder name holds no content: the real server refuses it (issue 25, Storage 4).
+            return _storage_error("400", "InvalidRequest", "No content provided")
         try:
             content_type, cache_control, data, user_metadata = _upload_body(request)
         except ValueError:
@@ -305,38 +333,25 @@ class StorageApi:
             target = self._object_path(bucket_id, name)
         except ValueError:
             return _storage_error("400", "InvalidKey", f"Invalid key: {name}")
-        upsert = request.headers.get("x-upsert", "false").lower() == "true"
-        metadata = json.dumps(
-            {
-                "mimetype": content_type,
-                "size": len(data),
-                "cacheControl": f"max-age={cache_control}",
-                "eTag": f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"',
-            }
-        )
+        upsert = update or request.headers.get("x-upsert", "false").lower() == "true"
         params = {
             "b": bucket_id,
             "n": name,
-            "m": metadata,
+            "m": json.dumps(_object_metadata(data, content_type, cache_control)),
             "u": json.dumps(user_metadata) if user_metadata is not None else None,
+            "v": str(uuid.uuid4()),
         }
-        if update:
-            statement = (
-                "update storage.objects set metadata = %(m)s, user_metadata = %(u)s,"
-                " updated_at = now() where bucket_id = %(b)s and name = %(n)s returning id"
+        statement = (
+            "insert into storage.objects (bucket_id, name, metadata, user_metadata, version)"
+            " values (%(b)s, %(n)s, %(m)s, %(u)s, %(v)s) on conflict (bucket_id, name) do "
+            + (
+                "update set metadata = excluded.metadata, user_metadata = excluded.user_metadata,"
+                " version = excluded.version, updated_at = now()"
+                if upsert
+                else "nothing"
             )
-        else:
-            statement = (
-                "insert into storage.objects (bucket_id, name, metadata, user_metadata)"
-                " values (%(b)s, %(n)s, %(m)s, %(u)s) on conflict (bucket_id, name) do "
-                + (
-                    "update set metadata = excluded.metadata, user_metadata ="
-                    " excluded.user_metadata, updated_at = now()"
-                    if upsert
-                    else "nothing"
-                )
-                + " returning id"
-            )
+            + " returning id"
+        )
         with self._pool.connection() as conn:
             _scope(conn, user)
             try:
@@ -346,21 +361,19 @@ class StorageApi:
                 return access_denied("new row violates row-level security policy")
             if row is None:
                 conn.rollback()
-                if update:
-                    return _no_such_key()
                 return _duplicate("KeyAlreadyExists")
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
             tmp.write_bytes(data)
             tmp.replace(target)
             conn.commit()
-        assert row is not None
         return json_response({"Key": f"{bucket_id}/{name}", "Id": str(row[0])})
 
-    def _list(self, bucket_id: str, request: Request) -> Response:
+    def _list(self, bucket_id: str, request: Request, user: dict[str, Any] | None = None) -> Response:
         """POST /object/list/{bucket}, as storage.search (migration 0063) answers it sorted by name:
         the names under `prefix` that start with `search`, compared lower-cased (no wildcards),
-        files and folders (id null) in lower-cased name order. A missing bucket lists nothing."""
+        files and folders (id null) in lower-cased name order. A missing bucket lists nothing; a
+        caller who is not the service role lists what the select policies let them see."""
         if not is_valid_bucket_name(bucket_id):
             return _invalid_bucket_name()
         body = request.get_json(force=True, silent=True) or {}
@@ -372,6 +385,7 @@ class StorageApi:
             "select id, name, metadata, created_at, updated_at from storage.objects"
             " where bucket_id = %s and left(lower(name), length(%s)) = %s",
             (bucket_id, start, start),
+            user,
         )
         rows.sort(key=lambda row: str(row[1]).lower().encode(), reverse=descending)
         items: list[dict[str, Any]] = []
@@ -389,9 +403,9 @@ class StorageApi:
                     "name": name[len(folder) :],
                     "id": str(oid),
                     "metadata": meta,
-                    "created_at": created.isoformat(),
-                    "updated_at": updated.isoformat(),
-                    "last_accessed_at": updated.isoformat(),
+                    "created_at": _iso(created),
+                    "updated_at": _iso(updated),
+                    "last_accessed_at": _iso(updated),
                 }
             )
         offset = int(body.get("offset") or 0)
@@ -399,31 +413,38 @@ class StorageApi:
         return json_response(items[offset : offset + limit])
 
     def _info(self, bucket_id: str, name: str, user: dict[str, Any] | None = None) -> Response:
+        """GET /object/info: the object's fields, and the download's cache headers beside them."""
+        if self._bucket(bucket_id) is None:
+            return _no_such_bucket()
         row = self._read_one(
-            "select id, metadata, user_metadata, created_at, updated_at from storage.objects"
+            "select id, metadata, user_metadata, created_at, updated_at, version from storage.objects"
             " where bucket_id = %s and name = %s",
             (bucket_id, name),
             user,
         )
         if row is None:
             return _no_such_key()
-        oid, meta, user_meta, created, updated = row
+        oid, meta, user_meta, created, updated, version = row
         meta = meta or {}
-        return json_response(
+        response = json_response(
             {
                 "id": str(oid),
                 "name": name,
+                "version": version,
                 "bucket_id": bucket_id,
                 "size": meta.get("size"),
                 "content_type": meta.get("mimetype"),
                 "cache_control": meta.get("cacheControl"),
                 "etag": meta.get("eTag"),
-                "metadata": user_meta,
-                "version": str(oid),
-                "created_at": created.isoformat(),
-                "last_modified": updated.isoformat(),
+                "metadata": user_meta or {},
+                "last_modified": _iso(updated),
+                "created_at": _iso(created),
             }
         )
+        response.headers["Cache-Control"] = meta.get("cacheControl", "no-cache")
+        response.headers["ETag"] = meta.get("eTag", "")
+        response.last_modified = updated
+        return response
 
     def _serve(
         self,
@@ -446,7 +467,7 @@ class StorageApi:
             user,
         )
         if row is None:
-            return _storage_error("404", "NoSuchKey", "The resource was not found", "Not found")
+            return _no_such_key()
         meta, updated = row[0] or {}, row[1]
         data = self._object_path(bucket_id, name).read_bytes()
         response = Response(data, content_type=meta.get("mimetype", "application/octet-stream"))
@@ -488,11 +509,9 @@ class StorageApi:
             ]
         )
 
-    def _sign(
-        self, bucket_id: str, name: str, request: Request, user: dict[str, Any] | None = None
-    ) -> Response:
-        """Signing needs read access to the object: a user's token signs only what the policies on
-        storage.objects let them select (createSignedUrl on a private bucket, as the plug-in does)."""
+    def _sign(self, bucket_id: str, name: str, request: Request, user: dict[str, Any] | None) -> Response:
+        """POST /object/sign: the object must be one the caller can select (object.ts
+        signObjectUrl finds it first, under the caller's policies); the token is a JWT."""
         body = request.get_json(force=True, silent=True) or {}
         try:
             expires_in = int(str(body.get("expiresIn")))
@@ -505,27 +524,24 @@ class StorageApi:
         )
         if row is None:
             return _no_such_key()
-        token = self._token(f"{bucket_id}/{name}", int(time.time()) + expires_in)
+        now = int(time.time())
+        token = sign_jwt(self.jwt_secret, {"url": f"{bucket_id}/{name}", "iat": now, "exp": now + expires_in})
         # object.ts signObjectUrl: the path comes back decoded (decodeURI), not percent-encoded.
         return json_response({"signedURL": f"/object/sign/{bucket_id}/{name}?token={token}"})
 
-    def _token(self, url: str, exp: int) -> str:
-        payload = base64.urlsafe_b64encode(json.dumps({"url": url, "exp": exp}).encode()).decode()
-        sig = hmac.new(self.jwt_secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
-        return f"{payload}.{sig}"
-
     def _serve_signed(self, bucket_id: str, name: str, request: Request) -> Response:
-        token = request.args.get("token", "")
-        payload, _, sig = token.partition(".")
-        good = hmac.new(self.jwt_secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
-        try:
-            claims = json.loads(base64.urlsafe_b64decode(payload.encode()))
-        except ValueError:
-            claims = {}
-        if not hmac.compare_digest(sig, good) or claims.get("url") != f"{bucket_id}/{name}":
-            return _storage_error("400", "InvalidSignature", "Invalid signature")
-        if claims.get("exp", 0) < time.time():
+        token = request.args.get("token")
+        if token is None:
+            return _storage_error(
+                "400", "InvalidRequest", "querystring must have required property 'token'", "Bad Request"
+            )
+        claims, problem = check_jwt(token, self.jwt_secret)
+        if problem == "expired":
             return _storage_error("400", "ExpiredToken", "The provided token has expired.")
+        if claims is None:
+            return _storage_error("400", "InvalidJWT", "invalid signature")
+        if claims.get("url") != f"{bucket_id}/{name}":
+            return _storage_error("400", "InvalidSignature", "Invalid signature")
         return self._serve(bucket_id, name, request, require_public=False, expires=int(claims["exp"]))
 
 
@@ -543,7 +559,8 @@ def _scope(conn: psycopg.Connection[Any], user: dict[str, Any] | None) -> None:
 
 def _upload_body(request: Request) -> tuple[str, str, bytes, dict[str, Any] | None]:
     """Storage takes a multipart form with a `file` part (what storage3 sends) or a raw body.
-    A `metadata` form field (or x-metadata header, base64 JSON) is the object's user metadata."""
+    A `metadata` form field (or x-metadata header, base64 JSON) is the object's user metadata; the
+    cache time is the form's `cacheControl` seconds or the body's Cache-Control, else no-cache."""
     if request.mimetype == "multipart/form-data":
         _, form, files = parse_form_data(request.environ)
         part = files.get("file")
@@ -553,11 +570,29 @@ def _upload_body(request: Request) -> tuple[str, str, bytes, dict[str, Any] | No
         )
         raw_meta = form.get("metadata")
         metadata = json.loads(raw_meta) if raw_meta else None
-        return content_type, form.get("cacheControl", "3600"), data, metadata
-    cache = request.headers.get("cache-control", "max-age=3600").removeprefix("max-age=")
+        seconds = form.get("cacheControl")
+        return content_type, f"max-age={seconds}" if seconds else "no-cache", data, metadata
+    cache = request.headers.get("cache-control") or "no-cache"
     header = request.headers.get("x-metadata")
     metadata = json.loads(base64.b64decode(header)) if header else None
     return request.mimetype or "text/plain", cache, request.get_data(), metadata
+
+
+def _object_metadata(data: bytes, content_type: str, cache_control: str) -> dict[str, Any]:
+    """The metadata the real server stores (and lists) for an object."""
+    return {
+        "eTag": f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"',
+        "size": len(data),
+        "mimetype": content_type,
+        "cacheControl": cache_control,
+        "lastModified": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "contentLength": len(data),
+        "httpStatusCode": 200,
+    }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
 
 
 def _size_limit(value: Any) -> int | None:

@@ -8,6 +8,9 @@ import hashlib
 import io
 import math
 import wave
+from collections.abc import Iterator
+from itertools import repeat
+from operator import add, mul, truediv
 
 RATE = 44_100
 LABEL = "offline synthesiser (not Stable Audio)"
@@ -20,16 +23,30 @@ def _chord(prompt: str) -> list[int]:
     return [root * a // b for a, b in ratios[: 2 + digest[1] % 3]]
 
 
+def _wave(freq: int, phase: float) -> Iterator[float]:
+    """sin(2 pi f t + phase) for each sample t of one second, iterated in C (map over itertools):
+    the same floating-point steps as a Python loop, a third of the time (jobs run by the suite
+    spent most of the double's time here)."""
+    times = map(truediv, range(RATE), repeat(RATE))
+    angles: Iterator[float] = map(mul, repeat(2 * math.pi * freq), times)
+    if phase:
+        angles = map(add, angles, repeat(phase))
+    return map(math.sin, angles)
+
+
+def _channel(freqs: list[int], phase: float, scale: float) -> array.array[int]:
+    total = _wave(freqs[0], phase)
+    for freq in freqs[1:]:
+        total = map(add, total, _wave(freq, phase))
+    return array.array("h", map(int, map(mul, total, repeat(scale))))
+
+
 def _one_second(prompt: str) -> bytes:
     freqs = _chord(prompt)
     scale = 9000 / len(freqs)
-    samples = array.array("h")
-    for i in range(RATE):
-        t = i / RATE
-        left = sum(math.sin(2 * math.pi * f * t) for f in freqs[::2]) * scale
-        right = sum(math.sin(2 * math.pi * f * t + 0.3) for f in freqs[1::2] or freqs) * scale
-        samples.append(int(left))
-        samples.append(int(right))
+    samples = array.array("h", bytes(4 * RATE))
+    samples[0::2] = _channel(freqs[::2], 0.0, scale)  # left
+    samples[1::2] = _channel(freqs[1::2] or freqs, 0.3, scale)  # right
     return samples.tobytes()
 
 

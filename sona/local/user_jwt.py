@@ -24,9 +24,16 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def sign_jwt(secret: str, claims: dict[str, Any]) -> str:
+    """An HS256 JWT of `claims`, signed with the project's secret."""
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = _b64(json.dumps(claims).encode())
+    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64(signature)}"
+
+
 def make_user_jwt(secret: str, user_id: uuid.UUID | str, ttl_s: int = 3600) -> str:
     """An access token for `user_id` (the claims Supabase Auth puts in one that matter here)."""
-    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
     now = int(time.time())
     claims = {
         "iss": "sona-local/auth/v1",
@@ -36,9 +43,7 @@ def make_user_jwt(secret: str, user_id: uuid.UUID | str, ttl_s: int = 3600) -> s
         "iat": now,
         "exp": now + ttl_s,
     }
-    payload = _b64(json.dumps(claims).encode())
-    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64(signature)}"
+    return sign_jwt(secret, claims)
 
 
 def verify_jwt(token: str, secret: str, now: float | None = None) -> dict[str, Any] | None:

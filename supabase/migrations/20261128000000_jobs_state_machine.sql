@@ -280,17 +280,17 @@ drop policy if exists jobs_insert_own on public.jobs;
 create policy jobs_insert_own on public.jobs for insert to authenticated
   with check ((select auth.uid()) = user_id and status = 'pending');
 
--- Grants: on a table this project created (no other owner's grants to keep), a user may only name
--- the request columns and read their rows; anon gets nothing. On an existing table the grants are
--- left as they are.
+-- Grants: a user may read their rows and name the request columns. On a table this project created
+-- (no other owner's policies, so no other owner's grants to keep) that is all they may do, and anon
+-- gets nothing; on an existing table nothing is taken away.
 do $$ begin
   if not exists (select from pg_policies where schemaname = 'public' and tablename = 'jobs'
                   and policyname not in ('jobs_select_own', 'jobs_insert_own')) then
     revoke all on public.jobs from anon;
     revoke insert, update, delete, truncate on public.jobs from authenticated;
-    grant select on public.jobs to authenticated;
-    grant insert (id, user_id, prompt, duration, quality, mode) on public.jobs to authenticated;
   end if;
 end $$;
+grant select on public.jobs to authenticated;
+grant insert (id, user_id, prompt, duration, quality, mode) on public.jobs to authenticated;
 revoke all on public.job_attempts from anon, authenticated;
 grant all on public.jobs, public.job_attempts to service_role;

@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import pytest
 import requests
+from psycopg.rows import dict_row
 
 from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.local.stack import TERMINAL, LocalStack
-from tests.support import sql
+from tests.support import SUMMARIES_KEY, sql
 
 SENTINELS = {
     "SUPABASE_SERVICE_ROLE_KEY": "sentinel-service-role-key-3c1e9a",
@@ -41,6 +43,9 @@ ENV = {
 }
 MODELS = ("stable-audio-2.5", "stable-audio-3")
 JOB_BUDGET_S = 6.0
+# pg_net's 1 s pause between batches is the webhook transport's own behaviour (tests/
+# test_webhook_delivery.py); here it only made each case wait for the one before it was taken.
+RELAY_PAUSE_S = 0.05
 
 
 @dataclass
@@ -101,13 +106,15 @@ def ledger() -> Ledger:
 
 
 @pytest.fixture(scope="session")
-def hstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def hstack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     with LocalStack(
         tmp_path_factory.mktemp("hardening"),
         env=ENV,
         process_env={"PATH": "/usr/bin:/bin"},
         service_role_key=SENTINELS["SUPABASE_SERVICE_ROLE_KEY"],
         webhook_secret=SENTINELS["WEBHOOK_SECRET"],
+        relay_pause_s=RELAY_PAUSE_S,
+        database_server=pg_server,
     ) as stack:
         yield stack
 
@@ -214,28 +221,46 @@ def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> di
     """Wait out a delivery in flight (the relay's), or a dispatch reclaim stopped waiting for;
     either ends within the function's timeout, and then the row has its answer."""
     deadline = time.monotonic() + JOB_BUDGET_S + 6
-    while True:
-        # pg_net keeps a request's queue row (uncommitted delete) until its whole batch has ended.
-        # Looked at before the row, so a row read after its delivery ended is the answered one.
-        delivering = sql(
-            stack.database_url,
-            "select 1 from net.http_request_queue"
-            " where convert_from(body, 'UTF8')::jsonb->'record'->>'id' = %s",
-            str(job_id),
-            role=None,
-        )
-        row = stack.job(job_id)
-        running = while_processing and row["status"] == "processing"
-        if not (delivering or running) or time.monotonic() > deadline:
-            return row
-        time.sleep(0.05)
+    with psycopg.connect(stack.database_url, autocommit=True, row_factory=dict_row) as conn:
+        while True:
+            # pg_net keeps a request's queue row (uncommitted delete) until its whole batch has
+            # ended. Looked at before the row, so a row read after its delivery ended is the answered
+            # one. (Autocommit: each statement sees what has committed by then.)
+            delivering = conn.execute(
+                "select 1 from net.http_request_queue"
+                " where convert_from(body, 'UTF8')::jsonb->'record'->>'id' = %s",
+                (str(job_id),),
+            ).fetchone()
+            found = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
+            if found is None:
+                raise KeyError(job_id)
+            row = dict(found)
+            running = while_processing and row["status"] == "processing"
+            if not (delivering or running) or time.monotonic() > deadline:
+                return row
+            time.sleep(0.05)
+
+
+def summary_lines() -> list[str]:
+    lines = [
+        f"{kind}: {name} -> {outcome}"
+        for kind, cases in (("bad input", LEDGER.bad_inputs), ("fault", LEDGER.faults))
+        for name, outcome in cases
+    ]
+    return [*lines, LEDGER.totals()]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under xdist the ledger lives in one worker: hand its lines to the controller, which prints
+    them (tests/conftest.py), since this conftest's terminal summary runs only where it is loaded."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None and (LEDGER.bad_inputs or LEDGER.faults):
+        output.setdefault(SUMMARIES_KEY, {})["hardening cases"] = summary_lines()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not (LEDGER.bad_inputs or LEDGER.faults):
         return
     terminalreporter.section("hardening cases")
-    for kind, cases in (("bad input", LEDGER.bad_inputs), ("fault", LEDGER.faults)):
-        for name, outcome in cases:
-            terminalreporter.write_line(f"{kind}: {name} -> {outcome}")
-    terminalreporter.write_line(LEDGER.totals())
+    for line in summary_lines():
+        terminalreporter.write_line(line)

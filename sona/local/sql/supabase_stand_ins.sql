@@ -1,6 +1,7 @@
 -- Local stand-ins for what a Supabase project already has before our migrations run:
 -- the roles, the auth schema with auth.users and auth.uid(), and Supabase's default grants.
--- Never part of a migration: on Supabase these exist already.
+-- Never part of a migration: on Supabase these exist already. Every object is made only where it
+-- is missing, so on a copy of a real database (dev --database-url) the real ones stay as they are.
 do $$
 begin
   if not exists (select from pg_roles where rolname = 'anon') then
@@ -22,12 +23,17 @@ create table if not exists auth.users (
 );
 
 -- As on Supabase: the subject of the request's JWT, set per request by PostgREST.
-create or replace function auth.uid() returns uuid language sql stable as $$
-  select coalesce(
-    nullif(current_setting('request.jwt.claim.sub', true), ''),
-    (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')
-  )::uuid
-$$;
+do $do$
+begin
+  if to_regprocedure('auth.uid()') is null then
+    create function auth.uid() returns uuid language sql stable as $$
+      select coalesce(
+        nullif(current_setting('request.jwt.claim.sub', true), ''),
+        (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')
+      )::uuid
+    $$;
+  end if;
+end $do$;
 
 grant usage on schema auth to anon, authenticated, service_role;
 grant execute on function auth.uid() to anon, authenticated, service_role;
@@ -60,6 +66,8 @@ create table if not exists storage.objects (
   updated_at timestamptz not null default now(),
   unique (bucket_id, name)
 );
+-- Storage writes a new version id on every upload and overwrite (issue 25, Storage 7).
+alter table storage.objects add column if not exists version text;
 
 -- As Supabase Storage's own migrations have them (supabase/storage, migrations/tenant/
 -- 0002-storage-schema.sql): row level security on objects, the API roles granted the tables, and
@@ -68,15 +76,17 @@ alter table storage.objects enable row level security;
 grant usage on schema storage to anon, authenticated, service_role;
 grant all on storage.objects, storage.buckets to anon, authenticated, service_role;
 
-create or replace function storage.foldername(name text)
- returns text[]
- language plpgsql
-as $function$
-declare
-_parts text[];
+do $do$
 begin
-	select string_to_array(name, '/') into _parts;
-	return _parts[1:array_length(_parts,1)-1];
-end
-$function$;
+  if to_regprocedure('storage.foldername(text)') is null then
+    create function storage.foldername(name text) returns text[] language plpgsql as $function$
+    declare
+      _parts text[];
+    begin
+      select string_to_array(name, '/') into _parts;
+      return _parts[1:array_length(_parts, 1) - 1];
+    end
+    $function$;
+  end if;
+end $do$;
 grant execute on function storage.foldername(text) to anon, authenticated, service_role;
