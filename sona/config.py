@@ -39,7 +39,14 @@ PROVIDER_RATE_LIMIT_PER_S = 15
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 # The models a mode may name (sona/modes.py MODELS says which engine serves each).
-ModelName = Literal["stable-audio-2.5", "stable-audio-2"]
+ModelName = Literal["stable-audio-2.5", "stable-audio-2", "stable-audio-3"]
+# Stable Audio 3's asynchronous routes sit under this base: POST {base}/stable-audio/{endpoint},
+# GET {base}/results/{id} (DESIGN.md, Stable Audio 3).
+DEFAULT_STABLE_AUDIO_3_API_URL = "https://api.stability.ai/v2beta/audio"
+# Credits per paid generation (1 credit = $0.01): stable-audio-2.5 is 20; stable-audio-2 is
+# 17 + 0.06 x steps (about 20 at its 50 steps); stable-audio-3 is 26 per Stability's spec but 8 per its
+# explainer of 2026-11-23 (unresolved: MODEL_CREDITS overrides any of them).
+DEFAULT_MODEL_CREDITS: dict[str, float] = {"stable-audio-2.5": 20, "stable-audio-2": 20, "stable-audio-3": 26}
 
 
 def dispatch_deadline_problem(job_timeout_ms: int) -> str | None:
@@ -113,6 +120,12 @@ class Settings(BaseSettings):
 
     # Provider.
     stable_audio_api_url: str = DEFAULT_STABLE_AUDIO_API_URL
+    stable_audio_3_api_url: str = DEFAULT_STABLE_AUDIO_3_API_URL
+    # Stable Audio 3 answers a generation's id at once; the attempt then asks for the audio every
+    # GENERATION_POLL_MS (PERFORMANCE.md: why the wait is spent polling inside the attempt).
+    generation_poll_ms: int = Field(default=2000, ge=100, le=60_000)
+    # What `stats` prices each paid generation at, per model, in credits (JSON: {"stable-audio-3": 8}).
+    model_credits: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MODEL_CREDITS))
     # The model for the earlier worker's modes (default, text-to-audio, audio-to-audio).
     stable_audio_model: ModelName = "stable-audio-2.5"
     # One model per plug-in mode (sona/modes.py decides what each row asks for). The plug-in's own
@@ -188,6 +201,11 @@ class Settings(BaseSettings):
     # Unset: the bucket gets no limit of its own, so only the project's global upload limit applies
     # (a bucket limit above that global limit is refused by Storage when the bucket is created).
     storage_file_size_limit: str | None = None
+    # The project's global upload limit (Supabase dashboard: Storage settings; the Free plan's is
+    # 50MB). A row whose WAV master cannot fit under it (nor the bucket's) fails before it is paid for:
+    # 16-bit 44.1 kHz stereo is 176.4 kB a second, so 50MB holds about 283 s of the 380 s
+    # stable-audio-3 makes.
+    storage_upload_limit: str = "50MB"
 
     # Dispatch: the webhook enqueues a Cloud Tasks task that runs the job (cloud_tasks), or the
     # webhook's own call runs it (direct, for setups without Cloud Tasks).
@@ -217,7 +235,25 @@ class Settings(BaseSettings):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("supabase_url", "stable_audio_api_url", "process_job_url", "cloud_tasks_api_url")
+    @field_validator("model_credits")
+    @classmethod
+    def _every_model_priced(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(DEFAULT_MODEL_CREDITS))
+        if unknown:
+            raise ValueError(
+                f"names unknown models {', '.join(unknown)}; known: {', '.join(DEFAULT_MODEL_CREDITS)}"
+            )
+        if any(credits < 0 for credits in value.values()):
+            raise ValueError("must not price a model below 0 credits")
+        return {**DEFAULT_MODEL_CREDITS, **value}
+
+    @field_validator(
+        "supabase_url",
+        "stable_audio_api_url",
+        "stable_audio_3_api_url",
+        "process_job_url",
+        "cloud_tasks_api_url",
+    )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -256,6 +292,13 @@ class Settings(BaseSettings):
                 f"{_ALLOWED}, with no space at either end"
             )
         _url_safe(value)
+        return value
+
+    @field_validator("storage_upload_limit")
+    @classmethod
+    def _upload_limit(cls, value: str) -> str:
+        if storage_rules.parse_file_size(value) == 0:
+            raise ValueError("must be more than 0 bytes, e.g. 50MB (the Free plan's) or 500MB")
         return value
 
     @field_validator("storage_file_size_limit", mode="before")
@@ -304,6 +347,13 @@ class Settings(BaseSettings):
         """The bucket limit in bytes, as Storage parses it (decimal units: 100MB is 10^8 bytes)."""
         limit = self.storage_file_size_limit
         return None if limit is None else storage_rules.parse_file_size(limit)
+
+    @property
+    def stored_file_limit_bytes(self) -> int:
+        """The largest file an upload can store: the bucket's limit, within the project's."""
+        upload = storage_rules.parse_file_size(self.storage_upload_limit)
+        bucket = self.storage_file_size_limit_bytes
+        return upload if bucket is None else min(upload, bucket)
 
     # Everything below follows from JOB_TIMEOUT_MS, the one knob (DESIGN.md, Timeouts).
     @property

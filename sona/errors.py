@@ -58,6 +58,11 @@ class Cancelled(StaleLease):
     matches nothing; before paying, the worker stops and reports the cancellation."""
 
 
+class GenerationGone(SonaError):
+    """The provider no longer knows a paid generation's id (expired or unknown: 404
+    generation_not_found). The only case in which a job with an id on its row pays again."""
+
+
 class DeadlineExceeded(TransientError):
     """The job's own budget ran out before the platform's timeout."""
 

@@ -61,17 +61,25 @@ def input_object(path: str | None, user_id: uuid.UUID | None, bucket: str) -> st
     return "/".join(parts)
 
 
-def check_size(size: int | None) -> None:
-    if size is not None and size > MAX_BYTES:
+def check_size(size: int | None, max_bytes: int = MAX_BYTES) -> None:
+    if size is not None and size > max_bytes:
         raise PermanentError(
-            f"The input file is {size / 1e6:.1f} MB; the limit is {MAX_BYTES / 1e6:.1f} MB.",
+            f"The input file is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB.",
             detail=f"{size} bytes",
         )
 
 
-def inspect(data: bytes, ffmpeg: str, deadline: Deadline | None = None) -> InputAudio:
-    """MP3 or WAV (by its bytes, not its name), decodable by ffmpeg as exactly that, 6 to 190 s."""
-    check_size(len(data))
+def inspect(
+    data: bytes,
+    ffmpeg: str,
+    deadline: Deadline | None = None,
+    *,
+    max_seconds: float = MAX_SECONDS,
+    max_bytes: int = MAX_BYTES,
+) -> InputAudio:
+    """MP3 or WAV (by its bytes, not its name), decodable by ffmpeg as exactly that, 6 to 190 s
+    (to 380 s and 100 MB with stable-audio-3: the model's limits are passed in)."""
+    check_size(len(data), max_bytes)
     fmt = sniff(data)
     if fmt is None:
         raise PermanentError(_NOT_AUDIO, detail="neither a RIFF/WAVE header nor an MPEG audio frame")
@@ -81,10 +89,10 @@ def inspect(data: bytes, ffmpeg: str, deadline: Deadline | None = None) -> Input
         raise PermanentError(_NOT_AUDIO, detail=f"ffmpeg could not decode it as {fmt}") from None
     if seconds <= 0:
         raise PermanentError(_NOT_AUDIO, detail="no samples")
-    if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+    if not MIN_SECONDS <= seconds <= max_seconds:
         raise PermanentError(
             f"The input audio is {seconds:.1f} s long; it must be {MIN_SECONDS:.0f} to "
-            f"{MAX_SECONDS:.0f} seconds.",
+            f"{max_seconds:.0f} seconds.",
             detail=f"{seconds:.3f} s",
         )
     return InputAudio(data, fmt, seconds)

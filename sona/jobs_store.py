@@ -179,6 +179,36 @@ class JobsStore:
         )
         return self._fenced(rows, job, f"stage {stage.value}")
 
+    def record_generation(self, job: ClaimedJob, generation_id: str, model: str) -> Job:
+        """Write the paid generation's id to the row before waiting for its audio (fenced)."""
+        rows = self._rpc(
+            "record_generation",
+            {
+                "p_job_id": str(job.id),
+                "p_lease_token": str(job.lease_token),
+                "p_generation_id": generation_id,
+                "p_model": model,
+            },
+        )
+        return self._fenced(rows, job, "generation id")
+
+    def forget_generation(self, job: ClaimedJob, generation_id: str) -> Job:
+        """The provider no longer knows the id: clear it (counted on the row), so one new payment
+        may follow (fenced)."""
+        rows = self._rpc(
+            "forget_generation",
+            {
+                "p_job_id": str(job.id),
+                "p_lease_token": str(job.lease_token),
+                "p_generation_id": generation_id,
+            },
+        )
+        return self._fenced(rows, job, "forgotten generation")
+
+    def generation_stats(self, window_hours: int) -> dict[str, Any]:
+        """Paid generations per model (completed, and ids lost to expiry) for pricing in credits."""
+        return self._figures("generation_stats", window_hours)
+
     def fail(
         self,
         job: ClaimedJob,

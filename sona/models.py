@@ -84,6 +84,10 @@ class Job(BaseModel):
     filename: str | None = None
     master_path: str | None = None
     preview_path: str | None = None
+    # A paid generation the provider answers later by id (Stable Audio 3): fetched, never paid again.
+    generation_id: str | None = None
+    generation_model: str | None = None
+    generations_lost: int = 0
 
 
 class ClaimedJob(Job):

@@ -22,12 +22,19 @@ from sona.models import Job, json_column
 from sona.naming import download_name, number_text
 
 Kind = Literal["text-to-audio", "audio-to-audio"]
-Engine = Literal["stable-audio"]
+# Which client serves a model: "stable-audio" answers the audio to the paid call itself;
+# "stable-audio-3" answers a generation id at once and the audio later (sona/engines.py).
+Engine = Literal["stable-audio", "stable-audio-3"]
 
-# generate (the plug-in's Edge Function) and its table allow 1 to 180 s.
+# generate (the plug-in's Edge Function) and its table allow 1 to 180 s; rows that long are what the
+# 2.x models serve, as before. This project's own table allows 1 to 380 s (stable-audio-3's limit;
+# 20261202004000_generation_ids.sql), and only a mode served by stable-audio-3 takes more than 180.
 MAX_JOB_DURATION_S = 180
+MAX_SA3_JOB_DURATION_S = 380
 # Stable Audio's own prompt limit.
 MAX_PROMPT_CHARS = 10_000
+# The least a second of the WAV master takes: 16-bit 44.1 kHz stereo (a wider format is bigger).
+MASTER_BYTES_PER_S = 44_100 * 2 * 2
 # The plug-in's UI says draft and standard for the table's low and medium (PLUGIN.md).
 QUALITIES = {"low": "low", "draft": "low", "medium": "medium", "standard": "medium", "high": "high"}
 
@@ -37,11 +44,20 @@ class Model:
     engine: Engine
     max_duration_s: int  # longer rows are cut to this, as the plug-in's worker clamped them
     label: str  # the engine's name in a file name (the naming convention's `source`)
+    # Audio-to-audio: the longest input the model takes, and the most input bytes a request has room
+    # for beside the other fields (the provider's request limit less 100 kB).
+    max_input_s: float = 190.0
+    max_input_bytes: int = 50_000_000 - 100_000
+    max_row_s: int = MAX_JOB_DURATION_S  # the longest row it serves (else the job fails, unpaid)
 
 
 MODELS: dict[str, Model] = {
     "stable-audio-2.5": Model("stable-audio", 190, "StableAudio"),
     "stable-audio-2": Model("stable-audio", 190, "StableAudio"),
+    # DESIGN.md, Stable Audio 3: 1-380 s, inputs 6-380 s, requests up to 100 MB.
+    "stable-audio-3": Model(
+        "stable-audio-3", 380, "StableAudio", 380.0, 100_000_000 - 100_000, MAX_SA3_JOB_DURATION_S
+    ),
 }
 
 
@@ -77,6 +93,10 @@ class JobPlan:
     quality: Literal["low", "medium", "high"]
     filename: str | None  # the download name (plug-in modes; None for the earlier worker's)
 
+    @property
+    def limits(self) -> Model:
+        return MODELS[self.model]
+
 
 def plan_job(job: Job, settings: Settings) -> JobPlan:
     """Check the row and decide everything it asks for, before anything is paid for; bad input fails
@@ -89,14 +109,15 @@ def plan_job(job: Job, settings: Settings) -> JobPlan:
         )
     model_name = str(getattr(settings, mode.model_setting))
     model = MODELS[model_name]
-    if not 1 <= job.duration <= MAX_JOB_DURATION_S:
-        raise PermanentError(f"The duration must be 1 to {MAX_JOB_DURATION_S} seconds, not {job.duration}.")
+    if not 1 <= job.duration <= model.max_row_s:
+        raise PermanentError(f"The duration must be 1 to {model.max_row_s} seconds, not {job.duration}.")
     quality = QUALITIES.get(job.quality)
     if quality is None:
         raise PermanentError(
             f"The quality '{job.quality}' is unknown; choose low (draft), medium (standard) or high."
         )
     duration = min(job.duration, model.max_duration_s)
+    _fits_storage(duration, settings)
     prompt = clean_prompt(job.prompt)
     if not prompt:
         raise PermanentError("The prompt is empty. Describe the sound you want.")
@@ -117,6 +138,18 @@ def plan_job(job: Job, settings: Settings) -> JobPlan:
         quality=quality,  # type: ignore[arg-type]
         filename=filename,
     )
+
+
+def _fits_storage(duration: int, settings: Settings) -> None:
+    """A clip whose master cannot be stored would be paid for and lost: refuse it before paying."""
+    limit = settings.stored_file_limit_bytes
+    if duration * MASTER_BYTES_PER_S + 44 > limit:
+        longest = (limit - 44) // MASTER_BYTES_PER_S
+        raise PermanentError(
+            f"A {duration} s clip is larger than the storage allows ({limit / 1e6:g} MB); "
+            f"choose {longest} seconds or less.",
+            detail="STORAGE_UPLOAD_LIMIT / STORAGE_FILE_SIZE_LIMIT",
+        )
 
 
 def clean_prompt(text: str) -> str:

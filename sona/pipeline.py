@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from sona.audio import Master, Preview, encode_preview, make_master, read_wav
 from sona.config import Settings
 from sona.deadline import Deadline
+from sona.engines import EngineById, Engines
 from sona.errors import (
     Cancelled,
     DatabaseUnavailable,
@@ -24,9 +25,10 @@ from sona.errors import (
     SonaError,
     StaleLease,
 )
+from sona.generations import ById
 from sona.input_audio import inspect
 from sona.models import CLAIMABLE, AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, Output
-from sona.modes import plan_job
+from sona.modes import MODELS, JobPlan, plan_job
 from sona.outcomes import OutcomeClass, outcome_class
 from sona.peaks import waveform_peaks
 from sona.retrying import retrying
@@ -63,10 +65,8 @@ class Store(Protocol):
         timings_ms: dict[str, int],
     ) -> Job: ...
     def pause(self, job: ClaimedJob, outage: ServiceOutage) -> PauseRecord: ...
-
-
-class Provider(Protocol):
-    def generate(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio: ...
+    def record_generation(self, job: ClaimedJob, generation_id: str, model: str) -> Job: ...
+    def forget_generation(self, job: ClaimedJob, generation_id: str) -> Job: ...
 
 
 class Storage(Protocol):
@@ -75,7 +75,7 @@ class Storage(Protocol):
         self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
     ) -> str: ...
     def find_output(self, job_id: object) -> StoredOutput | None: ...
-    def read_input(self, name: str, deadline: Deadline) -> bytes: ...
+    def read_input(self, name: str, deadline: Deadline, max_bytes: int) -> bytes: ...
 
 
 @dataclass
@@ -105,9 +105,13 @@ class Result:
 class Pipeline:
     settings: Settings
     store: Store
-    provider: Provider
+    engines: Engines  # by engine name (sona/modes.py MODELS names each model's)
     storage: Storage
     ffmpeg: str
+
+    @property
+    def by_id(self) -> ById:
+        return ById(self.store)
 
     def run(self, job: ClaimedJob, deadline: Deadline, timings: dict[str, int] | None = None) -> Result:
         """timings: steps measured before the pipeline (the claim), kept with the attempt's own."""
@@ -147,11 +151,11 @@ class Pipeline:
         stored = self._earlier_output(job, timings)
         if stored is not None:
             files = stored
-        elif job.reuse_only:
+        elif job.reuse_only and job.generation_id is None:
             # Every paid attempt is spent and none stored its files: fail, never pay again.
             raise PermanentError(f"The job timed out after {self.settings.max_attempts} attempts.")
         else:
-            files = self._generate_and_store(job, request, deadline, timings)
+            files = self._generate_and_store(job, plan, request, deadline, timings)
         output = Output(
             files.wav_url,
             files.mp3_url,
@@ -182,27 +186,22 @@ class Pipeline:
         return found
 
     def _generate_and_store(
-        self, job: ClaimedJob, request: GenerationRequest, deadline: Deadline, timings: dict[str, int]
+        self,
+        job: ClaimedJob,
+        plan: JobPlan,
+        request: GenerationRequest,
+        deadline: Deadline,
+        timings: dict[str, int],
     ) -> StoredOutput:
         settings = self.settings
-        if request.input_object is not None:
-            request = self._with_input(request, request.input_object, deadline, timings)
-        # The last moment a reclaimed lease or a cancellation can save the payment: this write is
-        # fenced by the lease (StaleLease, or Cancelled when the owner cancelled the job).
-        self._stage(job, JobStage.GENERATING, timings, fence=True)
-        log.info(
-            "generating %d s with %s (%s, %d steps)",
-            request.duration,
-            request.model,
-            request.endpoint,
-            request.steps,
-        )
-        generated = _timed(timings, "generate", lambda: self.provider.generate(request, deadline))
+        generated = self._generate(job, plan, request, deadline, timings)
         model, seed, audio = generated.model, generated.seed, generated.data
         del generated
         self._stage(job, JobStage.ENCODING, timings)
         deadline.check("encode")
-        master = _timed(timings, "master", partial(make_master, audio, job.duration, self.ffmpeg, deadline))
+        master = _timed(
+            timings, "master", partial(make_master, audio, request.duration, self.ffmpeg, deadline)
+        )
         del audio  # the provider's copy is not needed once the master is cut: 10 MB less to hold
         stamp = attempt_stamp()
         wav_path = object_path(settings.storage_path_prefix, job.id, stamp, "wav")
@@ -235,13 +234,71 @@ class Pipeline:
         log.info("stored %s and %s", wav_path, mp3_path)
         return StoredOutput(wav_url, mp3_url, info.model_dump(mode="json"), wav_path, mp3_path)
 
+    def _generate(
+        self,
+        job: ClaimedJob,
+        plan: JobPlan,
+        request: GenerationRequest,
+        deadline: Deadline,
+        timings: dict[str, int],
+    ) -> GeneratedAudio:
+        """The audio: fetched by the id on the row when an earlier attempt paid for it, else paid
+        for once by the engine the plan names."""
+        paid_engine = self._engine_of_paid(job)
+        if paid_engine is not None:
+            self._stage(job, JobStage.GENERATING, timings)
+            audio = _timed(timings, "fetch_paid", lambda: self.by_id.fetch_paid(job, paid_engine, deadline))
+            if audio is not None:
+                return audio
+        if job.reuse_only:  # a finishing attempt never pays
+            raise PermanentError(f"The job timed out after {self.settings.max_attempts} attempts.")
+        if request.input_object is not None:
+            request = self._with_input(plan, request, request.input_object, deadline, timings)
+        # The last moment a reclaimed lease or a cancellation can save the payment: this write is
+        # fenced by the lease (StaleLease, or Cancelled when the owner cancelled the job).
+        self._stage(job, JobStage.GENERATING, timings, fence=True)
+        log.info(
+            "generating %d s with %s (%s, %d steps)",
+            request.duration,
+            request.model,
+            request.endpoint,
+            request.steps,
+        )
+        engine = self.engines[plan.engine]
+        if isinstance(engine, EngineById):
+            return _timed(
+                timings, "generate", lambda: self.by_id.pay_and_fetch(job, engine, request, deadline)
+            )
+        return _timed(timings, "generate", lambda: engine.generate(request, deadline))
+
+    def _engine_of_paid(self, job: ClaimedJob) -> EngineById | None:
+        """The engine that answers the generation named on the row (whatever the settings say now)."""
+        if job.generation_id is None or job.generation_model not in MODELS:
+            return None
+        engine = self.engines.get(MODELS[job.generation_model].engine)
+        return engine if isinstance(engine, EngineById) else None
+
     def _with_input(
-        self, request: GenerationRequest, name: str, deadline: Deadline, timings: dict[str, int]
+        self,
+        plan: JobPlan,
+        request: GenerationRequest,
+        name: str,
+        deadline: Deadline,
+        timings: dict[str, int],
     ) -> GenerationRequest:
         """Audio-to-audio: the input is read and checked (size, format, length) before the provider
         is called, so a missing or unusable file fails the job without paying for anything."""
-        data = _timed(timings, "read_input", lambda: self.storage.read_input(name, deadline))
-        source = _timed(timings, "check_input", lambda: inspect(data, self.ffmpeg, deadline))
+        limits = plan.limits
+        data = _timed(
+            timings, "read_input", lambda: self.storage.read_input(name, deadline, limits.max_input_bytes)
+        )
+        source = _timed(
+            timings,
+            "check_input",
+            lambda: inspect(
+                data, self.ffmpeg, deadline, max_seconds=limits.max_input_s, max_bytes=limits.max_input_bytes
+            ),
+        )
         log.info("input %s: %s, %.1f s, %d bytes", name, source.format, source.seconds, len(source.data))
         return request.model_copy(update={"source": source})
 

@@ -14,6 +14,7 @@ from sona.config import Settings, load_settings
 from sona.logs import setup_logging
 
 if TYPE_CHECKING:
+    from sona.engines import Engines
     from sona.jobs_store import JobsStore
     from sona.pipeline import Pipeline
     from sona.stable_audio import StableAudioClient
@@ -49,6 +50,14 @@ class Services:
         return StableAudioClient(self.settings)
 
     @cached_property
+    def engines(self) -> Engines:
+        """Each engine's client by the name sona/modes.py MODELS gives it (a client is only a session
+        until its first call, so both are built)."""
+        from sona.stable_audio_3 import StableAudio3Client
+
+        return {"stable-audio": self.provider, "stable-audio-3": StableAudio3Client(self.settings)}
+
+    @cached_property
     def storage(self) -> AudioStorage:
         from sona.storage import AudioStorage
 
@@ -64,7 +73,7 @@ class Services:
     def pipeline(self) -> Pipeline:
         from sona.pipeline import Pipeline
 
-        return Pipeline(self.settings, self.store, self.provider, self.storage, self.ffmpeg)
+        return Pipeline(self.settings, self.store, self.engines, self.storage, self.ffmpeg)
 
 
 _lock = threading.Lock()

@@ -32,12 +32,13 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"sona-audio-function/{__version__} (python {platform.python_version()})"
 AUDIO_TO_AUDIO = "audio-to-audio"
 # The least strength each model takes (stable-audio-2.5 refuses less than 0.01).
-MIN_STRENGTH = {"stable-audio-2.5": 0.01, "stable-audio-2": 0.0}
+MIN_STRENGTH = {"stable-audio-2.5": 0.01, "stable-audio-2": 0.0, "stable-audio-3": 0.0}
 # Sent when the row names none: the API's own default (1) ignores the input altogether.
 DEFAULT_STRENGTH = 0.5
-# stable-audio-2.5 takes 4..8 steps; stable-audio-2 takes 30..100.
+# stable-audio-2.5 and stable-audio-3 take 4..8 steps; stable-audio-2 takes 30..100.
 STEPS = {
     "stable-audio-2.5": {"low": 4, "medium": 6, "high": 8},
+    "stable-audio-3": {"low": 4, "medium": 6, "high": 8},
     "stable-audio-2": {"low": 30, "medium": 50, "high": 100},
 }
 _CHUNK = 256 * 1024

@@ -72,6 +72,7 @@ def render_table(figures: dict[str, Any]) -> str:
     ]
     lines += _spend_lines(figures.get("spend") or {})
     lines += _token_lines(figures.get("tokens") or {})
+    lines += _credit_lines(figures.get("credits") or {})
     failures = figures.get("recent_failures") or []
     if failures:
         lines += ["", "Recent failures:"]
@@ -118,3 +119,31 @@ def _token_lines(tokens: dict[str, Any]) -> list[str]:
         f"  charge not found    {tokens.get('charge_not_found', 0)} jobs (refunded nothing)",
         f"  refunds failed      {tokens.get('refund_failed', 0)}",
     ]
+
+
+def credits_spent(generations: dict[str, Any], prices: dict[str, float]) -> dict[str, Any]:
+    """Paid generations per model (generation_stats: completed jobs, and ids that expired before
+    their audio was stored, each paid once more) priced at the configured credits per generation.
+    A failure the provider charged for (audio that came back unusable) is not in it."""
+    models = {}
+    for model, counts in sorted(generations.items()):
+        paid = int(counts.get("completed", 0)) + int(counts.get("lost", 0))
+        price = prices.get(model)
+        credits = None if price is None else round(paid * price, 2)
+        models[model] = {**counts, "paid": paid, "credits_each": price, "credits": credits}
+    total = sum(m["credits"] or 0 for m in models.values())
+    return {"models": models, "total_credits": round(total, 2)}
+
+
+def _credit_lines(credits: dict[str, Any]) -> list[str]:
+    models = credits.get("models") or {}
+    if not models:
+        return []
+    total = _fmt(credits.get("total_credits"))
+    lines = ["", f"  credits spent       {total} (MODEL_CREDITS prices each model)"]
+    lines += [
+        f"  {model:<19} {m['paid']} generations x {_fmt(m['credits_each'])} = {_fmt(m['credits'])}"
+        f" ({m.get('lost', 0)} paid again after an id expired)"
+        for model, m in models.items()
+    ]
+    return lines

@@ -17,7 +17,7 @@ from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import PermanentError, ServiceOutage, StorageRefused, StorageUnavailable, TransientError
-from sona.input_audio import check_size
+from sona.input_audio import MAX_BYTES, check_size
 from sona.retrying import retrying
 from sona.supabase_keys import request_headers
 from sona.tls import tls_context
@@ -167,7 +167,7 @@ class AudioStorage:
             raise _unreachable(exc) from None
         return None
 
-    def read_input(self, name: str, deadline: Deadline) -> bytes:
+    def read_input(self, name: str, deadline: Deadline, max_bytes: int = MAX_BYTES) -> bytes:
         """An audio-to-audio input from the private inputs bucket, read with the service role under
         the job's deadline; its size is checked from its info before any byte is fetched."""
         policy = retrying(
@@ -177,20 +177,20 @@ class AudioStorage:
             deadline=deadline,
         )
         with deadline.applies():
-            return policy(self._read_input_once, name, deadline)
+            return policy(self._read_input_once, name, deadline, max_bytes)
 
-    def _read_input_once(self, name: str, deadline: Deadline) -> bytes:
+    def _read_input_once(self, name: str, deadline: Deadline, max_bytes: int) -> bytes:
         bucket = self._client.from_(self._settings.supabase_input_bucket)
         try:
             deadline.check("input info")
-            check_size(bucket.info(name).get("size"))
+            check_size(bucket.info(name).get("size"), max_bytes)
             deadline.check("input download")
             data = bucket.download(name)
         except StorageApiError as exc:
             raise _input_refused(exc) from None
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from None
-        check_size(len(data))
+        check_size(len(data), max_bytes)
         return data
 
     def remove(self, names: list[str]) -> None:

@@ -239,3 +239,21 @@ def test_a_problem_of_several_settings_is_listed_in_its_own_words() -> None:
     with pytest.raises(ConfigError) as caught:
         make_settings(job_timeout_ms=10_000, deadline_margin_ms=6_000)
     assert "  - DEADLINE_MARGIN_MS must be less than half of JOB_TIMEOUT_MS" in str(caught.value)
+
+
+def test_model_credits_from_the_environment_price_one_model_and_keep_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MODEL_CREDITS", '{"stable-audio-3": 8}')
+    settings = make_settings()
+    assert settings.model_credits == {"stable-audio-2.5": 20, "stable-audio-2": 20, "stable-audio-3": 8}
+
+
+def test_model_credits_naming_an_unknown_model_is_refused() -> None:
+    with pytest.raises(ConfigError, match="MODEL_CREDITS names unknown models stable-audio-9"):
+        make_settings(model_credits={"stable-audio-9": 1})
+
+
+def test_stable_audio_3_can_serve_any_mode() -> None:
+    settings = make_settings(designer_model="stable-audio-3", stable_audio_model="stable-audio-3")
+    assert (settings.designer_model, settings.stable_audio_model) == ("stable-audio-3", "stable-audio-3")

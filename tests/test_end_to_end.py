@@ -172,10 +172,10 @@ def test_demo_exits_non_zero_with_the_jobs_error_when_it_fails(tmp_path: Path) -
     assert "Job failed: The prompt is empty. Describe the sound you want." in result.stderr
 
 
-def test_demo_refuses_a_duration_outside_1_to_180_before_starting(tmp_path: Path) -> None:
-    result = run_demo(tmp_path, "x", "--duration", "181")
+def test_demo_refuses_a_duration_outside_1_to_380_before_starting(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "x", "--duration", "381")
     assert result.returncode == 2
-    assert "must be 1 to 180 seconds, not 181" in result.stderr
+    assert "must be 1 to 380 seconds, not 381" in result.stderr
 
 
 def test_a_job_completes_with_a_secret_key_sent_only_as_apikey(tmp_path: Path, pg_server: str) -> None:

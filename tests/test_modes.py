@@ -129,6 +129,41 @@ def test_each_plugin_mode_is_served_by_its_own_model_setting(mode: str) -> None:
     assert {plan_job(job(mode=m), settings).model for m in others} == {"stable-audio-2.5"}
 
 
+@pytest.mark.parametrize(("duration", "asked"), [(181, 181), (300, 300), (380, 380)])
+def test_a_mode_served_by_stable_audio_3_takes_up_to_380_seconds(duration: int, asked: int) -> None:
+    settings = make_settings(creator_model="stable-audio-3", storage_upload_limit="100MB")
+    plan = plan_job(job(mode="creator", duration=duration), settings)
+    assert (plan.duration, plan.model, plan.engine) == (asked, "stable-audio-3", "stable-audio-3")
+
+
+@pytest.mark.parametrize(
+    ("limit", "duration", "fits"),
+    [("50MB", 283, True), ("50MB", 284, False), ("500MB", 380, True), ("10MB", 57, False)],
+)
+def test_a_clip_whose_master_the_storage_cannot_hold_fails_before_it_is_paid_for(
+    limit: str, duration: int, fits: bool
+) -> None:
+    settings = make_settings(creator_model="stable-audio-3", storage_upload_limit=limit)
+    row = job(mode="creator", duration=duration)
+    if fits:
+        assert plan_job(row, settings).duration == duration
+    else:
+        with pytest.raises(PermanentError, match="larger than the storage allows"):
+            plan_job(row, settings)
+
+
+def test_the_buckets_own_limit_counts_too() -> None:
+    settings = make_settings(creator_model="stable-audio-3", storage_file_size_limit="20MB")
+    with pytest.raises(PermanentError, match=r"\(20 MB\); choose 113 seconds or less"):
+        plan_job(job(mode="creator", duration=120), settings)
+
+
+def test_stable_audio_3_refuses_a_row_past_380_seconds_before_anything_is_paid() -> None:
+    with pytest.raises(PermanentError) as failed:
+        plan_job(job(mode="creator", duration=381), make_settings(creator_model="stable-audio-3"))
+    assert failed.value.public_message == "The duration must be 1 to 380 seconds, not 381."
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -17,6 +17,7 @@ from sona.errors import (
     Cancelled,
     DatabaseUnavailable,
     DeadlineExceeded,
+    GenerationGone,
     PermanentError,
     ServiceOutage,
     StaleLease,
@@ -94,6 +95,18 @@ class FakeStore:
         status = JobStatus.PENDING if retryable else JobStatus.FAILED
         return job.model_copy(update={"status": status, "error_message": message})
 
+    fail_record: Exception | None = None  # the id write fails (stale lease, database away)
+
+    def record_generation(self, job: ClaimedJob, generation_id: str, model: str) -> Job:
+        if self.fail_record is not None:
+            raise self.fail_record
+        self.writes.append(("record_generation", {"id": generation_id, "model": model}))
+        return job
+
+    def forget_generation(self, job: ClaimedJob, generation_id: str) -> Job:
+        self.writes.append(("forget_generation", {"id": generation_id}))
+        return job
+
 
 _ORDER = [JobStage.GENERATING, JobStage.ENCODING, JobStage.UPLOADING]
 
@@ -161,7 +174,7 @@ def run(
 ) -> tuple[Any, FakeStore, FakeProvider, FakeStorage]:
     store, provider, storage = store or FakeStore(), provider or FakeProvider(), storage or FakeStorage()
     settings = make_settings(retry_delay_ms=10, **setting)
-    pipeline = Pipeline(settings, store, provider, storage, ffmpeg or find_ffmpeg())
+    pipeline = Pipeline(settings, store, {"stable-audio": provider}, storage, ffmpeg or find_ffmpeg())
     return pipeline.run(job, Deadline(budget_s), timings), store, provider, storage
 
 
@@ -301,7 +314,7 @@ class InputStorage(FakeStorage):
     inputs: dict[str, bytes] = field(default_factory=dict)
     reads: list[str] = field(default_factory=list)
 
-    def read_input(self, name: str, deadline: Deadline) -> bytes:
+    def read_input(self, name: str, deadline: Deadline, max_bytes: int) -> bytes:
         self.reads.append(name)
         if name not in self.inputs:
             raise PermanentError("The input file was not found; upload it again.")
@@ -343,6 +356,8 @@ def test_an_unusable_input_fails_the_job_and_nothing_is_paid(stored: bytes | Non
     assert (result.outcome, provider.calls) == ("failed", 0)
     assert message in store.writes[-1][1]["message"]
     assert store.writes[-1][1]["retryable"] is False
+
+
 def completed_audio(store: FakeStore) -> AudioInfo:
     ((verb, written),) = store.writes
     assert verb == "complete"
@@ -389,6 +404,8 @@ def test_preview_normalisation_can_be_turned_off() -> None:
     audio = completed_audio(store)
     assert audio.preview_gain_db == 0.0
     assert audio.loudness_lufs is not None  # measured either way
+
+
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
@@ -470,3 +487,85 @@ def test_only_a_first_attempt_reports_its_queue_wait(caplog: pytest.LogCaptureFi
         run(job)
     (line,) = [r for r in caplog.records if getattr(r, "json_fields", {}).get("event") == ATTEMPT_EVENT]
     assert "queue_wait_ms" not in line.json_fields  # type: ignore[attr-defined]
+
+
+# -- engines that answer an id first (Stable Audio 3): the id is the payment --------------------------
+
+
+@dataclass
+class FakeEngineById:
+    """Pays on submit; answers `polls` in-progress fetches, then the audio; `gone` ids answer 404."""
+
+    polls: int = 0
+    gone: set[str] = field(default_factory=set)
+    submitted: list[str] = field(default_factory=list)
+    fetched: list[str] = field(default_factory=list)
+    poll_interval_s: float = 0.01
+
+    def submit(self, request: GenerationRequest, deadline: Deadline) -> str:
+        self.submitted.append(f"{len(self.submitted):064x}")
+        return self.submitted[-1]
+
+    def fetch(self, generation_id: str, model: str, deadline: Deadline) -> GeneratedAudio | None:
+        self.fetched.append(generation_id)
+        if generation_id in self.gone:
+            raise GenerationGone("gone", detail="generation_not_found")
+        if self.polls > 0:
+            self.polls -= 1
+            return None
+        return GeneratedAudio(wav_bytes(2.5), "audio/wav", model or "stable-audio-3", seed=3)
+
+
+def run_by_id(
+    job: ClaimedJob, engine: FakeEngineById, store: FakeStore | None = None, budget_s: float = 30
+) -> tuple[Any, FakeStore]:
+    store = store or FakeStore()
+    settings = make_settings(retry_delay_ms=10, stable_audio_model="stable-audio-3")
+    engines = {"stable-audio": FakeProvider(), "stable-audio-3": engine}
+    pipeline = Pipeline(settings, store, engines, FakeStorage(), find_ffmpeg())
+    return pipeline.run(job, Deadline(budget_s)), store
+
+
+def test_an_id_engine_pays_once_writes_the_id_then_waits_for_the_audio() -> None:
+    engine = FakeEngineById(polls=3)
+    result, store = run_by_id(claimed(), engine)
+    assert (result.outcome, len(engine.submitted), len(engine.fetched)) == ("completed", 1, 4)
+    assert [verb for verb, _ in store.writes] == ["record_generation", "complete"]
+    assert store.writes[0][1] == {"id": engine.submitted[0], "model": "stable-audio-3"}
+
+
+def test_an_attempt_that_finds_an_id_on_its_row_fetches_it_and_never_posts() -> None:
+    engine = FakeEngineById()
+    job = claimed(attempts=2, generation_id="a" * 64, generation_model="stable-audio-3")
+    result, _ = run_by_id(job, engine)
+    assert (result.outcome, engine.submitted, engine.fetched) == ("completed", [], ["a" * 64])
+
+
+def test_a_finishing_attempt_fetches_the_paid_id_though_its_attempts_are_spent() -> None:
+    engine = FakeEngineById()
+    job = claimed(attempts=4, reuse_only=True, generation_id="b" * 64, generation_model="stable-audio-3")
+    result, _ = run_by_id(job, engine)
+    assert (result.outcome, engine.submitted) == ("completed", [])
+
+
+def test_an_expired_id_is_forgotten_and_counted_and_is_the_only_way_to_a_new_post() -> None:
+    engine = FakeEngineById(gone={"c" * 64})
+    job = claimed(attempts=2, generation_id="c" * 64, generation_model="stable-audio-3")
+    result, store = run_by_id(job, engine)
+    assert (result.outcome, len(engine.submitted)) == ("completed", 1)
+    assert [verb for verb, _ in store.writes] == ["forget_generation", "record_generation", "complete"]
+
+
+def test_the_deadline_while_waiting_releases_the_job_with_its_id_kept() -> None:
+    engine = FakeEngineById(polls=10**6)
+    result, store = run_by_id(claimed(), engine, budget_s=1.5)
+    assert (result.outcome, len(engine.submitted)) == ("retrying", 1)
+    assert [verb for verb, _ in store.writes] == ["record_generation", "fail"]
+
+
+@pytest.mark.parametrize("error", [StaleLease("reclaimed"), DatabaseUnavailable("down")])
+def test_an_id_that_could_not_be_written_still_has_its_audio_fetched_and_stored(error: Exception) -> None:
+    engine = FakeEngineById()
+    result, _ = run_by_id(claimed(), engine, FakeStore(fail_record=error))
+    assert (len(engine.submitted), len(engine.fetched)) == (1, 1)
+    assert result.outcome == "completed"

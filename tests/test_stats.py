@@ -144,3 +144,35 @@ def test_the_table_shows_every_operator_figure() -> None:
         "storage                 1  33.33 %",
     ):
         assert line in text
+
+
+def test_stats_price_each_models_paid_generations_from_the_credit_setting(
+    gateway: Gateway, db_url: str
+) -> None:
+    for model, lost in (("stable-audio-2.5", 0), ("stable-audio-3", 0), ("stable-audio-3", 1)):
+        job = insert_job(db_url, status="completed")
+        sql(
+            db_url,
+            "update jobs set audio = jsonb_build_object('model', %s::text), generations_lost = %s"
+            " where id = %s",
+            model,
+            lost,
+            job,
+            role=None,
+        )
+    figures = json.loads(run_stats(gateway, "--json").stdout)["credits"]
+    assert {m: (f["paid"], f["credits"]) for m, f in figures["models"].items()} == {
+        "stable-audio-2.5": (1, 20),
+        "stable-audio-3": (3, 78),  # two completed, one more paid after its id expired; 26 each
+    }
+    assert figures["total_credits"] == 98
+
+
+def test_the_stable_audio_3_price_is_a_setting() -> None:
+    from sona.stats import credits_spent
+
+    spent = credits_spent({"stable-audio-3": {"completed": 4, "lost": 0}}, {"stable-audio-3": 8})
+    assert (spent["models"]["stable-audio-3"]["credits"], spent["total_credits"]) == (32, 32)
+    assert "stable-audio-3" in render_table(
+        {"window_hours": 1, "total": 0, "by_status": {}, "credits": spent}
+    )

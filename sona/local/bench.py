@@ -361,6 +361,7 @@ def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -
     figures: list[Figure] = []
     trips = 0
     dispatch: dict[str, Any] = {}
+    wait: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sona-bench-") as tmp:
         work = Path(tmp)
         if only in (None, "job"):
@@ -378,6 +379,10 @@ def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -
             from sona.local import bench_dispatch
 
             dispatch = bench_dispatch.run(work, path, burst_jobs)
+        if only in (None, "wait"):
+            from sona.local import bench_wait
+
+            wait = bench_wait.run(work, path, python)
     report = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -388,6 +393,7 @@ def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -
         "figures": [f.summary() for f in figures],
         "reclaim_round_trips": trips,
         "dispatch": dispatch,
+        "wait": wait,
     }
     out.write_text(json.dumps(report, indent=2))
     return report
@@ -410,6 +416,10 @@ def table(report: dict[str, Any]) -> str:
         from sona.local import bench_dispatch
 
         lines.append(bench_dispatch.table(report["dispatch"]))
+    if report.get("wait"):
+        from sona.local import bench_wait
+
+        lines.append(bench_wait.table(report["wait"]))
     return "\n".join(lines)
 
 

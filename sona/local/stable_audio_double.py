@@ -9,6 +9,23 @@ the request at most 50 MB) and `strength`, and answers the input mixed into the 
 by strength (0 the input, 1 none of it), so a test can tell the input was used. It counts calls and
 the generations it finished (which are paid for, however their delivery then goes), so tests can
 assert how many paid generations happened.
+
+Stable Audio 3 (DESIGN.md "Stable Audio 3"; issue 22, read from Stability's OpenAPI spec and its
+explainer of 2026-11-23) is served beside it, asynchronously:
+- `POST /v2beta/audio/stable-audio/{text-to-audio|audio-to-audio}` (the path says `stable-audio`),
+  `model` = `stable-audio-3` only, `duration` 1-380 s (default 190), `steps` 4-8, `strength` 0-1,
+  audio inputs 6-380 s, requests up to 100 MB: answers **202 `{"id": <64 hex>}`** once accepted.
+  Whether an accepted generation that is never fetched is charged is not stated: the double counts
+  every accepted one as paid (the cautious reading). The 150-in-10 s limit (then 60 s) is declared
+  on POSTs only, so only POSTs count towards it.
+- `GET /v2beta/audio/results/{id}`: **202 `{"id", "status": "in-progress"}`** for `generation_s`
+  after the POST, then **200** with the audio (bytes and `finish-reason`/`seed` headers for
+  `accept: audio/*`, base64 JSON for `application/json`); **404 `generation_not_found`** for an id
+  it never issued or one older than `retention_s` (24 h: the generic results endpoint's documented
+  retention). Fetches are free and may repeat; GET answers can be scripted like POST answers
+  (dropped mid-body, trickling, errors).
+- Each SA3 operation is gated by a per-account access flag whose refusal is undocumented: with
+  `sa3_access` False the double answers 403 `{"name": "permission_denied"}`.
 """
 
 from __future__ import annotations
@@ -37,6 +54,13 @@ MODELS = {"stable-audio-2": (30, 100, 50), "stable-audio-2.5": (4, 8, 8)}  # min
 MIN_STRENGTH = {"stable-audio-2": 0.0, "stable-audio-2.5": 0.01}
 MAX_REQUEST_BYTES = 50 * 1000 * 1000
 ENDPOINTS = ("text-to-audio", "audio-to-audio")
+# Stable Audio 3 (the asynchronous family): its routes, its one model and its limits.
+V3_PREFIX = "/v2beta/audio/stable-audio/"
+RESULTS_PREFIX = "/v2beta/audio/results/"
+V3_MODEL = "stable-audio-3"
+V3_MAX_DURATION_S = 380
+V3_MAX_REQUEST_BYTES = 100 * 1000 * 1000
+RETENTION_S = 24 * 3600.0
 
 ERRORS: dict[int, tuple[str, str]] = {
     400: ("bad_request", "prompt: cannot be empty"),
@@ -82,6 +106,8 @@ class Behaviour:
     status: int = 200
     delay_s: float = 0.0  # before the first byte
     headers: dict[str, str] = field(default_factory=dict)
+    # Stable Audio 3 POSTs: the generation exists (and is paid for) this long before its 202 leaves.
+    after_accept_s: float = 0.0
 
 
 @dataclass
@@ -117,15 +143,30 @@ class Call:
     endpoint: str = "text-to-audio"
     files: dict[str, bytes] = field(default_factory=dict)  # file parts as sent (the `audio` input)
     size: int = 0  # the request body's bytes
+    api: Literal["v2", "v3"] = "v2"  # v3: Stable Audio 3's asynchronous routes
     answered: int = 0
     paid: bool = False  # a generation that finished, which Stability charges for
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
+    generation_id: str | None = None  # Stable Audio 3: the id its 202 carried
 
 
-def error_body(status: int, errors: list[str] | None = None) -> bytes:
-    name, message = ERRORS.get(status, ("error", f"HTTP {status}"))
-    return json.dumps({"id": uuid.uuid4().hex, "name": name, "errors": errors or [message]}).encode()
+@dataclass
+class Generation:
+    """A Stable Audio 3 generation: accepted (paid) at `created`, ready `generation_s` later."""
+
+    id: str
+    call: Call
+    created: float
+    ready_at: float
+    fetched: int = 0  # 200 answers sent for it
+    asked: int = 0  # GET results requests for it, in progress or not
+
+
+def error_body(status: int, errors: list[str] | None = None, name: str | None = None) -> bytes:
+    default_name, message = ERRORS.get(status, ("error", f"HTTP {status}"))
+    body = {"id": uuid.uuid4().hex, "name": name or default_name, "errors": errors or [message]}
+    return json.dumps(body).encode()
 
 
 class StableAudioDouble:
@@ -136,8 +177,17 @@ class StableAudioDouble:
         latency_s: float = 0.0,
         overshoot: float = OVERSHOOT,
         rate_limit: RateLimit | None = None,
+        generation_s: float = 0.0,
     ) -> None:
         self.api_key = api_key
+        self.generation_s = generation_s  # how long a Stable Audio 3 generation runs
+        self.retention_s = RETENTION_S
+        self.sa3_access = True
+        self.generations: dict[str, Generation] = {}
+        # The next generations' lengths, in POST order (the benchmark's mix); then generation_s.
+        self.generation_plan: deque[float] = deque()
+        self.fetch_count = 0  # GET results requests answered
+        self._fetch_script: deque[Behaviour] = deque()
         self.latency_s = latency_s
         self.overshoot = overshoot
         self.rate_limit = rate_limit
@@ -153,11 +203,26 @@ class StableAudioDouble:
         with self._lock:
             self._script.extend(behaviours)
 
+    def script_fetch(self, *behaviours: Behaviour) -> None:
+        """Answers for the next GET results requests (Stable Audio 3), after which they are served."""
+        with self._lock:
+            self._fetch_script.extend(behaviours)
+
+    def expire(self, generation_id: str) -> None:
+        """As if its retention ran out: the next GET answers 404 generation_not_found."""
+        with self._lock:
+            generation = self.generations[generation_id]
+            generation.created -= self.retention_s + 1
+
     def reset(self) -> None:
         with self._lock:
             self._script.clear()
+            self._fetch_script.clear()
             self.calls.clear()
+            self.generations.clear()
+            self.fetch_count = 0
             self.rate_limited = 0
+            self.sa3_access = True
 
     @property
     def paid_generations(self) -> int:
@@ -194,6 +259,29 @@ class StableAudioDouble:
         with self._lock:
             return self._script.popleft() if self._script else Behaviour()
 
+    def _next_fetch(self) -> Behaviour:
+        with self._lock:
+            self.fetch_count += 1
+            return self._fetch_script.popleft() if self._fetch_script else Behaviour()
+
+    def _accept(self, call: Call) -> Generation:
+        now = time.monotonic()
+        with self._lock:
+            takes = self.generation_plan.popleft() if self.generation_plan else self.generation_s
+            generation = Generation(uuid.uuid4().hex + uuid.uuid4().hex, call, now, now + takes)
+            self.generations[generation.id] = generation
+        call.generation_id = generation.id
+        call.paid = True
+        return generation
+
+    def _generation(self, generation_id: str) -> Generation | None:
+        """The generation while it is kept; None once unknown or past its retention."""
+        with self._lock:
+            generation = self.generations.get(generation_id)
+        if generation is None or time.monotonic() > generation.created + self.retention_s:
+            return None
+        return generation
+
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         double = self
@@ -204,6 +292,7 @@ class StableAudioDouble:
         self._server = ThreadingHTTPServer((host, port), Handler)
         serve_in_thread(self._server, "stable-audio")
         self.url = f"http://{host}:{self._server.server_port}/v2beta/audio/stable-audio-2"
+        self.v3_url = f"http://{host}:{self._server.server_port}/v2beta/audio"  # Stable Audio 3's base
         return self.url
 
     def stop(self) -> None:
@@ -227,15 +316,18 @@ class StableAudioDouble:
             problems.append("prompt: cannot be empty")
         elif len(prompt) > 10_000:
             problems.append("prompt: must be at most 10000 characters")
-        model = f.get("model", "stable-audio-2")
-        if model not in MODELS:
-            problems.append(f"model: must be one of {', '.join(MODELS)}")
+        v3 = call.api == "v3"
+        model = f.get("model", V3_MODEL if v3 else "stable-audio-2")
+        models = {V3_MODEL: (4, 8, 8)} if v3 else MODELS
+        if model not in models:
+            problems.append(f"model: must be one of {', '.join(models)}")
         else:
-            low, high, _ = MODELS[model]
+            low, high, _ = models[model]
             if "steps" in f and not _int_in(f["steps"], low, high):
                 problems.append(f"steps: must be an integer from {low} to {high}")
-        if "duration" in f and not _number_in(f["duration"], 1, 190):
-            problems.append("duration: must be a number from 1 to 190")
+        longest = V3_MAX_DURATION_S if v3 else 190
+        if "duration" in f and not _number_in(f["duration"], 1, longest):
+            problems.append(f"duration: must be a number from 1 to {longest}")
         if "seed" in f and not _int_in(f["seed"], 0, 4294967294):
             problems.append("seed: must be an integer from 0 to 4294967294")
         if "cfg_scale" in f and not _number_in(f["cfg_scale"], 1, 25):
@@ -259,6 +351,7 @@ def _audio_problems(call: Call, model: str) -> list[str]:
     """audio-to-audio's own checks: the `audio` part, its format and length, and `strength`."""
     problems = []
     low = MIN_STRENGTH.get(model, 0.0)
+    longest = V3_MAX_DURATION_S if call.api == "v3" else 190
     if "strength" in call.fields and not _number_in(call.fields["strength"], low, 1):
         problems.append(f"strength: must be a number from {low:g} to 1")
     audio = call.files.get("audio")
@@ -267,8 +360,8 @@ def _audio_problems(call: Call, model: str) -> list[str]:
     seconds = _input_seconds(audio)
     if seconds is None:
         problems.append("audio: must be a valid MP3 or WAV file")
-    elif not 6 <= seconds <= 190:
-        problems.append(f"audio: duration must be between 6 and 190 seconds, got {seconds:.1f}")
+    elif not 6 <= seconds <= longest:
+        problems.append(f"audio: duration must be between 6 and {longest} seconds, got {seconds:.1f}")
     return problems
 
 
@@ -352,13 +445,102 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         fields, files = _form_parts(body, content_type)
         endpoint = self.path.rsplit("/", 1)[-1]
-        call = Call(headers, fields, content_type, endpoint, files, size=len(body))
+        api: Literal["v2", "v3"] = "v3" if self.path.startswith(V3_PREFIX) else "v2"
+        call = Call(headers, fields, content_type, endpoint, files, size=len(body), api=api)
         with self.owner._lock:
             self.owner.calls.append(call)
         try:
-            self._answer(call)
+            self._answer_v3(call) if api == "v3" else self._answer(call)
         finally:
             call.finished = time.monotonic()
+
+    # -- Stable Audio 3 ----------------------------------------------------------------------------
+    def _answer_v3(self, call: Call) -> None:
+        """POST: validate, accept (paid), answer 202 with the id."""
+        double = self.owner
+        if call.endpoint not in ENDPOINTS:
+            return self._send(call, 404, error_body(404), "application/json")
+        if call.size > V3_MAX_REQUEST_BYTES:
+            return self._send(call, 413, error_body(413), "application/json")
+        if not double._admit():
+            return self._send(call, 429, error_body(429), "application/json")
+        behaviour = double._next()
+        time.sleep(behaviour.delay_s)
+        refused = self._refused_v3(call.headers)
+        if refused is not None:
+            return self._send(call, refused[0], refused[1], "application/json")
+        invalid = double.validate(call)
+        if invalid is not None:
+            return self._send(call, invalid[0], error_body(*invalid), "application/json")
+        if behaviour.kind == "error":
+            body = error_body(behaviour.status)
+            return self._send(call, behaviour.status, body, "application/json", behaviour.headers)
+        if behaviour.kind == "html403":
+            return self._send(call, 403, CDN_403_HTML, "text/html")
+        if behaviour.kind == "drop":  # before anything was accepted: nothing is paid
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        generation = double._accept(call)
+        time.sleep(behaviour.after_accept_s)
+        body = json.dumps({"id": generation.id}).encode()
+        try:
+            self._send(call, 202, body, "application/json", charge=True)
+        except OSError:
+            self.close_connection = True  # the caller is gone; the generation runs (and is paid) anyway
+        return None
+
+    def _refused_v3(self, headers: dict[str, str]) -> tuple[int, bytes] | None:
+        if headers.get("authorization", "") != f"Bearer {self.owner.api_key}":
+            return 401, error_body(401)
+        if not self.owner.sa3_access:
+            message = "This account does not have access to stable-audio-3."
+            return 403, error_body(403, [message], name="permission_denied")
+        return None
+
+    def do_GET(self) -> None:
+        """GET results/{id}: 202 while running, 200 with the audio, 404 once unknown or expired."""
+        double = self.owner
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        call = Call(headers, {}, "", "results", api="v3")  # not booked in `calls`: a fetch pays nothing
+        if not self.path.startswith(RESULTS_PREFIX):
+            return self._send(call, 404, error_body(404), "application/json")
+        behaviour = double._next_fetch()
+        time.sleep(behaviour.delay_s)
+        refused = self._refused_v3(headers)
+        if refused is not None:
+            return self._send(call, refused[0], refused[1], "application/json")
+        if behaviour.kind == "error":
+            body = error_body(behaviour.status)
+            return self._send(call, behaviour.status, body, "application/json", behaviour.headers)
+        if behaviour.kind == "drop":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        generation = double._generation(self.path[len(RESULTS_PREFIX) :])
+        if generation is not None:
+            generation.asked += 1
+        if generation is None:
+            expired = ["Generation not found, it may have expired."]
+            gone = error_body(404, expired, name="generation_not_found")
+            return self._send(call, 404, gone, "application/json")
+        if time.monotonic() < generation.ready_at:
+            body = json.dumps({"id": generation.id, "status": "in-progress"}).encode()
+            return self._send(call, 202, body, "application/json")
+        audio, audio_type = double.render(generation.call)
+        seed = generation.call.fields.get("seed", "0")
+        seed = seed if seed != "0" else str(int(generation.id[:8], 16) % 4294967294)
+        generation.fetched += 1
+        if headers.get("accept") == "application/json":
+            payload = {
+                "audio": base64.b64encode(audio).decode(),
+                "finish_reason": "SUCCESS",
+                "seed": int(seed),
+            }
+            body = json.dumps(payload).encode()
+            return self._send(call, 200, body, "application/json", delivery=behaviour.kind)
+        extra = {"finish-reason": "SUCCESS", "seed": seed}
+        return self._send(call, 200, audio, audio_type, extra, delivery=behaviour.kind)
 
     def _answer(self, call: Call) -> None:
         double = self.owner
@@ -440,8 +622,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         # The generation has finished: Stability charges for it now, whether its bytes then arrive
-        # whole, cut off mid-body or not at all. Only a failed generation is free.
-        call.paid = charge
+        # whole, cut off mid-body or not at all. Only a failed generation is free. (A Stable Audio 3
+        # generation was charged when it was accepted; fetching it charges nothing more.)
+        call.paid = call.paid or charge
         if delivery == "truncate":
             # Half the promised bytes, then the connection drops.
             self.wfile.write(body[: len(body) // 2])

@@ -171,6 +171,7 @@ class LocalStack:
         start_functions: bool = True,
         with_relay: bool = True,
         double_latency_s: float = 0.0,
+        double_generation_s: float = 0.0,
         process_env: Mapping[str, str] | None = None,
         service_role_key: str | None = None,
         function_key: FunctionKey = "service_role",
@@ -199,6 +200,7 @@ class LocalStack:
         self.start_functions = start_functions
         self.with_relay = with_relay
         self.double_latency_s = double_latency_s
+        self.double_generation_s = double_generation_s  # how long a Stable Audio 3 generation runs
         self.process_env = dict(os.environ if process_env is None else process_env)
         self.jwt_secret = secrets.token_urlsafe(32)
         # Fresh keys each run; tests may pass sentinel values to look for in logs and rows.
@@ -262,6 +264,7 @@ class LocalStack:
             self.double = StableAudioDouble(
                 self.overrides.get("STABLE_AUDIO_API_KEY") or "sk-local-" + secrets.token_hex(8),
                 latency_s=self.double_latency_s,
+                generation_s=self.double_generation_s,
             )
             self.double.start()
         self.process_job_port = self.ports.get("process_job") or free_port()
@@ -350,6 +353,7 @@ class LocalStack:
         if self.double is not None:
             env["STABLE_AUDIO_API_KEY"] = self.double.api_key
             env.setdefault("STABLE_AUDIO_API_URL", self.double.url)  # the shell's URL wins
+            env.setdefault("STABLE_AUDIO_3_API_URL", self.double.v3_url)
         if self.tasks is not None:
             env.update(
                 {

@@ -36,7 +36,12 @@ ENV = {
     "RECLAIM_GRACE_S": "60",
     "LOG_LEVEL": "debug",
     "STABLE_AUDIO_API_KEY": SENTINELS["STABLE_AUDIO_API_KEY"],
+    # The designer mode is served by Stable Audio 3 (asynchronous, by id); every other mode the cases
+    # use by Stable Audio 2.5. The totals line reports each model apart.
+    "DESIGNER_MODEL": "stable-audio-3",
+    "GENERATION_POLL_MS": "200",
 }
+MODELS = ("stable-audio-2.5", "stable-audio-3")
 JOB_BUDGET_S = 6.0
 # pg_net's 1 s pause between batches is the webhook transport's own behaviour (tests/
 # test_webhook_delivery.py); here it only made each case wait for the one before it was taken.
@@ -58,6 +63,8 @@ class Ledger:
     # Why a job was paid for more than once, for the cases no client can avoid (the provider
     # charges for a generation it finished even if its bytes never arrived whole).
     why_paid_again: dict[uuid.UUID, str] = field(default_factory=dict)
+    # The model that served each job (stable-audio-2.5 unless a case says otherwise).
+    models: dict[uuid.UUID, str] = field(default_factory=dict)
 
     @property
     def duplicate_paid(self) -> int:
@@ -73,9 +80,16 @@ class Ledger:
         )
 
     def _duplicates(self) -> str:
-        count = self.duplicate_paid
+        """One clause per model: how many generations were paid again there, and why."""
+        return "; ".join(f"{model}: {self._duplicates_of(model)}" for model in MODELS)
+
+    def _duplicates_of(self, model: str) -> str:
+        jobs = {job for job in self.paid if self.models.get(job, MODELS[0]) == model}
+        count = sum(max(0, self.paid[job] - 1) for job in jobs)
         text = f"{count} duplicate paid generation{'' if count == 1 else 's'}"
-        reasons = Counter(why for job, why in self.why_paid_again.items() for _ in range(self.paid[job] - 1))
+        reasons = Counter(
+            why for job, why in self.why_paid_again.items() if job in jobs for _ in range(self.paid[job] - 1)
+        )
         if not reasons:
             return text
         if len(reasons) == 1 and sum(reasons.values()) == count:
@@ -151,7 +165,13 @@ def settle(
         summary = reclaim(stack)
         row = _wait(stack, job_id, while_processing=summary.get("still_running", 0) > 0)
     if prompt is not None and stack.double is not None:
-        mine = [c for c in stack.double.calls if c.fields.get("prompt") == prompt]
+        # A plug-in mode sends the prompt with its phrases after ". " (sona/modes.py).
+        sent = (c.fields.get("prompt", "") for c in stack.double.calls)
+        mine = [
+            c
+            for c, p in zip(stack.double.calls, sent, strict=True)
+            if p == prompt or p.startswith(f"{prompt}. ")
+        ]
         LEDGER.calls[job_id] = len(mine)
         LEDGER.paid[job_id] = sum(1 for c in mine if c.paid)
     return row
