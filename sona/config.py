@@ -39,14 +39,24 @@ PROVIDER_RATE_LIMIT_PER_S = 15
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 # The models a mode may name (sona/modes.py MODELS says which engine serves each).
-ModelName = Literal["stable-audio-2.5", "stable-audio-2", "stable-audio-3"]
+StableAudioModel = Literal["stable-audio-2.5", "stable-audio-2", "stable-audio-3"]
+# A plug-in mode may also be served by TangoFlux on Replicate (text-to-audio only, up to 30 s).
+ModelName = StableAudioModel | Literal["tangoflux"]
+PLUGIN_MODE_MODELS = ("designer_model", "producer_model", "creator_model")
 # Stable Audio 3's asynchronous routes sit under this base: POST {base}/stable-audio/{endpoint},
 # GET {base}/results/{id} (DESIGN.md, Stable Audio 3).
 DEFAULT_STABLE_AUDIO_3_API_URL = "https://api.stability.ai/v2beta/audio"
 # Credits per paid generation (1 credit = $0.01): stable-audio-2.5 is 20; stable-audio-2 is
 # 17 + 0.06 x steps (about 20 at its 50 steps); stable-audio-3 is 26 per Stability's spec but 8 per its
 # explainer of 2026-11-23 (unresolved: MODEL_CREDITS overrides any of them).
-DEFAULT_MODEL_CREDITS: dict[str, float] = {"stable-audio-2.5": 20, "stable-audio-2": 20, "stable-audio-3": 26}
+DEFAULT_MODEL_CREDITS: dict[str, float] = {
+    "stable-audio-2.5": 20,
+    "stable-audio-2": 20,
+    "stable-audio-3": 26,
+    # Replicate bills TangoFlux by GPU seconds, about $0.003-0.02 a job (README): one credit's
+    # worth ($0.01) as the estimate until a real prediction's predict_time says otherwise.
+    "tangoflux": 1,
+}
 
 
 def dispatch_deadline_problem(job_timeout_ms: int) -> str | None:
@@ -127,7 +137,7 @@ class Settings(BaseSettings):
     # What `stats` prices each paid generation at, per model, in credits (JSON: {"stable-audio-3": 8}).
     model_credits: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MODEL_CREDITS))
     # The model for the earlier worker's modes (default, text-to-audio, audio-to-audio).
-    stable_audio_model: ModelName = "stable-audio-2.5"
+    stable_audio_model: StableAudioModel = "stable-audio-2.5"
     # One model per plug-in mode (sona/modes.py decides what each row asks for). The plug-in's own
     # worker served designer with TangoFlux on Replicate; Stable Audio 2.5 serves all three here.
     designer_model: ModelName = "stable-audio-2.5"
@@ -321,6 +331,9 @@ class Settings(BaseSettings):
             raise ValueError("DEADLINE_MARGIN_MS must be less than half of JOB_TIMEOUT_MS")
         if self.dispatch == "cloud_tasks":
             self._check_cloud_tasks()
+        tango = [m.upper() for m in PLUGIN_MODE_MODELS if getattr(self, m) == "tangoflux"]
+        if tango and self.replicate_api_token is None:
+            raise ValueError(f"{', '.join(tango)}=tangoflux needs REPLICATE_API_TOKEN")
         return self
 
     def _check_cloud_tasks(self) -> None:

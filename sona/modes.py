@@ -24,7 +24,7 @@ from sona.naming import download_name, number_text
 Kind = Literal["text-to-audio", "audio-to-audio"]
 # Which client serves a model: "stable-audio" answers the audio to the paid call itself;
 # "stable-audio-3" answers a generation id at once and the audio later (sona/engines.py).
-Engine = Literal["stable-audio", "stable-audio-3"]
+Engine = Literal["stable-audio", "stable-audio-3", "tangoflux"]
 
 # generate (the plug-in's Edge Function) and its table allow 1 to 180 s; rows that long are what the
 # 2.x models serve, as before. This project's own table allows 1 to 380 s (stable-audio-3's limit;
@@ -58,6 +58,9 @@ MODELS: dict[str, Model] = {
     "stable-audio-3": Model(
         "stable-audio-3", 380, "StableAudio", 380.0, 100_000_000 - 100_000, MAX_SA3_JOB_DURATION_S
     ),
+    # TangoFlux on Replicate (sona/replicate.py): sound effects up to 30 s; a longer designer row is cut
+    # to 30 s, as the plug-in's own worker cut it (worker.ts at 34648b7: min(duration, the API's max)).
+    "tangoflux": Model("tangoflux", 30, "TangoFlux"),
 }
 
 

@@ -48,9 +48,17 @@ from urllib3.exceptions import NewConnectionError
 
 from sona.config import ConfigError, Settings
 from sona.deadline import SLACK_S, Deadline
-from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, SonaError, TransientError
+from sona.errors import (
+    DeadlineExceeded,
+    GenerationGone,
+    PermanentError,
+    ServiceOutage,
+    SonaError,
+    TransientError,
+)
 from sona.models import GeneratedAudio
 from sona.retrying import retrying
+from sona.stable_audio import STEPS as STABLE_AUDIO_STEPS
 from sona.stable_audio import USER_AGENT
 
 log = logging.getLogger(__name__)
@@ -58,7 +66,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "tangoflux"  # the name an engine setting would use
 REPLICATE_MODEL = "declare-lab/tangoflux"
 VERSION = "fcdc421786888a045329d7c4e1874764433a2516b21f4c34bd3da4e054d04cf9"
-STEPS = {"low": 25, "medium": 100, "high": 200}
+STEPS = STABLE_AUDIO_STEPS[MODEL_NAME]  # one table of steps per model, in sona/stable_audio.py
 GUIDANCE_SCALE = 3.5
 MIN_DURATION_S, MAX_DURATION_S = 1, 30
 # API predictions lose their input, output and files after this long.
@@ -74,10 +82,9 @@ RUNNING: frozenset[str] = frozenset({"starting", "processing"})
 _CHUNK = 256 * 1024
 
 
-class PredictionGone(SonaError):
+class PredictionGone(GenerationGone):
     """Replicate no longer has what a prediction made: its id is unknown (404), or the hour passed
-    and its output was deleted. The only case in which a job that paid once may create again
-    (on the sa3 branch this is what GenerationGone names)."""
+    and its output was deleted. The only case in which a job that paid once may create again."""
 
 
 class WebhookRefused(Exception):

@@ -14,7 +14,7 @@ from sona.config import Settings, load_settings
 from sona.logs import setup_logging
 
 if TYPE_CHECKING:
-    from sona.engines import Engines
+    from sona.engines import Engine, Engines
     from sona.jobs_store import JobsStore
     from sona.pipeline import Pipeline
     from sona.stable_audio import StableAudioClient
@@ -55,7 +55,16 @@ class Services:
         until its first call, so both are built)."""
         from sona.stable_audio_3 import StableAudio3Client
 
-        return {"stable-audio": self.provider, "stable-audio-3": StableAudio3Client(self.settings)}
+        engines: dict[str, Engine] = {
+            "stable-audio": self.provider,
+            "stable-audio-3": StableAudio3Client(self.settings),
+        }
+        if self.settings.replicate_api_token is not None:  # settings require it for a tangoflux mode
+            from sona.replicate import ReplicateClient, TangoFluxEngine
+
+            poll_s = self.settings.generation_poll_ms / 1000
+            engines["tangoflux"] = TangoFluxEngine(ReplicateClient(self.settings), poll_interval_s=poll_s)
+        return engines
 
     @cached_property
     def storage(self) -> AudioStorage:

@@ -40,6 +40,8 @@ STEPS = {
     "stable-audio-2.5": {"low": 4, "medium": 6, "high": 8},
     "stable-audio-3": {"low": 4, "medium": 6, "high": 8},
     "stable-audio-2": {"low": 30, "medium": 50, "high": 100},
+    # TangoFlux on Replicate: the plug-in's worker sent these (audio-clients/tango-flux.ts, 34648b7).
+    "tangoflux": {"low": 25, "medium": 100, "high": 200},
 }
 _CHUNK = 256 * 1024
 

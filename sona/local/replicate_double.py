@@ -159,6 +159,7 @@ class ReplicateDouble:
         self.webhook_secret = webhook_secret or "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
         self.file_delay_s = 0.0  # before the output file's first byte
         self.predictions: dict[str, Record] = {}
+        self.made: list[Record] = []  # every prediction created, deleted ones included (each billed)
         self.deliveries: list[Delivery] = []
         self.seen: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers of every request
         self._created = 0
@@ -270,6 +271,7 @@ class ReplicateDouble:
                 events=tuple(e for e in events if e in EVENTS),
             )
             self.predictions[record.id] = record
+            self.made.append(record)
             self._created += 1
         self._notify(record, "start")
         threading.Thread(target=self._run, args=(record,), daemon=True, name="replicate-run").start()

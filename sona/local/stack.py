@@ -39,6 +39,7 @@ from sona.local.database import (
 )
 from sona.local.gateway import Gateway, make_jwt
 from sona.local.relay import DEFAULT_PAUSE_S, WebhookRelay
+from sona.local.replicate_double import ReplicateDouble
 from sona.local.stable_audio_double import StableAudioDouble
 from sona.local.user_jwt import make_user_jwt
 from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
@@ -215,6 +216,7 @@ class LocalStack:
         self.database_server = database_server
         self._own_database = ""  # the database made on database_server, dropped on stop
         self.double: StableAudioDouble | None = None
+        self.replicate: ReplicateDouble | None = None
         self.functions: dict[str, FunctionProcess] = {}
         self.relay: WebhookRelay | None = None
         self.capacity = capacity
@@ -267,6 +269,9 @@ class LocalStack:
                 generation_s=self.double_generation_s,
             )
             self.double.start()
+        if not self.process_env.get("REPLICATE_API_TOKEN"):  # TangoFlux's double, unless a real token
+            self.replicate = ReplicateDouble("r8_local_" + secrets.token_hex(12))
+            self.replicate.start()
         self.process_job_port = self.ports.get("process_job") or free_port()
         self.process_job_url = f"http://127.0.0.1:{self.process_job_port}"
         if self.dispatch == "cloud_tasks":
@@ -306,6 +311,8 @@ class LocalStack:
             function.stop()
         if self.double is not None:
             self.double.stop()
+        if self.replicate is not None:
+            self.replicate.stop()
         gateway = getattr(self, "gateway", None)
         if gateway is not None:
             gateway.stop()
@@ -354,6 +361,9 @@ class LocalStack:
             env["STABLE_AUDIO_API_KEY"] = self.double.api_key
             env.setdefault("STABLE_AUDIO_API_URL", self.double.url)  # the shell's URL wins
             env.setdefault("STABLE_AUDIO_3_API_URL", self.double.v3_url)
+        if self.replicate is not None:
+            env["REPLICATE_API_TOKEN"] = self.replicate.api_token
+            env["REPLICATE_API_URL"] = self.replicate.url
         if self.tasks is not None:
             env.update(
                 {
@@ -412,6 +422,7 @@ class LocalStack:
         )
         if not self.real_provider:
             env.setdefault("STABLE_AUDIO_API_KEY", "sk-local-double")
+        env.setdefault("REPLICATE_API_TOKEN", "r8_local_double")  # the stack's double stands in
         env.update(self.overrides)
         return load_settings(**_settings_fields(env))
 

@@ -39,9 +39,11 @@ ENV = {
     # The designer mode is served by Stable Audio 3 (asynchronous, by id); every other mode the cases
     # use by Stable Audio 2.5. The totals line reports each model apart.
     "DESIGNER_MODEL": "stable-audio-3",
+    # The producer mode by TangoFlux on Replicate (by id, as Stable Audio 3; its double stands in).
+    "PRODUCER_MODEL": "tangoflux",
     "GENERATION_POLL_MS": "200",
 }
-MODELS = ("stable-audio-2.5", "stable-audio-3")
+MODELS = ("stable-audio-2.5", "stable-audio-3", "tangoflux")
 JOB_BUDGET_S = 6.0
 # pg_net's 1 s pause between batches is the webhook transport's own behaviour (tests/
 # test_webhook_delivery.py); here it only made each case wait for the one before it was taken.
@@ -174,7 +176,16 @@ def settle(
         ]
         LEDGER.calls[job_id] = len(mine)
         LEDGER.paid[job_id] = sum(1 for c in mine if c.paid)
+    if prompt is not None and stack.replicate is not None and LEDGER.models.get(job_id) == "tangoflux":
+        # Replicate bills every prediction made, for the seconds it ran.
+        made = [r for r in list(stack.replicate.made) if _sent(r.input.get("prompt"), prompt)]
+        LEDGER.calls[job_id] = LEDGER.paid[job_id] = len(made)
     return row
+
+
+def _sent(sent: object, prompt: str) -> bool:
+    """A plug-in mode sends the prompt with its phrases after ". " (sona/modes.py)."""
+    return isinstance(sent, str) and (sent == prompt or sent.startswith(f"{prompt}. "))
 
 
 def end_pause(stack: LocalStack) -> None:
