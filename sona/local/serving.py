@@ -23,19 +23,30 @@ def serve_wsgi(app: Any, host: str, port: int, name: str) -> tuple[BaseWSGIServe
     return server, f"http://{host}:{server.server_port}"
 
 
+# Each server's serving thread, so stopping it can wait for the thread to end too.
+_threads: dict[int, threading.Thread] = {}
+
+
 def serve_in_thread(server: socketserver.BaseServer, name: str) -> None:
     if isinstance(server, socketserver.ThreadingMixIn):
         server.daemon_threads = True
     # A short poll interval lets shutdown() return in 50 ms instead of 500.
-    threading.Thread(
+    thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name=name
-    ).start()
+    )
+    _threads[id(server)] = thread
+    thread.start()
 
 
 def stop_server(server: socketserver.BaseServer | None) -> None:
+    """shutdown() returns once serve_forever has left its loop; the thread itself ends a moment
+    later, so it is joined: a stopped stand-in leaves no thread behind."""
     if server is not None:
         server.shutdown()
         server.server_close()
+        thread = _threads.pop(id(server), None)
+        if thread is not None:
+            thread.join(timeout=5)
 
 
 def json_response(body: Any, status: int = 200) -> Response:
