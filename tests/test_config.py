@@ -246,7 +246,12 @@ def test_model_credits_from_the_environment_price_one_model_and_keep_the_others(
 ) -> None:
     monkeypatch.setenv("MODEL_CREDITS", '{"stable-audio-3": 8}')
     settings = make_settings()
-    assert settings.model_credits == {"stable-audio-2.5": 20, "stable-audio-2": 20, "stable-audio-3": 8}
+    assert settings.model_credits == {
+        "stable-audio-2.5": 20,
+        "stable-audio-2": 20,
+        "stable-audio-3": 8,
+        "tangoflux": 1,
+    }
 
 
 def test_model_credits_naming_an_unknown_model_is_refused() -> None:
