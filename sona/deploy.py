@@ -6,7 +6,7 @@ two paths cannot drift.
 
 from __future__ import annotations
 
-import json
+import re
 import shlex
 from typing import Literal
 
@@ -22,7 +22,7 @@ from sona.config import (
     dispatch_deadline_problem,
     function_timeout_s,
 )
-from sona.monitoring import monitoring_commands
+from sona.monitoring import HELPERS, monitoring_commands
 from sona.task_queue import QueueLimits
 
 RUNTIME = "python312"
@@ -43,6 +43,11 @@ class DeployConfig(BaseSettings):
     reclaim_schedule: str = "*/2 * * * *"
     function_service_account: str = ""
     scheduler_service_account: str = ""
+    # The account Cloud Build builds the functions as (see build_account).
+    build_service_account: str = ""
+    # Monitoring notification channels the pause alert notifies, comma-separated resource names
+    # (projects/P/notificationChannels/ID); DEPLOYMENT.md shows how to make an email channel.
+    alert_notification_channels: str = ""
     function_memory: str = "1Gi"
     function_cpu: float = Field(default=1, gt=0)
     max_instances: int = Field(default=10, ge=1)
@@ -64,7 +69,13 @@ class DeployConfig(BaseSettings):
     reclaim_timeout_ms: int | None = Field(default=None, ge=10_000)
     max_concurrent_jobs: int = Field(default=2, ge=1, le=1000)
 
-    @field_validator("function_service_account", "scheduler_service_account", mode="before")
+    @field_validator(
+        "function_service_account",
+        "scheduler_service_account",
+        "build_service_account",
+        "alert_notification_channels",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return value or ""
@@ -89,6 +100,31 @@ class DeployConfig(BaseSettings):
                 "(Cloud Functions allows concurrency above 1 only with a whole vCPU)"
             )
         return self
+
+    @field_validator("alert_notification_channels")
+    @classmethod
+    def _channel_names(cls, value: str) -> str:
+        for name in filter(None, (v.strip() for v in value.split(","))):
+            if not re.fullmatch(r"projects/[^/]+/notificationChannels/[^/]+", name):
+                raise ValueError(
+                    f"ALERT_NOTIFICATION_CHANNELS: {name!r} is not a channel's resource name "
+                    "(projects/PROJECT/notificationChannels/ID; "
+                    "`gcloud beta monitoring channels list` shows them)"
+                )
+        return value
+
+    @property
+    def alert_channels(self) -> list[str]:
+        return [v.strip() for v in self.alert_notification_channels.split(",") if v.strip()]
+
+    @property
+    def build_account(self) -> str:
+        """Since July 2024 a new project's default build account may lack the roles a function's
+        build needs (Cloud Functions, "Custom service account for Cloud Build"), so the plan
+        always names one; DEPLOYMENT.md grants it exactly those roles."""
+        return (
+            self.build_service_account or f"sona-builder@{self.google_cloud_project}.iam.gserviceaccount.com"
+        )
 
     @property
     def runtime_account(self) -> str:
@@ -182,8 +218,12 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
             "--source=.",
             f"--entry-point={entry_point}",
             "--trigger-http",
-            "--allow-unauthenticated" if public else "--no-allow-unauthenticated",
+            # The door's access is set by public_access_commands after the deploy, so the deploy
+            # leaves it as it is (--quiet: no prompt for a new function, which starts private);
+            # the others are private, whatever anyone bound before.
+            "--quiet" if public else "--no-allow-unauthenticated",
             f"--service-account={config.runtime_account}",
+            f"--build-service-account=projects/{config.google_cloud_project}/serviceAccounts/{config.build_account}",
             f"--timeout={timeout_s}s",
             f"--memory={config.function_memory}",
             f"--cpu={config.function_cpu:g}",
@@ -215,6 +255,7 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         process_job_env["PROCESS_JOB_URL"] = config.process_job_url  # tasks call the function back
     return [
         "set -euo pipefail",
+        *HELPERS,
         *(queue_commands(config) if config.dispatch == "cloud_tasks" else []),
         Shell.line(
             deploy(
@@ -227,6 +268,7 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
                 env=dict(sorted(process_job_env.items())),
             )
         ),
+        *public_access_commands(config, config.process_job_function),
         f'PROCESS_JOB_URL="$({Shell.line([*describe, config.process_job_function, *uri])})"',
         Shell.line(
             deploy(
@@ -256,69 +298,32 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         "else",
         "  " + Shell.line([*scheduler, "create", "http", config.scheduler_job, *scheduler_flags]),
         "fi",
-        *pause_alert_commands(config),
         *monitoring_commands(config, Shell.line),
     ]
 
 
-# The stable `code` of process_job's one ERROR line per pause (sona.pipeline.PAUSE_LOG_CODE).
-PAUSE_METRIC = "sona_service_paused"
-PAUSE_POLICY = "Sona service paused"
+# What IAM answers when the domain-restricted-sharing org policy refuses allUsers
+# (constraints/iam.allowedPolicyMemberDomains; the error as firebase/firebase-tools#2238 shows it).
+NO_INVOKER_CHECK = "--no-invoker-iam-check"
+DRS_REFUSALS = ("do not belong to a permitted customer", "iam.allowedPolicyMemberDomains")
 
 
-def pause_alert_commands(config: DeployConfig) -> list[str]:
-    """A log-based counter of pauses and an alert policy on it: an account-level outage (key,
-    credits, the provider's edge, Storage) pages someone; the queue itself waits safely."""
-    where = [f"--project={config.google_cloud_project}"]
-    log_filter = (
-        f'resource.type="cloud_run_revision" AND resource.labels.service_name="{config.process_job_function}"'
-        f' AND severity>=ERROR AND jsonPayload.code="{PAUSE_METRIC}"'
-    )
-    policy = {
-        "displayName": PAUSE_POLICY,
-        "combiner": "OR",
-        "documentation": {
-            "mimeType": "text/markdown",
-            "content": "Sona paused generation: the provider or Storage refused the account (see the log "
-            "line's `cause`). Jobs wait, nothing fails. Fix the key, credits or bucket; after the "
-            "pause one probe job runs and lifts it. `python -m sona stats` shows the pause.",
-        },
-        "conditions": [
-            {
-                "displayName": "a pause was opened",
-                "conditionThreshold": {
-                    "filter": f'metric.type="logging.googleapis.com/user/{PAUSE_METRIC}"'
-                    ' AND resource.type="cloud_run_revision"',
-                    "comparison": "COMPARISON_GT",
-                    "thresholdValue": 0,
-                    "duration": "0s",
-                    "aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_SUM"}],
-                },
-            }
-        ],
-    }
-    metrics = ["gcloud", "logging", "metrics"]
-    policies = ["gcloud", "monitoring", "policies"]
-    existing = [*policies, "list", f'--filter=displayName="{PAUSE_POLICY}"', "--format=value(name)", *where]
+def public_access_commands(config: DeployConfig, function: str) -> list[str]:
+    """The webhook's door must answer pg_net, which cannot mint a Google token. An allUsers invoker
+    binding does it where the org allows; under domain restricted sharing that binding is refused,
+    and Cloud Run's documented alternative is to disable the invoker IAM check on the service
+    (Cloud Run, "Allowing public (unauthenticated) access": `gcloud run services update SERVICE
+    --no-invoker-iam-check`). Any other failure stops the plan."""
+    where = [f"--region={config.region}", f"--project={config.google_cloud_project}"]
+    bind = ["gcloud", "functions", "add-invoker-policy-binding", function, *where, "--member=allUsers"]
+    refused = " || ".join(f'[[ "${{SONA_OUT}}" == *"{text}"* ]]' for text in DRS_REFUSALS)
     return [
-        f"if {Shell.line([*metrics, 'describe', PAUSE_METRIC, *where])} >/dev/null 2>&1; then",
-        "  " + Shell.line([*metrics, "update", PAUSE_METRIC, f"--log-filter={log_filter}", *where]),
-        "else",
-        "  "
-        + Shell.line(
-            [
-                *metrics,
-                "create",
-                PAUSE_METRIC,
-                "--description=Sona paused generation for an account-level outage",
-                f"--log-filter={log_filter}",
-                *where,
-            ]
-        ),
-        "fi",
-        # created once: policies have no natural id, so their display name stands in for one
-        f'if [ -z "$({Shell.line(existing)})" ]; then',
-        "  " + Shell.line([*policies, "create", f"--policy={json.dumps(policy)}", *where]),
+        f'if ! SONA_OUT="$({Shell.line(bind)} 2>&1)"; then',
+        f"  if {refused}; then",
+        "    " + Shell.line(["gcloud", "run", "services", "update", function, *where, NO_INVOKER_CHECK]),
+        "  else",
+        "    printf '%s\\n' \"${SONA_OUT}\" >&2; exit 1",
+        "  fi",
         "fi",
     ]
 

@@ -130,8 +130,9 @@ def test_a_burst_drains_at_capacity_with_nothing_lost_or_paid_twice(stack: Local
 
 def test_a_released_job_is_retried_by_a_scheduled_task_without_reclaim(stack: LocalStack) -> None:
     assert stack.double is not None
-    stack.double.script(Behaviour("error", 500), Behaviour("error", 500), Behaviour("error", 500),
-                        Behaviour("error", 500))  # the first attempt's call and all its retries
+    stack.double.script(
+        Behaviour("error", 500), Behaviour("error", 500), Behaviour("error", 500), Behaviour("error", 500)
+    )  # the first attempt's call and all its retries
     job_id = stack.insert_job("second time lucky", duration=1)
     row = stack.wait_for(job_id, timeout_s=60)
     assert row["status"] == "completed", row["error_message"]

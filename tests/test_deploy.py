@@ -159,11 +159,16 @@ def test_secrets_come_only_from_secret_manager() -> None:
         assert not [name for name in env_vars(argv) if re.search(r"KEY|SECRET", name)]
 
 
-def test_only_process_job_is_public() -> None:
-    functions = deploys(dry_run(cloudbuild_env()))
-    assert "--allow-unauthenticated" in functions["process-job"]
+def test_only_process_job_is_opened_to_the_public() -> None:
+    """The door is deployed leaving its access as it is, then opened (allUsers, or the invoker check
+    off where that is refused: tests/test_deploy_script.py runs both); the rest are private."""
+    script = dry_run(cloudbuild_env())
+    functions = deploys(script)
+    assert "--allow-unauthenticated" not in functions["process-job"]
+    assert "--no-allow-unauthenticated" not in functions["process-job"]
     assert "--no-allow-unauthenticated" in functions["reclaim-jobs"]
-    assert "--allow-unauthenticated" not in functions["reclaim-jobs"]
+    opened = [li for li in script.splitlines() if "--member=allUsers" in li or "--no-invoker-iam-check" in li]
+    assert opened and all(" process-job " in li for li in opened)
 
 
 @pytest.mark.parametrize("concurrency", ["1", "2", "8"])
@@ -309,9 +314,10 @@ def test_the_plan_counts_pauses_in_a_log_based_metric_and_alerts_on_it_once() ->
         log_filter = flag(shlex.split(line.strip()), "log-filter") or ""
         assert 'jsonPayload.code="sona_service_paused"' in log_filter
         assert "severity>=ERROR" in log_filter
-    guard = next(li for li in lines if "gcloud monitoring policies list" in li)
-    assert guard.startswith('if [ -z "$(') and 'displayName="Sona service paused"' in guard
+    found = next(li for li in lines if "gcloud monitoring policies list" in li)
+    assert found.startswith('SONA_POLICY="$(') and 'displayName="Sona service paused"' in found
     create = next(li for li in lines if "gcloud monitoring policies create" in li)
+    assert create.strip().startswith("sona_retry_new_metric gcloud")  # waits while the metric is new
     policy = json.loads(flag(shlex.split(create.strip()), "policy") or "{}")
     (condition,) = policy["conditions"]
     assert (
