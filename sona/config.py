@@ -24,7 +24,7 @@ FUNCTION_TIMEOUT_MARGIN_S = 10
 # The lease outlives the invocation by this much, so reclaim never races a live invocation.
 LEASE_MARGIN_S = 30
 
-SECRET_FIELDS = ("supabase_service_role_key", "stable_audio_api_key", "webhook_secret", "task_secret")
+SECRET_FIELDS = ("supabase_service_role_key", "stable_audio_api_key", "webhook_secret")
 # Cloud Tasks allows a task's dispatch deadline between 15 s and 30 minutes.
 MIN_DISPATCH_DEADLINE_S, MAX_DISPATCH_DEADLINE_S = 15, 1800
 # Stable Audio allows 150 requests in 10 s, then refuses everything for 60 s.
@@ -117,9 +117,10 @@ class Settings(BaseSettings):
         default=None, pattern=r"^projects/[^/]+/locations/[^/]+/queues/[A-Za-z0-9-]{1,100}$"
     )
     cloud_tasks_api_url: str = "https://cloudtasks.googleapis.com"
-    task_secret: SecretStr | None = Field(
-        default=None, description="Shared secret behind the token every task carries (cloud_tasks)"
-    )
+    # The private worker (run_job) the tasks call, and the service account whose OIDC token they
+    # carry: Cloud Run lets through only a token for that URL from an account with run.invoker.
+    run_job_url: str | None = None
+    tasks_service_account: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
     # The queue's max_dispatches_per_second: a budget well under the provider's limit.
     provider_rate_per_s: float = Field(default=5.0, gt=0, le=PROVIDER_RATE_LIMIT_PER_S)
 
@@ -138,7 +139,9 @@ class Settings(BaseSettings):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("supabase_url", "stable_audio_api_url", "process_job_url", "cloud_tasks_api_url")
+    @field_validator(
+        "supabase_url", "stable_audio_api_url", "process_job_url", "cloud_tasks_api_url", "run_job_url"
+    )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -206,8 +209,8 @@ class Settings(BaseSettings):
             name
             for name, value in (
                 ("CLOUD_TASKS_QUEUE", self.cloud_tasks_queue),
-                ("TASK_SECRET", self.task_secret),
-                ("PROCESS_JOB_URL", self.process_job_url),
+                ("RUN_JOB_URL", self.run_job_url),
+                ("TASKS_SERVICE_ACCOUNT", self.tasks_service_account),
             )
             if not value
         ]

@@ -38,11 +38,14 @@ class DeployConfig(BaseSettings):
     google_cloud_project: str
     region: str = "us-central1"
     process_job_function: str = "process-job"
+    run_job_function: str = "run-job"
     reclaim_jobs_function: str = "reclaim-jobs"
     scheduler_job: str = "sona-reclaim-jobs"
     reclaim_schedule: str = "*/2 * * * *"
     function_service_account: str = ""
     scheduler_service_account: str = ""
+    # The account whose OIDC token every task carries to run_job (see tasks_account).
+    tasks_service_account: str = ""
     # The account Cloud Build builds the functions as (see build_account).
     build_service_account: str = ""
     # Monitoring notification channels the pause alert notifies, comma-separated resource names
@@ -55,7 +58,6 @@ class DeployConfig(BaseSettings):
     supabase_service_role_key_secret: str = "sona-supabase-service-role-key"  # noqa: S105
     stable_audio_api_key_secret: str = "sona-stable-audio-api-key"  # noqa: S105
     webhook_secret_secret: str = "sona-webhook-secret"  # noqa: S105
-    task_secret_secret: str = "sona-task-secret"  # noqa: S105
 
     # Cloud Tasks: the queue that runs jobs, and its limits.
     dispatch: Literal["cloud_tasks", "direct"] = "cloud_tasks"
@@ -73,6 +75,7 @@ class DeployConfig(BaseSettings):
         "function_service_account",
         "scheduler_service_account",
         "build_service_account",
+        "tasks_service_account",
         "alert_notification_channels",
         mode="before",
     )
@@ -138,9 +141,22 @@ class DeployConfig(BaseSettings):
         return f"projects/{self.google_cloud_project}/locations/{self.region}/queues/{self.tasks_queue}"
 
     @property
-    def process_job_url(self) -> str:
-        """Known before the deploy: 2nd gen functions answer on their cloudfunctions.net address."""
-        return f"https://{self.region}-{self.google_cloud_project}.cloudfunctions.net/{self.process_job_function}"
+    def run_job_url(self) -> str:
+        """Known before the deploy: 2nd gen functions answer on their cloudfunctions.net address,
+        which is also the audience of the tasks' OIDC token."""
+        return f"https://{self.region}-{self.google_cloud_project}.cloudfunctions.net/{self.run_job_function}"
+
+    @property
+    def tasks_account(self) -> str:
+        return self.tasks_service_account or f"sona-tasks@{self.google_cloud_project}.iam.gserviceaccount.com"
+
+    @property
+    def job_services(self) -> list[str]:
+        """The Cloud Run services whose logs carry the job lines (the worker runs jobs; in direct
+        mode the door does)."""
+        if self.dispatch == "cloud_tasks":
+            return [self.run_job_function]
+        return [self.process_job_function]
 
     @property
     def scheduler_account(self) -> str:
@@ -153,7 +169,8 @@ class DeployConfig(BaseSettings):
 def passthrough_settings(environ: dict[str, str]) -> dict[str, str]:
     """The function's non-secret settings present in the environment, as deployed env vars."""
     names = {n.upper() for n in Settings.model_fields} - {n.upper() for n in SECRET_FIELDS}
-    names -= {"PROCESS_JOB_URL", "DISPATCH", "CLOUD_TASKS_QUEUE"}  # set from the deploy's own names
+    # set from the deploy's own names
+    names -= {"PROCESS_JOB_URL", "DISPATCH", "CLOUD_TASKS_QUEUE", "RUN_JOB_URL", "TASKS_SERVICE_ACCOUNT"}
     return {k: environ[k] for k in sorted(names) if environ.get(k)}
 
 
@@ -171,9 +188,18 @@ class Shell:
         return " ".join(cls.word(a) for a in argv)
 
 
+# Candidates for gcloud's alternate delimiter (`gcloud topic escaping`: `^D^` first makes D the
+# separator instead of the comma). It must appear in no value it separates: "@" once did, until a
+# service account email became one of the values.
+ENV_DELIMITERS = ("|", "~", "#", "@", ";")
+
+
 def _env_flag(values: dict[str, str]) -> str:
-    # gcloud's alternate delimiter syntax (^@^) so values may contain commas.
-    return "--set-env-vars=^@^" + "@".join(f"{k}={v}" for k, v in values.items())
+    items = [f"{k}={v}" for k, v in values.items()]
+    usable = [d for d in ENV_DELIMITERS if not any(d in item for item in items)]
+    if not usable:
+        raise ValueError(f"no delimiter in {ENV_DELIMITERS} is free of every --set-env-vars value")
+    return f"--set-env-vars=^{usable[0]}^" + usable[0].join(items)
 
 
 def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
@@ -183,12 +209,12 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         f"STABLE_AUDIO_API_KEY={config.stable_audio_api_key_secret}:latest,"
         f"WEBHOOK_SECRET={config.webhook_secret_secret}:latest"
     )
-    if config.dispatch == "cloud_tasks":
-        secrets += f",TASK_SECRET={config.task_secret_secret}:latest"
     settings = passthrough_settings(environ)
     settings["DISPATCH"] = config.dispatch
     if config.dispatch == "cloud_tasks":
         settings["CLOUD_TASKS_QUEUE"] = config.queue_path
+        settings["RUN_JOB_URL"] = config.run_job_url
+        settings["TASKS_SERVICE_ACCOUNT"] = config.tasks_account
     settings["SUPABASE_URL"] = config.supabase_url
     settings["JOB_TIMEOUT_MS"] = str(config.job_timeout_ms)
     settings["MAX_CONCURRENT_JOBS"] = str(config.max_concurrent_jobs)
@@ -250,13 +276,27 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         f"--attempt-deadline={min(reclaim_timeout, MAX_SCHEDULER_DEADLINE_S)}s",
     ]
     scheduler = ["gcloud", "scheduler", "jobs"]
-    process_job_env = dict(settings)
+    worker: list[str] = []
     if config.dispatch == "cloud_tasks":
-        process_job_env["PROCESS_JOB_URL"] = config.process_job_url  # tasks call the function back
+        worker = [
+            *queue_commands(config),
+            Shell.line(
+                deploy(
+                    config.run_job_function,
+                    "run_job",
+                    public=False,
+                    timeout_s=function_timeout_s(config.job_timeout_ms),
+                    concurrency=config.max_concurrent_jobs,
+                    max_instances=config.max_instances,
+                    env=settings,
+                )
+            ),
+            *task_identity_commands(config),
+        ]
     return [
         "set -euo pipefail",
         *HELPERS,
-        *(queue_commands(config) if config.dispatch == "cloud_tasks" else []),
+        *worker,
         Shell.line(
             deploy(
                 config.process_job_function,
@@ -265,7 +305,7 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
                 timeout_s=function_timeout_s(config.job_timeout_ms),
                 concurrency=config.max_concurrent_jobs,
                 max_instances=config.max_instances,
-                env=dict(sorted(process_job_env.items())),
+                env=settings,
             )
         ),
         *public_access_commands(config, config.process_job_function),
@@ -325,6 +365,39 @@ def public_access_commands(config: DeployConfig, function: str) -> list[str]:
         "    printf '%s\\n' \"${SONA_OUT}\" >&2; exit 1",
         "  fi",
         "fi",
+    ]
+
+
+def task_identity_commands(config: DeployConfig) -> list[str]:
+    """Who may run a job: Cloud Tasks mints the tasks' OIDC token as the tasks account, which the
+    functions' runtime account (the enqueuer) must be allowed to act as (iam.serviceAccountUser on
+    that account: Cloud Tasks, "Create HTTP target tasks"), and only that account may invoke the
+    private worker (run.invoker, which add-invoker-policy-binding grants on a 2nd gen function)."""
+    project = f"--project={config.google_cloud_project}"
+    return [
+        Shell.line(
+            [
+                "gcloud",
+                "iam",
+                "service-accounts",
+                "add-iam-policy-binding",
+                config.tasks_account,
+                f"--member=serviceAccount:{config.runtime_account}",
+                "--role=roles/iam.serviceAccountUser",
+                project,
+            ]
+        ),
+        Shell.line(
+            [
+                "gcloud",
+                "functions",
+                "add-invoker-policy-binding",
+                config.run_job_function,
+                f"--region={config.region}",
+                project,
+                f"--member=serviceAccount:{config.tasks_account}",
+            ]
+        ),
     ]
 
 

@@ -55,10 +55,12 @@ HELPERS = [
 
 class Project(Protocol):
     google_cloud_project: str
-    process_job_function: str
 
     @property
     def alert_channels(self) -> list[str]: ...
+
+    @property
+    def job_services(self) -> list[str]: ...
 
 
 class Line(Protocol):
@@ -97,8 +99,9 @@ def metric_commands(config: Project, line: Line) -> list[str]:
             [*metrics, "create", name, config_file, project],
             line,
         )
+    services = " OR ".join(f'"{name}"' for name in config.job_services)
     pause_filter = (
-        f'resource.type="cloud_run_revision" AND resource.labels.service_name="{config.process_job_function}"'
+        f'resource.type="cloud_run_revision" AND resource.labels.service_name=({services})'
         f' AND severity>=ERROR AND jsonPayload.code="{PAUSE_METRIC}"'
     )
     commands += _upsert(

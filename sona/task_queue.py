@@ -1,5 +1,13 @@
 """Cloud Tasks: one HTTP task per run of a job, created over the Cloud Tasks v2 REST API.
 
+Each task calls the private worker (run_job, deployed --no-allow-unauthenticated) with an OIDC
+token: `httpRequest.oidcToken {serviceAccountEmail, audience}` makes Cloud Tasks mint a Google ID
+token for that account and send it as `Authorization: Bearer` (Cloud Tasks, "Create HTTP target
+tasks"; the enqueuer needs iam.serviceAccountUser on the account, the account run.invoker on the
+worker). Cloud Run checks the token before the request reaches the function, so the worker holds
+no secret of its own. For a Cloud Functions URL the audience is the URL itself (Google's
+"functions-bearer-token" sample: "For Cloud Functions, endpoint and audience are the same").
+
 The webhook's call is the function's cold path, and `google.cloud.tasks_v2` costs 0.3-0.5 s of
 imports (DESIGN.md), so this speaks the same REST call its REST transport makes
 (`POST /v2/{queue}/tasks`, the error JSON mapped by status) with the standard library. The local
@@ -14,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import threading
 import time
@@ -29,7 +36,6 @@ from sona.config import Settings
 from sona.errors import ServiceOutage, TransientError
 from sona.tls import tls_context
 
-TASK_TOKEN_HEADER = "X-Sona-Task-Token"  # noqa: S105  a header name
 GOOGLE_API = "https://cloudtasks.googleapis.com"
 _METADATA = "http://metadata.google.internal/computeMetadata/v1"
 _METADATA_TOKEN_URL = f"{_METADATA}/instance/service-accounts/default/token"
@@ -79,20 +85,6 @@ class QueueLimits:
                 "maxDoublings": self.max_doublings,
             },
         }
-
-
-def task_token(settings: Settings, job_id: uuid.UUID) -> str:
-    """What a task carries to prove it was made by this function: HMAC of the job id under
-    TASK_SECRET, which only the function and its queue ever hold (never the database)."""
-    assert settings.task_secret is not None  # checked by Settings in cloud_tasks mode
-    key = settings.task_secret.get_secret_value().encode()
-    return hmac.new(key, str(job_id).encode(), hashlib.sha256).hexdigest()
-
-
-def token_matches(settings: Settings, job_id: uuid.UUID, given: str) -> bool:
-    return settings.task_secret is not None and hmac.compare_digest(
-        given.encode(), task_token(settings, job_id).encode()
-    )
 
 
 def task_id(job_id: uuid.UUID, attempt: int, dispatch_round: int) -> str:
@@ -161,17 +153,16 @@ class TaskQueue:
         settings = self.settings
         queue = str(settings.cloud_tasks_queue)
         name = f"{queue}/tasks/{task_id(job_id, attempt, dispatch_round)}"
+        worker = str(settings.run_job_url)
         task: dict[str, object] = {
             "name": name,
             "dispatchDeadline": f"{settings.function_timeout_s}s",
             "httpRequest": {
-                "url": str(settings.process_job_url),
+                "url": worker,
                 "httpMethod": "POST",
-                "headers": {
-                    "Content-Type": "application/json",
-                    TASK_TOKEN_HEADER: task_token(settings, job_id),
-                },
+                "headers": {"Content-Type": "application/json"},
                 "body": base64.b64encode(json.dumps({"job_id": str(job_id)}).encode()).decode(),
+                "oidcToken": {"serviceAccountEmail": str(settings.tasks_service_account), "audience": worker},
             },
         }
         if not_before is not None:

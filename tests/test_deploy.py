@@ -19,6 +19,7 @@ from sona.config import ConfigError, load
 from sona.deploy import RUNTIME, DeployConfig, render
 from sona.local.database import apply_sql
 from sona.webhook_sql import WebhookConfig, webhook_sql
+from tests import fake_gcloud
 from tests.support import SECRETS, insert_job, sql
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,9 +80,8 @@ def flag(argv: list[str], name: str) -> str | None:
 
 
 def env_vars(argv: list[str]) -> dict[str, str]:
-    """--set-env-vars in gcloud's ^@^ delimiter syntax, as a dict."""
-    value = (flag(argv, "set-env-vars") or "").removeprefix("^@^")
-    return dict(item.split("=", 1) for item in value.split("@") if item)
+    """--set-env-vars as gcloud splits it (tests/fake_gcloud.py: `^D^` picks the delimiter)."""
+    return fake_gcloud.env_vars(flag(argv, "set-env-vars") or "")
 
 
 def test_cloud_build_and_deploy_sh_give_the_same_commands() -> None:
@@ -153,8 +153,7 @@ def test_secrets_come_only_from_secret_manager() -> None:
         assert flag(argv, "set-secrets") == (
             "SUPABASE_SERVICE_ROLE_KEY=sona-supabase-service-role-key:latest,"
             "STABLE_AUDIO_API_KEY=sona-stable-audio-api-key:latest,"
-            "WEBHOOK_SECRET=sona-webhook-secret:latest,"
-            "TASK_SECRET=sona-task-secret:latest"
+            "WEBHOOK_SECRET=sona-webhook-secret:latest"
         )
         assert not [name for name in env_vars(argv) if re.search(r"KEY|SECRET", name)]
 
@@ -192,6 +191,7 @@ def test_every_value_an_operator_changes_is_a_substitution() -> None:
                 {
                     "_REGION": "europe-west1",
                     "_PROCESS_JOB_FUNCTION": "pj",
+                    "_RUN_JOB_FUNCTION": "wj",
                     "_RECLAIM_JOBS_FUNCTION": "rj",
                     "_FUNCTION_MEMORY": "2Gi",
                     "_MAX_INSTANCES": "3",
@@ -200,7 +200,7 @@ def test_every_value_an_operator_changes_is_a_substitution() -> None:
             )
         )
     )
-    assert set(functions) == {"pj", "rj"}
+    assert set(functions) == {"pj", "wj", "rj"}
     argv = functions["pj"]
     assert (
         flag(argv, "region"),

@@ -76,7 +76,7 @@ def test_a_first_deploy_completes_in_a_new_org_project(org_project: Project) -> 
     result = org_project.deploy()
     assert result.returncode == 0, result.stderr
     state = org_project.state
-    assert set(state["functions"]) == {"process-job", "reclaim-jobs"}
+    assert set(state["functions"]) == {"process-job", "run-job", "reclaim-jobs"}
     assert len(state["metrics"]) == 6
     assert len(state["dashboards"]) == 1
     (policy,) = state["policies"].values()

@@ -36,7 +36,6 @@ from sona.local.stack import FunctionProcess, LocalStack
 from sona.local.synth import synthesize_wav
 from sona.local.venvs import ensure_venv
 from sona.models import webhook_payload
-from sona.task_queue import TASK_TOKEN_HEADER, task_token
 
 # The functions run as deployed: a virtual environment with requirements.txt only (the dev tools'
 # extra packages change what some imports pull in, e.g. httpx's optional CLI imports pygments).
@@ -110,18 +109,18 @@ def _time_first_answer(
 
 
 def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> list[Figure]:
-    """Process start to the first answer, for each kind of call: the webhook (it enqueues a task)
-    and a Cloud Tasks task (its claim finds the job already done), against a bare function."""
+    """Process start to the first answer, for each kind of call: the webhook to the public door
+    process_job (it enqueues a task) and a Cloud Tasks task to the private worker run_job (its claim
+    finds the job already done; Cloud Run has checked the token before), against a bare function."""
     (work / "bare").mkdir(exist_ok=True)
     (work / "bare" / "main.py").write_text(BARE_FUNCTION)
     job_id = stack.insert_job("already done", duration=1)
     with stack.postgres_connection() as conn:
         conn.execute("update jobs set status = 'completed' where id = %s", (job_id,))
     env = stack.function_env()
-    settings = stack.settings()
     calls = {
-        "webhook": (webhook_payload(job_id), {"X-Webhook-Secret": stack.webhook_secret}),
-        "task": ({"job_id": str(job_id)}, {TASK_TOKEN_HEADER: task_token(settings, job_id)}),
+        "webhook": ("process_job", webhook_payload(job_id), {"X-Webhook-Secret": stack.webhook_secret}),
+        "task": ("run_job", {"job_id": str(job_id)}, {}),
     }
     ours: dict[str, list[float]] = {kind: [] for kind in calls}
     bare = []
@@ -139,11 +138,11 @@ def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> list[Fi
                 {},
             )
         )
-        for kind, (payload, headers) in calls.items():
+        for kind, (target, payload, headers) in calls.items():
             log = work / f"cold-{kind}-{i}.log"
             ours[kind].append(
                 _time_first_answer(
-                    lambda log=log: FunctionProcess("process_job", env, log, python=python),  # type: ignore[misc]
+                    lambda log=log, target=target: FunctionProcess(target, env, log, python=python),  # type: ignore[misc]
                     payload,
                     headers,
                 )
