@@ -27,20 +27,30 @@ LEASE_MARGIN_S = 30
 SECRET_FIELDS = ("supabase_service_role_key", "stable_audio_api_key", "webhook_secret")
 # Cloud Tasks allows a task's dispatch deadline between 15 s and 30 minutes.
 MIN_DISPATCH_DEADLINE_S, MAX_DISPATCH_DEADLINE_S = 15, 1800
+# A task's deadline covers more than the function's run: at max instances Cloud Run holds a request
+# up to about 10 s for a free instance, and may then start one (cold start). Without this room a
+# held task would be cut at the deadline while its job still runs, and be sent again.
+DISPATCH_ROOM_S = 30
 # Stable Audio allows 150 requests in 10 s, then refuses everything for 60 s.
 PROVIDER_RATE_LIMIT_PER_S = 15
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
+def dispatch_deadline_s(job_timeout_ms: int) -> int:
+    """A task's dispatch deadline: the function timeout plus Cloud Run's hold and a cold start."""
+    return function_timeout_s(job_timeout_ms) + DISPATCH_ROOM_S
+
+
 def dispatch_deadline_problem(job_timeout_ms: int) -> str | None:
-    """Why a Cloud Tasks task could not carry this job's function timeout as its dispatch deadline."""
-    timeout_s = function_timeout_s(job_timeout_ms)
-    if MIN_DISPATCH_DEADLINE_S <= timeout_s <= MAX_DISPATCH_DEADLINE_S:
+    """Why a Cloud Tasks task could not carry this job's dispatch deadline."""
+    deadline_s = dispatch_deadline_s(job_timeout_ms)
+    if MIN_DISPATCH_DEADLINE_S <= deadline_s <= MAX_DISPATCH_DEADLINE_S:
         return None
     return (
-        f"JOB_TIMEOUT_MS={job_timeout_ms} gives a function timeout of {timeout_s} s; a Cloud Tasks "
-        f"dispatch deadline must be {MIN_DISPATCH_DEADLINE_S} to {MAX_DISPATCH_DEADLINE_S} s "
+        f"JOB_TIMEOUT_MS={job_timeout_ms} gives a function timeout of {function_timeout_s(job_timeout_ms)} s "
+        f"and a task dispatch deadline of {deadline_s} s (with {DISPATCH_ROOM_S} s for Cloud Run's hold "
+        f"and a cold start); Cloud Tasks allows {MIN_DISPATCH_DEADLINE_S} to {MAX_DISPATCH_DEADLINE_S} s "
         "(use DISPATCH=direct for longer)"
     )
 
@@ -233,6 +243,10 @@ class Settings(BaseSettings):
     @property
     def function_timeout_s(self) -> int:
         return function_timeout_s(self.job_timeout_ms)
+
+    @property
+    def dispatch_deadline_s(self) -> int:
+        return dispatch_deadline_s(self.job_timeout_ms)
 
     @property
     def lease_seconds(self) -> int:

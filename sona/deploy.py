@@ -28,6 +28,8 @@ from sona.task_queue import QueueLimits
 RUNTIME = "python312"
 # Cloud Scheduler waits at most 30 minutes for an HTTP target.
 MAX_SCHEDULER_DEADLINE_S = 1800
+# A Cloud Tasks queue allows at most 5,000 concurrent dispatches and 500 dispatches a second.
+MAX_CONCURRENT_DISPATCHES = 5000
 
 
 class DeployConfig(BaseSettings):
@@ -97,6 +99,12 @@ class DeployConfig(BaseSettings):
         problem = dispatch_deadline_problem(self.job_timeout_ms)
         if self.dispatch == "cloud_tasks" and problem:
             raise ValueError(problem)
+        slots = self.max_instances * self.max_concurrent_jobs
+        if self.dispatch == "cloud_tasks" and slots > MAX_CONCURRENT_DISPATCHES:
+            raise ValueError(
+                f"MAX_INSTANCES x MAX_CONCURRENT_JOBS = {slots} would be the queue's "
+                f"max_concurrent_dispatches, above Cloud Tasks' {MAX_CONCURRENT_DISPATCHES}"
+            )
         if self.max_concurrent_jobs > 1 and self.function_cpu < 1:
             raise ValueError(
                 f"MAX_CONCURRENT_JOBS={self.max_concurrent_jobs} needs FUNCTION_CPU of at least 1 "
@@ -194,7 +202,7 @@ class Shell:
 ENV_DELIMITERS = ("|", "~", "#", "@", ";")
 
 
-def _env_flag(values: dict[str, str]) -> str:
+def env_flag(values: dict[str, str]) -> str:
     items = [f"{k}={v}" for k, v in values.items()]
     usable = [d for d in ENV_DELIMITERS if not any(d in item for item in items)]
     if not usable:
@@ -256,7 +264,7 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
             f"--concurrency={concurrency}",
             f"--max-instances={max_instances}",
             # gunicorn serves as many requests at once as it has threads.
-            _env_flag({**env, "THREADS": str(concurrency)}),
+            env_flag({**env, "THREADS": str(concurrency)}),
             f"--set-secrets={secrets}",
         ]
 

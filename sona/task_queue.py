@@ -23,9 +23,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -41,6 +43,10 @@ _METADATA = "http://metadata.google.internal/computeMetadata/v1"
 _METADATA_TOKEN_URL = f"{_METADATA}/instance/service-accounts/default/token"
 
 Created = Literal["created", "exists"]
+# ListTasks answers at most 1,000 tasks a page.
+LIST_PAGE_SIZE = 1000
+# The job in a task's name (task_id below).
+TASK_JOB = re.compile(r"/tasks/[0-9a-f]{8}-([0-9a-f-]{36})-a\d+-r\d+$")
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,19 @@ class QueueLimits:
     - retries: for deliveries Cloud Run refused (429 at max instances, 503) or answers lost; the
       job's own attempts are counted in the database. Backoff starts at 1 s (a slot frees soon),
       doubles up to the lease (a delivery retried after a crash finds the job released), and the
-      queue stops after MAX_ATTEMPTS leases' worth of time; reclaim_jobs owns a job after that."""
+      queue stops after MAX_ATTEMPTS leases' worth of time; reclaim_jobs owns a job after that.
+
+    Cloud Tasks stops retrying only when BOTH max_attempts and max_retry_duration are satisfied
+    (Cloud Tasks RetryConfig reference), so a large max_attempts (the API's default is 100) keeps a
+    failing task going for hours whatever max_retry_duration says. max_attempts is therefore the
+    number of attempts the backoff schedule fits in max_retry_duration: for a task that fails fast
+    (a 500, a refused token) both limits are met together, about max_retry_duration after the first
+    attempt."""
 
     max_dispatches_per_second: float
     max_concurrent_dispatches: int
     lease_s: int
     max_attempts_per_job: int
-    max_attempts: int = 100
     min_backoff_s: int = 1
     max_doublings: int = 5
 
@@ -68,6 +80,24 @@ class QueueLimits:
     @property
     def max_retry_duration_s(self) -> int:
         return self.lease_s * self.max_attempts_per_job
+
+    def backoff_s(self, failures: int) -> int:
+        """The wait after the failures-th failed attempt: min_backoff doubling max_doublings times,
+        then growing linearly by the last doubled step, capped at max_backoff (RetryConfig)."""
+        step = failures - 1
+        delay: int = self.min_backoff_s * 2 ** min(step, self.max_doublings)
+        if step > self.max_doublings:
+            delay *= 1 + step - self.max_doublings
+        return min(self.max_backoff_s, delay)
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts whose backoffs fit in max_retry_duration (the first attempt at time 0)."""
+        attempts, elapsed = 1, 0
+        while elapsed + self.backoff_s(attempts) <= self.max_retry_duration_s:
+            elapsed += self.backoff_s(attempts)
+            attempts += 1
+        return attempts
 
     def as_queue(self, name: str) -> dict[str, object]:
         """The Queue resource of the Cloud Tasks v2 REST API."""
@@ -97,12 +127,21 @@ def task_id(job_id: uuid.UUID, attempt: int, dispatch_round: int) -> str:
 class Http(Protocol):
     def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]: ...
 
+    def get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]: ...
+
 
 class OneShotHttp:
     """urllib, one connection per call: light to import, right for one task per webhook."""
 
     def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]:
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+        return self._send(urllib.request.Request(url, data=body, headers=headers, method="POST"), timeout_s)  # noqa: S310
+
+    def get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]:
+        return self._send(urllib.request.Request(url, headers=headers, method="GET"), timeout_s)  # noqa: S310
+
+    @staticmethod
+    def _send(request: urllib.request.Request, timeout_s: float) -> tuple[int, bytes]:
+        url = request.full_url
         context = tls_context() if url.startswith("https:") else None
         try:
             with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:  # noqa: S310
@@ -156,7 +195,7 @@ class TaskQueue:
         worker = str(settings.run_job_url)
         task: dict[str, object] = {
             "name": name,
-            "dispatchDeadline": f"{settings.function_timeout_s}s",
+            "dispatchDeadline": f"{settings.dispatch_deadline_s}s",
             "httpRequest": {
                 "url": worker,
                 "httpMethod": "POST",
@@ -182,6 +221,38 @@ class TaskQueue:
         if 200 <= status < 300:
             return name, "created"
         return name, _refused(status, body)
+
+    def jobs_with_a_task(self, timeout_s: float = 30.0, page_size: int = LIST_PAGE_SIZE) -> set[uuid.UUID]:
+        """The jobs that have a task in the queue now: waiting, scheduled, running or between its
+        retries (ListTasks, 1,000 a page). A task that ran to its end, or that Cloud Tasks gave up
+        on, is gone from the list, and only such a job needs a new one."""
+        queue = str(self.settings.cloud_tasks_queue)
+        found: set[uuid.UUID] = set()
+        page = ""
+        started = time.monotonic()
+        while True:
+            left = timeout_s - (time.monotonic() - started)
+            if left <= 0:
+                raise TransientError("The job queue could not be listed in time")
+            query = urllib.parse.urlencode({"pageSize": page_size, **({"pageToken": page} if page else {})})
+            try:
+                headers = {"Authorization": f"Bearer {self._token.get(left)}"} if self._token else {}
+                status, body = self.http.get(
+                    f"{self.settings.cloud_tasks_api_url}/v2/{queue}/tasks?{query}", headers, left
+                )
+            except OSError as exc:
+                raise TransientError("The job queue is unavailable", detail=type(exc).__name__) from None
+            if status != 200:
+                _refused(status, body)
+                raise TransientError("The job queue could not be listed", detail=f"cloud tasks {status}")
+            listed = json.loads(body or b"{}")
+            for task in listed.get("tasks", []):
+                match = TASK_JOB.search(str(task.get("name", "")))
+                if match:
+                    found.add(uuid.UUID(match.group(1)))
+            page = str(listed.get("nextPageToken", ""))
+            if not page:
+                return found
 
 
 def _refused(status: int, body: bytes) -> Created:
@@ -216,6 +287,13 @@ class PooledHttp:
     def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]:
         try:
             response = self._client.post(url, headers=headers, content=body, timeout=timeout_s)
+        except self._httpx.HTTPError as exc:
+            raise ConnectionError(type(exc).__name__) from None
+        return response.status_code, response.content
+
+    def get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]:
+        try:
+            response = self._client.get(url, headers=headers, timeout=timeout_s)
         except self._httpx.HTTPError as exc:
             raise ConnectionError(type(exc).__name__) from None
         return response.status_code, response.content

@@ -95,6 +95,7 @@ def test_the_deploy_creates_or_updates_the_queue_with_its_limits() -> None:
         assert flag(argv, "max-concurrent-dispatches") == "20"  # 10 instances x 2 jobs
         assert flag(argv, "max-backoff") == "340s"  # the lease: function timeout 310 s + 30 s
         assert flag(argv, "max-retry-duration") == "1020s"  # three leases
+        assert flag(argv, "max-attempts") == "13"  # what the backoff fits in them: both limits meet
     # the queue exists before the function that enqueues into it
     assert script.index("gcloud tasks queues") < script.index("gcloud functions deploy")
 
