@@ -180,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--runs", type=int, default=5, help="runs per figure (median, min, max)")
     bench.add_argument("--out", default="bench-results.json", help="where the JSON goes")
     bench.add_argument("--burst-jobs", type=int, default=1000, help="jobs in the dispatch burst")
-    bench.add_argument("--only", choices=["job", "dispatch"], help="one half of the benchmark")
+    bench.add_argument(
+        "--only",
+        choices=["job", "dispatch", "cold", "stats"],
+        help="one half of the benchmark (job, dispatch), or one of its figures (cold starts, job_stats)",
+    )
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return int(args.run(args))

@@ -111,13 +111,21 @@ def _time_first_answer(
 def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> list[Figure]:
     """Process start to the first answer, for each kind of call: the webhook to the public door
     process_job (it enqueues a task) and a Cloud Tasks task to the private worker run_job (its claim
-    finds the job already done; Cloud Run has checked the token before), against a bare function."""
+    finds the job already done; Cloud Run has checked the token before), against a bare function.
+    As deployed: K_SERVICE set (Cloud Functions sets it) and JSON log lines with the project, so the
+    structured-logging path is part of what is timed."""
     (work / "bare").mkdir(exist_ok=True)
     (work / "bare" / "main.py").write_text(BARE_FUNCTION)
     job_id = stack.insert_job("already done", duration=1)
     with stack.postgres_connection() as conn:
         conn.execute("update jobs set status = 'completed' where id = %s", (job_id,))
-    env = stack.function_env()
+    env = {
+        **stack.function_env(),
+        "K_SERVICE": "process-job",
+        "K_REVISION": "process-job-00001-abc",
+        "LOG_FORMAT": "json",
+        "GOOGLE_CLOUD_PROJECT": "sona-bench",
+    }
     calls = {
         "webhook": ("process_job", webhook_payload(job_id), {"X-Webhook-Secret": stack.webhook_secret}),
         "task": ("run_job", {"job_id": str(job_id)}, {}),
@@ -148,7 +156,7 @@ def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> list[Fi
                 )
             )
     return [
-        Figure(f"cold start ({kind})", ours[kind], bare, "s", "bare functions-framework function", "<= 2.5x")
+        Figure(f"cold start ({kind})", ours[kind], bare, "s", "bare functions-framework function", "<= 2.0x")
         for kind in calls
     ]
 
@@ -330,7 +338,7 @@ select j.id, n, gen_random_uuid(), j.created_at + interval '2 seconds', j.create
 """
 
 
-def job_stats_at_scale(stack: LocalStack, runs: int) -> Figure:
+def job_stats_at_scale(stack: LocalStack, runs: int) -> list[Figure]:
     """job_stats() as `python -m sona stats` calls it (one RPC) over 1,000,000 jobs: the default
     24-hour window holds about 33,000 of them, read through the created_at and started_at indexes."""
     store = JobsStore(stack.settings())
@@ -349,9 +357,16 @@ def job_stats_at_scale(stack: LocalStack, runs: int) -> Figure:
             raise RuntimeError("job_stats(24) saw no jobs")
     with stack.postgres_connection() as conn:
         conn.execute("truncate jobs cascade")
-    return Figure(
-        "job_stats(), 24 h of 1,000,000 jobs", times, [1.0] * runs, "s", "the 1 s budget", "one call, < 1 s"
-    )
+    return [
+        Figure(
+            "job_stats(), 24 h of 1,000,000 jobs",
+            times,
+            [1.0] * runs,
+            "s",
+            "the 1 s budget",
+            "one call, < 1 s",
+        )
+    ]
 
 
 def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -> dict[str, Any]:
@@ -362,17 +377,20 @@ def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -
     dispatch: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sona-bench-") as tmp:
         work = Path(tmp)
-        if only in (None, "job"):
+        if only in (None, "job", "cold", "stats"):
             env = {"LOG_LEVEL": "warning", "RECLAIM_BATCH_SIZE": "50"}
             with LocalStack(
                 work / "stack", env=env, start_functions=False, with_relay=False, process_env={"PATH": path}
             ) as stack:
-                figures += cold_start(stack, work, runs, python)
-                figures += job_overhead_and_memory(stack, work, runs, python)
-                figures.append(throughput(stack, work, python, max(3, runs // 2)))
-                reclaim, trips = reclaim_at_scale(stack, runs)
-                figures.append(reclaim)
-                figures.append(job_stats_at_scale(stack, runs))
+                if only in (None, "job", "cold"):
+                    figures += cold_start(stack, work, runs, python)
+                if only in (None, "job"):
+                    figures += job_overhead_and_memory(stack, work, runs, python)
+                    figures.append(throughput(stack, work, python, max(3, runs // 2)))
+                    reclaim, trips = reclaim_at_scale(stack, runs)
+                    figures.append(reclaim)
+                if only in (None, "job", "stats"):
+                    figures += job_stats_at_scale(stack, runs)
         if only in (None, "dispatch"):
             from sona.local import bench_dispatch
 
