@@ -340,8 +340,6 @@ def test_an_unusable_input_fails_the_job_and_nothing_is_paid(stored: bytes | Non
     assert (result.outcome, provider.calls) == ("failed", 0)
     assert message in store.writes[-1][1]["message"]
     assert store.writes[-1][1]["retryable"] is False
-
-
 def completed_audio(store: FakeStore) -> AudioInfo:
     ((verb, written),) = store.writes
     assert verb == "complete"
@@ -388,8 +386,6 @@ def test_preview_normalisation_can_be_turned_off() -> None:
     audio = completed_audio(store)
     assert audio.preview_gain_db == 0.0
     assert audio.loudness_lufs is not None  # measured either way
-
-
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
