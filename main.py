@@ -8,8 +8,14 @@ from sona import handlers
 
 @functions_framework.http
 def process_job(request: Request) -> Response:
-    """Database webhook on INSERT into jobs."""
+    """Database webhook on INSERT into jobs (public): enqueue, or run in direct mode."""
     return handlers.process_job(request)
+
+
+@functions_framework.http
+def run_job(request: Request) -> Response:
+    """Cloud Tasks, with an OIDC token Cloud Run has checked (private): run one job."""
+    return handlers.run_job(request)
 
 
 @functions_framework.http

@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--burst-jobs", type=int, default=1000, help="jobs in the dispatch burst")
     bench.add_argument(
         "--only",
-        choices=["job", "dispatch", "wait"],
-        help="one part of the benchmark (wait: Stable Audio 3's wait, polled or checked back)",
+        choices=["job", "dispatch", "wait", "cold", "stats"],
+        help="one half of the benchmark (job, dispatch), or one of its figures (wait: Stable Audio 3's"
+        " wait, polled or checked back; cold starts; job_stats)",
     )
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)

@@ -28,12 +28,15 @@ SECRET_FIELDS = (
     "supabase_service_role_key",
     "stable_audio_api_key",
     "webhook_secret",
-    "task_secret",
     "replicate_api_token",
     "replicate_webhook_secret",
 )
 # Cloud Tasks allows a task's dispatch deadline between 15 s and 30 minutes.
 MIN_DISPATCH_DEADLINE_S, MAX_DISPATCH_DEADLINE_S = 15, 1800
+# A task's deadline covers more than the function's run: at max instances Cloud Run holds a request
+# up to about 10 s for a free instance, and may then start one (cold start). Without this room a
+# held task would be cut at the deadline while its job still runs, and be sent again.
+DISPATCH_ROOM_S = 30
 # Stable Audio allows 150 requests in 10 s, then refuses everything for 60 s.
 PROVIDER_RATE_LIMIT_PER_S = 15
 
@@ -59,14 +62,20 @@ DEFAULT_MODEL_CREDITS: dict[str, float] = {
 }
 
 
+def dispatch_deadline_s(job_timeout_ms: int) -> int:
+    """A task's dispatch deadline: the function timeout plus Cloud Run's hold and a cold start."""
+    return function_timeout_s(job_timeout_ms) + DISPATCH_ROOM_S
+
+
 def dispatch_deadline_problem(job_timeout_ms: int) -> str | None:
-    """Why a Cloud Tasks task could not carry this job's function timeout as its dispatch deadline."""
-    timeout_s = function_timeout_s(job_timeout_ms)
-    if MIN_DISPATCH_DEADLINE_S <= timeout_s <= MAX_DISPATCH_DEADLINE_S:
+    """Why a Cloud Tasks task could not carry this job's dispatch deadline."""
+    deadline_s = dispatch_deadline_s(job_timeout_ms)
+    if MIN_DISPATCH_DEADLINE_S <= deadline_s <= MAX_DISPATCH_DEADLINE_S:
         return None
     return (
-        f"JOB_TIMEOUT_MS={job_timeout_ms} gives a function timeout of {timeout_s} s; a Cloud Tasks "
-        f"dispatch deadline must be {MIN_DISPATCH_DEADLINE_S} to {MAX_DISPATCH_DEADLINE_S} s "
+        f"JOB_TIMEOUT_MS={job_timeout_ms} gives a function timeout of {function_timeout_s(job_timeout_ms)} s "
+        f"and a task dispatch deadline of {deadline_s} s (with {DISPATCH_ROOM_S} s for Cloud Run's hold "
+        f"and a cold start); Cloud Tasks allows {MIN_DISPATCH_DEADLINE_S} to {MAX_DISPATCH_DEADLINE_S} s "
         "(use DISPATCH=direct for longer)"
     )
 
@@ -224,9 +233,10 @@ class Settings(BaseSettings):
         default=None, pattern=r"^projects/[^/]+/locations/[^/]+/queues/[A-Za-z0-9-]{1,100}$"
     )
     cloud_tasks_api_url: str = "https://cloudtasks.googleapis.com"
-    task_secret: SecretStr | None = Field(
-        default=None, description="Shared secret behind the token every task carries (cloud_tasks)"
-    )
+    # The private worker (run_job) the tasks call, and the service account whose OIDC token they
+    # carry: Cloud Run lets through only a token for that URL from an account with run.invoker.
+    run_job_url: str | None = None
+    tasks_service_account: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
     # The queue's max_dispatches_per_second: a budget well under the provider's limit.
     provider_rate_per_s: float = Field(default=5.0, gt=0, le=PROVIDER_RATE_LIMIT_PER_S)
 
@@ -263,6 +273,7 @@ class Settings(BaseSettings):
         "stable_audio_3_api_url",
         "process_job_url",
         "cloud_tasks_api_url",
+        "run_job_url",
     )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
@@ -341,8 +352,8 @@ class Settings(BaseSettings):
             name
             for name, value in (
                 ("CLOUD_TASKS_QUEUE", self.cloud_tasks_queue),
-                ("TASK_SECRET", self.task_secret),
-                ("PROCESS_JOB_URL", self.process_job_url),
+                ("RUN_JOB_URL", self.run_job_url),
+                ("TASKS_SERVICE_ACCOUNT", self.tasks_service_account),
             )
             if not value
         ]
@@ -372,6 +383,10 @@ class Settings(BaseSettings):
     @property
     def function_timeout_s(self) -> int:
         return function_timeout_s(self.job_timeout_ms)
+
+    @property
+    def dispatch_deadline_s(self) -> int:
+        return dispatch_deadline_s(self.job_timeout_ms)
 
     @property
     def lease_seconds(self) -> int:

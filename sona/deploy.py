@@ -6,7 +6,7 @@ two paths cannot drift.
 
 from __future__ import annotations
 
-import json
+import re
 import shlex
 from typing import Literal
 
@@ -22,12 +22,14 @@ from sona.config import (
     dispatch_deadline_problem,
     function_timeout_s,
 )
-from sona.monitoring import monitoring_commands
+from sona.monitoring import HELPERS, monitoring_commands
 from sona.task_queue import QueueLimits
 
 RUNTIME = "python312"
 # Cloud Scheduler waits at most 30 minutes for an HTTP target.
 MAX_SCHEDULER_DEADLINE_S = 1800
+# A Cloud Tasks queue allows at most 5,000 concurrent dispatches and 500 dispatches a second.
+MAX_CONCURRENT_DISPATCHES = 5000
 
 
 class DeployConfig(BaseSettings):
@@ -38,11 +40,19 @@ class DeployConfig(BaseSettings):
     google_cloud_project: str
     region: str = "us-central1"
     process_job_function: str = "process-job"
+    run_job_function: str = "run-job"
     reclaim_jobs_function: str = "reclaim-jobs"
     scheduler_job: str = "sona-reclaim-jobs"
     reclaim_schedule: str = "*/2 * * * *"
     function_service_account: str = ""
     scheduler_service_account: str = ""
+    # The account whose OIDC token every task carries to run_job (see tasks_account).
+    tasks_service_account: str = ""
+    # The account Cloud Build builds the functions as (see build_account).
+    build_service_account: str = ""
+    # Monitoring notification channels the pause alert notifies, comma-separated resource names
+    # (projects/P/notificationChannels/ID); DEPLOYMENT.md shows how to make an email channel.
+    alert_notification_channels: str = ""
     function_memory: str = "1Gi"
     function_cpu: float = Field(default=1, gt=0)
     max_instances: int = Field(default=10, ge=1)
@@ -50,7 +60,6 @@ class DeployConfig(BaseSettings):
     supabase_service_role_key_secret: str = "sona-supabase-service-role-key"  # noqa: S105
     stable_audio_api_key_secret: str = "sona-stable-audio-api-key"  # noqa: S105
     webhook_secret_secret: str = "sona-webhook-secret"  # noqa: S105
-    task_secret_secret: str = "sona-task-secret"  # noqa: S105
 
     # Cloud Tasks: the queue that runs jobs, and its limits.
     dispatch: Literal["cloud_tasks", "direct"] = "cloud_tasks"
@@ -64,7 +73,14 @@ class DeployConfig(BaseSettings):
     reclaim_timeout_ms: int | None = Field(default=None, ge=10_000)
     max_concurrent_jobs: int = Field(default=2, ge=1, le=1000)
 
-    @field_validator("function_service_account", "scheduler_service_account", mode="before")
+    @field_validator(
+        "function_service_account",
+        "scheduler_service_account",
+        "build_service_account",
+        "tasks_service_account",
+        "alert_notification_channels",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return value or ""
@@ -83,12 +99,43 @@ class DeployConfig(BaseSettings):
         problem = dispatch_deadline_problem(self.job_timeout_ms)
         if self.dispatch == "cloud_tasks" and problem:
             raise ValueError(problem)
+        slots = self.max_instances * self.max_concurrent_jobs
+        if self.dispatch == "cloud_tasks" and slots > MAX_CONCURRENT_DISPATCHES:
+            raise ValueError(
+                f"MAX_INSTANCES x MAX_CONCURRENT_JOBS = {slots} would be the queue's "
+                f"max_concurrent_dispatches, above Cloud Tasks' {MAX_CONCURRENT_DISPATCHES}"
+            )
         if self.max_concurrent_jobs > 1 and self.function_cpu < 1:
             raise ValueError(
                 f"MAX_CONCURRENT_JOBS={self.max_concurrent_jobs} needs FUNCTION_CPU of at least 1 "
                 "(Cloud Functions allows concurrency above 1 only with a whole vCPU)"
             )
         return self
+
+    @field_validator("alert_notification_channels")
+    @classmethod
+    def _channel_names(cls, value: str) -> str:
+        for name in filter(None, (v.strip() for v in value.split(","))):
+            if not re.fullmatch(r"projects/[^/]+/notificationChannels/[^/]+", name):
+                raise ValueError(
+                    f"ALERT_NOTIFICATION_CHANNELS: {name!r} is not a channel's resource name "
+                    "(projects/PROJECT/notificationChannels/ID; "
+                    "`gcloud beta monitoring channels list` shows them)"
+                )
+        return value
+
+    @property
+    def alert_channels(self) -> list[str]:
+        return [v.strip() for v in self.alert_notification_channels.split(",") if v.strip()]
+
+    @property
+    def build_account(self) -> str:
+        """Since July 2024 a new project's default build account may lack the roles a function's
+        build needs (Cloud Functions, "Custom service account for Cloud Build"), so the plan
+        always names one; DEPLOYMENT.md grants it exactly those roles."""
+        return (
+            self.build_service_account or f"sona-builder@{self.google_cloud_project}.iam.gserviceaccount.com"
+        )
 
     @property
     def runtime_account(self) -> str:
@@ -102,9 +149,22 @@ class DeployConfig(BaseSettings):
         return f"projects/{self.google_cloud_project}/locations/{self.region}/queues/{self.tasks_queue}"
 
     @property
-    def process_job_url(self) -> str:
-        """Known before the deploy: 2nd gen functions answer on their cloudfunctions.net address."""
-        return f"https://{self.region}-{self.google_cloud_project}.cloudfunctions.net/{self.process_job_function}"
+    def run_job_url(self) -> str:
+        """Known before the deploy: 2nd gen functions answer on their cloudfunctions.net address,
+        which is also the audience of the tasks' OIDC token."""
+        return f"https://{self.region}-{self.google_cloud_project}.cloudfunctions.net/{self.run_job_function}"
+
+    @property
+    def tasks_account(self) -> str:
+        return self.tasks_service_account or f"sona-tasks@{self.google_cloud_project}.iam.gserviceaccount.com"
+
+    @property
+    def job_services(self) -> list[str]:
+        """The Cloud Run services whose logs carry the job lines (the worker runs jobs; in direct
+        mode the door does)."""
+        if self.dispatch == "cloud_tasks":
+            return [self.run_job_function]
+        return [self.process_job_function]
 
     @property
     def scheduler_account(self) -> str:
@@ -117,7 +177,8 @@ class DeployConfig(BaseSettings):
 def passthrough_settings(environ: dict[str, str]) -> dict[str, str]:
     """The function's non-secret settings present in the environment, as deployed env vars."""
     names = {n.upper() for n in Settings.model_fields} - {n.upper() for n in SECRET_FIELDS}
-    names -= {"PROCESS_JOB_URL", "DISPATCH", "CLOUD_TASKS_QUEUE"}  # set from the deploy's own names
+    # set from the deploy's own names
+    names -= {"PROCESS_JOB_URL", "DISPATCH", "CLOUD_TASKS_QUEUE", "RUN_JOB_URL", "TASKS_SERVICE_ACCOUNT"}
     return {k: environ[k] for k in sorted(names) if environ.get(k)}
 
 
@@ -135,9 +196,18 @@ class Shell:
         return " ".join(cls.word(a) for a in argv)
 
 
-def _env_flag(values: dict[str, str]) -> str:
-    # gcloud's alternate delimiter syntax (^@^) so values may contain commas.
-    return "--set-env-vars=^@^" + "@".join(f"{k}={v}" for k, v in values.items())
+# Candidates for gcloud's alternate delimiter (`gcloud topic escaping`: `^D^` first makes D the
+# separator instead of the comma). It must appear in no value it separates: "@" once did, until a
+# service account email became one of the values.
+ENV_DELIMITERS = ("|", "~", "#", "@", ";")
+
+
+def env_flag(values: dict[str, str]) -> str:
+    items = [f"{k}={v}" for k, v in values.items()]
+    usable = [d for d in ENV_DELIMITERS if not any(d in item for item in items)]
+    if not usable:
+        raise ValueError(f"no delimiter in {ENV_DELIMITERS} is free of every --set-env-vars value")
+    return f"--set-env-vars=^{usable[0]}^" + usable[0].join(items)
 
 
 def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
@@ -147,12 +217,12 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         f"STABLE_AUDIO_API_KEY={config.stable_audio_api_key_secret}:latest,"
         f"WEBHOOK_SECRET={config.webhook_secret_secret}:latest"
     )
-    if config.dispatch == "cloud_tasks":
-        secrets += f",TASK_SECRET={config.task_secret_secret}:latest"
     settings = passthrough_settings(environ)
     settings["DISPATCH"] = config.dispatch
     if config.dispatch == "cloud_tasks":
         settings["CLOUD_TASKS_QUEUE"] = config.queue_path
+        settings["RUN_JOB_URL"] = config.run_job_url
+        settings["TASKS_SERVICE_ACCOUNT"] = config.tasks_account
     settings["SUPABASE_URL"] = config.supabase_url
     settings["JOB_TIMEOUT_MS"] = str(config.job_timeout_ms)
     settings["MAX_CONCURRENT_JOBS"] = str(config.max_concurrent_jobs)
@@ -182,15 +252,19 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
             "--source=.",
             f"--entry-point={entry_point}",
             "--trigger-http",
-            "--allow-unauthenticated" if public else "--no-allow-unauthenticated",
+            # The door's access is set by public_access_commands after the deploy, so the deploy
+            # leaves it as it is (--quiet: no prompt for a new function, which starts private);
+            # the others are private, whatever anyone bound before.
+            "--quiet" if public else "--no-allow-unauthenticated",
             f"--service-account={config.runtime_account}",
+            f"--build-service-account=projects/{config.google_cloud_project}/serviceAccounts/{config.build_account}",
             f"--timeout={timeout_s}s",
             f"--memory={config.function_memory}",
             f"--cpu={config.function_cpu:g}",
             f"--concurrency={concurrency}",
             f"--max-instances={max_instances}",
             # gunicorn serves as many requests at once as it has threads.
-            _env_flag({**env, "THREADS": str(concurrency)}),
+            env_flag({**env, "THREADS": str(concurrency)}),
             f"--set-secrets={secrets}",
         ]
 
@@ -210,12 +284,27 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         f"--attempt-deadline={min(reclaim_timeout, MAX_SCHEDULER_DEADLINE_S)}s",
     ]
     scheduler = ["gcloud", "scheduler", "jobs"]
-    process_job_env = dict(settings)
+    worker: list[str] = []
     if config.dispatch == "cloud_tasks":
-        process_job_env["PROCESS_JOB_URL"] = config.process_job_url  # tasks call the function back
+        worker = [
+            *queue_commands(config),
+            Shell.line(
+                deploy(
+                    config.run_job_function,
+                    "run_job",
+                    public=False,
+                    timeout_s=function_timeout_s(config.job_timeout_ms),
+                    concurrency=config.max_concurrent_jobs,
+                    max_instances=config.max_instances,
+                    env=settings,
+                )
+            ),
+            *task_identity_commands(config),
+        ]
     return [
         "set -euo pipefail",
-        *(queue_commands(config) if config.dispatch == "cloud_tasks" else []),
+        *HELPERS,
+        *worker,
         Shell.line(
             deploy(
                 config.process_job_function,
@@ -224,9 +313,10 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
                 timeout_s=function_timeout_s(config.job_timeout_ms),
                 concurrency=config.max_concurrent_jobs,
                 max_instances=config.max_instances,
-                env=dict(sorted(process_job_env.items())),
+                env=settings,
             )
         ),
+        *public_access_commands(config, config.process_job_function),
         f'PROCESS_JOB_URL="$({Shell.line([*describe, config.process_job_function, *uri])})"',
         Shell.line(
             deploy(
@@ -256,70 +346,66 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         "else",
         "  " + Shell.line([*scheduler, "create", "http", config.scheduler_job, *scheduler_flags]),
         "fi",
-        *pause_alert_commands(config),
         *monitoring_commands(config, Shell.line),
     ]
 
 
-# The stable `code` of process_job's one ERROR line per pause (sona.pipeline.PAUSE_LOG_CODE).
-PAUSE_METRIC = "sona_service_paused"
-PAUSE_POLICY = "Sona service paused"
+# What IAM answers when the domain-restricted-sharing org policy refuses allUsers
+# (constraints/iam.allowedPolicyMemberDomains; the error as firebase/firebase-tools#2238 shows it).
+NO_INVOKER_CHECK = "--no-invoker-iam-check"
+DRS_REFUSALS = ("do not belong to a permitted customer", "iam.allowedPolicyMemberDomains")
 
 
-def pause_alert_commands(config: DeployConfig) -> list[str]:
-    """A log-based counter of pauses and an alert policy on it: an account-level outage (key,
-    credits, the provider's edge, Storage) pages someone; the queue itself waits safely."""
-    where = [f"--project={config.google_cloud_project}"]
-    log_filter = (
-        f'resource.type="cloud_run_revision" AND resource.labels.service_name="{config.process_job_function}"'
-        f' AND severity>=ERROR AND jsonPayload.code="{PAUSE_METRIC}"'
-    )
-    policy = {
-        "displayName": PAUSE_POLICY,
-        "combiner": "OR",
-        "documentation": {
-            "mimeType": "text/markdown",
-            "content": "Sona paused generation: the provider or Storage refused the account (see the log "
-            "line's `cause`). Jobs wait, nothing fails. Fix the key, credits or bucket; after the "
-            "pause one probe job runs and lifts it. `python -m sona stats` shows the pause.",
-        },
-        "conditions": [
-            {
-                "displayName": "a pause was opened",
-                "conditionThreshold": {
-                    "filter": f'metric.type="logging.googleapis.com/user/{PAUSE_METRIC}"'
-                    ' AND resource.type="cloud_run_revision"',
-                    "comparison": "COMPARISON_GT",
-                    "thresholdValue": 0,
-                    "duration": "0s",
-                    "aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_SUM"}],
-                },
-            }
-        ],
-    }
-    metrics = ["gcloud", "logging", "metrics"]
-    policies = ["gcloud", "monitoring", "policies"]
-    existing = [*policies, "list", f'--filter=displayName="{PAUSE_POLICY}"', "--format=value(name)", *where]
+def public_access_commands(config: DeployConfig, function: str) -> list[str]:
+    """The webhook's door must answer pg_net, which cannot mint a Google token. An allUsers invoker
+    binding does it where the org allows; under domain restricted sharing that binding is refused,
+    and Cloud Run's documented alternative is to disable the invoker IAM check on the service
+    (Cloud Run, "Allowing public (unauthenticated) access": `gcloud run services update SERVICE
+    --no-invoker-iam-check`). Any other failure stops the plan."""
+    where = [f"--region={config.region}", f"--project={config.google_cloud_project}"]
+    bind = ["gcloud", "functions", "add-invoker-policy-binding", function, *where, "--member=allUsers"]
+    refused = " || ".join(f'[[ "${{SONA_OUT}}" == *"{text}"* ]]' for text in DRS_REFUSALS)
     return [
-        f"if {Shell.line([*metrics, 'describe', PAUSE_METRIC, *where])} >/dev/null 2>&1; then",
-        "  " + Shell.line([*metrics, "update", PAUSE_METRIC, f"--log-filter={log_filter}", *where]),
-        "else",
-        "  "
-        + Shell.line(
+        f'if ! SONA_OUT="$({Shell.line(bind)} 2>&1)"; then',
+        f"  if {refused}; then",
+        "    " + Shell.line(["gcloud", "run", "services", "update", function, *where, NO_INVOKER_CHECK]),
+        "  else",
+        "    printf '%s\\n' \"${SONA_OUT}\" >&2; exit 1",
+        "  fi",
+        "fi",
+    ]
+
+
+def task_identity_commands(config: DeployConfig) -> list[str]:
+    """Who may run a job: Cloud Tasks mints the tasks' OIDC token as the tasks account, which the
+    functions' runtime account (the enqueuer) must be allowed to act as (iam.serviceAccountUser on
+    that account: Cloud Tasks, "Create HTTP target tasks"), and only that account may invoke the
+    private worker (run.invoker, which add-invoker-policy-binding grants on a 2nd gen function)."""
+    project = f"--project={config.google_cloud_project}"
+    return [
+        Shell.line(
             [
-                *metrics,
-                "create",
-                PAUSE_METRIC,
-                "--description=Sona paused generation for an account-level outage",
-                f"--log-filter={log_filter}",
-                *where,
+                "gcloud",
+                "iam",
+                "service-accounts",
+                "add-iam-policy-binding",
+                config.tasks_account,
+                f"--member=serviceAccount:{config.runtime_account}",
+                "--role=roles/iam.serviceAccountUser",
+                project,
             ]
         ),
-        "fi",
-        # created once: policies have no natural id, so their display name stands in for one
-        f'if [ -z "$({Shell.line(existing)})" ]; then',
-        "  " + Shell.line([*policies, "create", f"--policy={json.dumps(policy)}", *where]),
-        "fi",
+        Shell.line(
+            [
+                "gcloud",
+                "functions",
+                "add-invoker-policy-binding",
+                config.run_job_function,
+                f"--region={config.region}",
+                project,
+                f"--member=serviceAccount:{config.tasks_account}",
+            ]
+        ),
     ]
 
 

@@ -1,4 +1,12 @@
-"""The two HTTP entry points' request handling: authenticate, parse, then hand over to the work."""
+"""The HTTP entry points' request handling: authenticate, parse, then hand over to the work.
+
+- process_job, the public door: the database webhook's call. It authenticates the shared secret,
+  validates the payload, enqueues a task and answers 202 (or, with DISPATCH=direct, runs the job).
+- run_job, the private worker: Cloud Tasks' call. It is deployed --no-allow-unauthenticated, so
+  Cloud Run has already checked the task's OIDC token (audience and run.invoker) before the request
+  reaches it; it verifies nothing again, and the claim keeps each run exactly-once.
+- reclaim_jobs: Cloud Scheduler's call (OIDC too), or a caller with the webhook secret.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +27,6 @@ from sona.errors import DatabaseUnavailable, FfmpegMissing, ServiceOutage, SonaE
 from sona.logs import job_context, on_cloud_functions, set_attempt
 from sona.models import CLAIMABLE, TaskPayload, WebhookPayload
 from sona.services import Services, get_services
-from sona.task_queue import TASK_TOKEN_HEADER, token_matches
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +109,7 @@ def parse_payload(body: Any, settings: Settings) -> WebhookPayload | Response:
 
 
 def process_job(request: Request) -> Response:
-    """Two callers: the database webhook (enqueue the job, or run it in direct mode) and Cloud
-    Tasks (run the job). A task is told apart by its token header, and must prove it."""
+    """The database webhook: enqueue the job (or, in direct mode, run it)."""
     started = time.monotonic()  # the job's budget counts from the request's arrival
     services = _services_or_error()
     if isinstance(services, Response):
@@ -111,8 +117,6 @@ def process_job(request: Request) -> Response:
     settings = services.settings
     if request.method != "POST":
         return error(405, "method_not_allowed", f"Use POST, not {request.method}.")
-    if TASK_TOKEN_HEADER in request.headers:
-        return _run_task(request, services, Deadline(settings.job_budget_s, started=started))
     if not secret_matches(request, settings):
         return error(401, "unauthorized", f"Missing or wrong {SECRET_HEADER} header.")
     body = _parse_json(request)
@@ -143,9 +147,16 @@ def _enqueue(services: Services, job_id: uuid.UUID, attempts: int) -> Response:
         return reply(202, {"job_id": str(job_id), "outcome": outcome, "task": name})
 
 
-def _run_task(request: Request, services: Services, deadline: Deadline) -> Response:
-    """Cloud Tasks' call: a non-2xx answer makes the queue retry it, so only "the job could not
-    even be looked at" answers 5xx; every outcome of the job itself is a 200."""
+def run_job(request: Request) -> Response:
+    """Cloud Tasks' call to the private worker: a non-2xx answer makes the queue retry it, so only
+    "the job could not even be looked at" answers 5xx; every outcome of the job itself is a 200."""
+    started = time.monotonic()
+    services = _services_or_error()
+    if isinstance(services, Response):
+        return services
+    if request.method != "POST":
+        return error(405, "method_not_allowed", f"Use POST, not {request.method}.")
+    deadline = Deadline(services.settings.job_budget_s, started=started)
     body = _parse_json(request)
     if isinstance(body, Response):
         return body
@@ -153,8 +164,6 @@ def _run_task(request: Request, services: Services, deadline: Deadline) -> Respo
         task = TaskPayload.model_validate(body)
     except ValidationError:
         return error(422, "invalid_task", 'A task body is {"job_id": "<uuid>"}.')
-    if not token_matches(services.settings, task.job_id, request.headers.get(TASK_TOKEN_HEADER, "")):
-        return error(401, "unauthorized", f"Wrong {TASK_TOKEN_HEADER} header.")
     with job_context(task.job_id):
         log.info(
             "task %s, earlier deliveries %s",

@@ -96,10 +96,23 @@ def _delete_expired_files(services: Services, deadline: Deadline) -> int:
 
 
 def _enqueue_all(due: list[ReclaimAction], services: Services, deadline: Deadline) -> dict[str, int]:
-    """One task per due job, many creates at once over kept-alive connections. A job whose task
-    could not be created keeps its dispatched_at and goes out again after the grace period."""
+    """One task per due job whose task is gone, many creates at once over kept-alive connections.
+
+    A job still pending may well have its task in the queue: created by the webhook, or by an earlier
+    reclaim, and waiting its turn in a backlog, its schedule or its retries. A task of a new round
+    has a new name, which de-duplication cannot catch, so sending one anyway would add a task per
+    waiting job at every reclaim. The jobs with a task are listed first and left alone; if the queue
+    cannot be listed, every due job is sent (the claim still runs each at most once). A job whose
+    task could not be created keeps its dispatched_at and goes out again after the grace period."""
     http = PooledHttp(ENQUEUE_CONCURRENCY)
     queue = TaskQueue(services.settings, http)
+    try:
+        waiting = queue.jobs_with_a_task(timeout_s=min(30.0, deadline.remaining()))
+    except TransientError as exc:
+        log.warning("could not list the queue, dispatching every due job: %s", exc)
+        waiting = set()
+    still_queued = [a for a in due if a.job_id in waiting]
+    due = [a for a in due if a.job_id not in waiting]
 
     def enqueue(action: ReclaimAction) -> str:
         left = deadline.remaining()
@@ -125,6 +138,7 @@ def _enqueue_all(due: list[ReclaimAction], services: Services, deadline: Deadlin
     return {
         "dispatched": outcomes["created"] + outcomes["exists"],
         "already_enqueued": outcomes["exists"],
+        "still_queued": len(still_queued),
         "errors": outcomes["error"] + outcomes["not_started"],
     }
 

@@ -1,5 +1,13 @@
 """Cloud Tasks: one HTTP task per run of a job, created over the Cloud Tasks v2 REST API.
 
+Each task calls the private worker (run_job, deployed --no-allow-unauthenticated) with an OIDC
+token: `httpRequest.oidcToken {serviceAccountEmail, audience}` makes Cloud Tasks mint a Google ID
+token for that account and send it as `Authorization: Bearer` (Cloud Tasks, "Create HTTP target
+tasks"; the enqueuer needs iam.serviceAccountUser on the account, the account run.invoker on the
+worker). Cloud Run checks the token before the request reaches the function, so the worker holds
+no secret of its own. For a Cloud Functions URL the audience is the URL itself (Google's
+"functions-bearer-token" sample: "For Cloud Functions, endpoint and audience are the same").
+
 The webhook's call is the function's cold path, and `google.cloud.tasks_v2` costs 0.3-0.5 s of
 imports (DESIGN.md), so this speaks the same REST call its REST transport makes
 (`POST /v2/{queue}/tasks`, the error JSON mapped by status) with the standard library. The local
@@ -14,11 +22,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
+import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -29,12 +38,15 @@ from sona.config import Settings
 from sona.errors import ServiceOutage, TransientError
 from sona.tls import tls_context
 
-TASK_TOKEN_HEADER = "X-Sona-Task-Token"  # noqa: S105  a header name
 GOOGLE_API = "https://cloudtasks.googleapis.com"
 _METADATA = "http://metadata.google.internal/computeMetadata/v1"
 _METADATA_TOKEN_URL = f"{_METADATA}/instance/service-accounts/default/token"
 
 Created = Literal["created", "exists"]
+# ListTasks answers at most 1,000 tasks a page.
+LIST_PAGE_SIZE = 1000
+# The job in a task's name (task_id below).
+TASK_JOB = re.compile(r"/tasks/[0-9a-f]{8}-([0-9a-f-]{36})-a\d+-r\d+$")
 
 
 @dataclass(frozen=True)
@@ -45,13 +57,19 @@ class QueueLimits:
     - retries: for deliveries Cloud Run refused (429 at max instances, 503) or answers lost; the
       job's own attempts are counted in the database. Backoff starts at 1 s (a slot frees soon),
       doubles up to the lease (a delivery retried after a crash finds the job released), and the
-      queue stops after MAX_ATTEMPTS leases' worth of time; reclaim_jobs owns a job after that."""
+      queue stops after MAX_ATTEMPTS leases' worth of time; reclaim_jobs owns a job after that.
+
+    Cloud Tasks stops retrying only when BOTH max_attempts and max_retry_duration are satisfied
+    (Cloud Tasks RetryConfig reference), so a large max_attempts (the API's default is 100) keeps a
+    failing task going for hours whatever max_retry_duration says. max_attempts is therefore the
+    number of attempts the backoff schedule fits in max_retry_duration: for a task that fails fast
+    (a 500, a refused token) both limits are met together, about max_retry_duration after the first
+    attempt."""
 
     max_dispatches_per_second: float
     max_concurrent_dispatches: int
     lease_s: int
     max_attempts_per_job: int
-    max_attempts: int = 100
     min_backoff_s: int = 1
     max_doublings: int = 5
 
@@ -62,6 +80,24 @@ class QueueLimits:
     @property
     def max_retry_duration_s(self) -> int:
         return self.lease_s * self.max_attempts_per_job
+
+    def backoff_s(self, failures: int) -> int:
+        """The wait after the failures-th failed attempt: min_backoff doubling max_doublings times,
+        then growing linearly by the last doubled step, capped at max_backoff (RetryConfig)."""
+        step = failures - 1
+        delay: int = self.min_backoff_s * 2 ** min(step, self.max_doublings)
+        if step > self.max_doublings:
+            delay *= 1 + step - self.max_doublings
+        return min(self.max_backoff_s, delay)
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts whose backoffs fit in max_retry_duration (the first attempt at time 0)."""
+        attempts, elapsed = 1, 0
+        while elapsed + self.backoff_s(attempts) <= self.max_retry_duration_s:
+            elapsed += self.backoff_s(attempts)
+            attempts += 1
+        return attempts
 
     def as_queue(self, name: str) -> dict[str, object]:
         """The Queue resource of the Cloud Tasks v2 REST API."""
@@ -81,20 +117,6 @@ class QueueLimits:
         }
 
 
-def task_token(settings: Settings, job_id: uuid.UUID) -> str:
-    """What a task carries to prove it was made by this function: HMAC of the job id under
-    TASK_SECRET, which only the function and its queue ever hold (never the database)."""
-    assert settings.task_secret is not None  # checked by Settings in cloud_tasks mode
-    key = settings.task_secret.get_secret_value().encode()
-    return hmac.new(key, str(job_id).encode(), hashlib.sha256).hexdigest()
-
-
-def token_matches(settings: Settings, job_id: uuid.UUID, given: str) -> bool:
-    return settings.task_secret is not None and hmac.compare_digest(
-        given.encode(), task_token(settings, job_id).encode()
-    )
-
-
 def task_id(job_id: uuid.UUID, attempt: int, dispatch_round: int) -> str:
     """A hashed prefix first, as Google advises for named tasks (it spreads them over the
     queue's key space), then what makes the name readable in the console."""
@@ -105,12 +127,21 @@ def task_id(job_id: uuid.UUID, attempt: int, dispatch_round: int) -> str:
 class Http(Protocol):
     def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]: ...
 
+    def get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]: ...
+
 
 class OneShotHttp:
     """urllib, one connection per call: light to import, right for one task per webhook."""
 
     def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]:
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+        return self._send(urllib.request.Request(url, data=body, headers=headers, method="POST"), timeout_s)  # noqa: S310
+
+    def get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]:
+        return self._send(urllib.request.Request(url, headers=headers, method="GET"), timeout_s)  # noqa: S310
+
+    @staticmethod
+    def _send(request: urllib.request.Request, timeout_s: float) -> tuple[int, bytes]:
+        url = request.full_url
         context = tls_context() if url.startswith("https:") else None
         try:
             with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:  # noqa: S310
@@ -161,17 +192,16 @@ class TaskQueue:
         settings = self.settings
         queue = str(settings.cloud_tasks_queue)
         name = f"{queue}/tasks/{task_id(job_id, attempt, dispatch_round)}"
+        worker = str(settings.run_job_url)
         task: dict[str, object] = {
             "name": name,
-            "dispatchDeadline": f"{settings.function_timeout_s}s",
+            "dispatchDeadline": f"{settings.dispatch_deadline_s}s",
             "httpRequest": {
-                "url": str(settings.process_job_url),
+                "url": worker,
                 "httpMethod": "POST",
-                "headers": {
-                    "Content-Type": "application/json",
-                    TASK_TOKEN_HEADER: task_token(settings, job_id),
-                },
+                "headers": {"Content-Type": "application/json"},
                 "body": base64.b64encode(json.dumps({"job_id": str(job_id)}).encode()).decode(),
+                "oidcToken": {"serviceAccountEmail": str(settings.tasks_service_account), "audience": worker},
             },
         }
         if not_before is not None:
@@ -191,6 +221,38 @@ class TaskQueue:
         if 200 <= status < 300:
             return name, "created"
         return name, _refused(status, body)
+
+    def jobs_with_a_task(self, timeout_s: float = 30.0, page_size: int = LIST_PAGE_SIZE) -> set[uuid.UUID]:
+        """The jobs that have a task in the queue now: waiting, scheduled, running or between its
+        retries (ListTasks, 1,000 a page). A task that ran to its end, or that Cloud Tasks gave up
+        on, is gone from the list, and only such a job needs a new one."""
+        queue = str(self.settings.cloud_tasks_queue)
+        found: set[uuid.UUID] = set()
+        page = ""
+        started = time.monotonic()
+        while True:
+            left = timeout_s - (time.monotonic() - started)
+            if left <= 0:
+                raise TransientError("The job queue could not be listed in time")
+            query = urllib.parse.urlencode({"pageSize": page_size, **({"pageToken": page} if page else {})})
+            try:
+                headers = {"Authorization": f"Bearer {self._token.get(left)}"} if self._token else {}
+                status, body = self.http.get(
+                    f"{self.settings.cloud_tasks_api_url}/v2/{queue}/tasks?{query}", headers, left
+                )
+            except OSError as exc:
+                raise TransientError("The job queue is unavailable", detail=type(exc).__name__) from None
+            if status != 200:
+                _refused(status, body)
+                raise TransientError("The job queue could not be listed", detail=f"cloud tasks {status}")
+            listed = json.loads(body or b"{}")
+            for task in listed.get("tasks", []):
+                match = TASK_JOB.search(str(task.get("name", "")))
+                if match:
+                    found.add(uuid.UUID(match.group(1)))
+            page = str(listed.get("nextPageToken", ""))
+            if not page:
+                return found
 
 
 def _refused(status: int, body: bytes) -> Created:
@@ -225,6 +287,13 @@ class PooledHttp:
     def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]:
         try:
             response = self._client.post(url, headers=headers, content=body, timeout=timeout_s)
+        except self._httpx.HTTPError as exc:
+            raise ConnectionError(type(exc).__name__) from None
+        return response.status_code, response.content
+
+    def get(self, url: str, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]:
+        try:
+            response = self._client.get(url, headers=headers, timeout=timeout_s)
         except self._httpx.HTTPError as exc:
             raise ConnectionError(type(exc).__name__) from None
         return response.status_code, response.content

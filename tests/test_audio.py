@@ -117,6 +117,23 @@ def test_a_configured_ffmpeg_that_does_not_exist_is_an_error_not_a_fallback() ->
         find_ffmpeg("/no/such/ffmpeg")
 
 
+def test_the_wheels_ffmpeg_is_preferred_to_whatever_the_image_has_on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imageio_ffmpeg
+
+    image_ffmpeg = tmp_path / "ffmpeg"
+    image_ffmpeg.write_text("#!/bin/sh\nexit 1\n")
+    image_ffmpeg.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("FFMPEG_BINARY", raising=False)
+    find_ffmpeg.cache_clear()
+    try:
+        assert find_ffmpeg() == imageio_ffmpeg.get_ffmpeg_exe()
+    finally:
+        find_ffmpeg.cache_clear()
+
+
 def test_no_more_encoders_run_at_once_than_there_are_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
     import threading

@@ -1,6 +1,7 @@
 """Dispatch through Cloud Tasks, through real processes: the webhook only enqueues, a task runs the
-job, no job waits behind another, a burst drains with nothing lost or paid twice, and reclaim turns a
-backlog into tasks in one call."""
+job on the private worker (its OIDC token checked by the local Cloud Run front, and nothing runs
+without one), no job waits behind another, a burst drains with nothing lost or paid twice, and
+reclaim turns a backlog into tasks in one call."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Any
 import pytest
 import requests
 
+from sona.local.cloud_tasks import mint_oidc_token
 from sona.local.stable_audio_double import Behaviour, RateLimit
-from sona.local.stack import LocalStack
-from sona.task_queue import TASK_TOKEN_HEADER
+from sona.local.stack import TASKS_ACCOUNT, LocalStack
 from tests.support import sql
 
 pytestmark = pytest.mark.slow
@@ -86,20 +87,61 @@ def test_the_webhook_answers_202_once_the_task_exists(stack: LocalStack) -> None
     assert stack.wait_for(job_id, timeout_s=30)["status"] == "completed"
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [{TASK_TOKEN_HEADER: "0" * 64}, {TASK_TOKEN_HEADER: ""}],
-    ids=["wrong token", "empty token"],
-)
-def test_only_a_task_with_the_jobs_token_runs_it(stack: LocalStack, headers: dict[str, str]) -> None:
-    assert stack.relay is not None and stack.double is not None
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+CALLERS = {
+    "no token": (lambda stack: {}, 401),
+    "not a token": (lambda stack: bearer("not-a-jwt"), 401),
+    "signed by someone else": (
+        lambda stack: bearer(mint_oidc_token(b"another key", TASKS_ACCOUNT, stack.run_job_url)),
+        401,
+    ),
+    "for another service": (
+        lambda stack: bearer(mint_oidc_token(stack.oidc_key, TASKS_ACCOUNT, stack.process_job_url)),
+        401,
+    ),
+    "expired": (
+        lambda stack: bearer(
+            mint_oidc_token(stack.oidc_key, TASKS_ACCOUNT, stack.run_job_url, now=time.time() - 7200)
+        ),
+        401,
+    ),
+    "an account without run.invoker": (
+        lambda stack: bearer(mint_oidc_token(stack.oidc_key, "someone@example.com", stack.run_job_url)),
+        403,
+    ),
+}
+
+
+@pytest.mark.parametrize("caller", CALLERS, ids=list(CALLERS))
+def test_the_private_worker_refuses_a_call_without_a_valid_token_before_any_job_code_runs(
+    stack: LocalStack, caller: str
+) -> None:
+    assert stack.relay is not None and stack.double is not None and stack.worker_front is not None
     stack.relay.enabled = False
     job_id = stack.insert_job("not yours to run", duration=1)
-    response = requests.post(stack.process_job_url, json={"job_id": str(job_id)}, headers=headers, timeout=10)
-    assert response.status_code == 401
-    assert response.json()["error"] == "unauthorized"
+    headers, status = CALLERS[caller]
+    response = requests.post(
+        stack.run_job_url, json={"job_id": str(job_id)}, headers=headers(stack), timeout=10
+    )
+    assert response.status_code == status
+    assert stack.worker_front.refused[-1] == status
+    assert str(job_id) not in stack.functions["run_job"].output()  # the function never saw it
     assert stack.job(job_id)["status"] == "pending"
     assert stack.double.call_count == 0
+
+
+def test_a_call_with_the_tasks_token_reaches_the_worker_and_runs_the_job(stack: LocalStack) -> None:
+    assert stack.relay is not None
+    stack.relay.enabled = False
+    job_id = stack.insert_job("run by hand", duration=1)
+    token = mint_oidc_token(stack.oidc_key, TASKS_ACCOUNT, stack.run_job_url)
+    response = requests.post(
+        stack.run_job_url, json={"job_id": str(job_id)}, headers=bearer(token), timeout=60
+    )
+    assert (response.status_code, response.json()["outcome"]) == (200, "completed")
 
 
 def test_a_job_inserted_while_another_is_generating_starts_without_waiting(stack: LocalStack) -> None:
@@ -131,8 +173,9 @@ def test_a_burst_drains_at_capacity_with_nothing_lost_or_paid_twice(stack: Local
 
 def test_a_released_job_is_retried_by_a_scheduled_task_without_reclaim(stack: LocalStack) -> None:
     assert stack.double is not None
-    stack.double.script(Behaviour("error", 500), Behaviour("error", 500), Behaviour("error", 500),
-                        Behaviour("error", 500))  # the first attempt's call and all its retries
+    stack.double.script(
+        Behaviour("error", 500), Behaviour("error", 500), Behaviour("error", 500), Behaviour("error", 500)
+    )  # the first attempt's call and all its retries
     job_id = stack.insert_job("second time lucky", duration=1)
     row = stack.wait_for(job_id, timeout_s=60)
     assert row["status"] == "completed", row["error_message"]

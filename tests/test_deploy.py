@@ -19,6 +19,7 @@ from sona.config import ConfigError, load
 from sona.deploy import RUNTIME, DeployConfig, render
 from sona.local.database import apply_sql
 from sona.webhook_sql import WebhookConfig, webhook_sql
+from tests import fake_gcloud
 from tests.support import SECRETS, insert_job, sql
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,9 +80,8 @@ def flag(argv: list[str], name: str) -> str | None:
 
 
 def env_vars(argv: list[str]) -> dict[str, str]:
-    """--set-env-vars in gcloud's ^@^ delimiter syntax, as a dict."""
-    value = (flag(argv, "set-env-vars") or "").removeprefix("^@^")
-    return dict(item.split("=", 1) for item in value.split("@") if item)
+    """--set-env-vars as gcloud splits it (tests/fake_gcloud.py: `^D^` picks the delimiter)."""
+    return fake_gcloud.env_vars(flag(argv, "set-env-vars") or "")
 
 
 def test_cloud_build_and_deploy_sh_give_the_same_commands() -> None:
@@ -153,17 +153,21 @@ def test_secrets_come_only_from_secret_manager() -> None:
         assert flag(argv, "set-secrets") == (
             "SUPABASE_SERVICE_ROLE_KEY=sona-supabase-service-role-key:latest,"
             "STABLE_AUDIO_API_KEY=sona-stable-audio-api-key:latest,"
-            "WEBHOOK_SECRET=sona-webhook-secret:latest,"
-            "TASK_SECRET=sona-task-secret:latest"
+            "WEBHOOK_SECRET=sona-webhook-secret:latest"
         )
         assert not [name for name in env_vars(argv) if re.search(r"KEY|SECRET", name)]
 
 
-def test_only_process_job_is_public() -> None:
-    functions = deploys(dry_run(cloudbuild_env()))
-    assert "--allow-unauthenticated" in functions["process-job"]
+def test_only_process_job_is_opened_to_the_public() -> None:
+    """The door is deployed leaving its access as it is, then opened (allUsers, or the invoker check
+    off where that is refused: tests/test_deploy_script.py runs both); the rest are private."""
+    script = dry_run(cloudbuild_env())
+    functions = deploys(script)
+    assert "--allow-unauthenticated" not in functions["process-job"]
+    assert "--no-allow-unauthenticated" not in functions["process-job"]
     assert "--no-allow-unauthenticated" in functions["reclaim-jobs"]
-    assert "--allow-unauthenticated" not in functions["reclaim-jobs"]
+    opened = [li for li in script.splitlines() if "--member=allUsers" in li or "--no-invoker-iam-check" in li]
+    assert opened and all(" process-job " in li for li in opened)
 
 
 @pytest.mark.parametrize("concurrency", ["1", "2", "8"])
@@ -187,6 +191,7 @@ def test_every_value_an_operator_changes_is_a_substitution() -> None:
                 {
                     "_REGION": "europe-west1",
                     "_PROCESS_JOB_FUNCTION": "pj",
+                    "_RUN_JOB_FUNCTION": "wj",
                     "_RECLAIM_JOBS_FUNCTION": "rj",
                     "_FUNCTION_MEMORY": "2Gi",
                     "_MAX_INSTANCES": "3",
@@ -195,7 +200,7 @@ def test_every_value_an_operator_changes_is_a_substitution() -> None:
             )
         )
     )
-    assert set(functions) == {"pj", "rj"}
+    assert set(functions) == {"pj", "wj", "rj"}
     argv = functions["pj"]
     assert (
         flag(argv, "region"),
@@ -309,9 +314,10 @@ def test_the_plan_counts_pauses_in_a_log_based_metric_and_alerts_on_it_once() ->
         log_filter = flag(shlex.split(line.strip()), "log-filter") or ""
         assert 'jsonPayload.code="sona_service_paused"' in log_filter
         assert "severity>=ERROR" in log_filter
-    guard = next(li for li in lines if "gcloud monitoring policies list" in li)
-    assert guard.startswith('if [ -z "$(') and 'displayName="Sona service paused"' in guard
+    found = next(li for li in lines if "gcloud monitoring policies list" in li)
+    assert found.startswith('SONA_POLICY="$(') and 'displayName="Sona service paused"' in found
     create = next(li for li in lines if "gcloud monitoring policies create" in li)
+    assert create.strip().startswith("sona_retry_new_metric gcloud")  # waits while the metric is new
     policy = json.loads(flag(shlex.split(create.strip()), "policy") or "{}")
     (condition,) = policy["conditions"]
     assert (

@@ -1,5 +1,5 @@
-"""Dispatch through Cloud Tasks: task names, task tokens, the settings it needs, and the deploy plan
-that creates the queue with its limits."""
+"""Dispatch through Cloud Tasks: task names, the settings it needs, and the deploy plan that creates
+the queue with its limits, the private worker and the identity its tasks carry."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from sona.config import ConfigError, load
 from sona.deploy import DeployConfig
-from sona.task_queue import task_id, task_token, token_matches
+from sona.task_queue import task_id
 from sona.webhook_sql import WebhookConfig
 from tests.support import make_settings
 from tests.test_deploy import cloudbuild_env, deploys, dry_run, env_vars, flag
@@ -23,14 +23,14 @@ def tasks_settings(**overrides: object) -> object:
     values: dict[str, object] = {
         "dispatch": "cloud_tasks",
         "cloud_tasks_queue": QUEUE,
-        "task_secret": "sentinel-task-secret-9b",
-        "process_job_url": "https://us-central1-p.cloudfunctions.net/process-job",
+        "run_job_url": "https://us-central1-p.cloudfunctions.net/run-job",
+        "tasks_service_account": "sona-tasks@p.iam.gserviceaccount.com",
         **overrides,
     }
     return make_settings(**values)
 
 
-# -- task names and tokens -------------------------------------------------------------------------
+# -- task names -------------------------------------------------------------------------
 
 
 def test_a_task_id_is_valid_for_cloud_tasks_and_names_the_job() -> None:
@@ -52,16 +52,6 @@ def test_a_task_id_is_the_same_only_for_the_same_attempt_and_round(
     assert (task_id(job, *a) == task_id(job, *b)) == (a == b)
 
 
-def test_a_task_token_proves_only_its_own_job() -> None:
-    settings = tasks_settings()
-    job, other = uuid.uuid4(), uuid.uuid4()
-    token = task_token(settings, job)  # type: ignore[arg-type]
-    assert token_matches(settings, job, token)  # type: ignore[arg-type]
-    assert not token_matches(settings, other, token)  # type: ignore[arg-type]
-    assert not token_matches(tasks_settings(task_secret="another-secret-value"), job, token)  # type: ignore[arg-type]
-    assert "sentinel-task-secret-9b" not in token
-
-
 # -- settings --------------------------------------------------------------------------------------
 
 
@@ -69,7 +59,7 @@ def test_cloud_tasks_is_the_default_and_names_everything_it_needs_at_once() -> N
     with pytest.raises(ConfigError) as caught:
         make_settings(dispatch="cloud_tasks")
     text = str(caught.value)
-    assert "CLOUD_TASKS_QUEUE" in text and "TASK_SECRET" in text and "PROCESS_JOB_URL" in text
+    assert "CLOUD_TASKS_QUEUE" in text and "RUN_JOB_URL" in text and "TASKS_SERVICE_ACCOUNT" in text
     assert "DISPATCH=direct" in text
 
 
@@ -105,6 +95,7 @@ def test_the_deploy_creates_or_updates_the_queue_with_its_limits() -> None:
         assert flag(argv, "max-concurrent-dispatches") == "20"  # 10 instances x 2 jobs
         assert flag(argv, "max-backoff") == "340s"  # the lease: function timeout 310 s + 30 s
         assert flag(argv, "max-retry-duration") == "1020s"  # three leases
+        assert flag(argv, "max-attempts") == "13"  # what the backoff fits in them: both limits meet
     # the queue exists before the function that enqueues into it
     assert script.index("gcloud tasks queues") < script.index("gcloud functions deploy")
 
@@ -115,17 +106,48 @@ def test_only_the_functions_account_may_enqueue() -> None:
     argv = shlex.split(line)
     assert flag(argv, "role") == "roles/cloudtasks.enqueuer"
     assert flag(argv, "member") == "serviceAccount:sona-functions@sona-test-project.iam.gserviceaccount.com"
-    assert "serviceAccountUser" not in script  # tasks carry a token, not an OIDC identity
 
 
-def test_process_job_is_deployed_knowing_its_queue_and_its_own_url() -> None:
+TASKS_ACCOUNT = "sona-tasks@sona-test-project.iam.gserviceaccount.com"
+WORKER_URL = "https://us-central1-sona-test-project.cloudfunctions.net/run-job"
+
+
+def test_the_worker_is_private_and_only_the_tasks_account_may_invoke_it() -> None:
+    script = dry_run(cloudbuild_env())
+    worker = deploys(script)["run-job"]
+    assert flag(worker, "entry-point") == "run_job"
+    assert "--no-allow-unauthenticated" in worker
+    invokers = [shlex.split(li) for li in script.splitlines() if "add-invoker-policy-binding run-job" in li]
+    assert [flag(argv, "member") for argv in invokers] == [f"serviceAccount:{TASKS_ACCOUNT}"]
+    assert not [
+        li for li in script.splitlines() if "run-job" in li and ("allUsers" in li or "invoker-iam" in li)
+    ]
+
+
+def test_the_enqueuer_may_act_as_the_tasks_account_and_nothing_more() -> None:
+    script = dry_run(cloudbuild_env())
+    (line,) = [li for li in script.splitlines() if "roles/iam.serviceAccountUser" in li]
+    argv = shlex.split(line)
+    assert argv[:5] == ["gcloud", "iam", "service-accounts", "add-iam-policy-binding", TASKS_ACCOUNT]
+    assert flag(argv, "member") == "serviceAccount:sona-functions@sona-test-project.iam.gserviceaccount.com"
+
+
+def test_every_function_knows_the_queue_the_worker_and_the_tasks_identity() -> None:
     functions = deploys(dry_run(cloudbuild_env()))
-    env = env_vars(functions["process-job"])
-    assert env["DISPATCH"] == "cloud_tasks"
-    assert env["CLOUD_TASKS_QUEUE"] == "projects/sona-test-project/locations/us-central1/queues/sona-jobs"
-    assert env["PROCESS_JOB_URL"] == "https://us-central1-sona-test-project.cloudfunctions.net/process-job"
+    assert set(functions) == {"process-job", "run-job", "reclaim-jobs"}
     for argv in functions.values():
-        assert "TASK_SECRET=sona-task-secret:latest" in (flag(argv, "set-secrets") or "")
+        env = env_vars(argv)
+        assert env["DISPATCH"] == "cloud_tasks"
+        assert env["CLOUD_TASKS_QUEUE"] == "projects/sona-test-project/locations/us-central1/queues/sona-jobs"
+        assert (env["RUN_JOB_URL"], env["TASKS_SERVICE_ACCOUNT"]) == (WORKER_URL, TASKS_ACCOUNT)
+        assert "TASK_SECRET" not in (flag(argv, "set-secrets") or "")
+
+
+def test_the_worker_exists_before_the_door_that_sends_it_work() -> None:
+    script = dry_run(cloudbuild_env())
+    assert script.index("gcloud functions deploy run-job") < script.index(
+        "gcloud functions deploy process-job"
+    )
 
 
 @pytest.mark.parametrize(("dispatch", "refused"), [("cloud_tasks", True), ("direct", False)])
@@ -144,4 +166,5 @@ def test_the_deploy_refuses_a_job_longer_than_a_dispatch_deadline_with_cloud_tas
 def test_direct_dispatch_deploys_no_queue() -> None:
     script = dry_run(cloudbuild_env({"_DISPATCH": "direct"}))
     assert "gcloud tasks" not in script
+    assert set(deploys(script)) == {"process-job", "reclaim-jobs"}  # no worker: the webhook runs jobs
     assert env_vars(deploys(script)["process-job"])["DISPATCH"] == "direct"

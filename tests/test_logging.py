@@ -1,5 +1,6 @@
-"""Logging: structured JSON lines on the Cloud Functions path (google-cloud-logging's
-StructuredLogHandler), readable lines locally, job fields on every job line, no secret anywhere."""
+"""Logging: structured JSON lines on the Cloud Functions path (the fields google-cloud-logging's
+StructuredLogHandler writes, without importing it), readable lines locally, job fields on every job
+line, no secret anywhere."""
 
 from __future__ import annotations
 
@@ -7,21 +8,26 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import flask
 import pytest
 import requests
 
 from sona.local.gateway import Gateway
 from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.local.stack import FunctionProcess
-from sona.logs import job_context, setup_logging
+from sona.logs import StructuredLines, job_context, setup_logging
 from sona.models import webhook_payload
 from tests.support import SECRETS, insert_job
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -70,6 +76,81 @@ def test_local_lines_are_readable_single_lines_with_the_job() -> None:
         logging.getLogger("sona.pipeline").info("stored")
     line = out.getvalue().strip()
     assert line.endswith("INFO    sona.pipeline [job job-1 #3] stored")
+
+
+def google_line(record: logging.LogRecord, project: str | None) -> dict[str, Any]:
+    """What google-cloud-logging's StructuredLogHandler writes for the record."""
+    import google.cloud.logging_v2 as cloud_logging
+    from google.cloud.logging_v2.handlers import StructuredLogHandler
+
+    cloud_logging._instrumentation_emitted = True  # no diagnostic line first
+    out = io.StringIO()
+    handler = StructuredLogHandler(project_id=project, stream=out)  # type: ignore[no-untyped-call]
+    handler.handle(logging.makeLogRecord(record.__dict__))
+    return dict(json.loads(out.getvalue()))
+
+
+def our_line(record: logging.LogRecord, project: str | None) -> dict[str, Any]:
+    return dict(json.loads(StructuredLines(project).format(logging.makeLogRecord(record.__dict__))))
+
+
+def a_record(level: int, message: str, *args: Any, **extra: Any) -> logging.LogRecord:
+    record = logging.getLogger("sona.pipeline").makeRecord(
+        "sona.pipeline", level, "/srv/sona/pipeline.py", 42, message, args, None, "run", extra
+    )
+    return record
+
+
+RECORDS = {
+    "plain": a_record(logging.INFO, "claimed (attempt %d)", 1),
+    "job fields": a_record(logging.WARNING, "retrying", json_fields={"job_id": "j-1", "attempt": 2}),
+    "attempt line": a_record(
+        logging.INFO,
+        "attempt completed in 1.2 s",
+        json_fields={"event": "sona_attempt", "outcome": "completed", "timings_ms": {"total": 1200}},
+    ),
+    "error with labels": a_record(logging.ERROR, "paused", labels={"cause": "credits"}),
+    "special fields are not overridden": a_record(
+        logging.INFO, "x", json_fields={"severity": "DEBUG", "k": 1}
+    ),
+}
+HEADERS = {
+    "traceparent": {"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"},
+    "traceparent not sampled": {"traceparent": f"00-{TRACE}-00f067aa0ba902b7-00"},
+    "X-Cloud-Trace-Context": {"X-Cloud-Trace-Context": f"{TRACE}/12345;o=1"},
+    "no trace": {},
+}
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=list(RECORDS))
+@pytest.mark.parametrize("headers", HEADERS, ids=list(HEADERS))
+@pytest.mark.parametrize("project", ["sona-prod", None])
+def test_json_lines_carry_the_same_fields_as_google_cloud_loggings_handler(
+    record: str, headers: str, project: str | None
+) -> None:
+    app = flask.Flask(__name__)
+    with app.test_request_context(
+        "/", method="POST", headers={"User-Agent": "Google-Cloud-Tasks", **HEADERS[headers]}
+    ):
+        assert our_line(RECORDS[record], project) == google_line(RECORDS[record], project)
+
+
+def test_json_lines_outside_a_request_match_too() -> None:
+    for record in RECORDS.values():
+        assert our_line(record, "sona-prod") == google_line(record, "sona-prod")
+
+
+def test_the_json_path_imports_no_google_cloud_package(tmp_path: Path) -> None:
+    probe = (
+        "import io, logging, sys; from sona.logs import setup_logging; "
+        "setup_logging('info', fmt='json', stream=io.StringIO()); logging.getLogger('x').info('hi'); "
+        "heavy = ('google.cloud.logging', 'google.api_core', 'google.protobuf', 'grpc'); "
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.slow

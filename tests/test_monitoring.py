@@ -119,11 +119,15 @@ def test_the_deploy_plan_creates_the_dashboard_once_and_updates_it_in_place_afte
     lines = plan_lines()
     found = next(i for i, line in enumerate(lines) if "monitoring dashboards list" in line)
     assert f'displayName="{DASHBOARD_NAME}"' in lines[found]
-    update, create = shlex.split(lines[found + 2]), shlex.split(lines[found + 4])
+    branch = lines[found + 1 : lines.index("fi", found)]
+    update = next(shlex.split(li) for li in branch if "dashboards update" in li)
+    create = next(shlex.split(li) for li in branch if "dashboards create" in li)
     assert update[:5] == ["gcloud", "monitoring", "dashboards", "update", "${SONA_DASHBOARD}"]
+    assert "--config-from-file=${SONA_DASHBOARD_FILE}" in update  # the file plus the current etag
+    assert any('dashboards describe "${SONA_DASHBOARD}"' in li and "value(etag)" in li for li in branch)
     assert create[:4] == ["gcloud", "monitoring", "dashboards", "create"]
-    assert "--config-from-file=monitoring/dashboard.json" in update
     assert "--config-from-file=monitoring/dashboard.json" in create
-    # the metrics the dashboard charts exist before it
+    # validated before anything is written, and the metrics the dashboard charts exist before it
+    validate = next(i for i, line in enumerate(lines) if "dashboards create --validate-only" in line)
     last_metric = max(i for i, line in enumerate(lines) if "logging metrics create" in line)
-    assert last_metric < found
+    assert last_metric < validate < found

@@ -295,3 +295,32 @@ def test_job_stats_reads_the_window_through_indexes(db_url: str) -> None:
     # PostgreSQL 18 reads the attempts by their started_at index; 15 drives the join from the empty
     # window and reads none: either way, never the whole table.
     assert after == before
+
+
+PERCENTILE_CASES = {
+    "one value": [7.0],
+    "two values": [1.0, 2.0],
+    "duplicates": [1.0, 1.0, 1.0, 2.0, 5.0, 5.0],
+    "wide spread": [0.1, 0.25, 3.0, 3.0, 9.5, 120.0, 121.5, 300.0],
+}
+
+
+@pytest.mark.parametrize("values", PERCENTILE_CASES.values(), ids=list(PERCENTILE_CASES))
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.95, 1.0])
+def test_a_percentile_of_counted_values_is_percentile_cont_of_the_values(
+    db_url: str, values: list[float], fraction: float
+) -> None:
+    """job_stats() reads its percentiles off counts per millisecond value (sona_percentile)."""
+    (row,) = sql(
+        db_url,
+        "with raw as (select unnest(%s::double precision[]) as v),"
+        " counted as (select v, count(*) as n from raw group by v)"
+        " select (select percentile_cont(%s) within group (order by v) from raw) as expected,"
+        " public.sona_percentile((select array_agg(v order by v) from counted),"
+        "                        (select array_agg(n order by v) from counted), %s) as got",
+        values,
+        fraction,
+        fraction,
+        role=None,
+    )
+    assert row["got"] == pytest.approx(row["expected"])

@@ -1,6 +1,8 @@
-"""process_job in cloud_tasks mode, in process (functions-framework's test client) against the local
-Cloud Tasks: the webhook creates one task and answers 202; the task's call, with its token, runs the
-job; a released job's retry is a task scheduled for its backoff."""
+"""cloud_tasks mode in process (functions-framework's test clients) against the local Cloud Tasks:
+the webhook's call to the public door process_job creates one task and answers 202; the task names
+the private worker run_job and carries an OIDC token for it; the task's call to run_job runs the job
+(Cloud Run has checked the token before: tests/test_cloud_tasks_dispatch.py shows that front); a
+released job's retry is a task scheduled for its backoff."""
 
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ from sona.local.gateway import Gateway
 from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.services import reset_services
 from sona.storage import AudioStorage
-from sona.task_queue import TASK_TOKEN_HEADER, QueueLimits
+from sona.task_queue import QueueLimits
 from tests.support import SECRETS, insert_job, job_row
 
 MAIN = str(Path(__file__).resolve().parents[1] / "main.py")
 QUEUE = "projects/sona-test/locations/local/queues/sona-jobs"
+WORKER_URL = "http://127.0.0.1:9/run_job"
+TASKS_ACCOUNT = "sona-tasks@sona-test.iam.gserviceaccount.com"
 
 
 @pytest.fixture
@@ -58,8 +62,8 @@ def client(
         "DISPATCH": "cloud_tasks",
         "CLOUD_TASKS_API_URL": tasks.url,
         "CLOUD_TASKS_QUEUE": QUEUE,
-        "TASK_SECRET": "sentinel-task-secret-5e",
-        "PROCESS_JOB_URL": "http://127.0.0.1:9/process_job",
+        "RUN_JOB_URL": WORKER_URL,
+        "TASKS_SERVICE_ACCOUNT": TASKS_ACCOUNT,
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -67,6 +71,12 @@ def client(
     AudioStorage._public.clear()
     yield create_app(target="process_job", source=MAIN).test_client()
     reset_services()
+
+
+@pytest.fixture
+def worker(client: FlaskClient) -> FlaskClient:
+    """run_job, in the same environment as the door (one instance's services)."""
+    return create_app(target="run_job", source=MAIN).test_client()
 
 
 def webhook(client: FlaskClient, job_id: uuid.UUID) -> Any:
@@ -94,34 +104,51 @@ def test_the_webhook_creates_one_named_task_and_answers_202(
     assert [a.get_json()["outcome"] for a in answers] == ["enqueued", "already_enqueued", "already_enqueued"]
     (task,) = queued_tasks(tasks)
     assert task["name"].endswith(f"{job_id}-a0-r0")
-    assert task["httpRequest"]["url"] == "http://127.0.0.1:9/process_job"
+    assert task["httpRequest"]["url"] == WORKER_URL
+    assert task["httpRequest"]["oidcToken"] == {"serviceAccountEmail": TASKS_ACCOUNT, "audience": WORKER_URL}
     assert json.loads(base64.b64decode(task["httpRequest"]["body"])) == {"job_id": str(job_id)}
-    assert task["dispatchDeadline"] == "310s"  # the function timeout
+    assert task["dispatchDeadline"] == "340s"  # the function timeout, Cloud Run's hold, a cold start
     assert (job_row(db_url, job_id)["status"], double.call_count) == ("pending", 0)  # nothing ran yet
 
 
 def test_the_tasks_call_runs_the_job(
-    client: FlaskClient, db_url: str, tasks: CloudTasksEmulator, double: StableAudioDouble
+    client: FlaskClient,
+    worker: FlaskClient,
+    db_url: str,
+    tasks: CloudTasksEmulator,
+    double: StableAudioDouble,
 ) -> None:
     job_id = insert_job(db_url, duration=1)
     webhook(client, job_id)
     (task,) = queued_tasks(tasks)
-    answer = deliver(client, task)
+    answer = deliver(worker, task)
     assert (answer.status_code, answer.get_json()["outcome"]) == (200, "completed")
     assert job_row(db_url, job_id)["status"] == "completed"
     assert double.paid_generations == 1
 
 
-def test_a_task_token_is_good_only_for_its_own_job(
-    client: FlaskClient, db_url: str, tasks: CloudTasksEmulator, double: StableAudioDouble
+def test_the_door_does_not_run_jobs_for_a_task_shaped_call(
+    client: FlaskClient, db_url: str, double: StableAudioDouble
 ) -> None:
-    job_id, other = insert_job(db_url, duration=1), insert_job(db_url, duration=1)
+    job_id = insert_job(db_url, duration=1)
+    answer = client.post("/", json={"job_id": str(job_id)})
+    assert (answer.status_code, answer.get_json()["error"]) == (401, "unauthorized")
+    assert (job_row(db_url, job_id)["status"], double.call_count) == ("pending", 0)
+
+
+def test_a_duplicate_task_delivery_runs_the_job_once(
+    client: FlaskClient,
+    worker: FlaskClient,
+    db_url: str,
+    tasks: CloudTasksEmulator,
+    double: StableAudioDouble,
+) -> None:
+    job_id = insert_job(db_url, duration=1)
     webhook(client, job_id)
     (task,) = queued_tasks(tasks)
-    headers = task["httpRequest"]["headers"]
-    answer = client.post("/", json={"job_id": str(other)}, headers=headers)
-    assert (answer.status_code, answer.get_json()["error"]) == (401, "unauthorized")
-    assert (job_row(db_url, other)["status"], double.call_count) == ("pending", 0)
+    outcomes = [deliver(worker, task).get_json()["outcome"] for _ in range(2)]
+    assert outcomes == ["completed", "skipped"]
+    assert double.paid_generations == 1
 
 
 @pytest.mark.parametrize(
@@ -129,20 +156,24 @@ def test_a_task_token_is_good_only_for_its_own_job(
     [({"job_id": "not-a-uuid"}, 422), ({"job": 1}, 422), ([], 422)],
     ids=["bad id", "wrong field", "not an object"],
 )
-def test_a_malformed_task_body_is_refused(client: FlaskClient, body: Any, status: int) -> None:
-    answer = client.post("/", json=body, headers={TASK_TOKEN_HEADER: "x"})
+def test_a_malformed_task_body_is_refused(worker: FlaskClient, body: Any, status: int) -> None:
+    answer = worker.post("/", json=body)
     assert answer.status_code == status
     assert answer.get_json()["error"] == "invalid_task"
 
 
 def test_a_released_job_gets_a_task_scheduled_for_its_backoff(
-    client: FlaskClient, db_url: str, tasks: CloudTasksEmulator, double: StableAudioDouble
+    client: FlaskClient,
+    worker: FlaskClient,
+    db_url: str,
+    tasks: CloudTasksEmulator,
+    double: StableAudioDouble,
 ) -> None:
     double.script(*[Behaviour("error", 503)] * 4)  # the call and its three retries
     job_id = insert_job(db_url, duration=1)
     webhook(client, job_id)
     (first,) = queued_tasks(tasks)
-    assert deliver(client, first).get_json()["outcome"] == "retrying"
+    assert deliver(worker, first).get_json()["outcome"] == "retrying"
     row = job_row(db_url, job_id)
     retry = next(t for t in queued_tasks(tasks) if t["name"].endswith(f"{job_id}-a1-r0"))
     scheduled = retry["scheduleTime"].replace("Z", "+00:00")

@@ -10,6 +10,18 @@ Facts it honours (DESIGN.md "Cloud Run (under Cloud Functions 2nd gen) at its li
   instance may keep working on it: here the upstream is left to finish and its slot stays taken until
   it does (the strict side: the capacity it really uses).
 - The body is streamed both ways; only loopback upstreams are expected.
+
+A private service (deployed --no-allow-unauthenticated) also checks the caller before anything
+reaches the container, and before the request waits for an instance (Cloud Run, "Authenticating
+service-to-service"; "Custom audiences"): the caller sends `Authorization: Bearer <Google ID
+token>` whose `aud` is the service's URL (for a 2nd gen function its cloudfunctions.net URL, which
+is the one used here) and whose principal has roles/run.invoker. No token, a malformed, expired or
+wrongly signed one, another issuer or another audience answer 401; a valid token of a principal
+without run.invoker answers 403 (the usual causes of each, as Cloud Run's troubleshooting page and
+encore.dev's service-to-service guide list them). Google's front end answers both with its HTML
+error page. A request let through reaches the container with the token's signature replaced by
+SIGNATURE_REMOVED_BY_GOOGLE, so the code behind it cannot replay it. The ID tokens are the local
+Cloud Tasks' (sona/local/cloud_tasks.py: HS256 under a shared key where Google signs RS256).
 """
 
 from __future__ import annotations
@@ -20,12 +32,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from werkzeug.serving import BaseWSGIServer
 from werkzeug.wrappers import Request, Response
 
+from sona.local.cloud_tasks import decode_oidc_token
 from sona.local.serving import serve_wsgi, stop_server
 
 NO_INSTANCE_LOG = "The request was aborted because there was no available instance."
@@ -41,7 +55,40 @@ RATE_EXCEEDED_PAGE = (
     "</body></html>\n"
 )
 TIMEOUT_BODY = "upstream request timeout"
+GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+UNAUTHORIZED_PAGE = (
+    "<html><head>\n"
+    '<meta http-equiv="content-type" content="text/html;charset=utf-8">\n'
+    "<title>401 Unauthorized</title>\n"
+    "</head>\n"
+    "<body text=#000000 bgcolor=#ffffff>\n"
+    "<h1>Error: Unauthorized</h1>\n"
+    "<h2>Your client does not have permission to the requested URL <code>{path}</code>.</h2>\n"
+    "<h2></h2>\n"
+    "</body></html>\n"
+)
+FORBIDDEN_PAGE = (
+    "<html><head>\n"
+    '<meta http-equiv="content-type" content="text/html;charset=utf-8">\n'
+    "<title>403 Forbidden</title>\n"
+    "</head>\n"
+    "<body text=#000000 bgcolor=#ffffff>\n"
+    "<h1>Error: Forbidden</h1>\n"
+    "<h2>Your client does not have permission to get URL <code>{path}</code> from this server.</h2>\n"
+    "<h2></h2>\n"
+    "</body></html>\n"
+)
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"}
+
+
+@dataclass(frozen=True)
+class Invokers:
+    """A private service's access: who holds run.invoker, and the key its ID tokens are checked
+    with. `audience` defaults to the front's own URL."""
+
+    members: frozenset[str]
+    key: bytes
+    audience: str | None = None
 
 
 class CapacityCap:
@@ -55,8 +102,11 @@ class CapacityCap:
         concurrency: int,
         queue_wait_s: float = 10.0,
         timeout_s: float = 300.0,
+        invokers: Invokers | None = None,
     ) -> None:
         self.upstream = urlsplit(upstream)
+        self.invokers = invokers
+        self.refused: list[int] = []  # 401s and 403s of a private service, in order
         self.slots = instances * concurrency
         self.queue_wait_s = queue_wait_s
         self.timeout_s = timeout_s
@@ -95,6 +145,18 @@ class CapacityCap:
 
     def _handle(self, request: Request) -> Response:
         body = request.get_data()  # webhook and task bodies are small (1 MB at most)
+        headers = _forwarded(request)
+        if self.invokers is not None:
+            status = self._check_caller(request)
+            if status is not None:
+                with self._lock:
+                    self.refused.append(status)
+                page = UNAUTHORIZED_PAGE if status == 401 else FORBIDDEN_PAGE
+                return Response(
+                    page.format(path=request.path), status=status, content_type="text/html; charset=UTF-8"
+                )
+            head, payload, _ = request.headers["Authorization"].split(" ", 1)[1].split(".")
+            headers["Authorization"] = f"Bearer {head}.{payload}.SIGNATURE_REMOVED_BY_GOOGLE"
         if not self._free.acquire(timeout=self.queue_wait_s):
             with self._lock:
                 self.rejected += 1
@@ -108,7 +170,7 @@ class CapacityCap:
         with self._lock:
             self._upstreams.add(conn)
         try:
-            conn.request(request.method, _target(request), body=body or None, headers=_forwarded(request))
+            conn.request(request.method, _target(request), body=body or None, headers=headers)
             upstream = conn.getresponse()
         except TimeoutError:
             return self._gateway_timeout(conn)
@@ -136,6 +198,30 @@ class CapacityCap:
             return  # cut mid-body, as the platform would at its timeout
         finally:
             self._leave(conn)
+
+    def _check_caller(self, request: Request) -> int | None:
+        """401 unless a valid ID token for this service; 403 unless its principal may invoke it."""
+        assert self.invokers is not None
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return 401
+        try:
+            claims = decode_oidc_token(token.strip(), self.invokers.key)
+        except ValueError:  # not base64 or not JSON: not a token at all
+            return 401
+        if claims is None:
+            return 401
+        audience = self.invokers.audience or self.url
+        if (
+            claims.get("iss") not in GOOGLE_ISSUERS
+            or claims.get("aud") != audience
+            or not isinstance(claims.get("exp"), int)
+            or claims["exp"] <= time.time()
+        ):
+            return 401
+        if claims.get("email") not in self.invokers.members or claims.get("email_verified") is not True:
+            return 403
+        return None
 
     def _gateway_timeout(self, conn: http.client.HTTPConnection) -> Response:
         """Answer 504 now; the upstream keeps its slot until it finishes on its own."""

@@ -33,6 +33,9 @@ google-cloud-tasks 2.26.0; the REST transport in google/cloud/tasks_v2/.../trans
   azp, iat, exp one hour on). Google signs RS256; this one is HS256 with `oidc_key`, which the local
   stack can check with `decode_oidc_token`.
 - `schedule_time` in the future holds the task; in the past or unset means now.
+- ListTasks answers pages of `page_size` tasks ("The maximum page size is 1000. If unspecified, the
+  page size will be the maximum") with `next_page_token` while more remain; a task is listed from
+  its creation until it succeeds or is deleted after its last attempt.
 
 Where it is knowingly simpler: fractions of a second in durations are kept (Google truncates
 backoffs to whole seconds) so tests can run in scaled time; `min_dispatch_deadline_s` may be lowered
@@ -66,6 +69,7 @@ from werkzeug.wrappers import Request, Response
 
 from sona.local.serving import serve_wsgi, stop_server
 
+LIST_PAGE_MAX = 1000  # ListTasks: "The maximum page size is 1000"
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 QUEUE_ID = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 PARENT = re.compile(r"^projects/[^/]+/locations/[^/]+$")
@@ -632,11 +636,23 @@ class CloudTasksEmulator:
             return task
 
     def _list_tasks(self, parent: str, request: Request, numeric: bool) -> dict[str, Any]:
+        """Pages of `pageSize` tasks (default and maximum 1000); `nextPageToken` while more remain."""
         full = request.args.get("responseView") in ("2", "FULL")
+        try:
+            size = int(request.args.get("pageSize") or LIST_PAGE_MAX)
+            start = int(_unb64(request.args["pageToken"]).decode()) if request.args.get("pageToken") else 0
+        except ValueError:
+            raise _invalid("Invalid pageSize or pageToken") from None
+        if not 0 < size <= LIST_PAGE_MAX:
+            raise _invalid(f"pageSize must be 1 to {LIST_PAGE_MAX}")
         with self._cond:
             tasks = sorted(self._queue(parent).tasks.values(), key=lambda t: (t.schedule_time, t.order))
-            found = [t.wire(full, numeric) for t in tasks]
-        return {"tasks": found} if found else {}
+            found = [t.wire(full, numeric) for t in tasks[start : start + size]]
+            more = start + size < len(tasks)
+        answer: dict[str, Any] = {"tasks": found} if found else {}
+        if more:
+            answer["nextPageToken"] = _b64(str(start + size).encode())
+        return answer
 
     def _delete_task(self, name: str) -> dict[str, Any]:
         with self._cond:

@@ -27,7 +27,7 @@ from psycopg.types.json import Jsonb
 
 from sona.config import Settings, load_settings
 from sona.ffmpeg import find_ffmpeg
-from sona.local.cloud_run import CapacityCap
+from sona.local.cloud_run import CapacityCap, Invokers
 from sona.local.cloud_tasks import CloudTasksEmulator
 from sona.local.database import (
     REPO_ROOT,
@@ -56,9 +56,12 @@ STACK_OWNED = {
     "PROCESS_JOB_URL",
     "CLOUD_TASKS_API_URL",
     "CLOUD_TASKS_QUEUE",
-    "TASK_SECRET",
+    "RUN_JOB_URL",
+    "TASKS_SERVICE_ACCOUNT",
 }
 LOCAL_QUEUE = "projects/sona-local/locations/local/queues/sona-jobs"
+# The account whose OIDC token the local tasks carry, the only invoker of the local run_job.
+TASKS_ACCOUNT = "sona-tasks@sona-local.iam.gserviceaccount.com"
 TERMINAL = ("completed", "failed")
 # The keys the stack issues: the legacy JWTs (service_role, anon) and the new sb_secret_/sb_publishable_.
 FunctionKey = Literal["service_role", "anon", "secret", "publishable"]
@@ -184,9 +187,11 @@ class LocalStack:
         relay_pause_s: float = DEFAULT_PAUSE_S,
         database_server: str | None = None,
     ) -> None:
-        """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of
-        process_job: requests beyond it wait up to 10 s, then get 429. `database_url` runs the stack
-        on an existing PostgreSQL (a copy of production) instead of an embedded one: Supabase's
+        """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of the
+        function that runs jobs (run_job with Cloud Tasks, process_job in direct mode): requests
+        beyond it wait up to 10 s, then get 429. With Cloud Tasks run_job is private: its front
+        lets through only the tasks' OIDC token (sona/local/cloud_run.py). `database_url` runs the
+        stack on an existing PostgreSQL (a copy of production) instead of an embedded one: Supabase's
         roles and schemas are added only where missing, the migrations applied on top, no row
         dropped; the database is left running and kept when the stack stops. `before_migrations`
         builds what the database held before this project (the plug-in's schema and rows, say).
@@ -223,8 +228,10 @@ class LocalStack:
         self.relay_pause_s = relay_pause_s
         self.cap: CapacityCap | None = None
         self.tasks: CloudTasksEmulator | None = None
-        self.task_secret = secrets.token_urlsafe(24)
         self.existing_database_url = database_url
+        self.oidc_key = secrets.token_bytes(32)  # the local Google's ID-token signing key
+        self.worker_front: CapacityCap | None = None
+        self.run_job_url = ""
         self.database_url = ""
 
     @property
@@ -274,10 +281,12 @@ class LocalStack:
             self.replicate.start()
         self.process_job_port = self.ports.get("process_job") or free_port()
         self.process_job_url = f"http://127.0.0.1:{self.process_job_port}"
+        self.run_job_port = self.ports.get("run_job") or free_port()
         if self.dispatch == "cloud_tasks":
-            self.tasks = CloudTasksEmulator()
+            self.tasks = CloudTasksEmulator(oidc_key=self.oidc_key)
             self.tasks.start()
-        if self.capacity is not None:
+            self._start_worker_front()
+        elif self.capacity is not None:
             instances, per_instance = self.capacity
             self.cap = CapacityCap(
                 self.process_job_url,
@@ -289,14 +298,27 @@ class LocalStack:
         if self.tasks is not None:
             self._create_queue()
         if self.start_functions:
-            self.start_functions_together(
-                {"process_job": self.process_job_port, "reclaim_jobs": self.ports.get("reclaim_jobs", 0)}
-            )
+            ports = {"process_job": self.process_job_port, "reclaim_jobs": self.ports.get("reclaim_jobs", 0)}
+            if self.tasks is not None:
+                ports["run_job"] = self.run_job_port
+            self.start_functions_together(ports)
         self.install_webhook(self.process_job_url)
         if self.with_relay:
             self.relay = WebhookRelay(self.database_url, pause_s=self.relay_pause_s)
             self.relay.start()
         return self
+
+    def _start_worker_front(self) -> None:
+        """run_job is private: Cloud Run's front checks the task's token, then caps the slots."""
+        instances, per_instance = self.capacity or (100, int(self.function_env()["THREADS"]))
+        self.cap = self.worker_front = CapacityCap(
+            f"http://127.0.0.1:{self.run_job_port}",
+            instances=instances,
+            concurrency=per_instance,
+            timeout_s=self.settings(run_job_url="http://127.0.0.1").function_timeout_s,
+            invokers=Invokers(frozenset({TASKS_ACCOUNT}), self.oidc_key),
+        )
+        self.run_job_url = self.worker_front.start()
 
     def stop(self) -> None:
         if self.relay is not None:
@@ -369,7 +391,8 @@ class LocalStack:
                 {
                     "CLOUD_TASKS_API_URL": self.tasks.url,
                     "CLOUD_TASKS_QUEUE": LOCAL_QUEUE,
-                    "TASK_SECRET": self.task_secret,
+                    "RUN_JOB_URL": self.run_job_url,
+                    "TASKS_SERVICE_ACCOUNT": TASKS_ACCOUNT,
                 }
             )
         env.setdefault("THREADS", "8")
@@ -417,7 +440,8 @@ class LocalStack:
                 "PROCESS_JOB_URL": "http://127.0.0.1",
                 "CLOUD_TASKS_API_URL": "http://127.0.0.1",
                 "CLOUD_TASKS_QUEUE": LOCAL_QUEUE,
-                "TASK_SECRET": self.task_secret,
+                "RUN_JOB_URL": "http://127.0.0.1",
+                "TASKS_SERVICE_ACCOUNT": TASKS_ACCOUNT,
             }
         )
         if not self.real_provider:
@@ -481,6 +505,7 @@ class LocalStack:
             "database_url": without_password(self.database_url),
             "webhook_secret": self.webhook_secret,
             "process_job_url": self.process_job_url,
+            "run_job_url": self.run_job_url,
             "reclaim_jobs_url": self.functions["reclaim_jobs"].url
             if "reclaim_jobs" in self.functions
             else "",
