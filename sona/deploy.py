@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sona.config import (
     LEASE_MARGIN_S,
     MAX_FUNCTION_TIMEOUT_S,
+    PLUGIN_MODE_MODELS,
     PROVIDER_RATE_LIMIT_PER_S,
     SECRET_FIELDS,
     Settings,
@@ -60,6 +61,8 @@ class DeployConfig(BaseSettings):
     supabase_service_role_key_secret: str = "sona-supabase-service-role-key"  # noqa: S105
     stable_audio_api_key_secret: str = "sona-stable-audio-api-key"  # noqa: S105
     webhook_secret_secret: str = "sona-webhook-secret"  # noqa: S105
+    # Only where a mode is served by TangoFlux (DESIGNER_MODEL=tangoflux, ...).
+    replicate_api_token_secret: str = "sona-replicate-api-token"  # noqa: S105
 
     # Cloud Tasks: the queue that runs jobs, and its limits.
     dispatch: Literal["cloud_tasks", "direct"] = "cloud_tasks"
@@ -217,6 +220,8 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         f"STABLE_AUDIO_API_KEY={config.stable_audio_api_key_secret}:latest,"
         f"WEBHOOK_SECRET={config.webhook_secret_secret}:latest"
     )
+    if any(environ.get(m.upper()) == "tangoflux" for m in PLUGIN_MODE_MODELS):
+        secrets += f",REPLICATE_API_TOKEN={config.replicate_api_token_secret}:latest"
     settings = passthrough_settings(environ)
     settings["DISPATCH"] = config.dispatch
     if config.dispatch == "cloud_tasks":

@@ -158,6 +158,16 @@ def test_secrets_come_only_from_secret_manager() -> None:
         assert not [name for name in env_vars(argv) if re.search(r"KEY|SECRET", name)]
 
 
+def test_a_mode_served_by_tangoflux_gets_its_token_from_secret_manager_too() -> None:
+    script = dry_run(
+        {**cloudbuild_env(), "DESIGNER_MODEL": "tangoflux", "REPLICATE_API_TOKEN": "r8_sentinel"}
+    )
+    assert "r8_sentinel" not in script
+    for argv in deploys(script).values():
+        assert str(flag(argv, "set-secrets")).endswith(",REPLICATE_API_TOKEN=sona-replicate-api-token:latest")
+        assert env_vars(argv)["DESIGNER_MODEL"] == "tangoflux"
+
+
 def test_only_process_job_is_opened_to_the_public() -> None:
     """The door is deployed leaving its access as it is, then opened (allUsers, or the invoker check
     off where that is refused: tests/test_deploy_script.py runs both); the rest are private."""
