@@ -82,7 +82,8 @@ class ProducerConfig(BaseModel):
 class Mode:
     kind: Kind
     model_setting: str  # the Settings field naming the model that serves the mode
-    phrases: Callable[[Job, int], list[str]] | None = None  # None: the prompt goes as written
+    # (musical key, producer config, duration) -> the phrases after the prompt; None: as written
+    phrases: Callable[[MusicalKey | None, ProducerConfig | None, int], list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,14 @@ def plan_job(job: Job, settings: Settings) -> JobPlan:
     prompt = clean_prompt(job.prompt)
     if not prompt:
         raise PermanentError("The prompt is empty. Describe the sound you want.")
+    key, config = musical_key(job), producer_config(job)  # read once: the phrases and the name use them
     if mode.phrases is not None:
-        prompt = f"{prompt}. {', '.join(mode.phrases(job, duration))}"
+        prompt = f"{prompt}. {', '.join(mode.phrases(key, config, duration))}"
     if len(prompt) > MAX_PROMPT_CHARS:
         raise PermanentError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
     filename = None
     if job.mode in PLUGIN_MODES:
-        filename = download_name(job, musical_key(job), producer_config(job), model.label)
+        filename = download_name(job, key, config, model.label)
     return JobPlan(
         mode=job.mode,
         kind=mode.kind,
@@ -208,15 +210,14 @@ def _bpm_phrase(config: ProducerConfig | None) -> list[str]:
     return [f"{number_text(config.bpm)} BPM"] if config is not None and config.bpm else []
 
 
-def designer_phrases(job: Job, duration: int) -> list[str]:
+def designer_phrases(key: MusicalKey | None, config: ProducerConfig | None, duration: int) -> list[str]:
     """Sound effects: only their length matters."""
     return [duration_phrase(duration)]
 
 
-def producer_phrases(job: Job, duration: int) -> list[str]:
+def producer_phrases(key: MusicalKey | None, config: ProducerConfig | None, duration: int) -> list[str]:
     """Loops: tempo, key, metre and length in bars, then the duration."""
-    config = producer_config(job)
-    phrases = [*_bpm_phrase(config), *_key_phrase(musical_key(job))]
+    phrases = [*_bpm_phrase(config), *_key_phrase(key)]
     if config is not None and config.time_signature:
         phrases.append(f"{config.time_signature} time")
     if config is not None and config.bars:
@@ -224,9 +225,9 @@ def producer_phrases(job: Job, duration: int) -> list[str]:
     return [*phrases, duration_phrase(duration)]
 
 
-def creator_phrases(job: Job, duration: int) -> list[str]:
+def creator_phrases(key: MusicalKey | None, config: ProducerConfig | None, duration: int) -> list[str]:
     """Songs: tempo and key, then the duration."""
-    return [*_bpm_phrase(producer_config(job)), *_key_phrase(musical_key(job)), duration_phrase(duration)]
+    return [*_bpm_phrase(config), *_key_phrase(key), duration_phrase(duration)]
 
 
 MODES: dict[str, Mode] = {

@@ -167,13 +167,7 @@ def settle(
         summary = reclaim(stack)
         row = _wait(stack, job_id, while_processing=summary.get("still_running", 0) > 0)
     if prompt is not None and stack.double is not None:
-        # A plug-in mode sends the prompt with its phrases after ". " (sona/modes.py).
-        sent = (c.fields.get("prompt", "") for c in stack.double.calls)
-        mine = [
-            c
-            for c, p in zip(stack.double.calls, sent, strict=True)
-            if p == prompt or p.startswith(f"{prompt}. ")
-        ]
+        mine = [c for c in stack.double.calls if _sent(c.fields.get("prompt"), prompt)]
         LEDGER.calls[job_id] = len(mine)
         LEDGER.paid[job_id] = sum(1 for c in mine if c.paid)
     if prompt is not None and stack.replicate is not None and LEDGER.models.get(job_id) == "tangoflux":

@@ -81,15 +81,21 @@ def crash_process_job(stack: LocalStack) -> None:
 
 
 def finish(
-    stack: LocalStack, ledger: Ledger, job_id: uuid.UUID, prompt: str, name: str, why: str | None = None
+    stack: LocalStack,
+    ledger: Ledger,
+    job_id: uuid.UUID,
+    prompt: str,
+    name: str,
+    why: str | None = None,
+    model: str = SA3,
 ) -> dict[str, Any]:
-    """Settle the job, book it, and check the audio is stored and served."""
+    """Settle the job, book it, and check the audio is stored and served (by the model named)."""
     row = settle(stack, job_id, prompt)
-    ledger.faults.append((f"{SA3}: {name}", f"{row['status']} after {row['attempts']} attempt(s)"))
+    ledger.faults.append((f"{model}: {name}", f"{row['status']} after {row['attempts']} attempt(s)"))
     if why is not None:
         ledger.why_paid_again[job_id] = why
     assert row["status"] == "completed", row["error_message"]
-    assert row["audio"]["model"] == SA3
+    assert row["audio"]["model"] == model
     for url in (row["wav_url"], row["mp3_url"]):
         assert requests.get(url, timeout=10).status_code == 200
     assert_recorded_in_time(stack, job_id)

@@ -12,11 +12,11 @@ import uuid
 from typing import Any
 
 import pytest
-import requests
 
 from sona.local.replicate_double import Answer, ReplicateDouble
 from sona.local.stack import LocalStack
-from tests.hardening.conftest import JOB_BUDGET_S, Ledger, observe, settle
+from tests.hardening import test_stable_audio_3 as by_id
+from tests.hardening.conftest import JOB_BUDGET_S, Ledger, observe
 from tests.hardening.test_stable_audio_3 import crash_process_job, storage_error, wait_for_id
 from tests.support import sql
 
@@ -41,15 +41,7 @@ def start_job(stack: LocalStack, ledger: Ledger, label: str, duration: int = 4) 
 def finish(
     stack: LocalStack, ledger: Ledger, job_id: uuid.UUID, prompt: str, name: str, why: str | None = None
 ) -> dict[str, Any]:
-    row = settle(stack, job_id, prompt)
-    ledger.faults.append((f"{TANGO}: {name}", f"{row['status']} after {row['attempts']} attempt(s)"))
-    if why is not None:
-        ledger.why_paid_again[job_id] = why
-    assert row["status"] == "completed", row["error_message"]
-    assert row["audio"]["model"] == TANGO
-    for url in (row["wav_url"], row["mp3_url"]):
-        assert requests.get(url, timeout=10).status_code == 200
-    return row
+    return by_id.finish(stack, ledger, job_id, prompt, name, why, model=TANGO)
 
 
 def test_a_job_from_generate_is_made_by_one_prediction(
