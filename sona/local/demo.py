@@ -167,5 +167,8 @@ def dev(
             for key, value in info.items():
                 print(f"{key:>22}: {value}")
             print("Running; Ctrl-C stops it.", flush=True)
-        stop.wait()
+        # A wait with a timeout: the signal may land on one of the stack's threads, and a main
+        # thread blocked in a plain wait() would never run the handler (the dev test hung so).
+        while not stop.wait(timeout=0.2):
+            pass
     return 0
