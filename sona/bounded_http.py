@@ -1,7 +1,7 @@
 """An httpx transport that ends every request by the deadline in effect (sona.deadline.applies).
 
-storage3 and postgrest build their requests themselves and take no per-call timeout; this transport,
-under their httpx clients, caps each request's timeouts at the time left and shuts the connection
+storage3 builds its requests itself and takes no per-call timeout; this transport,
+under its httpx client, caps each request's timeouts at the time left and shuts the connection
 down if the answer is still arriving when the deadline passes.
 """
 

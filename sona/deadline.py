@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -52,7 +52,7 @@ class Deadline:
     @contextmanager
     def applies(self) -> Iterator[Deadline]:
         """Outside calls made inside this block, on this thread, end by this deadline. Clients whose
-        methods take no timeout (storage3, postgrest) learn it here, through sona.bounded_http."""
+        methods take no timeout (storage3) learn it here, through sona.bounded_http; sona.rpc reads it too."""
         token = _IN_EFFECT.set(self)
         try:
             yield self
@@ -66,7 +66,13 @@ class Deadline:
         if sock is None:
             yield
             return
-        timer = threading.Timer(self.remaining(), _shut_down, (sock,))
+        with self.ends(lambda: _shut_down(sock)):
+            yield
+
+    @contextmanager
+    def ends(self, stop: Callable[[], None]) -> Iterator[None]:
+        """Call stop (from another thread) if the block is still running when the deadline passes."""
+        timer = threading.Timer(self.remaining(), stop)
         timer.daemon = True
         timer.start()
         try:

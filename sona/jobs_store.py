@@ -1,4 +1,4 @@
-"""The jobs store: calls the state functions in SQL over PostgREST RPC and returns typed rows.
+"""The jobs store: calls the state functions in SQL over PostgREST RPC (sona.rpc) and returns typed rows.
 
 Every transition lives in supabase/migrations; this module only names them.
 """
@@ -11,20 +11,16 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, cast
 
-import httpx
-from postgrest import SyncPostgrestClient
-from postgrest.exceptions import APIError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from sona.bounded_http import DeadlineTransport
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import Cancelled, DatabaseUnavailable, ServiceOutage, SonaError, StaleLease
 from sona.models import ClaimedJob, Job, JobStage, Output
 from sona.outcomes import OutcomeClass
 from sona.retrying import retrying
+from sona.rpc import GatewayFailure, RpcClient, RpcError, Unreachable
 from sona.supabase_keys import request_headers
-from sona.tls import tls_context
 
 # PostgREST codes (SQLSTATEs and its own PGRST codes) that mean "not now" rather than "never":
 # connection failures, insufficient resources, the server shutting down, PostgREST unable to reach
@@ -66,67 +62,24 @@ class Pause(BaseModel):
     released_status: str | None = None  # the status the released job waits in (pending or queued)
 
 
-class _PostgrestError(BaseModel):
-    """The part of an error body that says who wrote it: PostgREST always sends a code."""
-
-    code: str | None = None
-
-
-class GatewayFailure(Exception):
-    """An error answer PostgREST did not write (the API gateway's own 5xx, an HTML error page):
-    the request may or may not have reached the database, so it says nothing about the job."""
-
-    def __init__(self, status: int, media_type: str) -> None:
-        super().__init__(f"HTTP {status} {media_type or 'without a content type'}")
-
-
 def _unavailable(code: str | None) -> bool:
     # No code: the API gateway's own answer below 500, e.g. "Invalid API key": not an outage.
     return code is not None and code.startswith(_UNAVAILABLE_PREFIXES)
-
-
-def _postgrest_code(response: httpx.Response) -> str | None:
-    try:
-        return _PostgrestError.model_validate_json(response.content).code
-    except ValidationError:  # not JSON, or not an object
-        return None
-
-
-def refuse_gateway_failures(response: httpx.Response) -> None:
-    """httpx response hook: tell an answer from the gateway apart from PostgREST's by what it is
-    (postgrest-py turns a code-less JSON error into an APIError without the HTTP status)."""
-    if response.is_success:
-        return
-    response.read()
-    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
-    from_gateway = media_type == "text/html" or (
-        response.status_code >= 500 and _postgrest_code(response) is None
-    )
-    if from_gateway:
-        raise GatewayFailure(response.status_code, media_type)
 
 
 class JobsStore:
     def __init__(self, settings: Settings, *, timeout_s: float = 10.0) -> None:
         headers = request_headers(settings.supabase_service_role_key.get_secret_value())
         self._settings = settings
-        self._client = SyncPostgrestClient(
-            f"{settings.supabase_url}/rest/v1",
-            schema=settings.jobs_schema,
-            headers=headers,
-            http_client=httpx.Client(
-                headers=headers,
-                timeout=timeout_s,
-                event_hooks={"response": [refuse_gateway_failures]},
-                # A call made under a job's deadline (Deadline.applies) ends by it.
-                transport=DeadlineTransport(httpx.HTTPTransport(verify=tls_context())),
-            ),
-        )
+        self._client = RpcClient(settings.supabase_url, settings.jobs_schema, headers, timeout_s)
+
+    def _call(self, name: str, params: dict[str, Any]) -> Any:
+        with _translated_errors(name):
+            return self._client.call(name, params)
 
     def _rpc(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        with _translated_errors(name):
-            data = self._client.rpc(name, cast(Any, params)).execute().data
-        return cast(list[dict[str, Any]], data or [])
+        """A state function's rows (it returns a set of rows)."""
+        return cast(list[dict[str, Any]], self._call(name, params) or [])
 
     def claim(
         self, job_id: uuid.UUID, claim_id: uuid.UUID, deadline: Deadline | None = None
@@ -279,18 +232,14 @@ class JobsStore:
         return [Garbage.model_validate(r) for r in rows]
 
     def files_deleted(self, ids: list[int]) -> int:
-        with _translated_errors("sona_storage_garbage_done"):
-            data = self._client.rpc("sona_storage_garbage_done", cast(Any, {"p_ids": ids})).execute().data
-        return int(cast(int, data or 0))
+        return int(self._call("sona_storage_garbage_done", {"p_ids": ids}) or 0)
 
     def stats(self, window_hours: int) -> dict[str, Any]:
         return self._figures("job_stats", window_hours)
 
     def _figures(self, name: str, window_hours: int) -> dict[str, Any]:
         """A figures function of the window: one JSON object (not a set of rows like the others)."""
-        with _translated_errors(name):
-            data = self._client.rpc(name, cast(Any, {"p_window_hours": window_hours})).execute().data
-        return cast(dict[str, Any], data or {})
+        return cast(dict[str, Any], self._call(name, {"p_window_hours": window_hours}) or {})
 
     @staticmethod
     def _fenced(rows: list[dict[str, Any]], job: ClaimedJob, verb: str) -> Job:
@@ -306,7 +255,7 @@ def _translated_errors(name: str) -> Iterator[None]:
     """PostgREST and network errors become the project's own kinds (by code, not by text)."""
     try:
         yield
-    except APIError as exc:
+    except RpcError as exc:
         if exc.code == CANCELLED_SQLSTATE:
             raise Cancelled("The job was cancelled; nothing more is paid for it.", detail=name) from None
         if _unavailable(exc.code):
@@ -318,7 +267,5 @@ def _translated_errors(name: str) -> Iterator[None]:
         ) from None
     except GatewayFailure as exc:
         raise DatabaseUnavailable("The job database is unavailable", detail=f"{name}: {exc}") from None
-    except httpx.HTTPError as exc:
-        raise DatabaseUnavailable(
-            "The job database is unavailable", detail=f"{name}: {type(exc).__name__}"
-        ) from None
+    except Unreachable as exc:
+        raise DatabaseUnavailable("The job database is unavailable", detail=str(exc)) from None

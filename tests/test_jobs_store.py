@@ -1,4 +1,4 @@
-"""The jobs store over HTTP: supabase-py's postgrest client -> the local gateway -> PostgreSQL."""
+"""The jobs store over HTTP: sona.rpc (PostgREST RPC over urllib3) -> the local gateway -> PostgreSQL."""
 
 from __future__ import annotations
 
