@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from sona import storage_rules
+from sona.environment import ConfigError, EnvironmentSettings, load
 from sona.supabase_keys import key_problem, key_warning
 
 DEFAULT_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/audio/stable-audio-2"
@@ -112,22 +112,8 @@ def webhook_secret_problem(secret: str) -> str | None:
     return None
 
 
-class ConfigError(Exception):
-    """Every configuration problem at once, in one readable message (never a secret value)."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        case_sensitive=False,
-        hide_input_in_errors=True,
-    )
+class Settings(EnvironmentSettings):
+    """The functions' settings: environment variables named for the fields (sona.environment)."""
 
     # Required.
     supabase_url: str = Field(description="Supabase project URL, e.g. https://abc.supabase.co")
@@ -440,29 +426,10 @@ def _url_safe(value: str) -> None:
         raise ValueError(f"must not contain {unsafe!r}: Storage stores it but the file URLs break")
 
 
-def _describe(error: dict[str, object]) -> str:
-    loc = error.get("loc") or ()
-    name = str(loc[0]).upper() if isinstance(loc, tuple) and loc else ""
-    message = str(error.get("msg", "is invalid"))
-    if error.get("type") == "missing":
-        message = "is required but not set"
-    elif message.startswith("Value error, "):
-        message = message.removeprefix("Value error, ")
-    # A model-level check (no single field) already names its settings in its message.
-    return f"{name} {message}" if name else message
-
-
-S = TypeVar("S", bound=BaseSettings)
-
-
-def load_settings(**overrides: object) -> Settings:
-    """Read the function's settings; raise ConfigError listing every problem."""
+def load_settings(**overrides: Any) -> Settings:
+    """Read the function's settings; raise ConfigError listing every problem (sona.environment.load
+    takes the same arguments)."""
     return load(Settings, **overrides)
 
 
-def load(model: type[S], **overrides: object) -> S:
-    """Read any settings model; raise ConfigError listing every problem (values are never echoed)."""
-    try:
-        return model(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise ConfigError([_describe(dict(e)) for e in exc.errors(include_input=False)]) from None
+__all__ = ["ConfigError", "Settings", "load", "load_settings"]

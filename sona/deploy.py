@@ -11,7 +11,6 @@ import shlex
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sona.config import (
     LEASE_MARGIN_S,
@@ -23,6 +22,7 @@ from sona.config import (
     dispatch_deadline_problem,
     function_timeout_s,
 )
+from sona.environment import EnvironmentSettings
 from sona.monitoring import HELPERS, monitoring_commands
 from sona.task_queue import QueueLimits
 
@@ -33,10 +33,8 @@ MAX_SCHEDULER_DEADLINE_S = 1800
 MAX_CONCURRENT_DISPATCHES = 5000
 
 
-class DeployConfig(BaseSettings):
+class DeployConfig(EnvironmentSettings):
     """What an operator sets to deploy: Google Cloud names plus the function's own settings."""
-
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
     google_cloud_project: str
     region: str = "us-central1"

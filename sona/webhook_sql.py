@@ -8,18 +8,16 @@ from importlib import resources
 from typing import Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sona.config import function_timeout_s
+from sona.environment import EnvironmentSettings
 
 # Time for the webhook's call in cloud_tasks mode: a cold start plus one task creation.
 ENQUEUE_TIMEOUT_MS = 10_000
 
 
-class WebhookConfig(BaseSettings):
+class WebhookConfig(EnvironmentSettings):
     """Only what the trigger needs, so it can be printed without the function's other secrets."""
-
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
     webhook_secret: SecretStr | None = None
     job_timeout_ms: int = Field(default=300_000, ge=10_000)

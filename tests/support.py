@@ -47,7 +47,7 @@ def make_settings(**overrides: Any) -> Settings:
     """Direct dispatch unless a test asks for Cloud Tasks (which needs its queue settings)."""
     values: dict[str, Any] = {"supabase_url": "http://127.0.0.1:9", "dispatch": "direct", **SECRETS}
     values.update(overrides)
-    return load_settings(_env_file=None, **values)
+    return load_settings(env_file=None, **values)
 
 
 @contextmanager

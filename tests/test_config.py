@@ -31,7 +31,7 @@ def test_timeouts_follow_job_timeout_ms() -> None:
     assert s.function_timeout_s == 61 + 10  # rounded up, plus the margin
     assert s.lease_seconds > s.function_timeout_s  # the lease outlives the invocation
     assert s.job_budget_s < 60.5  # the job records its own failure before the platform kills it
-    direct = WebhookConfig(_env_file=None, job_timeout_ms=60_500, dispatch="direct")  # type: ignore[call-arg]
+    direct = WebhookConfig(job_timeout_ms=60_500, dispatch="direct")
     assert direct.timeout_ms >= 60_500
 
 
@@ -45,7 +45,7 @@ def test_all_problems_are_reported_at_once_without_values(monkeypatch: pytest.Mo
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError) as caught:
         load_settings(
-            _env_file=None,
+            env_file=None,
             supabase_url="ftp://x",
             job_timeout_ms=5,
             webhook_secret=SECRETS["webhook_secret"],

@@ -87,7 +87,7 @@ def env_vars(argv: list[str]) -> dict[str, str]:
 def test_cloud_build_and_deploy_sh_give_the_same_commands() -> None:
     env = cloudbuild_env()
     assert dry_run(env) == render(
-        load(DeployConfig, _env_file=None, **{k.lower(): v for k, v in env.items()}), env
+        load(DeployConfig, env_file=None, **{k.lower(): v for k, v in env.items()}), env
     )
 
 
@@ -137,7 +137,7 @@ def test_timeout_follows_job_timeout_ms(job_timeout_ms: str, dispatch: str, time
 def test_a_timeout_above_3600_s_is_a_clear_error() -> None:
     env = cloudbuild_env({"_JOB_TIMEOUT_MS": "3600000"})
     with pytest.raises(ConfigError, match="above Cloud Functions' 3600 s limit"):
-        load(DeployConfig, _env_file=None, **{k.lower(): v for k, v in env.items()})
+        load(DeployConfig, env_file=None, **{k.lower(): v for k, v in env.items()})
 
 
 def test_secrets_come_only_from_secret_manager() -> None:
@@ -191,7 +191,7 @@ def test_concurrency_and_threads_follow_max_concurrent_jobs(concurrency: str) ->
 def test_concurrency_above_one_with_less_than_a_vcpu_is_refused() -> None:
     env = cloudbuild_env({"_FUNCTION_CPU": "0.5", "_MAX_CONCURRENT_JOBS": "2"})
     with pytest.raises(ConfigError, match="at least 1"):
-        load(DeployConfig, _env_file=None, **{k.lower(): v for k, v in env.items()})
+        load(DeployConfig, env_file=None, **{k.lower(): v for k, v in env.items()})
 
 
 def test_every_value_an_operator_changes_is_a_substitution() -> None:
@@ -244,7 +244,6 @@ QUEUED = """select url, method, headers, timeout_milliseconds, convert_from(body
 
 def test_the_webhook_fires_on_insert_with_url_method_secret_and_timeout(db_url: str) -> None:
     config = WebhookConfig(
-        _env_file=None,
         webhook_secret=SECRETS["webhook_secret"],  # type: ignore[call-arg]
         job_timeout_ms=120_000,
         dispatch="direct",
@@ -263,7 +262,7 @@ def test_the_webhook_fires_on_insert_with_url_method_secret_and_timeout(db_url: 
 
 
 def test_installing_the_webhook_twice_leaves_one_trigger(db_url: str) -> None:
-    config = WebhookConfig(_env_file=None, webhook_secret="s3cret-value")  # type: ignore[call-arg]
+    config = WebhookConfig(webhook_secret="s3cret-value")
     apply_sql(db_url, webhook_sql(config, URL), webhook_sql(config, URL + "?v=2"))
     insert_job(db_url)
     calls = sql(db_url, QUEUED, role=None)
@@ -283,7 +282,7 @@ def test_the_vault_webhook_reads_the_secret_at_send_time(private_db_url: str) ->
         VAULT_STAND_IN,
         "insert into vault.decrypted_secrets values ('sona_webhook_secret', 'from-the-vault')",
     )
-    config = WebhookConfig(_env_file=None, job_timeout_ms=60_000, dispatch="direct")  # type: ignore[call-arg]
+    config = WebhookConfig(job_timeout_ms=60_000, dispatch="direct")
     script = webhook_sql(config, URL, vault_secret="sona_webhook_secret")
     assert "from-the-vault" not in script
     apply_sql(private_db_url, script)

@@ -78,7 +78,7 @@ def test_the_queue_must_be_a_full_queue_name() -> None:
     ("dispatch", "timeout_ms"), [("cloud_tasks", 10_000), ("direct", 310_000)], ids=["enqueue", "whole job"]
 )
 def test_the_webhook_waits_only_as_long_as_its_call_takes(dispatch: str, timeout_ms: int) -> None:
-    config = WebhookConfig(_env_file=None, job_timeout_ms=300_000, dispatch=dispatch)  # type: ignore[call-arg]
+    config = WebhookConfig(job_timeout_ms=300_000, dispatch=dispatch)
     assert config.timeout_ms == timeout_ms
 
 
@@ -158,9 +158,9 @@ def test_the_deploy_refuses_a_job_longer_than_a_dispatch_deadline_with_cloud_tas
     config = {k.lower(): v for k, v in env.items()}
     if refused:
         with pytest.raises(ConfigError, match="15 to 1800 s"):
-            load(DeployConfig, _env_file=None, **config)
+            load(DeployConfig, env_file=None, **config)
     else:
-        assert load(DeployConfig, _env_file=None, **config).dispatch == "direct"
+        assert load(DeployConfig, env_file=None, **config).dispatch == "direct"
 
 
 def test_direct_dispatch_deploys_no_queue() -> None:

@@ -28,7 +28,7 @@ QUEUE = "projects/sona-test/locations/local/queues/sona-jobs"
 
 def deploy_config(**overrides: str) -> DeployConfig:
     env = cloudbuild_env(overrides)
-    return load(DeployConfig, _env_file=None, **{k.lower(): v for k, v in env.items()})
+    return load(DeployConfig, env_file=None, **{k.lower(): v for k, v in env.items()})
 
 
 def retries_end_after(limits: QueueLimits) -> float:

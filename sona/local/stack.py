@@ -473,8 +473,7 @@ class LocalStack:
         # The stack's own key, so a test can hand the functions a key they must refuse.
         settings = self.settings(supabase_service_role_key=self.service_role_key)
         config = WebhookConfig(
-            _env_file=None,
-            webhook_secret=settings.webhook_secret,  # type: ignore[call-arg]
+            webhook_secret=settings.webhook_secret,
             job_timeout_ms=settings.job_timeout_ms,
             dispatch=settings.dispatch,
             jobs_schema=settings.jobs_schema,
