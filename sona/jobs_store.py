@@ -33,6 +33,12 @@ CANCELLED_SQLSTATE = "SQ003"
 # How long one request's claim keeps retrying when the database is briefly away.
 CLAIM_BUDGET_S = 10.0
 
+# Hours one fold counts at most: a day of backlog per call, so a reclaim stays short; the scheduler's
+# next calls catch up on the rest (an hour that is not folded is still counted, only slower).
+FOLD_HOURS = 24
+# Every hour a fold keeps (35 days), for an operator's `stats` call.
+FOLD_ALL_HOURS = 35 * 24
+
 
 class StoreError(SonaError):
     """The database answered with an error that retrying will not fix (a bug or a bad schema)."""
@@ -236,6 +242,11 @@ class JobsStore:
 
     def stats(self, window_hours: int) -> dict[str, Any]:
         return self._figures("job_stats", window_hours)
+
+    def fold_stats(self, max_hours: int = FOLD_HOURS) -> int:
+        """Count the settled hours once, so job_stats() reads them instead of their rows
+        (20261202001000_job_stats_at_scale.sql); how many hours were folded."""
+        return int(self._call("sona_fold_job_stats", {"p_limit": max_hours}) or 0)
 
     def _figures(self, name: str, window_hours: int) -> dict[str, Any]:
         """A figures function of the window: one JSON object (not a set of rows like the others)."""

@@ -209,7 +209,7 @@ def fresh_database(pg_server: str, template: str | None = TEMPLATE) -> str:
 
 RESET = """truncate public.jobs, public.job_attempts, auth.users, storage.objects, storage.buckets,
   net.http_request_queue, net._http_response, supabase_functions.hooks,
-  public.sona_pauses, public.sona_settings, public.sona_storage_garbage cascade"""
+  public.sona_pauses, public.sona_settings, public.sona_storage_garbage, public.sona_stats_hours cascade"""
 
 
 @pytest.fixture(scope="session")

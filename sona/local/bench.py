@@ -30,7 +30,7 @@ import requests
 
 from sona.audio import make_master
 from sona.ffmpeg import find_ffmpeg
-from sona.jobs_store import JobsStore
+from sona.jobs_store import FOLD_ALL_HOURS, JobsStore
 from sona.local.database import REPO_ROOT
 from sona.local.stack import FunctionProcess, LocalStack
 from sona.local.synth import synthesize_wav
@@ -354,44 +354,52 @@ select j.id, n, gen_random_uuid(), j.created_at + interval '2 seconds', j.create
 def job_stats_at_scale(stack: LocalStack, runs: int) -> list[Figure]:
     """job_stats() as `python -m sona stats` calls it (one RPC) over the default 24-hour window, for
     each shape of 1,000,000 jobs, beside the previous definition called directly in SQL on the same
-    rows (no RPC on its side, so the ratio flatters the baseline)."""
+    rows (no RPC on its side, so the ratio flatters the baseline): once the settled hours are folded
+    (what the scheduler's reclaim keeps up), before any is, and the fold itself."""
     store = JobsStore(stack.settings())
     figures = []
     with stack.postgres_connection() as conn:
         conn.execute(_previous_job_stats())
     for shape, days in STATS_SHAPES.items():
         with stack.postgres_connection() as conn:
-            conn.execute("truncate jobs cascade")
+            conn.execute("truncate jobs cascade")  # unfolds every hour too
             conn.execute(POPULATE_STATS, {"user": stack.create_user(), "rows": STATS_ROWS, "days": days})
             conn.execute("vacuum analyze jobs")
             conn.execute("vacuum analyze job_attempts")
-        store.stats(24)  # the first call in a session plans the function
-        times, before = [], []
+        before = []
         with stack.postgres_connection() as conn:
-            conn.execute("select public.sona_bench_previous_job_stats(24)")
+            conn.execute("select public.sona_bench_previous_job_stats(24)")  # the first call plans it
             for _ in range(runs):
-                started = time.perf_counter()
-                result = store.stats(24)
-                times.append(time.perf_counter() - started)
-                if not result.get("total"):
-                    raise RuntimeError("job_stats(24) saw no jobs")
                 started = time.perf_counter()
                 conn.execute("select public.sona_bench_previous_job_stats(24)").fetchall()
                 before.append(time.perf_counter() - started)
-        figures.append(
-            Figure(
-                f"job_stats(), 24 h: {shape}",
-                times,
-                before,
-                "s",
-                "the previous job_stats()",
-                "one call, < 1 s",
-            )
-        )
+        unfolded = _time_stats(store, runs)
+        started = time.perf_counter()
+        store.fold_stats(FOLD_ALL_HOURS)
+        fold = [time.perf_counter() - started]
+        folded = _time_stats(store, runs)
+        baseline = "the previous job_stats()"
+        figures += [
+            Figure(f"job_stats(), 24 h: {shape}", folded, before, "s", baseline, "one call, < 1 s"),
+            Figure(f"  the same, no hour folded yet: {shape}", unfolded, before, "s", baseline, "-"),
+            Figure(f"  folding every settled hour: {shape}", fold, before, "s", baseline, "once"),
+        ]
     with stack.postgres_connection() as conn:
         conn.execute("truncate jobs cascade")
         conn.execute("drop function public.sona_bench_previous_job_stats(integer)")
     return figures
+
+
+def _time_stats(store: JobsStore, runs: int) -> list[float]:
+    store.stats(24)  # the first call in a session plans the function
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = store.stats(24)
+        times.append(time.perf_counter() - started)
+        if not result.get("total"):
+            raise RuntimeError("job_stats(24) saw no jobs")
+    return times
 
 
 def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -> dict[str, Any]:

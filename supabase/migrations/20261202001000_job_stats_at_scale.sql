@@ -1,19 +1,29 @@
--- Sona: job_stats() at full scale. A 24 h window can hold about 1,000,000 jobs (a day at the
--- queue's top rate), and the earlier job_stats() took 1.41 s over such a day (issue 21): it kept the
--- window's jobs and their attempts as materialized rows, read them again for each figure, and sorted
--- a million values for each of four percentiles, with the default work_mem spilling to disk.
+-- Sona: job_stats() at full scale (issue 21). A 24 h window can hold about 1,000,000 jobs (a day at
+-- the queue's top rate): the first job_stats() took 1.41 s over such a day measured elsewhere (3.7 s
+-- here), keeping the window's jobs and attempts as materialized rows, reading them again for each
+-- figure and sorting a million values for each of four percentiles. Counting the same rows in two
+-- hash aggregations over grouping sets, with percentiles read off counts, still took 2.2 s here:
+-- two million-row aggregations cost that however they are written. So settled hours are counted once:
 --
--- This job_stats() answers the same JSON from two passes, each a hash aggregation over grouping sets
--- that only counts: the window's jobs (by status, by completed minute, by processing time, by first
--- attempt wait for jobs that ran once, by attempts) and the attempts that started in the window (by
--- provider time, by upload time, by class, by outcome). Percentiles are read off those counts
--- (sona_percentile, interpolated as percentile_cont does), so the times are exact to the
--- millisecond, the precision the figures are reported in. Differences from the earlier definition:
--- - attempt figures count the attempts that started in the window (without the join to the job's
---   creation, which was most of the time); an attempt starts after its job is created, so this
---   differs only for jobs created before the window whose attempts ran inside it;
--- - the first attempt's queue wait comes from jobs.started_at for jobs that ran once, and from
---   their attempt 1 (by the primary key) for the others.
+-- - sona_job_groups(from, to) and sona_attempt_groups(from, to) count the jobs created, and the
+--   attempts started, in [from, to): by status, completions by minute, processing times,
+--   first-attempt queue waits and attempts; provider and upload times, failures by class, and the
+--   ended / provider-error totals.
+-- - sona_fold_job_stats() stores those counts for each settled hour (it ended over a minute ago,
+--   every job created in it finished, every attempt started in it ended). reclaim_jobs' scheduled
+--   call and `python -m sona stats` run it; an hour is folded once.
+-- - job_stats() adds the folded hours inside its window to what it still counts from the rows: the
+--   window's first, partial hour, the current hour, and any hour not folded (still running, or not
+--   folded yet). Its answer is the same whether or not any hour is folded.
+--
+-- Percentiles are read off counts per value (sona_percentile, interpolated as percentile_cont
+-- does), with times at four significant digits (to the millisecond below 10 s, to 10 ms up to
+-- 100 s, to 100 ms above), so a folded hour holds a few thousand distinct values per figure rather
+-- than one per job; the rows still counted are rounded the same way, after counting. A folded
+-- job's figures do not change: a finished job never moves again, and deleting a job or an attempt
+-- (or emptying either table) unfolds its hour. Attempt figures count the attempts that started in
+-- the window; the first attempt's queue wait comes from jobs.started_at for jobs that ran once, and
+-- from their attempt 1 for the others.
 -- Idempotent; valid on PostgreSQL 15 and newer.
 
 -- p_fraction's percentile, interpolated as percentile_cont does, of the values p_values (ascending)
@@ -34,6 +44,174 @@ language sql immutable parallel safe set search_path = '' as $$
          lateral (select v.value from v where v.upto > ceil(pos.at) order by v.upto limit 1) hi
 $$;
 
+-- A time in milliseconds at four significant digits (to_char's scientific notation; it reads its
+-- argument once). Applied to the keys of counts, never to each row.
+create or replace function public.sona_stats_round(p_ms double precision)
+returns double precision
+language sql stable parallel safe as $$
+  select to_char(p_ms, '9.999EEEE')::double precision
+$$;
+
+-- The counts job_stats() reads of the jobs created in [p_from, p_to): by status, completions by
+-- minute, processing times, first-attempt queue waits, and attempts. Each row says which grouping
+-- it belongs to; a key may come twice (the waits of jobs that ran once and of the others).
+create or replace function public.sona_job_groups(p_from timestamptz, p_to timestamptz)
+returns table (by_status boolean, by_minute boolean, by_processing boolean, by_wait boolean,
+               by_attempts boolean, status text, minute timestamptz, processing_ms double precision,
+               wait_ms double precision, attempts integer, n bigint)
+language sql stable set search_path = '' as $$
+  select grouping(x.status) = 0, grouping(x.minute) = 0, grouping(x.processing_ms) = 0,
+         grouping(x.wait_ms) = 0, grouping(x.attempts) = 0,
+         x.status, x.minute, x.processing_ms, x.wait_ms, x.attempts, count(*)
+    from (select j.status, j.attempts,
+                 case when j.status = 'completed' then date_trunc('minute', j.completed_at) end as minute,
+                 case when j.status = 'completed' and j.started_at is not null
+                      then round(date_part('epoch', j.completed_at - j.started_at) * 1000) end as processing_ms,
+                 -- a job that ran once started its first attempt at started_at
+                 case when j.attempts = 1 and j.started_at is not null
+                      then round(date_part('epoch', j.started_at - j.created_at) * 1000) end as wait_ms
+            from public.jobs j where j.created_at >= p_from and j.created_at < p_to) x
+   group by grouping sets ((x.status), (x.minute), (x.processing_ms), (x.wait_ms), (x.attempts))
+  union all
+  -- the first attempt's wait of the jobs that ran more than once (about one in ten)
+  select false, false, false, true, false, null, null, null, w.wait_ms, null, count(*)
+    from (select round(date_part('epoch', a.started_at - j.created_at) * 1000) as wait_ms
+            from public.jobs j
+            cross join lateral (select f.started_at from public.job_attempts f
+                                 where f.job_id = j.id and f.attempt = 1 limit 1) a
+           where j.created_at >= p_from and j.created_at < p_to and j.attempts > 1) w
+   group by w.wait_ms
+$$;
+
+-- The counts job_stats() reads of the attempts started in [p_from, p_to): provider and upload
+-- times, failures by class, and the ended / provider-error totals.
+create or replace function public.sona_attempt_groups(p_from timestamptz, p_to timestamptz)
+returns table (by_generate boolean, by_upload boolean, by_class boolean, generate_ms double precision,
+               upload_ms double precision, outcome_class text, ended boolean, provider_error boolean,
+               n bigint)
+language sql stable set search_path = '' as $$
+  select grouping(y.generate_ms) = 0, grouping(y.upload_ms) = 0, grouping(y.outcome_class) = 0,
+         y.generate_ms, y.upload_ms, y.outcome_class, y.ended, y.provider_error, count(*)
+    from (select a.outcome is not null as ended, a.outcome_class,
+                 (a.timings_ms ->> 'generate') is not null
+                   and a.outcome_class in ('provider_permanent', 'provider_transient') as provider_error,
+                 (a.timings_ms ->> 'generate')::double precision as generate_ms,
+                 (a.timings_ms ->> 'upload')::double precision as upload_ms
+            from public.job_attempts a where a.started_at >= p_from and a.started_at < p_to) y
+   group by grouping sets ((y.generate_ms), (y.upload_ms), (y.outcome_class), (y.ended, y.provider_error))
+$$;
+
+create table if not exists public.sona_stats_hours (
+  hour timestamptz primary key,
+  folded_at timestamptz not null default now()
+);
+create table if not exists public.sona_stats_job_groups (
+  hour timestamptz not null references public.sona_stats_hours (hour) on delete cascade,
+  by_status boolean not null, by_minute boolean not null, by_processing boolean not null,
+  by_wait boolean not null, by_attempts boolean not null,
+  status text, minute timestamptz, processing_ms double precision, wait_ms double precision,
+  attempts integer, n bigint not null
+);
+create index if not exists sona_stats_job_groups_hour_idx on public.sona_stats_job_groups (hour);
+create table if not exists public.sona_stats_attempt_groups (
+  hour timestamptz not null references public.sona_stats_hours (hour) on delete cascade,
+  by_generate boolean not null, by_upload boolean not null, by_class boolean not null,
+  generate_ms double precision, upload_ms double precision, outcome_class text,
+  ended boolean, provider_error boolean, n bigint not null
+);
+create index if not exists sona_stats_attempt_groups_hour_idx on public.sona_stats_attempt_groups (hour);
+do $$
+declare t text;
+begin
+  foreach t in array array['public.sona_stats_hours', 'public.sona_stats_job_groups',
+                           'public.sona_stats_attempt_groups']
+  loop
+    execute format('alter table %s enable row level security', t);
+    execute format('revoke all on %s from public, anon, authenticated', t);
+    execute format('grant all on %s to service_role', t);
+  end loop;
+end $$;
+
+-- The attempts still running, by start: what keeps an hour from settling (a handful of rows).
+create index if not exists job_attempts_open_started_idx on public.job_attempts (started_at)
+  where outcome is null;
+
+-- Fold up to p_limit settled hours of the last 35 days (the newest first; an hour is settled once it
+-- ended over a minute ago with every job created in it finished and every attempt started in it
+-- ended), drop folds older than that, and answer how many hours were folded. One caller at a time: a second returns 0 at once.
+create or replace function public.sona_fold_job_stats(p_limit integer default 48)
+returns integer
+language plpgsql security definer set search_path = '' as $$
+declare
+  v_hour timestamptz;
+  v_folded integer := 0;
+begin
+  if not pg_try_advisory_xact_lock(hashtext('sona_fold_job_stats')) then
+    return 0;
+  end if;
+  delete from public.sona_stats_hours where hour < date_trunc('hour', now() - interval '35 days');
+  -- Every hour of the period is a candidate (an hour without jobs folds to nothing): each check
+  -- below is an index probe, never a scan of the period's rows.
+  for v_hour in
+    select h.hour
+      from generate_series(date_trunc('hour', now() - interval '35 days'),
+                           now() - interval '1 hour 1 minute', interval '1 hour') as h(hour)
+     where not exists (select 1 from public.sona_stats_hours s where s.hour = h.hour)
+       and not exists (select 1 from public.jobs j
+                        where j.status in ('pending', 'queued', 'processing')
+                          and j.created_at >= h.hour and j.created_at < h.hour + interval '1 hour')
+       and not exists (select 1 from public.job_attempts a
+                        where a.outcome is null
+                          and a.started_at >= h.hour and a.started_at < h.hour + interval '1 hour')
+     order by h.hour desc  -- the newest first: a short window is fast from the first call
+     limit p_limit
+  loop
+    insert into public.sona_stats_hours (hour) values (v_hour);
+    insert into public.sona_stats_job_groups
+      select v_hour, g.by_status, g.by_minute, g.by_processing, g.by_wait, g.by_attempts, g.status,
+             g.minute, public.sona_stats_round(g.processing_ms), public.sona_stats_round(g.wait_ms),
+             g.attempts, sum(g.n)
+        from public.sona_job_groups(v_hour, v_hour + interval '1 hour') g
+       group by 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11;
+    insert into public.sona_stats_attempt_groups
+      select v_hour, g.by_generate, g.by_upload, g.by_class, public.sona_stats_round(g.generate_ms),
+             public.sona_stats_round(g.upload_ms), g.outcome_class, g.ended, g.provider_error, sum(g.n)
+        from public.sona_attempt_groups(v_hour, v_hour + interval '1 hour') g
+       group by 1, 2, 3, 4, 5, 6, 7, 8, 9;
+    v_folded := v_folded + 1;
+  end loop;
+  return v_folded;
+end $$;
+
+-- A deleted job or attempt unfolds its hour, so the figures never count a row that is gone (and
+-- emptying either table unfolds every hour).
+-- The hour of each row gone (its column named by the trigger: created_at or started_at).
+create or replace function public.sona_stats_unfold()
+returns trigger language plpgsql security definer set search_path = '' as $$
+begin
+  execute format('delete from public.sona_stats_hours
+                   where hour in (select distinct date_trunc(''hour'', g.%I) from gone g)', tg_argv[0]);
+  return null;
+end $$;
+create or replace function public.sona_stats_unfold_all()
+returns trigger language plpgsql security definer set search_path = '' as $$
+begin
+  delete from public.sona_stats_hours;
+  return null;
+end $$;
+drop trigger if exists sona_stats_unfold_all on public.jobs;
+create trigger sona_stats_unfold_all after truncate on public.jobs
+  for each statement execute function public.sona_stats_unfold_all();
+drop trigger if exists sona_stats_unfold_all on public.job_attempts;
+create trigger sona_stats_unfold_all after truncate on public.job_attempts
+  for each statement execute function public.sona_stats_unfold_all();
+drop trigger if exists sona_stats_unfold on public.jobs;
+create trigger sona_stats_unfold after delete on public.jobs
+  referencing old table as gone for each statement execute function public.sona_stats_unfold('created_at');
+drop trigger if exists sona_stats_unfold on public.job_attempts;
+create trigger sona_stats_unfold after delete on public.job_attempts
+  referencing old table as gone for each statement execute function public.sona_stats_unfold('started_at');
+
 create or replace function public.job_stats(p_window_hours integer default 24)
 returns jsonb
 language sql stable security invoker
@@ -43,48 +221,42 @@ set hash_mem_multiplier = 4
 as $$
   with since as (
     select now() - make_interval(hours => p_window_hours) as t
+  ), hours as (
+    -- each hour the window touches, and whether its counts are folded (only whole hours inside it)
+    select h.hour,
+           h.hour >= s.t and h.hour + interval '1 hour' <= now()
+             and exists (select 1 from public.sona_stats_hours f where f.hour = h.hour) as folded
+      from since s, generate_series(date_trunc('hour', s.t), now(), interval '1 hour') as h(hour)
+  ), raw_ranges as (
+    -- the rest, as ranges of consecutive hours cut to the window (the last one open-ended)
+    select greatest(min(r.hour), s.t) as lo,
+           case when max(r.hour) = date_trunc('hour', now()) then 'infinity'::timestamptz
+                else max(r.hour) + interval '1 hour' end as hi
+      from (select hour, hour - (row_number() over (order by hour)) * interval '1 hour' as island
+              from hours where not folded) r, since s
+     group by r.island, s.t
+  ), folded as (
+    select hour from hours where folded
   ), jobs_g as (
-    -- one pass over the window's jobs: counts by status, completions by minute, processing times to
-    -- the millisecond, and the totals
-    select grouping(x.status) = 0 as by_status, grouping(x.minute) = 0 as by_minute,
-           grouping(x.processing_ms) = 0 as by_processing, grouping(x.wait_ms) = 0 as by_wait,
-           grouping(x.attempts) = 0 as by_attempts,
-           x.status, x.minute, x.processing_ms, x.wait_ms, x.attempts, count(*) as n
-      from (select j.status, j.attempts,
-                   case when j.status = 'completed' then date_trunc('minute', j.completed_at) end as minute,
-                   case when j.status = 'completed' and j.started_at is not null
-                        then round(date_part('epoch', j.completed_at - j.started_at) * 1000) end as processing_ms,
-                   -- a job that ran once started its first attempt at started_at
-                   case when j.attempts = 1 and j.started_at is not null
-                        then round(date_part('epoch', j.started_at - j.created_at) * 1000) end as wait_ms
-              from public.jobs j, since where j.created_at >= since.t) x
-     group by grouping sets ((x.status), (x.minute), (x.processing_ms), (x.wait_ms), (x.attempts))
+    select by_status, by_minute, by_processing, by_wait, by_attempts, status, minute,
+           public.sona_stats_round(processing_ms) as processing_ms,
+           public.sona_stats_round(wait_ms) as wait_ms, attempts, sum(n)::bigint as n
+      from (select g.* from raw_ranges r cross join lateral public.sona_job_groups(r.lo, r.hi) g
+            union all
+            select f.by_status, f.by_minute, f.by_processing, f.by_wait, f.by_attempts,
+                   f.status, f.minute, f.processing_ms, f.wait_ms, f.attempts, f.n
+              from public.sona_stats_job_groups f join folded using (hour)) u
+     group by 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
   ), attempts_g as (
-    -- one pass over their attempts: the provider and upload times, first attempts' queue waits (all to
-    -- the millisecond), failures by class, and the totals
-    select grouping(y.generate_ms) = 0 as by_generate, grouping(y.upload_ms) = 0 as by_upload,
-           grouping(y.outcome_class) = 0 as by_class,
-           y.generate_ms, y.upload_ms, y.outcome_class, y.ended, y.provider_error, count(*) as n
-      from (select a.outcome is not null as ended, a.outcome_class,
-                   (a.timings_ms ->> 'generate') is not null
-                     and a.outcome_class in ('provider_permanent', 'provider_transient') as provider_error,
-                   (a.timings_ms ->> 'generate')::double precision as generate_ms,
-                   (a.timings_ms ->> 'upload')::double precision as upload_ms
-              from public.job_attempts a, since where a.started_at >= since.t) y
-     group by grouping sets ((y.generate_ms), (y.upload_ms), (y.outcome_class), (y.ended, y.provider_error))
-  ), retried_waits as (
-    -- the first attempt's wait of the jobs that ran more than once (about one in ten)
-    select round(date_part('epoch', a.started_at - j.created_at) * 1000) as wait_ms, count(*) as n
-      from public.jobs j cross join since
-           cross join lateral (select f.started_at from public.job_attempts f
-                                where f.job_id = j.id and f.attempt = 1 limit 1) a
-     where j.created_at >= since.t and j.attempts > 1
-     group by 1
-  ), waits as (
-    select wait_ms, sum(n)::bigint as n
-      from (select wait_ms, n from jobs_g where by_wait and wait_ms is not null
-            union all select wait_ms, n from retried_waits) w
-     group by wait_ms
+    select by_generate, by_upload, by_class, public.sona_stats_round(generate_ms) as generate_ms,
+           public.sona_stats_round(upload_ms) as upload_ms, outcome_class, ended, provider_error,
+           sum(n)::bigint as n
+      from (select g.* from raw_ranges r cross join lateral public.sona_attempt_groups(r.lo, r.hi) g
+            union all
+            select f.by_generate, f.by_upload, f.by_class, f.generate_ms, f.upload_ms,
+                   f.outcome_class, f.ended, f.provider_error, f.n
+              from public.sona_stats_attempt_groups f join folded using (hour)) u
+     group by 1, 2, 3, 4, 5, 6, 7, 8
   ), dist as (
     -- each time figure as ascending values (seconds) and how often each was seen
     select 'processing' as figure, array_agg(processing_ms / 1000 order by processing_ms) as v, array_agg(n order by processing_ms) as c
@@ -97,7 +269,7 @@ as $$
       from attempts_g where by_upload and upload_ms is not null
     union all
     select 'wait', array_agg(wait_ms / 1000 order by wait_ms), array_agg(n order by wait_ms)
-      from waits
+      from jobs_g where by_wait and wait_ms is not null
   ), pct as (
     select d.figure,
            round(public.sona_percentile(d.v, d.c, 0.5)::numeric, 3) as p50,
@@ -192,6 +364,12 @@ declare fn text;
 begin
   foreach fn in array array[
     'public.sona_percentile(double precision[], bigint[], double precision)',
+    'public.sona_stats_round(double precision)',
+    'public.sona_job_groups(timestamptz, timestamptz)',
+    'public.sona_attempt_groups(timestamptz, timestamptz)',
+    'public.sona_fold_job_stats(integer)',
+    'public.sona_stats_unfold()',
+    'public.sona_stats_unfold_all()',
     'public.job_stats(integer)']
   loop
     execute format('revoke all on function %s from public, anon, authenticated', fn);
