@@ -356,7 +356,7 @@ def job_stats_at_scale(stack: LocalStack, runs: int) -> list[Figure]:
     each shape of 1,000,000 jobs, beside the previous definition called directly in SQL on the same
     rows (no RPC on its side, so the ratio flatters the baseline): once the settled hours are folded
     (what the scheduler's reclaim keeps up), before any is, and the fold itself."""
-    store = JobsStore(stack.settings())
+    store = JobsStore(stack.settings(), timeout_s=120)  # as `stats` makes it: a first fold takes seconds
     figures = []
     with stack.postgres_connection() as conn:
         conn.execute(_previous_job_stats())
