@@ -60,25 +60,35 @@ class Deadline:
             _IN_EFFECT.reset(token)
 
     @contextmanager
-    def cuts(self, sock: socket.socket | None) -> Iterator[None]:
+    def cuts(self, sock: socket.socket | None, step: str = "reading the answer") -> Iterator[None]:
         """Shut the socket down when the deadline passes. A read timeout bounds each read, not
         their sum, so a peer trickling bytes would otherwise keep the call alive past it."""
         if sock is None:
             yield
             return
-        with self.ends(lambda: _shut_down(sock)):
+        with self.ends(lambda: _shut_down(sock), step):
             yield
 
     @contextmanager
-    def ends(self, stop: Callable[[], None]) -> Iterator[None]:
-        """Call stop (from another thread) if the block is still running when the deadline passes."""
-        timer = threading.Timer(self.remaining(), stop)
+    def ends(self, stop: Callable[[], None], step: str = "reading the answer") -> Iterator[None]:
+        """Call stop (from another thread) if the block is still running when the deadline passes,
+        and then raise DeadlineExceeded even if the block ended normally: what a read returns after
+        the cut is not the answer (an SSL socket shut down this way reads on as a plain one)."""
+        fired = threading.Event()
+
+        def cut() -> None:
+            fired.set()
+            stop()
+
+        timer = threading.Timer(self.remaining(), cut)
         timer.daemon = True
         timer.start()
         try:
             yield
         finally:
             timer.cancel()
+        if fired.is_set():
+            raise self.exceeded(step)
 
 
 def _shut_down(sock: socket.socket) -> None:

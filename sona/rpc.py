@@ -72,24 +72,27 @@ class RpcClient:
                 preload_content=False,
             )
             status, media_type = response.status, _media_type(response.headers.get("Content-Type", ""))
-            body = _read(response, deadline)
+            body = _read(response, deadline, step)
         except HTTPError as exc:
             if deadline is not None and deadline.remaining() <= SLACK_S:
                 raise deadline.exceeded(step) from None
             raise Unreachable(f"{step}: {type(exc).__name__}") from None
         if 200 <= status < 300:
-            return json.loads(body) if body else None
+            return _result(status, media_type, body)
         raise _error(status, media_type, body)
 
 
-def _read(response: urllib3.BaseHTTPResponse, deadline: Deadline | None) -> bytes:
+def _read(response: urllib3.BaseHTTPResponse, deadline: Deadline | None, step: str) -> bytes:
     """The whole body; the socket is shut when the deadline passes (a read timeout bounds each
-    read, not their sum)."""
+    read, not their sum), and the call then ends as the deadline's."""
     try:
         if deadline is None:
             return response.read()
-        with deadline.ends(lambda: _shut_down(response)):
+        with deadline.ends(lambda: _shut_down(response), step):
             return response.read()
+    except BaseException:
+        response.close()  # cut off or failed mid-body: the connection is not reused
+        raise
     finally:
         response.release_conn()
 
@@ -97,6 +100,16 @@ def _read(response: urllib3.BaseHTTPResponse, deadline: Deadline | None) -> byte
 def _shut_down(response: urllib3.BaseHTTPResponse) -> None:
     with suppress(ValueError, RuntimeError, OSError):  # already read, released or closed: ended
         response.shutdown()
+
+
+def _result(status: int, media_type: str, body: bytes) -> Any:
+    """PostgREST answers a function's result as JSON; anything else came from in front of it."""
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise GatewayFailure(status, media_type) from None
 
 
 def _media_type(content_type: str) -> str:

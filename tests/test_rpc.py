@@ -84,6 +84,7 @@ ERRORS: list[tuple[str, int, str, bytes, type[Exception], str | None]] = [
     ("the gateway's code-less 5xx", 502, JSON, b'{"message": "bad gateway"}', GatewayFailure, None),
     ("an HTML page", 404, "text/html", b"<html>nope</html>", GatewayFailure, None),
     ("an empty 503", 503, "", b"", GatewayFailure, None),
+    ("a 200 that is not JSON", 200, "text/plain", b"OK", GatewayFailure, None),
 ]
 
 
@@ -127,3 +128,4 @@ def test_no_call_starts_when_the_deadline_is_spent(answers: tuple[Answers, RpcCl
     with Deadline(0.0).applies(), pytest.raises(DeadlineExceeded):
         client.call("f", {})
     assert app.seen == []
+
