@@ -113,15 +113,17 @@ def _webhook_sql(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from sona.jobs_store import FOLD_ALL_HOURS, JobsStore
-    from sona.stats import credits_spent, render_table
+    from sona.jobs_store import JobsStore
+    from sona.stats import credits_spent, fold_settled_hours, render_table
 
     try:
         # Only the database is read: how jobs are dispatched does not matter here.
         # A window of a month over a large table takes seconds, not the claim's 10 s budget.
         settings = load_settings(dispatch="direct")
         store = JobsStore(settings, timeout_s=120)
-        store.fold_stats(FOLD_ALL_HOURS)  # what the scheduler's reclaim has not folded yet
+        note = fold_settled_hours(store)  # what the scheduler's reclaim has not folded yet
+        if note:
+            print(note, file=sys.stderr)
         figures = store.stats(args.hours)
         figures["spend"] = store.spend_stats(args.hours)  # the pause, quota refusals, cancellations
         figures["tokens"] = store.token_stats(args.hours)  # the plug-in's tokens refunded

@@ -36,8 +36,6 @@ CLAIM_BUDGET_S = 10.0
 # Hours one fold counts at most: a day of backlog per call, so a reclaim stays short; the scheduler's
 # next calls catch up on the rest (an hour that is not folded is still counted, only slower).
 FOLD_HOURS = 24
-# Every hour a fold keeps (35 days), for an operator's `stats` call.
-FOLD_ALL_HOURS = 35 * 24
 
 
 class StoreError(SonaError):

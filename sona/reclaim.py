@@ -69,17 +69,21 @@ def run_reclaim(services: Services) -> dict[str, Any]:
             }.get(outcome, "errors")
             summary[key] += 1
     summary["files_deleted"] = _delete_expired_files(services, deadline)
-    summary["stats_hours_folded"] = _fold_stats(services)
+    summary["stats_hours_folded"] = _fold_stats(services, deadline)
     summary["elapsed_ms"] = round(deadline.elapsed() * 1000)
     log.info("reclaim: %s", summary)
     return summary
 
 
-def _fold_stats(services: Services) -> int:
-    """Count the hours that settled since the last run once, for job_stats(); a failure only makes
-    job_stats() count those hours' rows itself until a later run folds them."""
+def _fold_stats(services: Services, deadline: Deadline) -> int:
+    """Count the hours that settled since the last run once, for job_stats(), within what is left of
+    the run's budget; a failure or a skip only makes job_stats() count those hours' rows itself
+    until a later run folds them."""
+    if deadline.remaining() < MIN_DISPATCH_S:
+        return 0
     try:
-        return services.store.fold_stats()
+        with deadline.applies():
+            return services.store.fold_stats()
     except SonaError as exc:
         log.warning("job_stats hours not folded yet: %s", exc)
         return 0

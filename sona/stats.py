@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
+
+from sona.errors import SonaError
+
+if TYPE_CHECKING:
+    from sona.jobs_store import JobsStore
+
+# How long `stats` spends folding what the scheduler has not folded yet, a day of hours per call (each
+# call one short transaction, well inside a statement timeout), before it reads the figures anyway.
+FOLD_BUDGET_S = 60.0
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -147,3 +157,18 @@ def _credit_lines(credits: dict[str, Any]) -> list[str]:
         for model, m in models.items()
     ]
     return lines
+
+
+def fold_settled_hours(store: JobsStore, budget_s: float = FOLD_BUDGET_S) -> str | None:
+    """Fold the settled hours the scheduled reclaim has not folded yet, a batch at a time; a note
+    when some are left (job_stats() then counts their rows itself: slower, the same answer)."""
+    from sona.jobs_store import FOLD_HOURS
+
+    started = time.monotonic()
+    try:
+        while store.fold_stats(FOLD_HOURS) == FOLD_HOURS:
+            if time.monotonic() - started > budget_s:
+                return "Some settled hours are not folded yet; the figures count their rows instead."
+    except SonaError as exc:
+        return f"Settled hours not folded ({exc}); the figures count their rows instead."
+    return None

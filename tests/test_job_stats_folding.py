@@ -125,25 +125,67 @@ def test_an_hour_with_work_still_going_on_is_not_folded(
     )
     fold(conn)
     row = conn.execute(
-        "select count(*) as n from sona_stats_hours where hour = date_trunc('hour', %s::timestamptz)",
+        "select count(*) as n from sona_stats_hours where hour = date_trunc('hour', %s::timestamptz, 'UTC')",
         (created["t"],),
     ).fetchone()
     assert row is not None and row["n"] == 0
 
 
-def test_a_deleted_job_unfolds_its_hour_and_is_no_longer_counted(
-    conn: psycopg.Connection[dict[str, Any]],
+def counted_from_the_rows(conn: psycopg.Connection[dict[str, Any]], hours: int) -> dict[str, Any]:
+    """job_stats() with nothing folded (undone at once: the caller's folds stay)."""
+    conn.execute("savepoint unfolded")
+    conn.execute("delete from sona_stats_hours")
+    figures = job_stats(conn, hours)
+    conn.execute("rollback to savepoint unfolded")
+    return figures
+
+
+A_JOB_3_HOURS_OLD = (
+    "(select id from jobs where created_at < now() - interval '3 hours' order by created_at desc limit 1)"
+)
+
+# Changes to the rows of a folded hour: each unfolds it, so the answer stays the rows' own.
+CHANGES = {
+    "a deleted job": f"delete from jobs where id = {A_JOB_3_HOURS_OLD}",
+    "a deleted attempt": f"delete from job_attempts where job_id = {A_JOB_3_HOURS_OLD}",
+    # a pause's release reopens the attempt, and the next claim restarts it now
+    "an ended attempt started again": "update job_attempts set started_at = now(), outcome = null"
+    f" where job_id = {A_JOB_3_HOURS_OLD} and attempt = 1",
+    "a finished job changed": f"update jobs set status = 'failed' where id = {A_JOB_3_HOURS_OLD}",
+    "a job inserted with an old time": "insert into jobs (user_id, prompt, status, attempts, created_at)"
+    " select user_id, 'backfilled', 'completed', 1, now() - interval '3 hours 30 minutes' from jobs limit 1",
+}
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=list(CHANGES))
+def test_a_change_to_a_folded_hour_unfolds_it_and_the_answer_stays_the_rows_own(
+    conn: psycopg.Connection[dict[str, Any]], change: str
 ) -> None:
     fold(conn)
     folded = folded_hours(conn)
-    conn.execute(
-        "delete from jobs where id = (select id from jobs where created_at < now() - interval '3 hours'"
-        " order by created_at desc limit 1)"
-    )
-    assert folded_hours(conn) == folded - 1
-    after_delete = job_stats(conn, 24)
+    conn.execute(change)
+    assert folded_hours(conn) < folded
+    assert job_stats(conn, 24) == counted_from_the_rows(conn, 24)
     fold(conn)
-    assert job_stats(conn, 24) == after_delete
+    assert job_stats(conn, 24) == counted_from_the_rows(conn, 24)
+
+
+def without_times(figures: dict[str, Any]) -> dict[str, Any]:
+    """The figures whose JSON does not depend on the session's time zone (timestamps do)."""
+    busiest = figures["throughput"].pop("busiest_minute")
+    figures.pop("recent_failures")
+    return {**figures, "busiest_completed": busiest["completed"]}
+
+
+def test_hours_are_utc_hours_in_any_session_time_zone(conn: psycopg.Connection[dict[str, Any]]) -> None:
+    fold(conn)
+    in_utc = job_stats(conn, 24)
+    conn.execute("set time zone 'Asia/Kolkata'")  # UTC+5:30: its own hours start at :30
+    assert without_times(job_stats(conn, 24)) == without_times(in_utc)
+    folded = folded_hours(conn)
+    conn.execute(f"delete from jobs where id = {A_JOB_3_HOURS_OLD}")
+    assert folded_hours(conn) < folded
+    assert job_stats(conn, 24) == counted_from_the_rows(conn, 24)
 
 
 # A time in ms at four significant digits: exact below 10 s.

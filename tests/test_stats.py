@@ -87,6 +87,16 @@ def test_stats_json_has_the_right_figures(gateway: Gateway, known_mix: str) -> N
     ]
 
 
+def test_stats_answers_from_the_rows_when_the_hours_cannot_be_folded(
+    gateway: Gateway, known_mix: str
+) -> None:
+    gateway.faults.add("rpc:sona_fold_job_stats", 500, {"code": "57014", "message": "statement timeout"})
+    result = run_stats(gateway, "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Settled hours not folded" in result.stderr
+    assert json.loads(result.stdout)["total"] == 7
+
+
 def test_stats_table_is_readable(gateway: Gateway, known_mix: str) -> None:
     result = run_stats(gateway, "--hours", "24")
     assert result.returncode == 0, result.stderr

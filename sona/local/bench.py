@@ -30,12 +30,13 @@ import requests
 
 from sona.audio import make_master
 from sona.ffmpeg import find_ffmpeg
-from sona.jobs_store import FOLD_ALL_HOURS, JobsStore
+from sona.jobs_store import JobsStore
 from sona.local.database import REPO_ROOT
 from sona.local.stack import FunctionProcess, LocalStack
 from sona.local.synth import synthesize_wav
 from sona.local.venvs import ensure_venv
 from sona.models import webhook_payload
+from sona.stats import fold_settled_hours
 
 # The functions run as deployed: a virtual environment with requirements.txt only (the dev tools'
 # extra packages change what some imports pull in, e.g. httpx's optional CLI imports pygments).
@@ -375,7 +376,8 @@ def job_stats_at_scale(stack: LocalStack, runs: int) -> list[Figure]:
                 before.append(time.perf_counter() - started)
         unfolded = _time_stats(store, runs)
         started = time.perf_counter()
-        store.fold_stats(FOLD_ALL_HOURS)
+        if fold_settled_hours(store, budget_s=600) is not None:
+            raise RuntimeError("the settled hours were not all folded")
         fold = [time.perf_counter() - started]
         folded = _time_stats(store, runs)
         baseline = "the previous job_stats()"

@@ -19,11 +19,11 @@
 -- Percentiles are read off counts per value (sona_percentile, interpolated as percentile_cont
 -- does), with times at four significant digits (to the millisecond below 10 s, to 10 ms up to
 -- 100 s, to 100 ms above), so a folded hour holds a few thousand distinct values per figure rather
--- than one per job; the rows still counted are rounded the same way, after counting. A folded
--- job's figures do not change: a finished job never moves again, and deleting a job or an attempt
--- (or emptying either table) unfolds its hour. Attempt figures count the attempts that started in
--- the window; the first attempt's queue wait comes from jobs.started_at for jobs that ran once, and
--- from their attempt 1 for the others.
+-- than one per job; the rows still counted are rounded the same way, after counting. Hours are UTC
+-- hours whatever the session's time zone. A row deleted, inserted into a folded hour, or changed
+-- after it finished unfolds its hour (counted from the rows again until folded again). Attempt
+-- figures count the attempts that started in the window; the first attempt's queue wait comes from
+-- jobs.started_at for jobs that ran once, and from their attempt 1 for the others.
 -- Idempotent; valid on PostgreSQL 15 and newer.
 
 -- p_fraction's percentile, interpolated as percentile_cont does, of the values p_values (ascending)
@@ -136,9 +136,11 @@ end $$;
 create index if not exists job_attempts_open_started_idx on public.job_attempts (started_at)
   where outcome is null;
 
--- Fold up to p_limit settled hours of the last 35 days (the newest first; an hour is settled once it
--- ended over a minute ago with every job created in it finished and every attempt started in it
--- ended), drop folds older than that, and answer how many hours were folded. One caller at a time: a second returns 0 at once.
+-- Fold up to p_limit settled hours of the last 35 days (the newest first; an hour, in UTC whatever
+-- the session's time zone, is settled once it ended over 5 minutes ago, a margin for transactions
+-- still committing rows stamped inside it, with every job created in it finished and every attempt
+-- started in it ended), drop folds older than that, and answer how many hours were folded. One
+-- caller at a time: a second returns 0 at once.
 create or replace function public.sona_fold_job_stats(p_limit integer default 48)
 returns integer
 language plpgsql security definer set search_path = '' as $$
@@ -149,13 +151,13 @@ begin
   if not pg_try_advisory_xact_lock(hashtext('sona_fold_job_stats')) then
     return 0;
   end if;
-  delete from public.sona_stats_hours where hour < date_trunc('hour', now() - interval '35 days');
+  delete from public.sona_stats_hours where hour < date_trunc('hour', now() - interval '35 days', 'UTC');
   -- Every hour of the period is a candidate (an hour without jobs folds to nothing): each check
   -- below is an index probe, never a scan of the period's rows.
   for v_hour in
     select h.hour
-      from generate_series(date_trunc('hour', now() - interval '35 days'),
-                           now() - interval '1 hour 1 minute', interval '1 hour') as h(hour)
+      from generate_series(date_trunc('hour', now() - interval '35 days', 'UTC'),
+                           now() - interval '1 hour 5 minutes', interval '1 hour') as h(hour)
      where not exists (select 1 from public.sona_stats_hours s where s.hour = h.hour)
        and not exists (select 1 from public.jobs j
                         where j.status in ('pending', 'queued', 'processing')
@@ -183,16 +185,48 @@ begin
   return v_folded;
 end $$;
 
--- A deleted job or attempt unfolds its hour, so the figures never count a row that is gone (and
--- emptying either table unfolds every hour).
--- The hour of each row gone (its column named by the trigger: created_at or started_at).
+-- Rows that change a folded hour unfold it, so job_stats() never counts a row that is gone or has
+-- moved: a deleted job or attempt, a finished job or ended attempt changed afterwards (a pause's
+-- release, which reopens an attempt), and a row inserted with a time inside a folded hour; emptying
+-- either table unfolds every hour. Each waits for a fold in progress first (the fold's lock), so a
+-- fold cannot commit counts that still include the row. The time column is the trigger's argument.
+create or replace function public.sona_stats_unfold_hours(p_hours timestamptz[])
+returns void language plpgsql security definer set search_path = '' as $$
+begin
+  perform pg_advisory_xact_lock(hashtext('sona_fold_job_stats'));
+  delete from public.sona_stats_hours where hour = any (p_hours);
+end $$;
+
+-- For a statement's deleted or inserted rows (the transition table "touched"). An insert, on the
+-- hot path, looks before it locks: its rows are nearly always in the current hour, never folded.
 create or replace function public.sona_stats_unfold()
 returns trigger language plpgsql security definer set search_path = '' as $$
+declare
+  v_hours timestamptz[];
 begin
-  execute format('delete from public.sona_stats_hours
-                   where hour in (select distinct date_trunc(''hour'', g.%I) from gone g)', tg_argv[0]);
+  execute format('select array_agg(distinct date_trunc(''hour'', t.%I, ''UTC'')) from touched t', tg_argv[0])
+    into v_hours;
+  if tg_op = 'DELETE'
+     or exists (select 1 from public.sona_stats_hours s where s.hour = any (v_hours)) then
+    perform public.sona_stats_unfold_hours(v_hours);
+  end if;
   return null;
 end $$;
+
+-- For one finished row changed afterwards (the triggers' conditions pick them out): the hour it
+-- was in and the hour it is in now.
+create or replace function public.sona_stats_unfold_row()
+returns trigger language plpgsql security definer set search_path = '' as $$
+declare
+  v_hours timestamptz[];
+begin
+  execute format('select array[date_trunc(''hour'', ($1).%1$I, ''UTC''), date_trunc(''hour'', ($2).%1$I, ''UTC'')]',
+                 tg_argv[0])
+    into v_hours using old, new;
+  perform public.sona_stats_unfold_hours(v_hours);
+  return null;
+end $$;
+
 create or replace function public.sona_stats_unfold_all()
 returns trigger language plpgsql security definer set search_path = '' as $$
 begin
@@ -207,10 +241,26 @@ create trigger sona_stats_unfold_all after truncate on public.job_attempts
   for each statement execute function public.sona_stats_unfold_all();
 drop trigger if exists sona_stats_unfold on public.jobs;
 create trigger sona_stats_unfold after delete on public.jobs
-  referencing old table as gone for each statement execute function public.sona_stats_unfold('created_at');
+  referencing old table as touched for each statement execute function public.sona_stats_unfold('created_at');
 drop trigger if exists sona_stats_unfold on public.job_attempts;
 create trigger sona_stats_unfold after delete on public.job_attempts
-  referencing old table as gone for each statement execute function public.sona_stats_unfold('started_at');
+  referencing old table as touched for each statement execute function public.sona_stats_unfold('started_at');
+drop trigger if exists sona_stats_unfold_inserted on public.jobs;
+create trigger sona_stats_unfold_inserted after insert on public.jobs
+  referencing new table as touched for each statement execute function public.sona_stats_unfold('created_at');
+drop trigger if exists sona_stats_unfold_inserted on public.job_attempts;
+create trigger sona_stats_unfold_inserted after insert on public.job_attempts
+  referencing new table as touched for each statement execute function public.sona_stats_unfold('started_at');
+drop trigger if exists sona_stats_unfold_changed on public.jobs;
+create trigger sona_stats_unfold_changed
+  after update of status, attempts, created_at, started_at, completed_at on public.jobs
+  for each row when (old.status in ('completed', 'failed', 'cancelled'))
+  execute function public.sona_stats_unfold_row('created_at');
+drop trigger if exists sona_stats_unfold_changed on public.job_attempts;
+create trigger sona_stats_unfold_changed
+  after update of started_at, outcome, outcome_class, timings_ms on public.job_attempts
+  for each row when (old.outcome is not null)
+  execute function public.sona_stats_unfold_row('started_at');
 
 create or replace function public.job_stats(p_window_hours integer default 24)
 returns jsonb
@@ -226,11 +276,11 @@ as $$
     select h.hour,
            h.hour >= s.t and h.hour + interval '1 hour' <= now()
              and exists (select 1 from public.sona_stats_hours f where f.hour = h.hour) as folded
-      from since s, generate_series(date_trunc('hour', s.t), now(), interval '1 hour') as h(hour)
+      from since s, generate_series(date_trunc('hour', s.t, 'UTC'), now(), interval '1 hour') as h(hour)
   ), raw_ranges as (
     -- the rest, as ranges of consecutive hours cut to the window (the last one open-ended)
     select greatest(min(r.hour), s.t) as lo,
-           case when max(r.hour) = date_trunc('hour', now()) then 'infinity'::timestamptz
+           case when max(r.hour) = date_trunc('hour', now(), 'UTC') then 'infinity'::timestamptz
                 else max(r.hour) + interval '1 hour' end as hi
       from (select hour, hour - (row_number() over (order by hour)) * interval '1 hour' as island
               from hours where not folded) r, since s
@@ -368,7 +418,9 @@ begin
     'public.sona_job_groups(timestamptz, timestamptz)',
     'public.sona_attempt_groups(timestamptz, timestamptz)',
     'public.sona_fold_job_stats(integer)',
+    'public.sona_stats_unfold_hours(timestamptz[])',
     'public.sona_stats_unfold()',
+    'public.sona_stats_unfold_row()',
     'public.sona_stats_unfold_all()',
     'public.job_stats(integer)']
   loop
