@@ -22,9 +22,10 @@ ENV_FILE = Path(".env")
 
 
 class EnvironmentSettings(BaseModel):
-    """A settings model: unknown variables are ignored; errors never show the value given."""
+    """A settings model: unknown variables are ignored; defaults pass the same validators as given
+    values (as BaseSettings does); errors never show the value given."""
 
-    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
+    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True, validate_default=True)
 
 
 S = TypeVar("S", bound=EnvironmentSettings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from sona.environment import ConfigError, EnvironmentSettings, load
 
@@ -64,3 +64,16 @@ def test_every_problem_is_listed_at_once_and_no_value_is_echoed() -> None:
         "PRICES Input should be a valid dictionary",
     ]
     assert "s3cret" not in text and "t0ken-value" not in text
+
+
+class Normalised(EnvironmentSettings):
+    url: str = "https://example.com/"
+
+    @field_validator("url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+def test_a_default_passes_the_same_validators_as_a_given_value() -> None:
+    assert load(Normalised, environ={}, env_file=None).url == "https://example.com"
