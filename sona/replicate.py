@@ -57,7 +57,7 @@ from sona.errors import (
     TransientError,
 )
 from sona.models import GeneratedAudio
-from sona.retrying import retrying
+from sona.retrying import provider_retrying
 from sona.stable_audio import STEPS as STABLE_AUDIO_STEPS
 from sona.stable_audio import USER_AGENT
 
@@ -367,13 +367,7 @@ class ReplicateClient:
     # -- one HTTP exchange each ---------------------------------------------------------------------
 
     def _retrying(self, what: str, deadline: Deadline) -> Retrying:
-        return retrying(
-            what,
-            max_retries=self._settings.max_retries,
-            base_delay_s=self._settings.retry_delay_ms / 1000,
-            deadline=deadline,
-            sleep=self._sleep,
-        )
+        return provider_retrying(what, self._settings, deadline, self._sleep)
 
     def _api_headers(self) -> dict[str, str]:
         return {

@@ -8,12 +8,16 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any
 from tenacity.stop import stop_base
 
 from sona.deadline import Deadline
 from sona.errors import ServiceOutage, TransientError
+
+if TYPE_CHECKING:
+    from sona.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -72,4 +76,17 @@ def retrying(
         before_sleep=before_sleep,
         sleep=sleep,
         reraise=True,
+    )
+
+
+def provider_retrying(
+    what: str, settings: Settings, deadline: Deadline, sleep: Callable[[float], None] = time.sleep
+) -> Retrying:
+    """The policy of every call to a generation provider: MAX_RETRIES retries from RETRY_DELAY_MS."""
+    return retrying(
+        what,
+        max_retries=settings.max_retries,
+        base_delay_s=settings.retry_delay_ms / 1000,
+        deadline=deadline,
+        sleep=sleep,
     )

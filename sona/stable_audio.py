@@ -25,7 +25,7 @@ from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, Transie
 from sona.input_audio import InputAudio, input_object
 from sona.models import GeneratedAudio, Job
 from sona.modes import JobPlan, plan_job
-from sona.retrying import retrying
+from sona.retrying import provider_retrying
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,7 @@ class StableAudioClient:
 
     def generate(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio:
         """One paid generation, retrying transient failures with backoff inside the deadline."""
-        policy = retrying(
-            "provider call",
-            max_retries=self._settings.max_retries,
-            base_delay_s=self._settings.retry_delay_ms / 1000,
-            deadline=deadline,
-            sleep=self._sleep,
-        )
+        policy = provider_retrying("provider call", self._settings, deadline, self._sleep)
         return policy(self._call_once, request, deadline)
 
     def _call_once(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio:

@@ -23,7 +23,7 @@ from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import GenerationGone, PermanentError, ServiceOutage
 from sona.models import GeneratedAudio
-from sona.retrying import retrying
+from sona.retrying import provider_retrying
 from sona.stable_audio import (
     AUDIO_TO_AUDIO,
     USER_AGENT,
@@ -94,13 +94,7 @@ class StableAudio3Client:
         """One accepted generation's id. A refusal (4xx, 5xx, 429) accepted nothing, so retrying it
         pays nothing; a connection lost after the request went out may have been accepted (the
         one window no client can close: DESIGN.md, Stable Audio 3)."""
-        policy = retrying(
-            "provider call",
-            max_retries=self._settings.max_retries,
-            base_delay_s=self._settings.retry_delay_ms / 1000,
-            deadline=deadline,
-            sleep=self._sleep,
-        )
+        policy = provider_retrying("provider call", self._settings, deadline, self._sleep)
         return policy(self._post_once, request, deadline)
 
     def _post_once(self, request: GenerationRequest, deadline: Deadline) -> str:
@@ -125,13 +119,7 @@ class StableAudio3Client:
     def fetch(self, generation_id: str, model: str, deadline: Deadline) -> GeneratedAudio | None:
         """The audio, or None while in progress. A dropped or cut-off answer is retried (the
         generation stays on the provider's side); a 404 generation_not_found is GenerationGone."""
-        policy = retrying(
-            "result fetch",
-            max_retries=self._settings.max_retries,
-            base_delay_s=self._settings.retry_delay_ms / 1000,
-            deadline=deadline,
-            sleep=self._sleep,
-        )
+        policy = provider_retrying("result fetch", self._settings, deadline, self._sleep)
         result: GeneratedAudio | None = policy(self._get_once, generation_id, model, deadline)
         return result
 
