@@ -287,38 +287,34 @@ def deploy_commands(config: DeployConfig, environ: dict[str, str]) -> list[str]:
         f"--attempt-deadline={min(reclaim_timeout, MAX_SCHEDULER_DEADLINE_S)}s",
     ]
     scheduler = ["gcloud", "scheduler", "jobs"]
+
+    def job_function(name: str, target: str, *, public: bool) -> str:
+        """A function that may run a job (the private worker; the door, which runs it in direct
+        mode): the job's timeout, and MAX_CONCURRENT_JOBS x MAX_INSTANCES slots."""
+        return Shell.line(
+            deploy(
+                name,
+                target,
+                public=public,
+                timeout_s=function_timeout_s(config.job_timeout_ms),
+                concurrency=config.max_concurrent_jobs,
+                max_instances=config.max_instances,
+                env=settings,
+            )
+        )
+
     worker: list[str] = []
     if config.dispatch == "cloud_tasks":
         worker = [
             *queue_commands(config),
-            Shell.line(
-                deploy(
-                    config.run_job_function,
-                    "run_job",
-                    public=False,
-                    timeout_s=function_timeout_s(config.job_timeout_ms),
-                    concurrency=config.max_concurrent_jobs,
-                    max_instances=config.max_instances,
-                    env=settings,
-                )
-            ),
+            job_function(config.run_job_function, "run_job", public=False),
             *task_identity_commands(config),
         ]
     return [
         "set -euo pipefail",
         *HELPERS,
         *worker,
-        Shell.line(
-            deploy(
-                config.process_job_function,
-                "process_job",
-                public=True,
-                timeout_s=function_timeout_s(config.job_timeout_ms),
-                concurrency=config.max_concurrent_jobs,
-                max_instances=config.max_instances,
-                env=settings,
-            )
-        ),
+        job_function(config.process_job_function, "process_job", public=True),
         *public_access_commands(config, config.process_job_function),
         f'PROCESS_JOB_URL="$({Shell.line([*describe, config.process_job_function, *uri])})"',
         Shell.line(
