@@ -1,6 +1,6 @@
 """Supabase API keys: each kind is told apart, refused when it lacks the service role, and sent in
-the headers Supabase accepts for it (seen at the gateway, through the real postgrest and storage3
-clients)."""
+the headers Supabase accepts for it (seen at the gateway, through the jobs store's RPC client and the
+real storage3 client)."""
 
 from __future__ import annotations
 
