@@ -43,7 +43,7 @@ from devstack.emulators.user_jwt import make_user_jwt
 from sona.audio.ffmpeg import find_ffmpeg
 from sona.config import Settings, load_settings
 from sona.ops.webhook_sql import WebhookConfig, webhook_sql
-from sona.store.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
+from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
 from sona.task_queue import QueueLimits
 
 log = logging.getLogger(__name__)

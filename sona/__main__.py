@@ -35,7 +35,7 @@ def _validate(_: argparse.Namespace) -> int:
 
 def _reclaim(_: argparse.Namespace) -> int:
     from sona.errors import DatabaseUnavailable
-    from sona.job.reclaim import run_reclaim
+    from sona.reclaim import run_reclaim
     from sona.services import Services
 
     try:

@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from sona import storage_rules
 from sona.environment import ConfigError, EnvironmentSettings, load
-from sona.store import storage_rules
-from sona.store.supabase_keys import key_problem, key_warning
+from sona.supabase_keys import key_problem, key_warning
 
 DEFAULT_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/audio/stable-audio-2"
 # The earlier worker's default: not a real route, so validation warns about it.
@@ -416,7 +416,7 @@ class Settings(EnvironmentSettings):
         return notes
 
 
-# Storage's key characters (sona/store/storage_rules.py), for messages.
+# Storage's key characters (sona/storage_rules.py), for messages.
 _ALLOWED = "ASCII letters, digits, space and _ ! - . * ' ( ) & $ = @ ; : + ,"
 
 

@@ -85,3 +85,7 @@ class StorageRefused(StorageFailure, PermanentError):
 
 class FfmpegMissing(RuntimeError):
     """No ffmpeg anywhere: a startup error, so no job is claimed and then lost mid-way."""
+
+
+class StoreError(SonaError):
+    """The database answered with an error that retrying will not fix (a bug or a bad schema)."""

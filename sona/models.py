@@ -124,6 +124,10 @@ class WebhookPayload(BaseModel):
     old_record: dict[str, Any] | None = None
 
 
+# The header that carries the webhook's shared secret, on the webhook and on reclaim's direct dispatch.
+SECRET_HEADER = "X-Webhook-Secret"  # noqa: S105  a header name, not a secret
+
+
 def webhook_payload(
     job_id: object,
     *,
@@ -199,3 +203,19 @@ def json_column(value: Any) -> Any:
         except ValueError:
             return None
     return value
+
+
+# The shapes inside two of the plug-in's JSON columns (musical_key, producer_config), read by the
+# job's plan (its prompt) and its download name alike.
+class MusicalKey(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    key: str | None = None
+    scale: str = "major"
+
+
+class ProducerConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: str | None = None
+    bpm: float | None = None
+    time_signature: str | None = Field(default=None, alias="timeSignature")
+    bars: int | None = None

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from devstack.emulators.gateway import Gateway, gateway_error, gateway_error_page
-from sona.errors import Cancelled, DatabaseUnavailable, StaleLease
+from sona.errors import Cancelled, DatabaseUnavailable, StaleLease, StoreError
 from sona.models import JobStage, JobStatus, Output
-from sona.store.jobs import JobsStore, StoreError
+from sona.store.jobs import JobsStore
 from tests.support import AUDIO_INFO as INFO
 from tests.support import insert_job, job_row, make_settings, sql
 

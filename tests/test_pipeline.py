@@ -25,12 +25,12 @@ from sona.errors import (
     StaleLease,
     StorageRefused,
     StorageUnavailable,
+    StoreError,
     TransientError,
 )
-from sona.job.outcomes import OutcomeClass, outcome_class
 from sona.job.pipeline import ATTEMPT_EVENT, Pipeline
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, JobStatus, Output
-from sona.store.jobs import StoreError
+from sona.outcomes import OutcomeClass, outcome_class
 from sona.store.storage import StoredOutput
 from tests.support import AUDIO_INFO, make_settings, wav_bytes
 

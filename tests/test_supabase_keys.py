@@ -14,7 +14,7 @@ from devstack.emulators.gateway import Gateway, make_jwt
 from sona.deadline import Deadline
 from sona.store.jobs import JobsStore
 from sona.store.storage import AudioStorage, object_path
-from sona.store.supabase_keys import KeyKind, SupabaseKey, classify, key_problem, key_warning, request_headers
+from sona.supabase_keys import KeyKind, SupabaseKey, classify, key_problem, key_warning, request_headers
 from tests.support import make_settings, wav_bytes
 
 JWT_SECRET = "a-jwt-secret-for-these-tests"

@@ -14,8 +14,8 @@ import requests
 from devstack.emulators.cloud_tasks import CloudTasksEmulator, RetryPolicy
 from sona.config import ConfigError, load
 from sona.deadline import Deadline
-from sona.job.reclaim import _enqueue_all
 from sona.ops.deploy import DeployConfig, env_flag, queue_limits
+from sona.reclaim import _enqueue_all
 from sona.services import Services
 from sona.store.jobs import ReclaimAction
 from sona.task_queue import OneShotHttp, QueueLimits, TaskQueue

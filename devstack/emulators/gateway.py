@@ -29,7 +29,7 @@ from devstack.emulators.postgrest_rpc import PostgrestRpc
 from devstack.emulators.storage_api import StorageApi, access_denied
 from devstack.emulators.user_jwt import check_jwt
 from devstack.serving import json_response, serve_wsgi, stop_server
-from sona.store.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
+from sona.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
 
 _BEARER = re.compile(r"^Bearer\s+", re.IGNORECASE)
 # PostgREST's answer to a Bearer token that is not a JWT (e.g. an sb_secret_ key): supabase-py#1230.

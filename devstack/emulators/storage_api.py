@@ -58,7 +58,7 @@ from werkzeug.wrappers import Request, Response
 
 from devstack.emulators.user_jwt import check_jwt, sign_jwt
 from devstack.serving import json_response
-from sona.store.storage_rules import is_valid_bucket_name, is_valid_key, parse_file_size
+from sona.storage_rules import is_valid_bucket_name, is_valid_key, parse_file_size
 
 # The Free plan's global upload limit: "50 MB" in the dashboard, 52428800 bytes as Storage's own
 # sample configuration (UPLOAD_FILE_SIZE_LIMIT_STANDARD) has it.

@@ -8,10 +8,10 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 
+from sona import storage_rules
 from sona.audio.master import decoded_seconds
 from sona.deadline import Deadline
 from sona.errors import PermanentError
-from sona.store import storage_rules
 
 MIN_SECONDS, MAX_SECONDS = 6.0, 190.0
 # The provider takes at most 50 MB a request; the prompt and the other fields need room beside it.

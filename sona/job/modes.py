@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sona.config import Settings
 from sona.errors import PermanentError
 from sona.job.naming import download_name, number_text
-from sona.models import Job, json_column
+from sona.models import Job, MusicalKey, ProducerConfig, json_column
 
 Kind = Literal["text-to-audio", "audio-to-audio"]
 # Which client serves a model: "stable-audio" answers the audio to the paid call itself;
@@ -63,20 +63,6 @@ MODELS: dict[str, Model] = {
     # the API's max)).
     "tangoflux": Model("tangoflux", 30, "TangoFlux"),
 }
-
-
-class MusicalKey(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    key: str | None = None
-    scale: str = "major"
-
-
-class ProducerConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    type: str | None = None
-    bpm: float | None = None
-    time_signature: str | None = Field(default=None, alias="timeSignature")
-    bars: int | None = None
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sona.models import json_column
 
 if TYPE_CHECKING:
-    from sona.job.modes import MusicalKey, ProducerConfig
-    from sona.models import Job
+    from sona.models import Job, MusicalKey, ProducerConfig
 
 _DIGITS36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 

@@ -30,8 +30,8 @@ from sona.errors import (
 )
 from sona.job.generations import ById
 from sona.job.modes import MODELS, JobPlan, plan_job
-from sona.job.outcomes import OutcomeClass, outcome_class
 from sona.models import CLAIMABLE, AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, Output
+from sona.outcomes import OutcomeClass, outcome_class
 from sona.retrying import retrying
 from sona.store.storage import StoredOutput, attempt_stamp, object_path
 

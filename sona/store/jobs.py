@@ -16,12 +16,12 @@ from pydantic import BaseModel
 
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import Cancelled, DatabaseUnavailable, ServiceOutage, SonaError, StaleLease
-from sona.job.outcomes import OutcomeClass
+from sona.errors import Cancelled, DatabaseUnavailable, ServiceOutage, StaleLease, StoreError
 from sona.models import ClaimedJob, Job, JobStage, Output
+from sona.outcomes import OutcomeClass
 from sona.retrying import retrying
 from sona.store.rpc import GatewayFailure, RpcClient, RpcError, Unreachable
-from sona.store.supabase_keys import request_headers
+from sona.supabase_keys import request_headers
 
 # PostgREST codes (SQLSTATEs and its own PGRST codes) that mean "not now" rather than "never":
 # connection failures, insufficient resources, the server shutting down, PostgREST unable to reach
@@ -37,10 +37,6 @@ CLAIM_BUDGET_S = 10.0
 # Hours one fold counts at most: a day of backlog per call, so a reclaim stays short; the scheduler's
 # next calls catch up on the rest (an hour that is not folded is still counted, only slower).
 FOLD_HOURS = 24
-
-
-class StoreError(SonaError):
-    """The database answered with an error that retrying will not fix (a bug or a bad schema)."""
 
 
 class ReclaimAction(BaseModel):

@@ -19,7 +19,7 @@ from sona.deadline import Deadline
 from sona.errors import PermanentError, ServiceOutage, StorageRefused, StorageUnavailable, TransientError
 from sona.retrying import retrying
 from sona.store.bounded_http import DeadlineTransport
-from sona.store.supabase_keys import request_headers
+from sona.supabase_keys import request_headers
 from sona.tls import tls_context
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,7 @@ import requests
 
 from sona.deadline import Deadline
 from sona.errors import SonaError, TransientError
-from sona.handlers import SECRET_HEADER
-from sona.models import webhook_payload
+from sona.models import SECRET_HEADER, webhook_payload
 from sona.services import Services
 from sona.store.jobs import ReclaimAction
 from sona.task_queue import PooledHttp, TaskQueue

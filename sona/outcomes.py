@@ -12,6 +12,7 @@ from sona.errors import (
     ServiceOutage,
     SonaError,
     StorageFailure,
+    StoreError,
     TransientError,
 )
 
@@ -33,8 +34,6 @@ OUTCOME_CLASSES: tuple[OutcomeClass, ...] = (
 
 def outcome_class(error: BaseException) -> OutcomeClass:
     """Most specific kind first: a timeout or an account-level outage can come from any step."""
-    from sona.store.jobs import StoreError  # the store imports the pipeline's types, not this
-
     if isinstance(error, DeadlineExceeded):
         return "timeout"
     if isinstance(error, ServiceOutage):
