@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
 from sona import storage_rules
+from sona.catalog import MODELS, input_model, known_model
 from sona.environment import ConfigError, EnvironmentSettings, load
 from sona.supabase_keys import key_problem, key_warning
 
@@ -41,25 +42,16 @@ DISPATCH_ROOM_S = 30
 PROVIDER_RATE_LIMIT_PER_S = 15
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-# The models a mode may name (sona/job/modes.py MODELS says which engine serves each).
-StableAudioModel = Literal["stable-audio-2.5", "stable-audio-2", "stable-audio-3"]
-# A plug-in mode may also be served by TangoFlux on Replicate (text-to-audio only, up to 30 s).
-ModelName = StableAudioModel | Literal["tangoflux"]
+# The models a mode may name: those of sona/catalog.py; the earlier worker's modes (audio-to-audio
+# among them) only those that take an input.
+ModelName = Annotated[str, AfterValidator(known_model)]
+InputModelName = Annotated[str, AfterValidator(input_model)]
 PLUGIN_MODE_MODELS = ("designer_model", "producer_model", "creator_model")
 # Stable Audio 3's asynchronous routes sit under this base: POST {base}/stable-audio/{endpoint},
 # GET {base}/results/{id} (DESIGN.md, Stable Audio 3).
 DEFAULT_STABLE_AUDIO_3_API_URL = "https://api.stability.ai/v2beta/audio"
-# Credits per paid generation (1 credit = $0.01): stable-audio-2.5 is 20; stable-audio-2 is
-# 17 + 0.06 x steps (about 20 at its 50 steps); stable-audio-3 is 26 per Stability's spec but 8 per its
-# explainer of 2026-11-23 (unresolved: MODEL_CREDITS overrides any of them).
-DEFAULT_MODEL_CREDITS: dict[str, float] = {
-    "stable-audio-2.5": 20,
-    "stable-audio-2": 20,
-    "stable-audio-3": 26,
-    # Replicate bills TangoFlux by GPU seconds, about $0.003-0.02 a job (README): one credit's
-    # worth ($0.01) as the estimate until a real prediction's predict_time says otherwise.
-    "tangoflux": 1,
-}
+# Credits per paid generation, per model (sona/catalog.py; MODEL_CREDITS overrides any of them).
+DEFAULT_MODEL_CREDITS: dict[str, float] = {name: model.credits for name, model in MODELS.items()}
 
 
 def dispatch_deadline_s(job_timeout_ms: int) -> int:
@@ -132,7 +124,7 @@ class Settings(EnvironmentSettings):
     # What `stats` prices each paid generation at, per model, in credits (JSON: {"stable-audio-3": 8}).
     model_credits: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MODEL_CREDITS))
     # The model for the earlier worker's modes (default, text-to-audio, audio-to-audio).
-    stable_audio_model: StableAudioModel = "stable-audio-2.5"
+    stable_audio_model: InputModelName = "stable-audio-2.5"
     # One model per plug-in mode (sona/job/modes.py decides what each row asks for). The plug-in's own
     # worker served designer with TangoFlux on Replicate; Stable Audio 2.5 serves all three here.
     designer_model: ModelName = "stable-audio-2.5"

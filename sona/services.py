@@ -15,7 +15,6 @@ from sona.logs import setup_logging
 
 if TYPE_CHECKING:
     from sona.engines.base import Engine, Engines
-    from sona.engines.stable_audio import StableAudioClient
     from sona.job.pipeline import Pipeline
     from sona.store.jobs import JobsStore
     from sona.store.storage import AudioStorage
@@ -44,27 +43,24 @@ class Services:
         return find_ffmpeg(self.settings.ffmpeg_binary)
 
     @cached_property
-    def provider(self) -> StableAudioClient:
-        from sona.engines.stable_audio import StableAudioClient
-
-        return StableAudioClient(self.settings)
-
-    @cached_property
     def engines(self) -> Engines:
-        """Each engine's client by the name sona/job/modes.py MODELS gives it (a client is only a session
-        until its first call, so both are built)."""
+        """Each model's engine, by model name (sona/catalog.py says which engine serves which model):
+        the pipeline asks this, never the catalog. A client is only a session until its first call,
+        so every engine the settings can reach is built; TangoFlux only with its token."""
+        from sona.catalog import MODELS
+        from sona.engines.stable_audio import StableAudioClient
         from sona.engines.stable_audio_3 import StableAudio3Client
 
-        engines: dict[str, Engine] = {
-            "stable-audio": self.provider,
+        by_engine: dict[str, Engine] = {
+            "stable-audio": StableAudioClient(self.settings),
             "stable-audio-3": StableAudio3Client(self.settings),
         }
         if self.settings.replicate_api_token is not None:  # settings require it for a tangoflux mode
             from sona.engines.replicate import ReplicateClient, TangoFluxEngine
 
             poll_s = self.settings.generation_poll_ms / 1000
-            engines["tangoflux"] = TangoFluxEngine(ReplicateClient(self.settings), poll_interval_s=poll_s)
-        return engines
+            by_engine["tangoflux"] = TangoFluxEngine(ReplicateClient(self.settings), poll_interval_s=poll_s)
+        return {name: by_engine[m.engine] for name, m in MODELS.items() if m.engine in by_engine}
 
     @cached_property
     def storage(self) -> AudioStorage:

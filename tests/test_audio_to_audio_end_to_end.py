@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from devstack.stack import LocalStack
-from sona.engines.stable_audio import client_user_id
+from sona.job.modes import client_user_id
 from tests.support import decoded_seconds, wav_bytes
 
 pytestmark = pytest.mark.slow

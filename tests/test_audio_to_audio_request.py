@@ -12,8 +12,9 @@ import requests
 from devstack.doubles.stable_audio_double import StableAudioDouble
 from sona.audio.input_audio import inspect
 from sona.deadline import Deadline
-from sona.engines.stable_audio import DEFAULT_STRENGTH, GenerationRequest, StableAudioClient, client_user_id
+from sona.engines.stable_audio import StableAudioClient
 from sona.errors import PermanentError
+from sona.job.modes import DEFAULT_STRENGTH, client_user_id, plan_job
 from sona.models import Job, JobStatus
 from tests.support import make_settings, wav_bytes
 
@@ -47,12 +48,12 @@ def test_a_row_the_provider_would_refuse_fails_before_any_call(
     fields: dict[str, Any], model: str, message: str
 ) -> None:
     with pytest.raises(PermanentError, match=message):
-        GenerationRequest.from_job(a2a_job(**fields), make_settings(stable_audio_model=model))
+        plan_job(a2a_job(**fields), make_settings(stable_audio_model=model))
 
 
 def test_the_strength_defaults_to_half_way_because_the_apis_default_ignores_the_input() -> None:
-    request = GenerationRequest.from_job(a2a_job(), make_settings())
-    assert (request.endpoint, request.strength, request.input_object) == (
+    request = plan_job(a2a_job(), make_settings()).request
+    assert (request.kind, request.strength, request.input_object) == (
         "audio-to-audio",
         DEFAULT_STRENGTH,
         f"{USER}/take.wav",
@@ -62,9 +63,7 @@ def test_the_strength_defaults_to_half_way_because_the_apis_default_ignores_the_
 def test_the_client_sends_the_audio_part_strength_model_and_a_hashed_user(double: StableAudioDouble) -> None:
     settings = make_settings(stable_audio_api_url=double.url, retry_delay_ms=10)
     source = inspect(wav_bytes(7), _ffmpeg())
-    request = GenerationRequest.from_job(a2a_job(strength=0.25), settings).model_copy(
-        update={"source": source}
-    )
+    request = plan_job(a2a_job(strength=0.25), settings).request.with_source(source)
 
     generated = StableAudioClient(settings).generate(request, Deadline(30))
 
@@ -84,7 +83,7 @@ def test_the_client_sends_the_audio_part_strength_model_and_a_hashed_user(double
 def test_an_audio_to_audio_request_without_its_read_input_is_never_sent(double: StableAudioDouble) -> None:
     settings = make_settings(stable_audio_api_url=double.url)
     with pytest.raises(PermanentError, match="input audio was not read"):
-        StableAudioClient(settings).generate(GenerationRequest.from_job(a2a_job(), settings), Deadline(30))
+        StableAudioClient(settings).generate(plan_job(a2a_job(), settings).request, Deadline(30))
     assert double.call_count == 0
 
 

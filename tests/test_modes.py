@@ -110,9 +110,7 @@ def test_durations_read_as_the_plugins_worker_wrote_them(seconds: int, phrase: s
     ("quality", "steps"), [("draft", 4), ("low", 4), ("standard", 6), ("medium", 6), ("high", 8)]
 )
 def test_the_uis_quality_names_map_to_the_tables(quality: str, steps: int) -> None:
-    from sona.engines.stable_audio import GenerationRequest
-
-    request = GenerationRequest.from_job(job(quality=quality), make_settings())
+    request = plan_job(job(quality=quality), make_settings()).request
     assert request.steps == steps
 
 

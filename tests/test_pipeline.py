@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from sona.audio.ffmpeg import find_ffmpeg
+from sona.catalog import MODELS
 from sona.deadline import Deadline
-from sona.engines.stable_audio import GenerationRequest
+from sona.engines.base import GenerationRequest
 from sona.errors import (
     Cancelled,
     DatabaseUnavailable,
@@ -147,6 +148,11 @@ class FakeStorage:
         return self.earlier
 
 
+
+def every_model(engine: object) -> dict[str, Any]:
+    """The engines as sona/services.py hands them over (by model name), all served by one fake."""
+    return dict.fromkeys(MODELS, engine)
+
 def claimed(**fields: Any) -> ClaimedJob:
     values: dict[str, Any] = {
         "id": uuid.uuid4(),
@@ -174,7 +180,7 @@ def run(
 ) -> tuple[Any, FakeStore, FakeProvider, FakeStorage]:
     store, provider, storage = store or FakeStore(), provider or FakeProvider(), storage or FakeStorage()
     settings = make_settings(retry_delay_ms=10, **setting)
-    pipeline = Pipeline(settings, store, {"stable-audio": provider}, storage, ffmpeg or find_ffmpeg())
+    pipeline = Pipeline(settings, store, every_model(provider), storage, ffmpeg or find_ffmpeg())
     return pipeline.run(job, Deadline(budget_s), timings), store, provider, storage
 
 
@@ -521,7 +527,7 @@ def run_by_id(
 ) -> tuple[Any, FakeStore]:
     store = store or FakeStore()
     settings = make_settings(retry_delay_ms=10, stable_audio_model="stable-audio-3")
-    engines = {"stable-audio": FakeProvider(), "stable-audio-3": engine}
+    engines = {**every_model(FakeProvider()), "stable-audio-3": engine}
     pipeline = Pipeline(settings, store, engines, FakeStorage(), find_ffmpeg())
     return pipeline.run(job, Deadline(budget_s)), store
 

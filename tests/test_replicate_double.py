@@ -13,8 +13,8 @@ import requests
 from werkzeug.wrappers import Request, Response
 
 from devstack.doubles.replicate_double import VERSION, Answer, Outcome, ReplicateDouble
+from devstack.doubles.replicate_webhooks import verify_webhook
 from devstack.serving import serve_wsgi, stop_server
-from sona.engines.replicate import verify_webhook
 
 TOKEN = "r8_sentinel-double-token-5e6f"
 INPUT = {"prompt": "glass shattering on stone", "duration": 2, "steps": 25, "guidance_scale": 3.5}
@@ -238,6 +238,19 @@ def test_a_scripted_answer_can_be_narrowed_to_gets(double: ReplicateDouble) -> N
 
 
 # -- webhooks ----------------------------------------------------------------------------------------
+
+
+def test_a_webhook_and_its_events_filter_are_sent_when_asked(double: ReplicateDouble) -> None:
+    """Moved from test_replicate.py with the client's webhook parameters, which only tests used (the
+    function waits by polling): the double keeps what a create asks for."""
+    body = {
+        "version": VERSION,
+        "input": INPUT,
+        "webhook": "http://127.0.0.1:9/hook",
+        "webhook_events_filter": ["completed"],
+    }
+    record = double.predictions[create(double, body).json()["id"]]
+    assert (record.webhook, record.events) == ("http://127.0.0.1:9/hook", ("completed",))
 
 
 def test_the_webhook_is_the_prediction_signed_with_the_accounts_secret(

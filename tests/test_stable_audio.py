@@ -12,8 +12,10 @@ import pytest
 from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.engines.stable_audio import USER_AGENT, GenerationRequest, StableAudioClient
+from sona.engines.http import USER_AGENT
+from sona.engines.stable_audio import StableAudioClient
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
+from sona.job.modes import plan_job
 from sona.models import Job, JobStatus
 from tests.support import SECRETS, make_settings
 
@@ -45,7 +47,7 @@ class Sleeps(list[float]):
 def generate(double: StableAudioDouble, budget_s: float = 30, sleep: Any = None, **overrides: Any) -> Any:
     settings = settings_for(double, **overrides)
     client = StableAudioClient(settings, sleep=sleep if sleep is not None else Sleeps())
-    return client.generate(GenerationRequest.from_job(job(), settings), Deadline(budget_s))
+    return client.generate(plan_job(job(), settings).request, Deadline(budget_s))
 
 
 # -- the contract ---------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def test_the_request_is_multipart_with_every_field_and_the_real_headers(double: 
     ],
 )
 def test_steps_follow_quality_within_the_models_range(model: str, quality: str, steps: int) -> None:
-    request = GenerationRequest.from_job(job(quality=quality), make_settings(stable_audio_model=model))
+    request = plan_job(job(quality=quality), make_settings(stable_audio_model=model)).request
     assert (request.model, request.steps) == (model, steps)
 
 
@@ -127,12 +129,12 @@ def test_the_double_refuses_what_the_real_api_refuses(double: StableAudioDouble)
 )
 def test_bad_rows_fail_before_any_call(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(PermanentError, match=message):
-        GenerationRequest.from_job(job(**fields), make_settings())
+        plan_job(job(**fields), make_settings())
 
 
 @pytest.mark.parametrize("mode", ["default", "text-to-audio"])
 def test_default_and_text_to_audio_modes_are_text_to_audio(mode: str) -> None:
-    assert GenerationRequest.from_job(job(mode=mode), make_settings()).prompt == "warm analog pad"
+    assert plan_job(job(mode=mode), make_settings()).request.prompt == "warm analog pad"
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -285,4 +287,4 @@ def test_a_slow_first_byte_past_the_deadline_is_a_timeout(double: StableAudioDou
     ],
 )
 def test_control_characters_become_spaces_and_everything_printable_stays(prompt: str, sent: str) -> None:
-    assert GenerationRequest.from_job(job(prompt=prompt), make_settings()).prompt == sent
+    assert plan_job(job(prompt=prompt), make_settings()).request.prompt == sent

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,9 +13,10 @@ import pytest
 from devstack.doubles.stable_audio_double import Behaviour, RateLimit, StableAudioDouble
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.engines.stable_audio import GenerationRequest
+from sona.engines.base import GenerationRequest
 from sona.engines.stable_audio_3 import StableAudio3Client
 from sona.errors import GenerationGone, PermanentError, ServiceOutage, TransientError
+from sona.job.modes import plan_job
 from sona.models import Job, JobStatus
 from tests.support import make_settings
 
@@ -45,7 +47,7 @@ def client_and_request(
     double: StableAudioDouble, **overrides: Any
 ) -> tuple[StableAudio3Client, GenerationRequest]:
     settings = settings_for(double, **overrides)
-    return StableAudio3Client(settings, sleep=lambda _: None), GenerationRequest.from_job(job(), settings)
+    return StableAudio3Client(settings, sleep=lambda _: None), plan_job(job(), settings).request
 
 
 def test_a_post_answers_the_generation_id_and_is_the_one_payment(double: StableAudioDouble) -> None:
@@ -155,6 +157,6 @@ def test_the_rate_limit_counts_posts_only(double: StableAudioDouble) -> None:
 
 def test_sa3_takes_up_to_380_seconds_and_the_double_refuses_more(double: StableAudioDouble) -> None:
     client, request = client_and_request(double, max_retries=0)
-    assert client.submit(request.model_copy(update={"duration": 380}), Deadline(10))
+    assert client.submit(replace(request, duration=380), Deadline(10))
     with pytest.raises(PermanentError):
-        client.submit(request.model_copy(update={"duration": 381}), Deadline(10))
+        client.submit(replace(request, duration=381), Deadline(10))

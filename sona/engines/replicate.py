@@ -6,7 +6,7 @@ Facts this module follows:
   quality (low 25, medium 100, high 200, medium when unset; its header comment says 15/25/50, its
   code sends 25/100/200), `guidance_scale` 3.5; the output is the URL of a WAV file.
 - Replicate's HTTP API (replicate.com/docs, "Create a prediction", "Predictions", "Data retention",
-  "Rate limits", "Verify webhooks"): `POST /v1/predictions` with `{"version", "input"}` and a bearer
+  "Rate limits"): `POST /v1/predictions` with `{"version", "input"}` and a bearer
   token answers 201 with the prediction at once (`id`, `status`, `urls.get`, `output`, `error`,
   `data_removed`, `metrics.predict_time`); `GET /v1/predictions/{id}` polls it; statuses are starting,
   processing, succeeded, failed, canceled (and aborted, for one its Cancel-After deadline stopped before it
@@ -15,9 +15,6 @@ Facts this module follows:
   deleted after an hour (`data_removed` turns true, the file URL stops answering). Errors are
   problem details (`title`, `detail`, `status`, as replicate-python's ReplicateError reads them); a
   429 says `{"detail": "Request was throttled. ..."}`.
-- Webhooks are signed the standard-webhooks way: HMAC-SHA256 over `{webhook-id}.{webhook-timestamp}.
-  {raw body}` with the base64 key after `whsec_`, sent as space-separated `v1,<base64>` entries in
-  `webhook-signature`; a receiver refuses timestamps far from its clock (replay).
 
 The paid step is `create`; `get` and `download` are free and may be repeated within the hour. So a
 create is retried in place only on answers saying nothing was made (429, 5xx); a create whose answer
@@ -29,16 +26,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 import logging
 import re
-import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import requests
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,11 +41,10 @@ from tenacity import Retrying
 from urllib3.exceptions import NewConnectionError
 
 from sona.config import ConfigError, Settings
-from sona.deadline import SLACK_S, Deadline
-from sona.engines.stable_audio import STEPS as STABLE_AUDIO_STEPS
-from sona.engines.stable_audio import USER_AGENT
+from sona.deadline import Deadline
+from sona.engines.base import GenerationRequest
+from sona.engines.http import USER_AGENT, read_within, retry_after, socket_of, unanswered
 from sona.errors import (
-    DeadlineExceeded,
     GenerationGone,
     PermanentError,
     ServiceOutage,
@@ -66,34 +59,21 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "tangoflux"  # the name an engine setting would use
 REPLICATE_MODEL = "declare-lab/tangoflux"
 VERSION = "fcdc421786888a045329d7c4e1874764433a2516b21f4c34bd3da4e054d04cf9"
-STEPS = STABLE_AUDIO_STEPS[MODEL_NAME]  # one table of steps per model, in sona/engines/stable_audio.py
 GUIDANCE_SCALE = 3.5
 MIN_DURATION_S, MAX_DURATION_S = 1, 30
 # API predictions lose their input, output and files after this long.
 RETENTION_S = 3600
 # The longest `Prefer: wait` Replicate honours.
 MAX_WAIT_S = 60
-# How far a webhook's timestamp may be from our clock (the standard-webhooks libraries' default).
-WEBHOOK_TOLERANCE_S = 300
-WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 
 Status = Literal["starting", "processing", "succeeded", "failed", "canceled", "aborted"]
 RUNNING: frozenset[str] = frozenset({"starting", "processing"})
-_CHUNK = 256 * 1024
 
 
 class PredictionGone(GenerationGone):
     """Replicate no longer has what a prediction made: its id is unknown (404), or the hour passed
     and its output was deleted. The only case in which a job that paid once may create again."""
 
-
-class WebhookRefused(Exception):
-    """A request at the webhook door that is not Replicate's, or not now: answer 401, enqueue nothing.
-    `reason` is safe to log (no secret, no body)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class TangoFluxInput(BaseModel):
@@ -105,13 +85,6 @@ class TangoFluxInput(BaseModel):
     duration: int = Field(ge=MIN_DURATION_S, le=MAX_DURATION_S)
     steps: int = Field(ge=1, le=200)
     guidance_scale: float = Field(default=GUIDANCE_SCALE, ge=1, le=20)
-
-    @classmethod
-    def for_quality(cls, prompt: str, duration: int, quality: str | None) -> TangoFluxInput:
-        """What the plug-in's worker sent for a row's prompt, length and quality (medium when the
-        quality is unset or a name it did not know)."""
-        steps = STEPS.get(quality or "medium", STEPS["medium"])
-        return cls.build(prompt=prompt, duration=duration, steps=steps)
 
     @classmethod
     def build(cls, **fields: Any) -> TangoFluxInput:
@@ -189,11 +162,11 @@ def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[
         return ServiceOutage(_UNAVAILABLE, code=_ACCOUNT_LEVEL[status], detail=said)
     if status == 429:
         return TransientError(
-            "The audio service is busy (rate limited)", detail=said, retry_after_s=_retry_after(headers)
+            "The audio service is busy (rate limited)", detail=said, retry_after_s=retry_after(headers)
         )
     if status >= 500:
         return TransientError(
-            "The audio service had a temporary problem", detail=said, retry_after_s=_retry_after(headers)
+            "The audio service had a temporary problem", detail=said, retry_after_s=retry_after(headers)
         )
     message = _PERMANENT.get(status, f"The audio service refused the request (HTTP {status})")
     if status in (400, 422) and detail:
@@ -211,13 +184,6 @@ def _problem(body: bytes | bytearray) -> tuple[str | None, str | None]:
     title, detail = data.get("title"), data.get("detail")
     return (str(title) if title else None), (str(detail) if detail else None)
 
-
-def _retry_after(headers: CaseInsensitiveDict[str]) -> float | None:
-    value = headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 _URL = re.compile(r"https?://\S+")
@@ -261,41 +227,6 @@ def settle(prediction: Prediction) -> str | None:
     )
 
 
-# -- webhooks ----------------------------------------------------------------------------------------
-
-
-def verify_webhook(
-    secret: str,
-    headers: Mapping[str, str],
-    body: bytes,
-    *,
-    now: float | None = None,
-    tolerance_s: float = WEBHOOK_TOLERANCE_S,
-) -> str:
-    """The delivery's webhook-id when Replicate signed exactly this body within the tolerance;
-    WebhookRefused otherwise. No I/O: the raw body, the request's headers and the secret decide."""
-    lower = {k.lower(): v for k, v in headers.items()}
-    webhook_id, stamp, signatures = (lower.get(f"webhook-{n}") for n in ("id", "timestamp", "signature"))
-    if not webhook_id or not stamp or not signatures:
-        raise WebhookRefused("missing webhook-id, webhook-timestamp or webhook-signature")
-    try:
-        sent_at = int(stamp)
-    except ValueError:
-        raise WebhookRefused("webhook-timestamp is not whole seconds") from None
-    clock = time.time() if now is None else now
-    if abs(clock - sent_at) > tolerance_s:
-        raise WebhookRefused(f"webhook-timestamp is {clock - sent_at:.0f} s from our clock")
-    try:
-        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except (ValueError, binascii.Error):
-        raise WebhookRefused("the webhook secret is not a whsec_ key") from None
-    signed = f"{webhook_id}.{stamp}.".encode() + body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    for entry in signatures.split():
-        version, _, signature = entry.partition(",")
-        if version == "v1" and hmac.compare_digest(signature, expected):
-            return webhook_id
-    raise WebhookRefused("no signature matches the body")
 
 
 # -- the client --------------------------------------------------------------------------------------
@@ -317,7 +248,6 @@ class ReplicateClient:
         self._base_url = settings.replicate_api_url
         self._session = session or requests.Session()
         self._sleep = sleep
-        self.created = 0  # POSTs that made a prediction (each one is paid for)
 
     # The paid call.
     def create(
@@ -325,24 +255,18 @@ class ReplicateClient:
         tango: TangoFluxInput,
         deadline: Deadline,
         *,
-        webhook_url: str | None = None,
-        webhook_events: Sequence[str] = ("completed",),
         wait_s: int | None = None,
     ) -> Prediction:
         """One prediction. `wait_s` asks Replicate to hold the answer until it ends (at most 60 s
         and what the deadline leaves): the id then arrives only at the end, so a caller that must
         keep the id before waiting leaves it unset."""
         body: dict[str, Any] = {"version": VERSION, "input": tango.model_dump()}
-        if webhook_url:
-            body["webhook"] = webhook_url
-            body["webhook_events_filter"] = list(webhook_events)
         try:
             prediction = self._retrying("replicate create", deadline)(
                 self._create_or_stop, body, wait_s, deadline
             )
         except _Stop as stop:
             raise stop.error from None
-        self.created += 1
         log.info("TangoFlux prediction %s created (%s)", prediction.id, prediction.status)
         return prediction
 
@@ -446,8 +370,8 @@ class ReplicateClient:
             response = self._session.request(
                 method, url, headers=headers, data=data, timeout=(min(10.0, left), left), stream=True
             )
-            with response, deadline.cuts(_socket_of(response)):
-                body = _read_within(response, deadline, method)
+            with response, deadline.cuts(socket_of(response)):
+                body = read_within(response, deadline, f"replicate {method}")
         except requests.RequestException as exc:
             raise _unanswered(exc, deadline, sent_pays) from None
         return response.status_code, body, response.headers
@@ -466,16 +390,15 @@ class _Stop(Exception):
 
 
 def _unanswered(exc: requests.RequestException, deadline: Deadline, sent_pays: bool) -> TransientError:
-    if deadline.remaining() <= SLACK_S:
-        return DeadlineExceeded("The audio service did not answer in time", detail=type(exc).__name__)
+    """As every client reads a request that got no answer (sona/engines/http.py), except a create
+    that may have reached Replicate: that one may have made a prediction, so it is not repeated."""
+    error = unanswered(exc, deadline)
     never_sent = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
-    if sent_pays and not never_sent:
+    if sent_pays and not never_sent and type(error) is TransientError:
         return CreateUnanswered(
             "The audio service did not answer", detail=f"create unanswered: {type(exc).__name__}"
         )
-    if isinstance(exc, requests.Timeout):
-        return TransientError("The audio service did not answer in time", detail="timeout")
-    return TransientError("Could not reach the audio service", detail=type(exc).__name__)
+    return error
 
 
 def _refused(exc: requests.RequestException) -> bool:
@@ -486,18 +409,6 @@ def _refused(exc: requests.RequestException) -> bool:
     )
 
 
-def _socket_of(response: requests.Response) -> socket.socket | None:
-    connection = getattr(response.raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    return sock if isinstance(sock, socket.socket) else None
-
-
-def _read_within(response: requests.Response, deadline: Deadline, step: str) -> bytearray:
-    body = bytearray()
-    for chunk in response.iter_content(_CHUNK):
-        body += chunk
-        deadline.check(f"replicate {step}: reading the answer")
-    return body
 
 
 def _data_url(url: str) -> bytes:
@@ -520,19 +431,7 @@ def _json(payload: bytes | bytearray) -> Any:
         raise TransientError("The audio service answered something unreadable", detail="not JSON") from None
 
 
-# -- the engine shape the pipeline's seam takes (sa3's EngineById) -------------------------------------
-
-
-class TangoFluxRequest(Protocol):
-    """What a generation request carries that TangoFlux needs (sona.engines.stable_audio.GenerationRequest
-    has these once its STEPS knows MODEL_NAME)."""
-
-    @property
-    def prompt(self) -> str: ...
-    @property
-    def duration(self) -> int: ...
-    @property
-    def steps(self) -> int: ...
+# -- the engine shape the pipeline's seam takes (EngineById, sona/engines/base.py) -------------------
 
 
 class TangoFluxEngine:
@@ -547,7 +446,7 @@ class TangoFluxEngine:
     def poll_interval_s(self) -> float:
         return self._poll_interval_s
 
-    def submit(self, request: TangoFluxRequest, deadline: Deadline) -> str:
+    def submit(self, request: GenerationRequest, deadline: Deadline) -> str:
         tango = TangoFluxInput.build(prompt=request.prompt, duration=request.duration, steps=request.steps)
         return self.client.create(tango, deadline).id
 

@@ -1,4 +1,4 @@
-"""Stability AI's Stable Audio 3: asynchronous generations (DESIGN.md, Stable Audio 3; issue 22).
+"""Stability AI's Stable Audio 3: asynchronous generations (docs/outside-services.md, Stable Audio 3).
 
 `POST {base}/stable-audio/{text-to-audio|audio-to-audio}` (multipart, the same fields as 2.5 with
 `model=stable-audio-3`) answers 202 `{"id": <64 hex>}` once the generation is accepted, which is
@@ -21,17 +21,9 @@ from requests.structures import CaseInsensitiveDict
 
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.engines.stable_audio import (
-    AUDIO_TO_AUDIO,
-    USER_AGENT,
-    GenerationRequest,
-    _error_body,
-    _generated,
-    _read_within,
-    _socket_of,
-    _unanswered,
-    classify,
-)
+from sona.engines.base import AUDIO_TO_AUDIO, GenerationRequest
+from sona.engines.http import USER_AGENT, read_within, socket_of, unanswered
+from sona.engines.stable_audio import classify, error_body, form_fields, generated_audio, request_headers
 from sona.errors import GenerationGone, PermanentError, ServiceOutage
 from sona.models import GeneratedAudio
 from sona.retrying import provider_retrying
@@ -77,8 +69,6 @@ class StableAudio3Client:
         self._sleep = sleep
         self._base_url = settings.stable_audio_3_api_url
         self._session = session or requests.Session()
-        self.posts = 0
-        self.fetches = 0
 
     @property
     def poll_interval_s(self) -> float:
@@ -86,31 +76,30 @@ class StableAudio3Client:
 
     def _headers(self, accept: str, request: GenerationRequest | None = None) -> dict[str, str]:
         key = self._settings.stable_audio_api_key.get_secret_value()
-        extra = request.headers() if request is not None else {}
+        extra = request_headers(request) if request is not None else {}
         return {"authorization": f"Bearer {key}", "accept": accept, "user-agent": USER_AGENT, **extra}
 
     # -- pay -----------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, deadline: Deadline) -> str:
         """One accepted generation's id. A refusal (4xx, 5xx, 429) accepted nothing, so retrying it
         pays nothing; a connection lost after the request went out may have been accepted (the
-        one window no client can close: DESIGN.md, Stable Audio 3)."""
+        one window no client can close: docs/outside-services.md, Stable Audio 3)."""
         policy = provider_retrying("provider call", self._settings, deadline, self._sleep)
         return policy(self._post_once, request, deadline)
 
     def _post_once(self, request: GenerationRequest, deadline: Deadline) -> str:
         left = deadline.check("generate", need_s=0.5)
-        if request.endpoint == AUDIO_TO_AUDIO and request.source is None:
+        if request.kind == AUDIO_TO_AUDIO and request.source is None:
             raise PermanentError("The input audio was not read", detail="audio-to-audio without a source")
-        self.posts += 1
         try:
             response = self._session.post(
-                f"{self._base_url}/stable-audio/{request.endpoint}",
+                f"{self._base_url}/stable-audio/{request.kind}",
                 headers=self._headers("application/json", request),
-                files=request.form_fields(),
+                files=form_fields(request),
                 timeout=(min(10.0, left), left),
             )
         except requests.RequestException as exc:
-            raise _unanswered(exc, deadline) from None
+            raise unanswered(exc, deadline) from None
         if response.status_code not in (200, 202):
             raise access_refused(response.status_code, response.content, response.headers, self._settings)
         return _generation_id(response.content)
@@ -125,7 +114,6 @@ class StableAudio3Client:
 
     def _get_once(self, generation_id: str, model: str, deadline: Deadline) -> GeneratedAudio | None:
         left = deadline.check("fetch", need_s=0.2)
-        self.fetches += 1
         try:
             response = self._session.get(
                 f"{self._base_url}/results/{generation_id}",
@@ -133,15 +121,15 @@ class StableAudio3Client:
                 timeout=(min(10.0, left), left),
                 stream=True,
             )
-            with response, deadline.cuts(_socket_of(response)):
-                body = _read_within(response, deadline)
+            with response, deadline.cuts(socket_of(response)):
+                body = read_within(response, deadline, "fetch")
         except requests.RequestException as exc:
-            raise _unanswered(exc, deadline) from None
+            raise unanswered(exc, deadline) from None
         if response.status_code == 202:
             return None
         if response.status_code == 200:
-            return _generated(response, body, model)
-        name, _ = _error_body(body)
+            return generated_audio(response, body, model)
+        name, _ = error_body(body)
         if response.status_code == 404 and name == NOT_FOUND:
             raise GenerationGone(
                 "The audio service no longer has this generation",

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sona.deadline import Deadline
-from sona.engines.base import EngineById
-from sona.engines.stable_audio import GenerationRequest
+from sona.engines.base import EngineById, GenerationRequest
 from sona.errors import DatabaseUnavailable, GenerationGone, StaleLease, TransientError
 from sona.models import ClaimedJob, GeneratedAudio, Job
 

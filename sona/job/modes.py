@@ -1,68 +1,46 @@
 """What a row asks for, decided here and nowhere else: its mode, the model (and so the engine) that
-serves it, the exact prompt sent, the length asked for, the quality and the download name.
+serves it, the exact prompt sent, the length asked for, the quality, the steps, strength and cfg
+scale, the hashed user id, the input, and the download name. The model's facts come from
+sona/catalog.py; the result is the one request every engine takes (sona/engines/base.py).
 
 The plug-in's three modes and the prompt its own worker sent for each are PLUGIN.md's "The three
 modes" (read from the plug-in's audio-worker/src/prepare-prompt.ts and worker.ts at 34648b7): the
 musician's prompt, then ". " and the mode's phrases, comma-separated. A new mode is one entry in
-MODES; a new model is one entry in MODELS and a value the per-mode settings accept.
+MODES; a new model is one entry in sona/catalog.py's MODELS.
 """
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from sona.audio.input_audio import input_object
+from sona.catalog import MODELS, Model, Quality
 from sona.config import Settings
+from sona.engines.base import AUDIO_TO_AUDIO, GenerationRequest, Kind
 from sona.errors import PermanentError
 from sona.job.naming import download_name, number_text
 from sona.models import Job, MusicalKey, ProducerConfig, json_column
 
-Kind = Literal["text-to-audio", "audio-to-audio"]
-# Which client serves a model: "stable-audio" answers the audio to the paid call itself;
-# "stable-audio-3" answers a generation id at once and the audio later (sona/engines/base.py).
-Engine = Literal["stable-audio", "stable-audio-3", "tangoflux"]
-
-# generate (the plug-in's Edge Function) and its table allow 1 to 180 s; rows that long are what the
-# 2.x models serve, as before. This project's own table allows 1 to 380 s (stable-audio-3's limit;
-# 20261202004000_generation_ids.sql), and only a mode served by stable-audio-3 takes more than 180.
-MAX_JOB_DURATION_S = 180
-MAX_SA3_JOB_DURATION_S = 380
 # Stable Audio's own prompt limit.
 MAX_PROMPT_CHARS = 10_000
 # The least a second of the WAV master takes: 16-bit 44.1 kHz stereo (a wider format is bigger).
 MASTER_BYTES_PER_S = 44_100 * 2 * 2
 # The plug-in's UI says draft and standard for the table's low and medium (PLUGIN.md).
-QUALITIES = {"low": "low", "draft": "low", "medium": "medium", "standard": "medium", "high": "high"}
-
-
-@dataclass(frozen=True)
-class Model:
-    engine: Engine
-    max_duration_s: int  # longer rows are cut to this, as the plug-in's worker clamped them
-    label: str  # the engine's name in a file name (the naming convention's `source`)
-    # Audio-to-audio: the longest input the model takes, and the most input bytes a request has room
-    # for beside the other fields (the provider's request limit less 100 kB).
-    max_input_s: float = 190.0
-    max_input_bytes: int = 50_000_000 - 100_000
-    max_row_s: int = MAX_JOB_DURATION_S  # the longest row it serves (else the job fails, unpaid)
-
-
-MODELS: dict[str, Model] = {
-    "stable-audio-2.5": Model("stable-audio", 190, "StableAudio"),
-    "stable-audio-2": Model("stable-audio", 190, "StableAudio"),
-    # DESIGN.md, Stable Audio 3: 1-380 s, inputs 6-380 s, requests up to 100 MB.
-    "stable-audio-3": Model(
-        "stable-audio-3", 380, "StableAudio", 380.0, 100_000_000 - 100_000, MAX_SA3_JOB_DURATION_S
-    ),
-    # TangoFlux on Replicate (sona/engines/replicate.py): sound effects up to 30 s; a longer designer
-    # row is cut to 30 s, as the plug-in's own worker cut it (worker.ts at 34648b7: min(duration,
-    # the API's max)).
-    "tangoflux": Model("tangoflux", 30, "TangoFlux"),
+QUALITIES: dict[str, Quality] = {
+    "low": "low",
+    "draft": "low",
+    "medium": "medium",
+    "standard": "medium",
+    "high": "high",
 }
+# Sent when an audio-to-audio row names no strength: the API's own default (1) ignores the input.
+DEFAULT_STRENGTH = 0.5
 
 
 @dataclass(frozen=True)
@@ -78,11 +56,12 @@ class JobPlan:
     mode: str
     kind: Kind
     model: str
-    engine: Engine
+    engine: str  # the engine that serves the model (sona/catalog.py)
     prompt: str  # exactly what the provider is sent (kept on the row as enhanced_prompt)
     duration: int  # seconds asked of the provider
-    quality: Literal["low", "medium", "high"]
+    quality: Quality
     filename: str | None  # the download name (plug-in modes; None for the earlier worker's)
+    request: GenerationRequest  # what the engine is sent
 
     @property
     def limits(self) -> Model:
@@ -102,7 +81,7 @@ def plan_job(job: Job, settings: Settings) -> JobPlan:
     model = MODELS[model_name]
     if not 1 <= job.duration <= model.max_row_s:
         raise PermanentError(f"The duration must be 1 to {model.max_row_s} seconds, not {job.duration}.")
-    quality = QUALITIES.get(job.quality)
+    quality: Quality | None = QUALITIES.get(job.quality)
     if quality is None:
         raise PermanentError(
             f"The quality '{job.quality}' is unknown; choose low (draft), medium (standard) or high."
@@ -127,9 +106,41 @@ def plan_job(job: Job, settings: Settings) -> JobPlan:
         engine=model.engine,
         prompt=prompt,
         duration=duration,
-        quality=quality,  # type: ignore[arg-type]
+        quality=quality,
         filename=filename,
+        request=_request(job, settings, mode.kind, model_name, prompt, duration, quality),
     )
+
+
+def _request(
+    job: Job, settings: Settings, kind: Kind, model_name: str, prompt: str, duration: int, quality: Quality
+) -> GenerationRequest:
+    request = GenerationRequest(
+        kind="text-to-audio",
+        model=model_name,
+        prompt=prompt,
+        duration=duration,
+        steps=MODELS[model_name].steps[quality],
+        cfg_scale=settings.stable_audio_cfg_scale,
+        client_user_id=client_user_id(job.user_id),
+    )
+    return _audio_to_audio(request, job, settings) if kind == AUDIO_TO_AUDIO else request
+
+
+def _audio_to_audio(request: GenerationRequest, job: Job, settings: Settings) -> GenerationRequest:
+    strength = DEFAULT_STRENGTH if job.strength is None else job.strength
+    least = MODELS[request.model].min_strength
+    if not least <= strength <= 1:
+        raise PermanentError(f"The strength must be {least:g} to 1 with {request.model}, not {strength:g}.")
+    name = input_object(job.input_path, job.user_id, settings.supabase_input_bucket)
+    return replace(request, kind=AUDIO_TO_AUDIO, input_object=name, strength=strength)
+
+
+def client_user_id(user_id: object) -> str | None:
+    """The end user as the provider sees them: a hash, so the provider never learns our user ids."""
+    if user_id is None:
+        return None
+    return hashlib.sha256(f"sona-user:{user_id}".encode()).hexdigest()
 
 
 def _fits_storage(duration: int, settings: Settings) -> None:

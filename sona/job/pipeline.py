@@ -17,8 +17,7 @@ from sona.audio.master import Master, Preview, encode_preview, make_master, read
 from sona.audio.peaks import waveform_peaks
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.engines.base import EngineById, Engines
-from sona.engines.stable_audio import GenerationRequest
+from sona.engines.base import EngineById, Engines, GenerationRequest
 from sona.errors import (
     Cancelled,
     DatabaseUnavailable,
@@ -29,7 +28,7 @@ from sona.errors import (
     StaleLease,
 )
 from sona.job.generations import ById
-from sona.job.modes import MODELS, JobPlan, plan_job
+from sona.job.modes import JobPlan, plan_job
 from sona.models import CLAIMABLE, AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, Output
 from sona.outcomes import OutcomeClass, outcome_class
 from sona.retrying import retrying
@@ -105,7 +104,7 @@ class Result:
 class Pipeline:
     settings: Settings
     store: Store
-    engines: Engines  # by engine name (sona/job/modes.py MODELS names each model's)
+    engines: Engines  # by model name (sona/services.py)
     storage: Storage
     ffmpeg: str
 
@@ -145,7 +144,7 @@ class Pipeline:
 
     def _produce(self, job: ClaimedJob, deadline: Deadline, timings: dict[str, int]) -> Job:
         plan = plan_job(job, self.settings)  # what the row asks for; bad input fails before any payment
-        request = GenerationRequest.from_plan(plan, job, self.settings)
+        request = plan.request
         # Storage must be usable before anything is paid for (checked once per instance).
         _timed(timings, "bucket", self.storage.ensure_bucket)
         stored = self._earlier_output(job, timings)
@@ -261,10 +260,10 @@ class Pipeline:
             "generating %d s with %s (%s, %d steps)",
             request.duration,
             request.model,
-            request.endpoint,
+            request.kind,
             request.steps,
         )
-        engine = self.engines[plan.engine]
+        engine = self.engines[request.model]
         if isinstance(engine, EngineById):
             return _timed(
                 timings, "generate", lambda: self.by_id.pay_and_fetch(job, engine, request, deadline)
@@ -273,9 +272,9 @@ class Pipeline:
 
     def _engine_of_paid(self, job: ClaimedJob) -> EngineById | None:
         """The engine that answers the generation named on the row (whatever the settings say now)."""
-        if job.generation_id is None or job.generation_model not in MODELS:
+        if job.generation_id is None or job.generation_model is None:
             return None
-        engine = self.engines.get(MODELS[job.generation_model].engine)
+        engine = self.engines.get(job.generation_model)
         return engine if isinstance(engine, EngineById) else None
 
     def _with_input(
@@ -300,7 +299,7 @@ class Pipeline:
             ),
         )
         log.info("input %s: %s, %.1f s, %d bytes", name, source.format, source.seconds, len(source.data))
-        return request.model_copy(update={"source": source})
+        return request.with_source(source)
 
     def _stage(
         self, job: ClaimedJob, stage: JobStage, timings: dict[str, int], *, fence: bool = False
