@@ -39,7 +39,7 @@ def _banner(stack: LocalStack) -> str:
 
 @dataclass(frozen=True)
 class PluginRequest:
-    """What the plug-in's generate would insert besides the prompt (PLUGIN.md)."""
+    """What the plug-in's generate would insert besides the prompt (docs/plugin-client.md)."""
 
     mode: str
     bpm: float | None = None

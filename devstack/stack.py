@@ -573,7 +573,7 @@ class LocalStack:
         user_id: uuid.UUID | None = None,
         **json_columns: dict[str, Any],
     ) -> uuid.UUID:
-        """Insert as the plug-in's generate Edge Function does (PLUGIN.md): with the service role,
+        """Insert as the plug-in's generate Edge Function does (docs/plugin-client.md): with the service role,
         status queued, and musical_key / producer_config / naming_convention as JSON strings."""
         user_id = user_id or self.create_user()
         values: dict[str, Any] = {

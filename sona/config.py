@@ -48,7 +48,7 @@ ModelName = Annotated[str, AfterValidator(known_model)]
 InputModelName = Annotated[str, AfterValidator(input_model)]
 PLUGIN_MODE_MODELS = ("designer_model", "producer_model", "creator_model")
 # Stable Audio 3's asynchronous routes sit under this base: POST {base}/stable-audio/{endpoint},
-# GET {base}/results/{id} (DESIGN.md, Stable Audio 3).
+# GET {base}/results/{id} (docs/outside-services.md, Stable Audio 3).
 DEFAULT_STABLE_AUDIO_3_API_URL = "https://api.stability.ai/v2beta/audio"
 # Credits per paid generation, per model (sona/catalog.py; MODEL_CREDITS overrides any of them).
 DEFAULT_MODEL_CREDITS: dict[str, float] = {name: model.credits for name, model in MODELS.items()}
@@ -357,7 +357,7 @@ class Settings(EnvironmentSettings):
         bucket = self.storage_file_size_limit_bytes
         return upload if bucket is None else min(upload, bucket)
 
-    # Everything below follows from JOB_TIMEOUT_MS, the one knob (DESIGN.md, Timeouts).
+    # Everything below follows from JOB_TIMEOUT_MS, the one knob (docs/state-machine.md, Timeouts).
     @property
     def function_timeout_s(self) -> int:
         return function_timeout_s(self.job_timeout_ms)

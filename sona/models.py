@@ -74,7 +74,7 @@ class Job(BaseModel):
     audio: dict[str, Any] | None = None
     stage: JobStage | None = None
     peaks_url: str | None = None
-    # The plug-in's columns (PLUGIN.md): what it asks for, and what its player reads.
+    # The plug-in's columns (docs/plugin-client.md): what it asks for, and what its player reads.
     musical_key: Any = None  # {"key","scale"}, or a JSON string holding it
     producer_config: Any = None  # {"type","bpm","timeSignature","bars"}, likewise
     naming_convention: Any = None  # {"parameters","separator"}, likewise
@@ -195,7 +195,7 @@ class GeneratedAudio:
 
 def json_column(value: Any) -> Any:
     """The plug-in's generate stores musical_key, producer_config and naming_convention as jsonb
-    strings holding JSON (PLUGIN.md); other writers store objects. Both read the same; unreadable
+    strings holding JSON (docs/plugin-client.md); other writers store objects. Both read the same; unreadable
     text reads as None, as the plug-in's worker did."""
     if isinstance(value, str):
         try:

@@ -8,10 +8,10 @@ worker). Cloud Run checks the token before the request reaches the function, so 
 no secret of its own. For a Cloud Functions URL the audience is the URL itself (Google's
 "functions-bearer-token" sample: "For Cloud Functions, endpoint and audience are the same").
 
-The webhook's call is the function's cold path, and `google.cloud.tasks_v2` costs 0.3-0.5 s of
-imports (DESIGN.md), so this speaks the same REST call its REST transport makes
-(`POST /v2/{queue}/tasks`, the error JSON mapped by status) with the standard library. The local
-Cloud Tasks (devstack/emulators/cloud_tasks.py) is checked against the real client and against this one.
+The webhook's call is the function's cold path, and `google.cloud.tasks_v2` costs 0.3-0.5 s of imports
+(docs/outside-services.md, Google Cloud Tasks), so this speaks the same REST call its REST transport makes
+(`POST /v2/{queue}/tasks`, the error JSON mapped by status) with the standard library. The local Cloud Tasks
+(devstack/emulators/cloud_tasks.py) is checked against the real client and against this one.
 
 A task's name is derived from the job, its attempt and the dispatch round: a duplicate webhook
 creates nothing (ALREADY_EXISTS is success), and a re-dispatch gets a new name (executed names
@@ -51,7 +51,8 @@ TASK_JOB = re.compile(r"/tasks/[0-9a-f]{8}-([0-9a-f-]{36})-a\d+-r\d+$")
 
 @dataclass(frozen=True)
 class QueueLimits:
-    """The queue carries the limits (DESIGN.md, Google Cloud Tasks), for deploy and local stack alike:
+    """The queue carries the limits (docs/outside-services.md, Google Cloud Tasks), for deploy and
+    local stack alike:
     - dispatch rate: the provider budget, well under Stable Audio's 15 per second;
     - concurrency: every slot the function has (instances x jobs per instance), never more;
     - retries: for deliveries Cloud Run refused (429 at max instances, 503) or answers lost; the

@@ -122,7 +122,7 @@ def test_the_table_refuses_a_request_it_cannot_run(
 @pytest.mark.parametrize("mode", ["designer", "producer", "creator", "ambient"])
 def test_the_table_takes_any_mode_and_the_function_decides(db_url: str, mode: str) -> None:
     # The plug-in charges tokens before it inserts: a mode is never a reason to refuse the row
-    # (an unknown one fails its job with a message instead; PLUGIN.md).
+    # (an unknown one fails its job with a message instead; docs/plugin-client.md).
     user = new_user(db_url)
     with connect(db_url, "authenticated", user) as conn:
         conn.execute(

@@ -124,7 +124,7 @@ def test_upgrade_keeps_the_tables_own_updated_at_trigger_and_adds_none(empty_db_
         " and tgfoid::regproc::text like '%updated_at%'",
         role=None,
     )
-    # Another owner's trigger is never dropped (PLUGIN.md); one is enough, so ours is not added.
+    # Another owner's trigger is never dropped (docs/plugin-client.md); one is enough, so ours is not added.
     assert triggers == [{"tgname": "update_jobs_updated_at"}]
     # The earlier function stays: other tables may use it.
     assert sql(empty_db_url, "select to_regproc('public.update_updated_at_column') is not null as kept")[0][

@@ -1,7 +1,7 @@
 """What a row asks for (sona/job/modes.py): the plug-in's modes, their prompts, lengths, qualities and
 models, the earlier worker's modes, and the reasons a row fails before anything is paid for.
 
-The expected prompts are PLUGIN.md's table "The three modes" (the plug-in's worker,
+The expected prompts are docs/plugin-client.md's table "The three modes" (the plug-in's worker,
 audio-worker/src/prepare-prompt.ts at 34648b7): the musician's prompt, ". ", then the phrases."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The download name (`filename`) of a plug-in job, as the plug-in's worker named its files
-(audio-worker/src/naming-generator/index.ts and filename-builder.ts at 34648b7; PLUGIN.md)."""
+(audio-worker/src/naming-generator/index.ts and filename-builder.ts at 34648b7; docs/plugin-client.md)."""
 
 from __future__ import annotations
 

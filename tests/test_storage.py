@@ -269,7 +269,8 @@ def test_reading_an_input_is_classed_like_every_storage_call(
 def test_an_existing_buckets_own_privacy_decides_the_urls_whatever_the_setting(
     gateway: Gateway, db_url: str, bucket_public: bool, setting: bool
 ) -> None:
-    # The plug-in's audio-files is private in production: it must never get public URLs (PLUGIN.md).
+    # The plug-in's audio-files is private in production: it must never get public URLs
+    # (docs/plugin-client.md).
     sql(
         db_url,
         "insert into storage.buckets (id, name, public) values ('audio-files', 'audio-files', %s)",

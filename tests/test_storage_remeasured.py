@@ -2,7 +2,7 @@
 where the emulation is wrong"). Each test names the item it holds the emulation to; each failed on
 the emulation as it was. The plug-in's player is items 1 and 2: its policy lets the owner read an
 object in the private bucket `audio-files` only when the name is their job's `master_path` or
-`preview_path` (PLUGIN.md)."""
+`preview_path` (docs/plugin-client.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tests.support import connect, insert_job, make_settings, new_user
 BUCKET = "audio-files"
 SECRET = "local-jwt-secret-for-storage-remeasured"
 
-# The plug-in's storage policy on its private bucket, in this project's words (PLUGIN.md); the two
+# The plug-in's storage policy on its private bucket, in this project's words (docs/plugin-client.md); the two
 # path columns are made in the dashboard on the plug-in's database, so the test makes them here.
 PLAYER_POLICY = """
 alter table public.jobs add column if not exists master_path text;

@@ -1,6 +1,6 @@
 """The designer mode served the way the plug-in was built to serve it: TangoFlux on Replicate
-(DESIGNER_MODEL=tangoflux; PLUGIN.md, the plug-in's audio-worker/src/audio-clients/factory.ts), its
-double standing in for Replicate, through real processes; and `demo --mode designer` with it."""
+(DESIGNER_MODEL=tangoflux; docs/plugin-client.md, the plug-in's audio-worker/src/audio-clients/factory.ts),
+its double standing in for Replicate, through real processes; and `demo --mode designer` with it."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ without a circle, so each can be read, and loaded, after what it uses."""
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +96,31 @@ def test_nothing_that_deploys_imports_the_local_world() -> None:
 
 def test_sona_modules_import_each_other_without_a_circle_even_inside_functions() -> None:
     assert circles(import_graph("sona")) == []
+
+
+CITING = ("main.py", "README.md", "sona", "devstack", "tests", "supabase", "scripts")
+CITATION = re.compile(r"(?<![\w/.-])(docs/[\w-]+\.md|[A-Z][A-Z_]*\.md)(?:,? \"([^\"]+)\")?")
+
+
+def cited_pages() -> Iterator[tuple[str, str, str | None]]:
+    """(citing file, page, quoted section) for every page of docs/ or design note a file names."""
+    for place in CITING:
+        root = REPO / place
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            if path.suffix in (".py", ".sql", ".md") and path.is_file():
+                for match in CITATION.finditer(path.read_text()):
+                    section = " ".join(match.group(2).split()) if match.group(2) else None
+                    yield str(path.relative_to(REPO)), match.group(1), section
+
+
+def test_every_design_note_a_file_cites_is_a_page_of_the_repository() -> None:
+    pages = {str(path.relative_to(REPO)): path.read_text() for path in (REPO / "docs").glob("*.md")}
+    pages |= {path.name: "" for path in REPO.glob("*.md")}  # README, DEPLOYMENT, PERFORMANCE
+    missing = sorted((where, page) for where, page, _ in cited_pages() if page not in pages)
+    assert missing == []
+    unknown_sections = sorted(
+        (where, page, section)
+        for where, page, section in cited_pages()
+        if section and page.startswith("docs/") and f"## {section}" not in pages[page]
+    )
+    assert unknown_sections == []

@@ -10,8 +10,8 @@ by strength (0 the input, 1 none of it), so a test can tell the input was used. 
 the generations it finished (which are paid for, however their delivery then goes), so tests can
 assert how many paid generations happened.
 
-Stable Audio 3 (DESIGN.md "Stable Audio 3"; issue 22, read from Stability's OpenAPI spec and its
-explainer of 2026-11-23) is served beside it, asynchronously:
+Stable Audio 3 (docs/outside-services.md "Stable Audio 3"; issue 22, read from Stability's OpenAPI spec
+and its explainer of 2026-11-23) is served beside it, asynchronously:
 - `POST /v2beta/audio/stable-audio/{text-to-audio|audio-to-audio}` (the path says `stable-audio`),
   `model` = `stable-audio-3` only, `duration` 1-380 s (default 190), `steps` 4-8, `strength` 0-1,
   audio inputs 6-380 s, requests up to 100 MB: answers **202 `{"id": <64 hex>}`** once accepted.

@@ -1,7 +1,7 @@
 """A capacity cap in front of a local function URL, answering like Cloud Run at max instances.
 
-Facts it honours (DESIGN.md "Cloud Run (under Cloud Functions 2nd gen) at its limits"; Cloud Run's
-"About instance autoscaling" page):
+Facts it honours (docs/outside-services.md "Cloud Run (under Cloud Functions 2nd gen) at its
+limits"; Cloud Run's "About instance autoscaling" page):
 - A service has max instances x concurrency request slots. A request beyond them waits up to about
   10 s (the current docs; it was 60 s once) for a slot, then fails with 429. Cloud Run's logs say
   "The request was aborted because there was no available instance."; the caller gets Google's

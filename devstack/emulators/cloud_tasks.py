@@ -1,7 +1,7 @@
 """A local Google Cloud Tasks (v2 REST) that the real `google-cloud-tasks` client talks to.
 
-Measured and documented facts it honours (DESIGN.md "Google Cloud Tasks"; the v2 protos shipped in
-google-cloud-tasks 2.26.0; the REST transport in google/cloud/tasks_v2/.../transports/rest.py):
+Measured and documented facts it honours (docs/outside-services.md "Google Cloud Tasks"; the v2 protos shipped
+in google-cloud-tasks 2.26.0; the REST transport in google/cloud/tasks_v2/.../transports/rest.py):
 - Wire: JSON over HTTP/1.1 at /v2/{name}, camelCase fields, Durations as "1.5s", Timestamps RFC 3339,
   bytes base64; the client asks `$alt=json;enum-encoding=int` and then gets enums as numbers. Errors
   are google.rpc.Status JSON `{"error": {"code", "message", "status"}}`; the client picks its

@@ -12,10 +12,10 @@ from sona.errors import FfmpegMissing
 
 @cache
 def find_ffmpeg(configured: str | None = None) -> str:
-    """FFMPEG_BINARY (which must then work), else the imageio-ffmpeg wheel's (in the runtime lock, so
-    the function never depends on what the runtime image carries: DESIGN.md, Cloud Functions 2nd
-    gen), else ffmpeg on PATH. The commands also run on an older system ffmpeg such as the 4.4 of
-    Ubuntu 22's full image (checked by hand with a 4.2 build; see sona/audio/master.py's ebur128 note)."""
+    """FFMPEG_BINARY (which must then work), else the imageio-ffmpeg wheel's (in the runtime lock, so the
+    function never depends on what the runtime image carries: docs/outside-services.md, Cloud Functions 2nd
+    gen), else ffmpeg on PATH. The commands also run on an older system ffmpeg such as the 4.4 of Ubuntu 22's
+    full image (checked by hand with a 4.2 build; see sona/audio/master.py's ebur128 note)."""
     configured = configured or os.environ.get("FFMPEG_BINARY")
     if configured:
         found = shutil.which(configured)

@@ -3,7 +3,7 @@ serves it, the exact prompt sent, the length asked for, the quality, the steps, 
 scale, the hashed user id, the input, and the download name. The model's facts come from
 sona/catalog.py; the result is the one request every engine takes (sona/engines/base.py).
 
-The plug-in's three modes and the prompt its own worker sent for each are PLUGIN.md's "The three
+The plug-in's three modes and the prompt its own worker sent for each are docs/plugin-client.md's "The three
 modes" (read from the plug-in's audio-worker/src/prepare-prompt.ts and worker.ts at 34648b7): the
 musician's prompt, then ". " and the mode's phrases, comma-separated. A new mode is one entry in
 MODES; a new model is one entry in sona/catalog.py's MODELS.
@@ -31,7 +31,7 @@ from sona.models import Job, MusicalKey, ProducerConfig, json_column
 MAX_PROMPT_CHARS = 10_000
 # The least a second of the WAV master takes: 16-bit 44.1 kHz stereo (a wider format is bigger).
 MASTER_BYTES_PER_S = 44_100 * 2 * 2
-# The plug-in's UI says draft and standard for the table's low and medium (PLUGIN.md).
+# The plug-in's UI says draft and standard for the table's low and medium (docs/plugin-client.md).
 QUALITIES: dict[str, Quality] = {
     "low": "low",
     "draft": "low",

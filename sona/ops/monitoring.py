@@ -3,7 +3,7 @@
 dashboard of them, and an alert policy on pauses. The metric and dashboard definitions are JSON
 files in monitoring/; everything is created the first time and updated in place after that.
 
-The order follows what Monitoring accepts (DESIGN.md, Cloud Functions 2nd gen):
+The order follows what Monitoring accepts (docs/outside-services.md, Cloud Functions 2nd gen):
 - metrics first: the dashboard charts them and the alert policy names one;
 - the dashboard is checked with `dashboards create --validate-only` before it is written, and an
   update carries the dashboard's current etag: without one Monitoring refuses it ("Update Dashboard

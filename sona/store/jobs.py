@@ -228,7 +228,8 @@ class JobsStore:
         return [ReclaimAction.model_validate(r) for r in rows]
 
     def files_to_delete(self, limit: int) -> list[Garbage]:
-        """Object names whose rows no longer point at them (retention; PLUGIN.md), oldest first."""
+        """Object names whose rows no longer point at them (retention; docs/plugin-client.md), oldest
+        first."""
         rows = self._rpc("sona_storage_garbage_due", {"p_limit": limit})
         return [Garbage.model_validate(r) for r in rows]
 

@@ -63,7 +63,7 @@ class AudioStorage:
     def ensure_bucket(self) -> None:
         """Create the bucket when it is missing (private unless STORAGE_PUBLIC says otherwise), and
         learn whether it is public: a private bucket never gets public URLs (the plug-in's
-        `audio-files` is private in production; PLUGIN.md)."""
+        `audio-files` is private in production; docs/plugin-client.md)."""
         key = (self._settings.supabase_url, self.bucket)
         with self._check_lock:
             if key in self._public:

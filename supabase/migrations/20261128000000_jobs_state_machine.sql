@@ -4,7 +4,7 @@
 
 -- The table as the earlier worker created it (a fresh database gets it here). On a database that
 -- already has it (the plug-in's, or the earlier worker's), nothing of the table changes here: its
--- columns, checks, policies, grants and triggers stay its owner's (PLUGIN.md).
+-- columns, checks, policies, grants and triggers stay its owner's (docs/plugin-client.md).
 create table if not exists public.jobs (
   id uuid primary key default gen_random_uuid(),
   user_id uuid not null references auth.users (id) on delete cascade,

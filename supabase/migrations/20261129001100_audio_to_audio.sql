@@ -11,7 +11,7 @@ alter table public.jobs
   add column if not exists strength double precision;
 
 -- No check on mode: a mode the function does not know fails that job with a message (sona/modes.py),
--- never the insert (the plug-in has charged its tokens by then) nor this migration (PLUGIN.md).
+-- never the insert (the plug-in has charged its tokens by then) nor this migration (docs/plugin-client.md).
 do $$ begin
   alter table public.jobs add constraint jobs_strength_range
     check (strength is null or (strength >= 0 and strength <= 1));

@@ -1,5 +1,5 @@
 -- Sona: a drop-in back end for the real client, the Sona plug-in (JaimeAlonsoGA/sona-plugin; its
--- facts are in PLUGIN.md). Idempotent; valid on PostgreSQL 15 and newer. On the plug-in's database it
+-- facts are in docs/plugin-client.md). Idempotent; valid on PostgreSQL 15 and newer. On the plug-in's database it
 -- changes no row's status, mode or results and drops no policy, grant or trigger of the plug-in's.
 --
 -- 1. The plug-in's columns where missing (a fresh database gets the plug-in's shape).

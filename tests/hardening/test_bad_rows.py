@@ -59,7 +59,7 @@ PROCESSED: list[tuple[str, dict[str, Any], str, str | None, int]] = [
     ),
     ("mode text-to-audio", {"mode": "text-to-audio"}, "completed", None, 1),
     # The plug-in has charged its tokens before it inserts: an unknown mode is never refused by the
-    # table, its job fails with a message instead (PLUGIN.md).
+    # table, its job fails with a message instead (docs/plugin-client.md).
     ("mode inpaint", {"mode": "inpaint"}, "failed", "'inpaint' mode is not supported", 0),
     ("mode empty", {"mode": ""}, "failed", "mode is not supported", 0),
     ("mode in capitals", {"mode": "TEXT-TO-AUDIO"}, "failed", "mode is not supported", 0),

@@ -1,4 +1,4 @@
-"""Provider faults from the Stable Audio double: each ends as DESIGN.md says, with the number of
+"""Provider faults from the Stable Audio double: each ends as docs/state-machine.md says, with the number of
 provider calls asserted, no duplicate paid generation that a client could avoid (and the reason for
 any other), and no attempt outliving its deadline."""
 

@@ -1,7 +1,7 @@
 """The real client end to end, through real processes: the plug-in's database (its schema and rows,
 tests/plugin/plugin_schema.sql) with this project's migrations on top, the local Supabase gateway,
 the webhook relay, the local Cloud Tasks and both functions under functions-framework. `generate`'s
-charge-then-insert is replayed exactly (PLUGIN.md), then the plug-in's UI does what it does as the
+charge-then-insert is replayed exactly (docs/plugin-client.md), then the plug-in's UI does what it does as the
 owner: polls `select *`, signs `preview_path`, plays it, lists "My Sounds"; an admin and the anon
 showcase read; the daily cleanup lets the files go."""
 
@@ -40,7 +40,7 @@ from tests.test_reclaim import reclaim
 
 pytestmark = pytest.mark.slow
 
-# (request, the prompt the provider must be sent): PLUGIN.md's table of the three modes.
+# (request, the prompt the provider must be sent): docs/plugin-client.md's table of the three modes.
 REQUESTS: dict[str, tuple[GenerateRequest, str]] = {
     "designer": (
         GenerateRequest("metal door slam in a big hall", duration=4, quality="high", mode="designer"),
