@@ -28,7 +28,7 @@ Engine = Literal["stable-audio", "stable-audio-3", "tangoflux"]
 
 # generate (the plug-in's Edge Function) and its table allow 1 to 180 s; rows that long are what the
 # 2.x models serve, as before. This project's own table allows 1 to 380 s (stable-audio-3's limit;
-# 20261202004000_generation_ids.sql), and only a mode served by stable-audio-3 takes more than 180.
+# supabase/schemas/10_jobs.sql), and only a mode served by stable-audio-3 takes more than 180.
 MAX_JOB_DURATION_S = 180
 MAX_SA3_JOB_DURATION_S = 380
 # Stable Audio's own prompt limit.
