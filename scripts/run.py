@@ -2,7 +2,7 @@
 """Bootstrap for a fresh machine with only Python 3.11+: make .venv, install, then run.
 
 python3 scripts/run.py demo "ambient forest at dawn" --duration 5
-python3 scripts/run.py test              # ruff, then mypy beside the whole suite on 4 xdist workers
+python3 scripts/run.py test              # ruff, squawk, then mypy beside the whole suite on 4 xdist workers
 python3 scripts/run.py test tests/test_x.py -k name   # ruff, mypy, then only those tests, one process
 python3 scripts/run.py lock [--upgrade]  # regenerate requirements.txt and requirements-dev.txt
 python3 scripts/run.py <any python -m sona or python -m devstack command>
@@ -34,11 +34,16 @@ def run(*command: str) -> int:
 
 
 def test(python: str, pytest_args: list[str]) -> int:
-    """ruff, mypy and pytest; fails if any fails. The whole suite (no arguments) runs on WORKERS
-    workers with mypy beside it (about 13 s on a fresh clone), its report printed after the tests'.
-    With arguments it is the quick loop: mypy first, then those tests in one process."""
+    """ruff, squawk, mypy and pytest; fails if any fails. The whole suite (no arguments) runs on
+    WORKERS workers with mypy beside it (about 13 s on a fresh clone), its report printed after the
+    tests'. With arguments it is the quick loop: mypy first, then those tests in one process."""
     print("$ ruff check .", flush=True)
     if run(python, "-m", "ruff", "check", ".") != 0:
+        return 1
+    # The migration linter (rules off, and why: .squawk.toml); its binary comes with the wheel.
+    migrations = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "supabase" / "migrations").glob("*.sql"))
+    print("$ squawk", *migrations, flush=True)
+    if run(str(Path(python).parent / "squawk"), *migrations) != 0:
         return 1
     mypy = (python, "-m", "mypy")
     if pytest_args:

@@ -17,8 +17,8 @@ from typing import Literal
 Quality = Literal["low", "medium", "high"]
 
 # generate (the plug-in's Edge Function) and its table allow 1 to 180 s; rows that long are what the
-# 2.x models serve, as before. This project's own table allows 1 to 380 s (stable-audio-3's limit),
-# and only a mode served by stable-audio-3 takes more than 180.
+# 2.x models serve, as before. This project's own table allows 1 to 380 s (stable-audio-3's limit;
+# supabase/schemas/10_jobs.sql), and only a mode served by stable-audio-3 takes more than 180.
 MAX_JOB_DURATION_S = 180
 MAX_SA3_JOB_DURATION_S = 380
 # Stable Audio's request limit (50 MB; 100 MB for stable-audio-3) less 100 kB for the other fields.

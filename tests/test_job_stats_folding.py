@@ -1,5 +1,5 @@
 """job_stats() over folded hours: each settled hour is counted once (sona_fold_job_stats), and the
-answer is the one the rows themselves give (20261202001000_job_stats_at_scale.sql)."""
+answer is the one the rows themselves give (supabase/schemas/40_stats.sql)."""
 
 from __future__ import annotations
 

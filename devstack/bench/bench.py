@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -319,15 +320,12 @@ def reclaim_at_scale(stack: LocalStack, runs: int, expired: int = 10_000) -> tup
 # of them: about what a day at the queue's top rate can hold).
 STATS_ROWS = 1_000_000
 STATS_SHAPES = {"1,000,000 jobs in one day": 1, "1,000,000 jobs over 30 days": 30}
-# The job_stats() definition before 20261202001000_job_stats_at_scale.sql: the baseline, on the same rows.
-PREVIOUS_JOB_STATS = REPO_ROOT / "supabase" / "migrations" / "20261129001200_attempt_timings.sql"
+# The job_stats() definition before settled hours were folded: the baseline, on the same rows.
+PREVIOUS_JOB_STATS = "sql/bench_job_stats_before_folding.sql"
 
 
 def _previous_job_stats() -> str:
-    text = PREVIOUS_JOB_STATS.read_text()
-    start = text.index("create or replace function public.job_stats(")
-    end = text.index("$$;", start) + 3
-    return text[start:end].replace("public.job_stats(", "public.sona_bench_previous_job_stats(", 1)
+    return resources.files("devstack").joinpath(PREVIOUS_JOB_STATS).read_text()
 
 
 POPULATE_STATS = """

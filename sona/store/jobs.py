@@ -1,7 +1,7 @@
 """The jobs store: calls the state functions in SQL over PostgREST RPC (sona.store.rpc) and returns
 typed rows.
 
-Every transition lives in supabase/migrations; this module only names them.
+Every transition lives in SQL (supabase/schemas/30_state_machine.sql); this module only names them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from sona.supabase_keys import request_headers
 # the database, and a statement timeout (57014, which PostgREST answers with a 500).
 _UNAVAILABLE_PREFIXES = ("08", "53", "57P", "57014", "PGRST000", "PGRST001", "PGRST002", "PGRST003")
 
-# advance_stage's answer when the owner cancelled the job (20261129001400_stage_fence_tells_cancelled.sql).
+# advance_stage's answer when the owner cancelled the job (supabase/schemas/30_state_machine.sql).
 CANCELLED_SQLSTATE = "SQ003"
 
 # How long one request's claim keeps retrying when the database is briefly away.
@@ -241,7 +241,7 @@ class JobsStore:
 
     def fold_stats(self, max_hours: int = FOLD_HOURS) -> int:
         """Count the settled hours once, so job_stats() reads them instead of their rows
-        (20261202001000_job_stats_at_scale.sql); how many hours were folded."""
+        (supabase/schemas/40_stats.sql); how many hours were folded."""
         return int(self._call("sona_fold_job_stats", {"p_limit": max_hours}) or 0)
 
     def _figures(self, name: str, window_hours: int) -> dict[str, Any]:

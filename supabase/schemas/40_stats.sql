@@ -1,15 +1,14 @@
--- Sona: job_stats() at full scale (issue 21). A 24 h window can hold about 1,000,000 jobs (a day at
--- the queue's top rate): the first job_stats() took 1.41 s over such a day measured elsewhere (3.7 s
--- here), keeping the window's jobs and attempts as materialized rows, reading them again for each
--- figure and sorting a million values for each of four percentiles. Counting the same rows in two
--- hash aggregations over grouping sets, with percentiles read off counts, still took 2.2 s here:
--- two million-row aggregations cost that however they are written. So settled hours are counted once:
+-- What an operator watches (`python -m sona stats`): job_stats(), spend_stats(), generation_stats()
+-- (token_stats() sits with the tokens, 50_tokens.sql).
 --
+-- job_stats() at full scale: a 24 h window can hold about 1,000,000 jobs (a day at the queue's top
+-- rate). Counting them each time costs seconds however it is written, so settled hours are counted
+-- once:
 -- - sona_job_groups(from, to) and sona_attempt_groups(from, to) count the jobs created, and the
 --   attempts started, in [from, to): by status, completions by minute, processing times,
 --   first-attempt queue waits and attempts; provider and upload times, failures by class, and the
 --   ended / provider-error totals.
--- - sona_fold_job_stats() stores those counts for each settled hour (it ended over a minute ago,
+-- - sona_fold_job_stats() stores those counts for each settled hour (it ended over a few minutes ago,
 --   every job created in it finished, every attempt started in it ended). reclaim_jobs' scheduled
 --   call and `python -m sona stats` run it; an hour is folded once.
 -- - job_stats() adds the folded hours inside its window to what it still counts from the rows: the
@@ -24,7 +23,6 @@
 -- after it finished unfolds its hour (counted from the rows again until folded again). Attempt
 -- figures count the attempts that started in the window; the first attempt's queue wait comes from
 -- jobs.started_at for jobs that ran once, and from their attempt 1 for the others.
--- Idempotent; valid on PostgreSQL 15 and newer.
 
 -- p_fraction's percentile, interpolated as percentile_cont does, of the values p_values (ascending)
 -- each seen p_counts times.
@@ -43,6 +41,8 @@ language sql immutable parallel safe set search_path = '' as $$
          lateral (select v.value from v where v.upto > floor(pos.at) order by v.upto limit 1) lo,
          lateral (select v.value from v where v.upto > ceil(pos.at) order by v.upto limit 1) hi
 $$;
+revoke all on function public.sona_percentile(double precision[], bigint[], double precision) from public, anon, authenticated;
+grant execute on function public.sona_percentile(double precision[], bigint[], double precision) to service_role;
 
 -- A time in milliseconds at four significant digits (to_char's scientific notation; it reads its
 -- argument once). Applied to the keys of counts, never to each row.
@@ -51,6 +51,8 @@ returns double precision
 language sql stable parallel safe as $$
   select to_char(p_ms, '9.999EEEE')::double precision
 $$;
+revoke all on function public.sona_stats_round(double precision) from public, anon, authenticated;
+grant execute on function public.sona_stats_round(double precision) to service_role;
 
 -- The counts job_stats() reads of the jobs created in [p_from, p_to): by status, completions by
 -- minute, processing times, first-attempt queue waits, and attempts. Each row says which grouping
@@ -82,6 +84,8 @@ language sql stable set search_path = '' as $$
            where j.created_at >= p_from and j.created_at < p_to and j.attempts > 1) w
    group by w.wait_ms
 $$;
+revoke all on function public.sona_job_groups(timestamptz, timestamptz) from public, anon, authenticated;
+grant execute on function public.sona_job_groups(timestamptz, timestamptz) to service_role;
 
 -- The counts job_stats() reads of the attempts started in [p_from, p_to): provider and upload
 -- times, failures by class, and the ended / provider-error totals.
@@ -100,41 +104,36 @@ language sql stable set search_path = '' as $$
             from public.job_attempts a where a.started_at >= p_from and a.started_at < p_to) y
    group by grouping sets ((y.generate_ms), (y.upload_ms), (y.outcome_class), (y.ended, y.provider_error))
 $$;
+revoke all on function public.sona_attempt_groups(timestamptz, timestamptz) from public, anon, authenticated;
+grant execute on function public.sona_attempt_groups(timestamptz, timestamptz) to service_role;
 
-create table if not exists public.sona_stats_hours (
+-- The folded hours and their counts.
+create table public.sona_stats_hours (
   hour timestamptz primary key,
   folded_at timestamptz not null default now()
 );
-create table if not exists public.sona_stats_job_groups (
+create table public.sona_stats_job_groups (
   hour timestamptz not null references public.sona_stats_hours (hour) on delete cascade,
   by_status boolean not null, by_minute boolean not null, by_processing boolean not null,
   by_wait boolean not null, by_attempts boolean not null,
   status text, minute timestamptz, processing_ms double precision, wait_ms double precision,
   attempts integer, n bigint not null
 );
-create index if not exists sona_stats_job_groups_hour_idx on public.sona_stats_job_groups (hour);
-create table if not exists public.sona_stats_attempt_groups (
+create index sona_stats_job_groups_hour_idx on public.sona_stats_job_groups (hour);
+create table public.sona_stats_attempt_groups (
   hour timestamptz not null references public.sona_stats_hours (hour) on delete cascade,
   by_generate boolean not null, by_upload boolean not null, by_class boolean not null,
   generate_ms double precision, upload_ms double precision, outcome_class text,
   ended boolean, provider_error boolean, n bigint not null
 );
-create index if not exists sona_stats_attempt_groups_hour_idx on public.sona_stats_attempt_groups (hour);
-do $$
-declare t text;
-begin
-  foreach t in array array['public.sona_stats_hours', 'public.sona_stats_job_groups',
-                           'public.sona_stats_attempt_groups']
-  loop
-    execute format('alter table %s enable row level security', t);
-    execute format('revoke all on %s from public, anon, authenticated', t);
-    execute format('grant all on %s to service_role', t);
-  end loop;
-end $$;
-
--- The attempts still running, by start: what keeps an hour from settling (a handful of rows).
-create index if not exists job_attempts_open_started_idx on public.job_attempts (started_at)
-  where outcome is null;
+create index sona_stats_attempt_groups_hour_idx on public.sona_stats_attempt_groups (hour);
+alter table public.sona_stats_hours enable row level security;
+alter table public.sona_stats_job_groups enable row level security;
+alter table public.sona_stats_attempt_groups enable row level security;
+revoke all on public.sona_stats_hours, public.sona_stats_job_groups, public.sona_stats_attempt_groups
+  from public, anon, authenticated;
+grant all on public.sona_stats_hours, public.sona_stats_job_groups, public.sona_stats_attempt_groups
+  to service_role;
 
 -- Fold up to p_limit settled hours of the last 35 days (the newest first; an hour, in UTC whatever
 -- the session's time zone, is settled once it ended over 5 minutes ago, a margin for transactions
@@ -184,6 +183,8 @@ begin
   end loop;
   return v_folded;
 end $$;
+revoke all on function public.sona_fold_job_stats(integer) from public, anon, authenticated;
+grant execute on function public.sona_fold_job_stats(integer) to service_role;
 
 -- Rows that change a folded hour unfold it, so job_stats() never counts a row that is gone or has
 -- moved: a deleted job or attempt, a finished job or ended attempt changed afterwards (a pause's
@@ -196,6 +197,8 @@ begin
   perform pg_advisory_xact_lock(hashtext('sona_fold_job_stats'));
   delete from public.sona_stats_hours where hour = any (p_hours);
 end $$;
+revoke all on function public.sona_stats_unfold_hours(timestamptz[]) from public, anon, authenticated;
+grant execute on function public.sona_stats_unfold_hours(timestamptz[]) to service_role;
 
 -- For a statement's deleted or inserted rows (the transition table "touched"). An insert, on the
 -- hot path, looks before it locks: its rows are nearly always in the current hour, never folded.
@@ -212,6 +215,16 @@ begin
   end if;
   return null;
 end $$;
+revoke all on function public.sona_stats_unfold() from public, anon, authenticated;
+grant execute on function public.sona_stats_unfold() to service_role;
+create trigger sona_stats_unfold after delete on public.jobs
+  referencing old table as touched for each statement execute function public.sona_stats_unfold('created_at');
+create trigger sona_stats_unfold after delete on public.job_attempts
+  referencing old table as touched for each statement execute function public.sona_stats_unfold('started_at');
+create trigger sona_stats_unfold_inserted after insert on public.jobs
+  referencing new table as touched for each statement execute function public.sona_stats_unfold('created_at');
+create trigger sona_stats_unfold_inserted after insert on public.job_attempts
+  referencing new table as touched for each statement execute function public.sona_stats_unfold('started_at');
 
 -- For one finished row changed afterwards (the triggers' conditions pick them out): the hour it
 -- was in and the hour it is in now.
@@ -226,42 +239,41 @@ begin
   perform public.sona_stats_unfold_hours(v_hours);
   return null;
 end $$;
+revoke all on function public.sona_stats_unfold_row() from public, anon, authenticated;
+grant execute on function public.sona_stats_unfold_row() to service_role;
+create trigger sona_stats_unfold_changed
+  after update of status, attempts, created_at, started_at, completed_at on public.jobs
+  for each row when (old.status in ('completed', 'failed', 'cancelled'))
+  execute function public.sona_stats_unfold_row('created_at');
+create trigger sona_stats_unfold_changed
+  after update of started_at, outcome, outcome_class, timings_ms on public.job_attempts
+  for each row when (old.outcome is not null)
+  execute function public.sona_stats_unfold_row('started_at');
 
+-- Emptying either table unfolds every hour.
 create or replace function public.sona_stats_unfold_all()
 returns trigger language plpgsql security definer set search_path = '' as $$
 begin
   delete from public.sona_stats_hours;
   return null;
 end $$;
-drop trigger if exists sona_stats_unfold_all on public.jobs;
+revoke all on function public.sona_stats_unfold_all() from public, anon, authenticated;
+grant execute on function public.sona_stats_unfold_all() to service_role;
 create trigger sona_stats_unfold_all after truncate on public.jobs
   for each statement execute function public.sona_stats_unfold_all();
-drop trigger if exists sona_stats_unfold_all on public.job_attempts;
 create trigger sona_stats_unfold_all after truncate on public.job_attempts
   for each statement execute function public.sona_stats_unfold_all();
-drop trigger if exists sona_stats_unfold on public.jobs;
-create trigger sona_stats_unfold after delete on public.jobs
-  referencing old table as touched for each statement execute function public.sona_stats_unfold('created_at');
-drop trigger if exists sona_stats_unfold on public.job_attempts;
-create trigger sona_stats_unfold after delete on public.job_attempts
-  referencing old table as touched for each statement execute function public.sona_stats_unfold('started_at');
-drop trigger if exists sona_stats_unfold_inserted on public.jobs;
-create trigger sona_stats_unfold_inserted after insert on public.jobs
-  referencing new table as touched for each statement execute function public.sona_stats_unfold('created_at');
-drop trigger if exists sona_stats_unfold_inserted on public.job_attempts;
-create trigger sona_stats_unfold_inserted after insert on public.job_attempts
-  referencing new table as touched for each statement execute function public.sona_stats_unfold('started_at');
-drop trigger if exists sona_stats_unfold_changed on public.jobs;
-create trigger sona_stats_unfold_changed
-  after update of status, attempts, created_at, started_at, completed_at on public.jobs
-  for each row when (old.status in ('completed', 'failed', 'cancelled'))
-  execute function public.sona_stats_unfold_row('created_at');
-drop trigger if exists sona_stats_unfold_changed on public.job_attempts;
-create trigger sona_stats_unfold_changed
-  after update of started_at, outcome, outcome_class, timings_ms on public.job_attempts
-  for each row when (old.outcome is not null)
-  execute function public.sona_stats_unfold_row('started_at');
 
+-- Every figure an operator watches, for the jobs created in the window (and their attempts):
+--   throughput       jobs completed per minute of the window, and the busiest minute
+--   attempts         attempts ended, and failed attempts by class (share of attempts ended)
+--   queue_wait_s     insert to the start of the first attempt
+--   processing_s     start of the last attempt to completion, completed jobs
+--   provider         the provider step's time (its in-attempt retries included), and the share of
+--                    attempts that called it and failed with a provider class
+--   storage          attempts that stored both files against those whose storage step failed, and
+--                    the time from the WAV upload's start to the MP3 stored
+--   retries          attempts beyond the first, per job that started
 create or replace function public.job_stats(p_window_hours integer default 24)
 returns jsonb
 language sql stable security invoker
@@ -408,23 +420,53 @@ as $$
   )
   from jt, at, ended e, counts k
 $$;
+revoke all on function public.job_stats(integer) from public, anon, authenticated;
+grant execute on function public.job_stats(integer) to service_role;
 
-do $$
-declare fn text;
-begin
-  foreach fn in array array[
-    'public.sona_percentile(double precision[], bigint[], double precision)',
-    'public.sona_stats_round(double precision)',
-    'public.sona_job_groups(timestamptz, timestamptz)',
-    'public.sona_attempt_groups(timestamptz, timestamptz)',
-    'public.sona_fold_job_stats(integer)',
-    'public.sona_stats_unfold_hours(timestamptz[])',
-    'public.sona_stats_unfold()',
-    'public.sona_stats_unfold_row()',
-    'public.sona_stats_unfold_all()',
-    'public.job_stats(integer)']
-  loop
-    execute format('revoke all on function %s from public, anon, authenticated', fn);
-    execute format('grant execute on function %s to service_role', fn);
-  end loop;
-end $$;
+-- The pause, quota refusals (counted since the sequences were made: a refused insert leaves no row)
+-- and cancellations.
+create or replace function public.spend_stats(p_window_hours integer default 24)
+returns jsonb
+language sql stable security invoker set search_path = '' as $$
+  select jsonb_build_object(
+    'pause', (select jsonb_build_object('code', p.code, 'reason', p.reason, 'since', p.since,
+                                        'until', p.until, 'probe_job', p.probe_job,
+                                        'jobs_released', p.jobs_released)
+                from public.sona_pauses p where p.lifted_at is null),
+    'pauses_in_window', (select count(*) from public.sona_pauses p
+                          where p.since >= now() - make_interval(hours => p_window_hours)),
+    'jobs_released_by_outages', (select coalesce(sum(p.jobs_released), 0) from public.sona_pauses p
+                                  where p.since >= now() - make_interval(hours => p_window_hours)),
+    'cancelled', (select count(*) from public.jobs j
+                   where j.cancelled_at >= now() - make_interval(hours => p_window_hours)),
+    'quota', jsonb_build_object(
+      'max_active_jobs', public.sona_setting('max_active_jobs'),
+      'max_jobs_per_day', public.sona_setting('max_jobs_per_day'),
+      -- counted since the migration (a refused insert leaves no row to count)
+      'refused_active_total', (select case when s.is_called then s.last_value else 0 end
+                                 from public.sona_refused_active_seq s),
+      'refused_daily_total', (select case when s.is_called then s.last_value else 0 end
+                                from public.sona_refused_daily_seq s))
+  )
+$$;
+revoke all on function public.spend_stats(integer) from public, anon, authenticated;
+grant execute on function public.spend_stats(integer) to service_role;
+
+-- Paid generations per model in the window, for `stats` to price (the credits are a setting):
+-- a completed job's audio names its model; every forgotten id was one more paid generation.
+create or replace function public.generation_stats(p_window_hours integer default 24)
+returns jsonb
+language sql stable security invoker set search_path = '' as $$
+  select coalesce(jsonb_object_agg(m.model, jsonb_build_object('completed', m.completed, 'lost', m.lost)),
+                  '{}'::jsonb)
+    from (select coalesce(j.audio ->> 'model', j.generation_model) as model,
+                 count(*) filter (where j.status = 'completed') as completed,
+                 coalesce(sum(j.generations_lost), 0) as lost
+            from public.jobs j
+           where j.created_at >= now() - make_interval(hours => p_window_hours)
+             and (j.status = 'completed' or j.generations_lost > 0)
+             and coalesce(j.audio ->> 'model', j.generation_model) is not null
+           group by 1) m
+$$;
+revoke all on function public.generation_stats(integer) from public, anon, authenticated;
+grant execute on function public.generation_stats(integer) to service_role;

@@ -1,5 +1,4 @@
--- Sona: a job that gives the musician nothing gives their tokens back. Idempotent; valid on
--- PostgreSQL 15 and newer. Adds, and redefines nothing of an earlier migration.
+-- A job that gives the musician nothing gives their tokens back.
 --
 -- The real plug-in charges before the job exists: its `generate` Edge Function calls use_tokens (a
 -- 'usage' row in token_transactions, the balance in user_tokens lowered) and then inserts the job
@@ -25,9 +24,7 @@
 -- 4. token_stats(): tokens charged and refunded, and jobs whose charge was not found, in a window.
 -- On a database without the plug-in's token tables the triggers return at once: nothing changes.
 
--- 1. the link ------------------------------------------------------------------------------------
-
-create table if not exists public.sona_job_charges (
+create table public.sona_job_charges (
   -- deferred: the link is written by the BEFORE INSERT trigger, before its job row exists
   job_id uuid primary key references public.jobs (id) on delete cascade deferrable initially deferred,
   user_id uuid not null,
@@ -44,8 +41,8 @@ create table if not exists public.sona_job_charges (
   check ((transaction_id is null) = (tokens is null)),
   check ((settled_at is null) = (settlement is null))
 );
-create index if not exists sona_job_charges_linked_at_idx on public.sona_job_charges (linked_at);
-create index if not exists sona_job_charges_settled_at_idx on public.sona_job_charges (settled_at)
+create index sona_job_charges_linked_at_idx on public.sona_job_charges (linked_at);
+create index sona_job_charges_settled_at_idx on public.sona_job_charges (settled_at)
   where settled_at is not null;
 alter table public.sona_job_charges enable row level security;
 revoke all on public.sona_job_charges from public, anon, authenticated;
@@ -75,7 +72,7 @@ language sql immutable set search_path = '' as $$
   end
 $$;
 
--- Are the plug-in's token tables here? (Looked up each time: they may arrive after this migration.)
+-- Are the plug-in's token tables here? (Looked up each time: they may arrive after this schema.)
 create or replace function public.sona_tokens_present() returns boolean
 language sql stable set search_path = '' as $$
   select to_regclass('public.token_transactions') is not null and to_regclass('public.user_tokens') is not null
@@ -102,6 +99,8 @@ begin
       limit 1'
     using p_user_id, p_description, p_created_at;
 end $$;
+revoke all on function public.sona_find_charge(uuid, text, timestamptz) from public, anon, authenticated;
+grant execute on function public.sona_find_charge(uuid, text, timestamptz) to service_role;
 
 -- Write the link (found or not) and log a job whose charge is missing. Answers the tokens linked.
 create or replace function public.sona_link_charge(
@@ -123,8 +122,8 @@ begin
   end if;
   return v_charge.tokens;
 end $$;
-
--- 2. settlement ----------------------------------------------------------------------------------
+revoke all on function public.sona_link_charge(uuid, uuid, text, integer, text, text, timestamptz) from public, anon, authenticated;
+grant execute on function public.sona_link_charge(uuid, uuid, text, integer, text, text, timestamptz) to service_role;
 
 -- Settle the job's charge once: refund it, or keep it. The row lock on the link serialises
 -- concurrent finishes; the second finds it settled and does nothing. An error while refunding never
@@ -177,6 +176,8 @@ begin
     raise warning 'sona: refund of job % failed: % %', p_job_id, sqlstate, sqlerrm;
   end;
 end $$;
+revoke all on function public.sona_settle_charge(uuid, boolean, text) from public, anon, authenticated;
+grant execute on function public.sona_settle_charge(uuid, boolean, text) to service_role;
 
 -- Was anything generated (paid for) before the cancel? The stage the attempt had reached says so;
 -- without a stage column, only a job that never started counts as untouched.
@@ -186,6 +187,7 @@ language sql immutable set search_path = '' as $$
               else coalesce(p_old ->> 'status', '') not in ('pending', 'queued') end
 $$;
 
+-- The job's final write settles its charge.
 create or replace function public.jobs_settle_charge() returns trigger
 language plpgsql volatile security definer set search_path = '' as $$
 begin
@@ -207,18 +209,17 @@ begin
   end if;
   return null;
 end $$;
-
-drop trigger if exists jobs_settle_charge on public.jobs;
+revoke all on function public.jobs_settle_charge() from public, anon, authenticated;
+grant execute on function public.jobs_settle_charge() to service_role;
 create trigger jobs_settle_charge after update of status on public.jobs
   for each row
   when (old.status is distinct from new.status and new.status in ('failed', 'cancelled', 'completed'))
   execute function public.jobs_settle_charge();
 
--- 3. at insert: link the charge; over quota on the service-role path, fail (and refund) at once --
-
--- Named to fire before jobs_derive_stage (triggers fire in name order), so the stage follows a
--- status this trigger sets. Takes the user's quota lock (the one sona_enforce_quota takes), so one
--- user's inserts link their charges, and count their quotas, one at a time.
+-- At insert: link the charge; over quota on the service-role path, fail (and refund) at once. Named
+-- to fire before jobs_derive_stage (triggers fire in name order), so the stage follows a status this
+-- trigger sets. Takes the user's quota lock (the one sona_enforce_quota takes), so one user's
+-- inserts link their charges, and count their quotas, one at a time.
 create or replace function public.jobs_charge_link() returns trigger
 language plpgsql volatile security definer set search_path = '' as $$
 declare
@@ -266,32 +267,10 @@ begin
   end if;
   return new;
 end $$;
-
-drop trigger if exists jobs_charge_link on public.jobs;
+revoke all on function public.jobs_charge_link() from public, anon, authenticated;
+grant execute on function public.jobs_charge_link() to service_role;
 create trigger jobs_charge_link before insert on public.jobs
   for each row execute function public.jobs_charge_link();
-
--- Jobs still live when this migration runs (the plug-in's queued and processing ones) take their
--- charges too, oldest first, so that they are refunded if they fail from now on. Finished jobs are
--- history and stay as they are.
-do $$
-declare
-  j record;
-begin
-  if not public.sona_tokens_present() then
-    return;
-  end if;
-  for j in
-    select * from public.jobs
-     where status in ('pending', 'queued', 'processing')
-       and not exists (select from public.sona_job_charges c where c.job_id = jobs.id)
-     order by created_at, id
-  loop
-    perform public.sona_link_charge(j.id, j.user_id, j.mode, j.duration, j.quality, j.prompt, j.created_at);
-  end loop;
-end $$;
-
--- 4. what an operator sees -------------------------------------------------------------------------
 
 -- Tokens charged by the jobs created in the window, tokens refunded in the window, and the jobs of
 -- the window whose charge was not found (refunded nothing) or whose refund failed.
@@ -311,19 +290,5 @@ language sql stable security invoker set search_path = '' as $$
     'refund_failed', count(*) filter (where c.settled_at >= s.t and c.settlement = 'refund_failed'))
   from public.sona_job_charges c, since s
 $$;
-
-do $$
-declare fn text;
-begin
-  foreach fn in array array[
-    'public.sona_find_charge(uuid, text, timestamptz)',
-    'public.sona_link_charge(uuid, uuid, text, integer, text, text, timestamptz)',
-    'public.sona_settle_charge(uuid, boolean, text)',
-    'public.jobs_settle_charge()',
-    'public.jobs_charge_link()',
-    'public.token_stats(integer)']
-  loop
-    execute format('revoke all on function %s from public, anon, authenticated', fn);
-    execute format('grant execute on function %s to service_role', fn);
-  end loop;
-end $$;
+revoke all on function public.token_stats(integer) from public, anon, authenticated;
+grant execute on function public.token_stats(integer) to service_role;
