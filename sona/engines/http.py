@@ -6,16 +6,42 @@ from __future__ import annotations
 
 import platform
 import socket
+import time
+from collections.abc import Callable
 
 import requests
 from requests.structures import CaseInsensitiveDict
+from tenacity import Retrying
 
 from sona import __version__
+from sona.config import Settings
 from sona.deadline import SLACK_S, Deadline
 from sona.errors import DeadlineExceeded, TransientError
+from sona.retrying import provider_retrying
 
 USER_AGENT = f"sona-audio-function/{__version__} (python {platform.python_version()})"
 CHUNK = 256 * 1024
+
+
+class ProviderClient:
+    """What every provider client holds: the settings, its API's base URL, one HTTP session, and the
+    sleep its retries wait with (a test passes one that records instead of waiting)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        base_url: str,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._settings = settings
+        self._base_url = base_url
+        self._session = session or requests.Session()
+        self._sleep = sleep
+
+    def _retrying(self, what: str, deadline: Deadline) -> Retrying:
+        """The provider retry policy (MAX_RETRIES from RETRY_DELAY_MS) for one call, inside the deadline."""
+        return provider_retrying(what, self._settings, deadline, self._sleep)
 
 
 def socket_of(response: requests.Response) -> socket.socket | None:

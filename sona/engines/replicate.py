@@ -37,13 +37,12 @@ from typing import Any, Literal
 import requests
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from requests.structures import CaseInsensitiveDict
-from tenacity import Retrying
 from urllib3.exceptions import NewConnectionError
 
 from sona.config import ConfigError, Settings
 from sona.deadline import Deadline
 from sona.engines.base import GenerationRequest
-from sona.engines.http import USER_AGENT, read_within, retry_after, socket_of, unanswered
+from sona.engines.http import USER_AGENT, ProviderClient, read_within, retry_after, socket_of, unanswered
 from sona.errors import (
     GenerationGone,
     PermanentError,
@@ -52,7 +51,6 @@ from sona.errors import (
     TransientError,
 )
 from sona.models import GeneratedAudio
-from sona.retrying import provider_retrying
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +230,7 @@ def settle(prediction: Prediction) -> str | None:
 # -- the client --------------------------------------------------------------------------------------
 
 
-class ReplicateClient:
+class ReplicateClient(ProviderClient):
     """Create, get and download TangoFlux predictions, each call ended by the job's deadline."""
 
     def __init__(
@@ -243,11 +241,8 @@ class ReplicateClient:
     ) -> None:
         if settings.replicate_api_token is None:
             raise ConfigError(["REPLICATE_API_TOKEN is required to generate with TangoFlux on Replicate"])
-        self._settings = settings
+        super().__init__(settings, settings.replicate_api_url, session, sleep)
         self._token = settings.replicate_api_token
-        self._base_url = settings.replicate_api_url
-        self._session = session or requests.Session()
-        self._sleep = sleep
 
     # The paid call.
     def create(
@@ -289,9 +284,6 @@ class ReplicateClient:
         return GeneratedAudio(data=self.download(url, deadline), content_type="audio/wav", model=MODEL_NAME)
 
     # -- one HTTP exchange each ---------------------------------------------------------------------
-
-    def _retrying(self, what: str, deadline: Deadline) -> Retrying:
-        return provider_retrying(what, self._settings, deadline, self._sleep)
 
     def _api_headers(self) -> dict[str, str]:
         return {

@@ -18,10 +18,9 @@ from requests.structures import CaseInsensitiveDict
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.engines.base import AUDIO_TO_AUDIO, GenerationRequest
-from sona.engines.http import USER_AGENT, read_within, retry_after, socket_of, unanswered
+from sona.engines.http import USER_AGENT, ProviderClient, read_within, retry_after, socket_of, unanswered
 from sona.errors import PermanentError, ServiceOutage, TransientError
 from sona.models import GeneratedAudio
-from sona.retrying import provider_retrying
 
 log = logging.getLogger(__name__)
 
@@ -120,23 +119,18 @@ def error_body(body: bytes | bytearray) -> tuple[str | None, list[str]]:
     return data.get("name"), [str(e) for e in errors] if isinstance(errors, list) else []
 
 
-
-class StableAudioClient:
+class StableAudioClient(ProviderClient):
     def __init__(
         self,
         settings: Settings,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._settings = settings
-        self._sleep = sleep
-        self._base_url = settings.stable_audio_api_url
-        self._session = session or requests.Session()
+        super().__init__(settings, settings.stable_audio_api_url, session, sleep)
 
     def generate(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio:
         """One paid generation, retrying transient failures with backoff inside the deadline."""
-        policy = provider_retrying("provider call", self._settings, deadline, self._sleep)
-        return policy(self._call_once, request, deadline)
+        return self._retrying("provider call", deadline)(self._call_once, request, deadline)
 
     def _call_once(self, request: GenerationRequest, deadline: Deadline) -> GeneratedAudio:
         left = deadline.check("generate", need_s=0.5)

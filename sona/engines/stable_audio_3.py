@@ -22,11 +22,10 @@ from requests.structures import CaseInsensitiveDict
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.engines.base import AUDIO_TO_AUDIO, GenerationRequest
-from sona.engines.http import USER_AGENT, read_within, socket_of, unanswered
+from sona.engines.http import USER_AGENT, ProviderClient, read_within, socket_of, unanswered
 from sona.engines.stable_audio import classify, error_body, form_fields, generated_audio, request_headers
 from sona.errors import GenerationGone, PermanentError, ServiceOutage
 from sona.models import GeneratedAudio
-from sona.retrying import provider_retrying
 
 MODEL = "stable-audio-3"
 _ID = re.compile(r"^[0-9a-fA-F]{16,128}$")  # the spec shows 64 hex digits; accept a little more
@@ -56,7 +55,7 @@ def access_refused(
     return error
 
 
-class StableAudio3Client:
+class StableAudio3Client(ProviderClient):
     """One engine by id (sona/engines/base.py): `submit` pays, `fetch` reads what was paid for."""
 
     def __init__(
@@ -65,10 +64,7 @@ class StableAudio3Client:
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._settings = settings
-        self._sleep = sleep
-        self._base_url = settings.stable_audio_3_api_url
-        self._session = session or requests.Session()
+        super().__init__(settings, settings.stable_audio_3_api_url, session, sleep)
 
     @property
     def poll_interval_s(self) -> float:
@@ -84,8 +80,7 @@ class StableAudio3Client:
         """One accepted generation's id. A refusal (4xx, 5xx, 429) accepted nothing, so retrying it
         pays nothing; a connection lost after the request went out may have been accepted (the
         one window no client can close: docs/outside-services.md, Stable Audio 3)."""
-        policy = provider_retrying("provider call", self._settings, deadline, self._sleep)
-        return policy(self._post_once, request, deadline)
+        return self._retrying("provider call", deadline)(self._post_once, request, deadline)
 
     def _post_once(self, request: GenerationRequest, deadline: Deadline) -> str:
         left = deadline.check("generate", need_s=0.5)
@@ -108,7 +103,7 @@ class StableAudio3Client:
     def fetch(self, generation_id: str, model: str, deadline: Deadline) -> GeneratedAudio | None:
         """The audio, or None while in progress. A dropped or cut-off answer is retried (the
         generation stays on the provider's side); a 404 generation_not_found is GenerationGone."""
-        policy = provider_retrying("result fetch", self._settings, deadline, self._sleep)
+        policy = self._retrying("result fetch", deadline)
         result: GeneratedAudio | None = policy(self._get_once, generation_id, model, deadline)
         return result
 
