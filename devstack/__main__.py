@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sona.catalog import MODELS
 from sona.config import ConfigError
 
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument(
         "--model",
-        choices=["stable-audio-2.5", "stable-audio-2", "stable-audio-3"],
+        # It names STABLE_AUDIO_MODEL too, which serves audio-to-audio: the models that take an input.
+        choices=[name for name, model in MODELS.items() if model.takes_input],
         help="the model for every mode (else DESIGNER_MODEL, PRODUCER_MODEL, CREATOR_MODEL and"
         " STABLE_AUDIO_MODEL from the environment; stable-audio-2.5 by default)",
     )
