@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sona.errors import SonaError
-
-if TYPE_CHECKING:
-    from sona.store.jobs import JobsStore
+from sona.store.jobs import FOLD_HOURS, JobsStore
 
 # How long `stats` spends folding what the scheduler has not folded yet, a day of hours per call (each
 # call one short transaction, well inside a statement timeout), before it reads the figures anyway.
@@ -162,8 +160,6 @@ def _credit_lines(credits: dict[str, Any]) -> list[str]:
 def fold_settled_hours(store: JobsStore, budget_s: float = FOLD_BUDGET_S) -> str | None:
     """Fold the settled hours the scheduled reclaim has not folded yet, a batch at a time; a note
     when some are left (job_stats() then counts their rows itself: slower, the same answer)."""
-    from sona.store.jobs import FOLD_HOURS
-
     started = time.monotonic()
     try:
         while store.fold_stats(FOLD_HOURS) == FOLD_HOURS:
