@@ -49,19 +49,31 @@ def load_schema_files(url: str) -> None:
             conn.execute(path.read_text())  # type: ignore[arg-type]  # a whole file, no parameters
 
 
-@pytest.fixture
-def declared(pg_server: str) -> Catalog:
-    """The catalog of an empty database with supabase/schemas/ loaded."""
+# Supabase's Realtime publication, as a project has it (tests/test_realtime_publication.py).
+REALTIME = "create publication supabase_realtime"
+
+
+def declared_on(pg_server: str, *before: str) -> Catalog:
+    """The catalog of an empty database (with `before` applied) with supabase/schemas/ loaded."""
     url = fresh_database(pg_server, template="template0")
+    apply_sql(url, *before)
     load_schema_files(url)
     return catalog(url)
 
 
+@pytest.fixture
+def declared(pg_server: str) -> Catalog:
+    return declared_on(pg_server)
+
+
+@pytest.mark.parametrize("before", [(), (REALTIME,)], ids=["plain-postgresql", "with-realtime"])
 def test_the_migrations_on_an_empty_database_give_what_the_schema_files_declare(
-    empty_db_url: str, declared: Catalog
+    pg_server: str, empty_db_url: str, before: tuple[str, ...]
 ) -> None:
+    apply_sql(empty_db_url, *before)
     migrate(empty_db_url)
-    drift = difference(declared, catalog(empty_db_url), "supabase/schemas", "supabase/migrations")
+    drift = difference(declared_on(pg_server, *before), catalog(empty_db_url), "supabase/schemas",
+                       "supabase/migrations")  # fmt: skip
     assert not drift, f"the migrations and the schema files disagree:\n{drift}"
 
 
