@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from sona.jobs_store import JobsStore
-from sona.local.gateway import Gateway
+from devstack.emulators.gateway import Gateway
+from sona.store.jobs import JobsStore
 from tests.support import connect, insert_job, make_settings, sql
 
 # 600 jobs over the last 30 hours, every kind job_stats() counts: completed and failed, retried

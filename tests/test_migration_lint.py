@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sona.local.database import REPO_ROOT, migration_files
+from devstack.database import REPO_ROOT, migration_files
 
 SQUAWK = Path(sys.executable).parent / "squawk"
 

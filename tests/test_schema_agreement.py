@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from sona.local.database import REPO_ROOT, apply_sql, migrate, stand_ins_sql
+from devstack.database import REPO_ROOT, apply_sql, migrate, stand_ins_sql
 from tests.conftest import fresh_database
 from tests.plugin.plugin_db import build_plugin_database
 from tests.schema_catalog import catalog, difference

@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from sona.local.database import apply_sql, migrate
-from sona.stats import render_table
+from devstack.database import apply_sql, migrate
+from sona.ops.stats import render_table
 from tests.plugin.conftest import _gateway as plugin_gateway_over
 from tests.plugin.generate import GenerateRequest, generate_over_sql, generate_through_gateway
 from tests.plugin.plugin_db import (
