@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from sona.local.database import apply_sql, migrate, stand_ins_sql
+from devstack.database import apply_sql, migrate, stand_ins_sql
 from tests.plugin.plugin_db import build_plugin_database
 from tests.support import sql
 
