@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--burst-jobs", type=int, default=1000, help="jobs in the dispatch burst")
     bench.add_argument(
         "--only",
-        choices=["job", "dispatch", "wait", "cold", "stats"],
+        choices=["job", "dispatch", "wait", "cold", "stats", "triggers"],
         help="one half of the benchmark (job, dispatch), or one of its figures (wait: Stable Audio 3's"
-        " wait, polled or checked back; cold starts; job_stats)",
+        " wait, polled or checked back; cold starts; job_stats; triggers: what the triggers on jobs"
+        " cost an insert and a claim)",
     )
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)

@@ -161,31 +161,28 @@ do $$ begin
   end if;
 end $$;
 
--- The provider's prompt limit: NOT VALID, so rows written before it stay as they are (the worker
--- fails an oversized one without paying); every new row obeys it. The others hold for every row
--- already there (their columns were added above, empty or at their defaults).
-do $$ begin
-  alter table public.jobs add constraint jobs_prompt_length check (char_length(prompt) <= 10000) not valid;
-exception when duplicate_object then null;
-end $$;
-do $$ begin
-  alter table public.jobs add constraint jobs_strength_range
-    check (strength is null or (strength >= 0 and strength <= 1));
-exception when duplicate_object then null;
-end $$;
-do $$ begin
-  alter table public.jobs add constraint jobs_audio_to_audio_input
-    check (mode <> 'audio-to-audio' or (input_path is not null and length(input_path) between 1 and 1024));
-exception when duplicate_object then null;
-end $$;
-do $$ begin
-  alter table public.jobs add constraint jobs_stage_check check (stage in (
-    'queued', 'claimed', 'generating', 'encoding', 'uploading', 'done', 'failed', 'cancelled'));
-exception when duplicate_object then null;
-end $$;
-do $$ begin
-  alter table public.jobs add constraint jobs_wait_status_check check (wait_status in ('pending', 'queued'));
-exception when duplicate_object then null;
+-- The checks this project adds, where missing. The prompt limit is NOT VALID, so rows written before
+-- it stay as they are (the worker fails an oversized one without paying) and every new row obeys it;
+-- the others hold for every row already there (their columns were added above, empty or at their
+-- defaults).
+do $$
+declare c record;
+begin
+  for c in
+    select * from (values
+      ('jobs_prompt_length', 'check (char_length(prompt) <= 10000) not valid'),
+      ('jobs_strength_range', 'check (strength is null or (strength >= 0 and strength <= 1))'),
+      ('jobs_audio_to_audio_input',
+       'check (mode <> ''audio-to-audio'' or (input_path is not null and length(input_path) between 1 and 1024))'),
+      ('jobs_stage_check', 'check (stage in (''queued'', ''claimed'', ''generating'', ''encoding'', ''uploading'','
+                           ' ''done'', ''failed'', ''cancelled''))'),
+      ('jobs_wait_status_check', 'check (wait_status in (''pending'', ''queued''))')
+    ) as wanted (name, definition)
+  loop
+    if not exists (select from pg_constraint where conrelid = 'public.jobs'::regclass and conname = c.name) then
+      execute format('alter table public.jobs add constraint %I %s', c.name, c.definition);
+    end if;
+  end loop;
 end $$;
 
 -- Serve claim (by id), the expired-lease scan, the due-pending scan, a user's list and job_stats'
