@@ -10,7 +10,8 @@ transaction as PostgREST runs them, in these shapes:
 - before: as it was before issue 30 folded the generation columns' guard into jobs_guard (a second
   BEFORE INSERT OR UPDATE trigger, devstack/sql/bench_jobs_guard_generation_before_fold.sql);
 - without triggers: every trigger on jobs and job_attempts disabled, the bare statements;
-- each trigger disabled in turn: what that one trigger adds is after's time minus this.
+and, in the first two, each trigger function's own time per call as the server counts it
+(track_functions), which a busy machine disturbs far less than a difference between two runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -42,20 +43,22 @@ insert into public.sona_settings (key, value)
   values ('max_active_jobs', 1000000), ('max_jobs_per_day', 1000000);
 """
 
-# The triggers a job's insert or claim runs, by what they do (the name in the table is the trigger's).
-HOT_TRIGGERS = (
-    ("jobs", "jobs_charge_link"),
-    ("jobs", "jobs_guard"),
-    ("jobs", "jobs_normalize_quality"),
-    ("jobs", "jobs_derive_stage"),
-    ("jobs", "jobs_remember_wait_status"),
-    ("jobs", "sona_enforce_quota"),
-    ("jobs", "jobs_set_updated_at"),
-    ("jobs", "sona_stats_unfold_inserted"),
-    ("job_attempts", "sona_stats_unfold_inserted"),
-    ("job_attempts", "job_attempts_outcome_class"),
-)
 OPERATIONS = ("service-role insert (generate, charged)", "signed-in user's insert", "claim_job")
+AFTER = "after (issue 30: one guard)"
+BEFORE = "before (guard and generation guard)"
+# The trigger functions a job's insert and claim run, in the order they fire.
+TRIGGER_FUNCTIONS = (
+    "jobs_charge_link",
+    "jobs_derive_stage",
+    "jobs_guard",
+    "jobs_guard_generation",
+    "jobs_normalize_quality",
+    "jobs_remember_wait_status",
+    "sona_enforce_quota",
+    "jobs_set_updated_at",
+    "sona_stats_unfold",
+    "job_attempts_outcome_class",
+)
 
 
 @contextmanager
@@ -117,57 +120,67 @@ end $$;
 """
 
 
-def _round(url: str, n: int) -> list[float]:
-    """Microseconds per operation: service-role insert, user insert, claim (of the service's jobs)."""
-    with psycopg.connect(url, autocommit=True) as conn:
+class Round(NamedTuple):
+    per_op_us: list[float]  # service-role insert, user insert, claim
+    functions: dict[str, tuple[int, float]]  # each function called: calls, total microseconds
+
+
+def _round(url: str, n: int) -> Round:
+    """One transaction: n charged service-role inserts, n user inserts, n claims of the first, with
+    every PL/pgSQL function's calls and time counted by the server (track_functions)."""
+    with psycopg.connect(url) as conn:
+        conn.execute("set local track_functions = 'pl'")
         conn.execute("truncate public.jobs, public.token_transactions, auth.users cascade")
         conn.execute(LOOPS)  # type: ignore[arg-type]  # a constant script
         users = [r[0] for r in conn.execute(
             "insert into auth.users (email) select 'u' || i || '@example.com' from generate_series(1, %s) i"
             " returning id", (USERS,)).fetchall()]  # fmt: skip
-        with conn.transaction():
-            conn.execute("set local role service_role")
-            service = conn.execute(
-                "select pg_temp.bench_service_inserts(%s, %s, %s)", (users, n, PRICE)
-            ).fetchone()
-        with conn.transaction():
-            conn.execute("set local role authenticated")
-            user = conn.execute("select pg_temp.bench_user_inserts(%s, %s)", (users, n)).fetchone()
+        conn.execute("set local role service_role")
+        service = conn.execute(
+            "select pg_temp.bench_service_inserts(%s, %s, %s)", (users, n, PRICE)
+        ).fetchone()
+        conn.execute("set local role authenticated")
+        user = conn.execute("select pg_temp.bench_user_inserts(%s, %s)", (users, n)).fetchone()
+        conn.execute("reset role")
         ids = [r[0] for r in conn.execute("select id from public.jobs where status = 'queued'").fetchall()]
-        with conn.transaction():
-            conn.execute("set local role service_role")
-            claim = conn.execute("select pg_temp.bench_claims(%s)", (ids,)).fetchone()
+        conn.execute("set local role service_role")
+        claim = conn.execute("select pg_temp.bench_claims(%s)", (ids,)).fetchone()
+        conn.execute("reset role")
+        functions = {
+            name: (calls, total_ms * 1000)
+            for name, calls, total_ms in conn.execute(
+                "select funcname, calls, total_time from pg_stat_xact_user_functions"
+                " where schemaname = 'public'"
+            ).fetchall()
+        }
     assert service is not None and user is not None and claim is not None
-    return [service[0], user[0], claim[0]]
+    return Round([service[0], user[0], claim[0]], functions)
 
 
-def _shapes(url: str) -> dict[str, tuple[str, str]]:
+def _shapes() -> dict[str, tuple[str, str]]:
     """Each shape as (setup, undo) on the migrated database."""
     before = resources.files("devstack").joinpath(BEFORE_FOLD).read_text()
     bare = (
         "alter table public.jobs disable trigger user; alter table public.job_attempts disable trigger user"
     )
-    shapes = {
-        "after (issue 30: one guard)": ("select 1", "select 1"),
-        "before (guard and generation guard)": (
+    return {
+        AFTER: ("select 1", "select 1"),
+        BEFORE: (
             before,
             "drop trigger jobs_guard_generation on public.jobs; drop function public.jobs_guard_generation()",
         ),
         "without triggers": (bare, bare.replace("disable", "enable")),
     }
-    for table, trigger in HOT_TRIGGERS:
-        off = f"alter table public.{table} disable trigger {trigger}"
-        shapes[f"without {table}.{trigger}"] = (off, off.replace("disable", "enable"))
-    return shapes
 
 
 def run(work: Path, n: int = 300, rounds: int = 7) -> dict[str, Any]:
-    """Every shape once per round, in turn, so a busy machine slows them alike; the fastest round of
-    each is kept (the least disturbed measure of the statements' own cost)."""
+    """Every shape once per round, in turn, so a busy machine slows them alike; of each figure the
+    fastest round is kept (the least disturbed measure of the statements' own cost). Each trigger
+    function's time per call is the server's own count (its total time, what it calls included)."""
+    shapes = _shapes()
     with _database(work) as url:
-        shapes = _shapes(url)
         _round(url, 50)  # warm the caches and plans
-        seen: dict[str, list[list[float]]] = {name: [] for name in shapes}
+        seen: dict[str, list[Round]] = {name: [] for name in shapes}
         for _ in range(rounds):
             for name, (setup, undo) in shapes.items():
                 apply_sql(url, setup)
@@ -175,21 +188,39 @@ def run(work: Path, n: int = 300, rounds: int = 7) -> dict[str, Any]:
                     seen[name].append(_round(url, n))
                 finally:
                     apply_sql(url, undo)
-    best = {name: [round(min(r[i] for r in runs), 1) for i in range(len(OPERATIONS))]
-            for name, runs in seen.items()}  # fmt: skip
-    return {"operations": list(OPERATIONS), "per_op_us": best, "ops_per_round": n, "rounds": rounds}
+    per_op = {name: [round(min(r.per_op_us[i] for r in runs), 1) for i in range(len(OPERATIONS))]
+              for name, runs in seen.items()}  # fmt: skip
+    per_call = {
+        name: {
+            fn: round(min(r.functions[fn][1] / r.functions[fn][0] for r in runs if fn in r.functions), 1)
+            for fn in TRIGGER_FUNCTIONS
+            if any(fn in r.functions for r in runs)
+        }
+        for name, runs in seen.items()
+        if name != "without triggers"
+    }
+    calls = {fn: seen[BEFORE][0].functions.get(fn, (0, 0.0))[0] for fn in TRIGGER_FUNCTIONS}
+    return {
+        "operations": list(OPERATIONS),
+        "per_op_us": per_op,
+        "trigger_us_per_call": per_call,
+        "trigger_calls_per_round": calls,
+        "ops_per_round": n,
+        "rounds": rounds,
+    }
 
 
 def table(report: dict[str, Any]) -> str:
-    """Markdown: each shape's time per operation, and what each trigger adds to the schema as it is."""
-    after = report["per_op_us"]["after (issue 30: one guard)"]
-    head = "| shape | " + " | ".join(report["operations"]) + " |"
-    lines = [head, "|---" * (len(report["operations"]) + 1) + "|"]
+    """Markdown: each shape's time per operation; then each trigger function's time per call."""
+    ops = report["operations"]
+    lines = ["| shape | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]
     for shape, figures in report["per_op_us"].items():
-        cells = []
-        for value, base in zip(figures, after, strict=True):
-            one_off = shape.startswith("without ") and shape != "without triggers"
-            added = f" ({base - value:+.0f})" if one_off else ""
-            cells.append(f"{value:.0f} µs{added}")
-        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+        lines.append(f"| {shape} | " + " | ".join(f"{v:.0f} µs" for v in figures) + " |")
+    shapes = list(report["trigger_us_per_call"])
+    lines += ["", "| trigger function | calls per round | " + " | ".join(shapes) + " |",
+              "|---|---:" + "|---:" * len(shapes) + "|"]  # fmt: skip
+    for fn in TRIGGER_FUNCTIONS:
+        cells = [report["trigger_us_per_call"][s].get(fn) for s in shapes]
+        shown = [f"{c:.0f} µs" if c is not None else "-" for c in cells]
+        lines.append(f"| {fn} | {report['trigger_calls_per_round'][fn]} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
