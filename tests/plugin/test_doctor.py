@@ -10,7 +10,7 @@ import sys
 import psycopg
 import pytest
 
-from sona.doctor import find_holes
+from sona.ops.doctor import find_holes
 from tests.plugin.plugin_db import OTHER_MUSICIAN, balance
 from tests.support import connect, sql
 

@@ -2,7 +2,7 @@
 attacker makes it: through the local gateway with a user's token or the publishable (anon) key where
 the gateway serves the request (inserts, RPC), else the very statement PostgREST would run (one
 transaction, `set local role`, `request.jwt.claims` set). Each got through on main before
-20261207000000_paid_work_only.sql; each now meets a refusal, and the balance and the provider's
+20261207000100_paid_work_only.sql; each now meets a refusal, and the balance and the provider's
 call count say nothing was given away."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pytest
 import requests
 from psycopg.rows import dict_row
 
-from sona.local.gateway import Gateway
-from sona.local.stable_audio_double import Behaviour
-from sona.local.stack import LocalStack
-from sona.local.user_jwt import make_user_jwt
+from devstack.doubles.stable_audio_double import Behaviour
+from devstack.emulators.gateway import Gateway
+from devstack.emulators.user_jwt import make_user_jwt
+from devstack.stack import LocalStack
 from tests.plugin.conftest import _gateway as gateway_over
 from tests.plugin.generate import GenerateRequest, generate_over_sql, generate_through_gateway
 from tests.plugin.plugin_db import (

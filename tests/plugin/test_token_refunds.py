@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from sona.local.database import MIGRATIONS_DIR, apply_sql
-from sona.stats import render_table
+from devstack.database import apply_sql, migrate
+from sona.ops.stats import render_table
 from tests.plugin.conftest import _gateway as plugin_gateway_over
 from tests.plugin.generate import GenerateRequest, generate_over_sql, generate_through_gateway
 from tests.plugin.plugin_db import (
@@ -29,7 +29,6 @@ from tests.plugin.plugin_db import (
 )
 from tests.support import connect, insert_job, new_user, sql
 
-REFUNDS_MIGRATION = MIGRATIONS_DIR / "20261202003000_token_refunds.sql"
 BONUS = 500
 DESIGNER = GenerateRequest("glass shattering on a concrete floor, close mic", 5, "high", "designer")  # 14
 CREATOR = GenerateRequest("epic orchestral trailer music", 150, "medium", "creator", bpm=100)  # 33
@@ -326,11 +325,11 @@ def test_stats_show_tokens_refunded_and_charges_not_found(plugin_refunds_db_url:
 
 # ------------------------------------------------------------------------------------ on deploy
 def test_live_plugin_jobs_take_their_charges_when_the_migration_runs(plugin_db_url: str) -> None:
-    """The plug-in's own database and only this migration: its queued and processing jobs get their
+    """The plug-in's own database and the migrations: its queued and processing jobs get their
     charges; the old worker's failure then refunds; December's job had none to find."""
     url = plugin_db_url
-    apply_sql(url, REFUNDS_MIGRATION.read_text())
-    apply_sql(url, REFUNDS_MIGRATION.read_text())  # idempotent
+    migrate(url)
+    migrate(url)  # idempotent
     links = sql(url, "select job_id, tokens from public.sona_job_charges order by tokens nulls first")
     assert [(r["job_id"], r["tokens"]) for r in links] == [(OLD_PENDING, None), (QUEUED_DESIGNER, 14),
                                                            (PROCESSING_PRODUCER, 21)]  # fmt: skip
@@ -341,16 +340,66 @@ def test_live_plugin_jobs_take_their_charges_when_the_migration_runs(plugin_db_u
     assert balance(url, MUSICIAN) == START_BALANCE[MUSICIAN] + 21
 
 
-@pytest.mark.parametrize(("status", "refunded"), [("queued", True), ("processing", False)])
+@pytest.mark.parametrize(
+    ("status", "record", "refunded"),
+    [
+        ("queued", None, True),
+        ("processing", None, True),
+        ("processing", "provider_called_at", False),
+        ("processing", "provider_paid_at", False),
+    ],
+)
 def test_a_user_marking_their_own_job_failed_counts_as_a_cancel(
-    plugin_db_url: str, status: str, refunded: bool
+    plugin_db_url: str, status: str, record: str | None, refunded: bool
 ) -> None:
-    """The plug-in lets an owner update their job: a 'failed' they write refunds only a job whose
-    generation had not begun (without stages, one still queued)."""
+    """The plug-in lets an owner update their job: a 'failed' they write refunds only a job for which
+    the worker's records show no provider call. jobs_guard and jobs_guard_request refuse that write
+    first; this is the wall behind them, so they are held off here as if a policy of the plug-in's
+    let the write through."""
     url = plugin_db_url
-    apply_sql(url, REFUNDS_MIGRATION.read_text())
+    migrate(url)
     job = QUEUED_DESIGNER if status == "queued" else PROCESSING_PRODUCER
+    if record is not None:  # what advance_stage / record_generation write on the attempt
+        attempt = f"insert into public.job_attempts (job_id, attempt, lease_token, {record})"
+        sql(url, attempt + " values (%s, 1, gen_random_uuid(), now())", job, role=None)
+    apply_sql(url, "alter table public.jobs disable trigger jobs_guard, disable trigger jobs_guard_request")
     with connect(url, "authenticated", MUSICIAN) as conn:
         conn.execute("update public.jobs set status = 'failed' where id = %s", (job,))
     tokens = 14 if status == "queued" else 21
     assert balance(url, MUSICIAN) == START_BALANCE[MUSICIAN] + (tokens if refunded else 0)
+
+
+def test_the_stage_a_row_says_it_reached_refunds_nothing_by_itself(plugin_db_url: str) -> None:
+    """Issue 29: the owner could write the stage; only the worker's records decide a refund."""
+    url = plugin_db_url
+    migrate(url)
+    sql(url, "update public.jobs set stage = 'claimed' where id = %s", PROCESSING_PRODUCER, role=None)
+    sql(url, "insert into public.job_attempts (job_id, attempt, lease_token, provider_called_at)"
+             " values (%s, 1, gen_random_uuid(), now())", PROCESSING_PRODUCER, role=None)  # fmt: skip
+    with connect(url, "authenticated", MUSICIAN) as conn:
+        assert conn.execute("select id from public.cancel_job(%s)", (PROCESSING_PRODUCER,)).fetchall()
+    assert balance(url, MUSICIAN) == START_BALANCE[MUSICIAN]
+
+
+@pytest.mark.parametrize(
+    ("attempt", "row", "spend"),
+    [
+        (None, "", "none"),
+        ("provider_called_at", "", "called"),
+        ("provider_paid_at", "", "paid"),
+        (None, "generation_id = 'g1'", "paid"),
+        (None, "generations_lost = 1", "paid"),
+    ],
+)
+def test_the_workers_records_say_what_was_spent_on_a_job(
+    db_url: str, attempt: str | None, row: str, spend: str
+) -> None:
+    """What replaced the stage-based sona_generation_began: job_attempts (no user reaches it) and the
+    generation the worker recorded on the row (jobs_guard keeps users off those columns)."""
+    job = insert_job(db_url, status="processing", lease_token=uuid.uuid4())
+    if attempt is not None:
+        record = f"insert into public.job_attempts (job_id, attempt, lease_token, {attempt})"
+        sql(db_url, record + " values (%s, 1, gen_random_uuid(), now())", job)
+    if row:
+        sql(db_url, f"update public.jobs set {row} where id = %s", job, role=None)
+    assert sql(db_url, "select public.sona_provider_spend(%s) as spend", job) == [{"spend": spend}]
