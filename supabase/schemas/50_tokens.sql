@@ -4,20 +4,22 @@
 -- 'usage' row in token_transactions, the balance in user_tokens lowered) and then inserts the job
 -- with the service role. Nothing of the charge is written on the job. So:
 --
--- 1. The charge belongs to its job (public.sona_job_charges, one row per job inserted while the
---    plug-in's token tables exist). At insert, under the user's lock, the job takes the same user's
---    newest 'usage' transaction not yet taken by another job whose description is exactly what
---    generate writes for this row (tier, duration, quality as sent, the prompt's first 30
---    characters) and which was written at most sona_charge_window() before the job. Two jobs of
+-- 1. The charge belongs to its job (public.sona_job_charges, one row per job the service role inserts
+--    while the plug-in's token tables exist; a user's own insert is refused there, issue 29). At
+--    insert, under the user's lock, the job takes the same user's newest 'usage' transaction not yet
+--    taken by another job whose description is exactly what generate writes for this row (tier,
+--    duration, quality as sent, the prompt's first 30 characters) and which was written at most
+--    sona_charge_window() before the insert, on the server's clock (never the row's created_at). Two jobs of
 --    different prices have different descriptions, so they cannot swap charges; two identical
 --    requests cost the same, so which of the two charges each takes does not matter. A job whose
 --    charge is not found keeps a row with no transaction: it is refunded nothing, logged and counted
 --    (sona token_stats), never guessed.
--- 2. Settlement, once, in the transaction of the job's final write: failed (whatever the cause) or
---    cancelled before its attempt reached the `generating` stage -> one 'refund' transaction naming
---    the job and the balance raised by what was charged; completed, or cancelled once generation had
---    begun -> the tokens are kept (a user marking their own job failed counts as a cancel). A row
---    lock on the charge makes concurrent finishes settle once.
+-- 2. Settlement, once, in the transaction of the job's final write, by the worker's own records
+--    (sona_provider_spend: job_attempts, which no user reaches): failed with no paid call on record,
+--    or cancelled before any call was made -> one 'refund' transaction naming the job and the
+--    balance raised by what was charged; completed, failed after a paid call, or cancelled once a
+--    call was made -> the tokens are kept (a user marking their own job failed counts as a cancel).
+--    A row lock on the charge makes concurrent finishes settle once.
 -- 3. Quotas on the service-role path (generate's): a charged job over the user's quota is not
 --    refused (its tokens are already spent) but inserted `failed` with the quota's message, and
 --    refunded at once. Service-role inserts with no charge (the worker, an operator) stay exempt.

@@ -2,9 +2,13 @@
 --
 -- Retention: complete_job keeps each user's newest keep_outputs_per_user outputs and clears the
 -- older ones' paths; the plug-in's daily cleanup clears paths older than 24 h. Whenever a row's
--- paths are cleared (or the row is deleted), its WAV, MP3 and peaks file are queued here and the
--- next reclaim_jobs deletes them (deleting a name already gone is a no-op, so the plug-in's cleanup
--- having done it is fine); the row's URLs are cleared in the same statement.
+-- paths are cleared (or the row is deleted) by a trusted hand (the service functions, the scheduled
+-- retention: never anon or a user, through whatever definer function), its WAV, MP3 and peaks file
+-- are queued here and a reclaim_jobs deletes them once storage_delete_delay_seconds (a day) has
+-- passed, so a mistaken clearing can be undone by setting the path again (deleting a name already
+-- gone is a no-op, so the plug-in's cleanup having done it is fine); the row's URLs are cleared in
+-- the same statement. The files a worker stored for a job cancelled during its generation are
+-- queued by complete_job, due at once.
 
 create table public.sona_storage_garbage (
   id bigint generated always as identity primary key,
