@@ -148,7 +148,15 @@ begin
    where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
      and public.sona_stage_rank(j.stage) <= public.sona_stage_rank(p_stage)
   returning j.*;
-  if not found and exists (select from public.jobs j where j.id = p_job_id and j.status = 'cancelled') then
+  if found then
+    update public.job_attempts a
+       set provider_called_at = coalesce(a.provider_called_at, now()),
+           provider_paid_at = case when p_stage = 'generating' then a.provider_paid_at
+                                   else coalesce(a.provider_paid_at, now()) end
+     where a.job_id = p_job_id and a.lease_token = p_lease_token;
+    return;
+  end if;
+  if exists (select from public.jobs j where j.id = p_job_id and j.status = 'cancelled') then
     raise exception 'job % was cancelled by its owner', p_job_id using errcode = 'SQ003';
   end if;
 end $$;
@@ -161,15 +169,23 @@ grant execute on function public.advance_stage(uuid, uuid, text) to service_role
 create or replace function public.record_generation(
   p_job_id uuid, p_lease_token uuid, p_generation_id text, p_model text)
 returns setof public.jobs
-language sql volatile security invoker set search_path = '' as $$
+language plpgsql volatile security invoker set search_path = '' as $$
+begin
+  return query
   update public.jobs j
      set generation_id = p_generation_id,
          generation_model = p_model,
          generation_posted_at = coalesce(j.generation_posted_at, now())
    where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
      and (j.generation_id is null or j.generation_id = p_generation_id)
-  returning j.*
-$$;
+  returning j.*;
+  if found then
+    update public.job_attempts a
+       set provider_called_at = coalesce(a.provider_called_at, now()),
+           provider_paid_at = coalesce(a.provider_paid_at, now())
+     where a.job_id = p_job_id and a.lease_token = p_lease_token;
+  end if;
+end $$;
 revoke all on function public.record_generation(uuid, uuid, text, text) from public, anon, authenticated;
 grant execute on function public.record_generation(uuid, uuid, text, text) to service_role;
 
@@ -222,6 +238,13 @@ begin
    where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
   returning j.* into v_done;
   if v_done.id is null then
+    if exists (select from public.jobs j where j.id = p_job_id and j.status = 'cancelled')
+       and exists (select from public.job_attempts a where a.job_id = p_job_id and a.lease_token = p_lease_token) then
+      insert into public.sona_storage_garbage (name, due_at)
+      select n, now() from unnest(public.sona_output_names(p_master_path, p_preview_path)) n
+       where strpos(n, p_job_id::text) > 0
+      on conflict (name) do nothing;
+    end if;
     return;
   end if;
   update public.job_attempts a

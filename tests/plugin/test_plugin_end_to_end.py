@@ -216,6 +216,12 @@ def test_after_the_plugins_daily_cleanup_reclaim_deletes_every_file_peaks_includ
         "update jobs set master_path = null, preview_path = null, updated_at = now() where id = %s",
         job_id,
     )
+    # A cleared path's files wait a day (storage_delete_delay_seconds), in case it was a mistake.
+    assert reclaim(stack) is not None
+    assert (
+        sql(url, "select name from storage.objects where name like %s", f"%{job_id}%.json", role=None) != []
+    )
+    sql(url, "update sona_storage_garbage set due_at = now() where name like %s", f"%{job_id}%", role=None)
 
     reclaim(stack)
 
