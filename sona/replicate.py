@@ -197,7 +197,7 @@ def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[
         )
     message = _PERMANENT.get(status, f"The audio service refused the request (HTTP {status})")
     if status in (400, 422) and detail:
-        message = f"{message}: {readable(detail)}"
+        message = f"{message}: {readable(detail)}"  # for the operator: the musician reads sona/messages.py
     return PermanentError(message, detail=said)
 
 
