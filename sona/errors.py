@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sona.messages import Said
+    from sona.job.messages import Said
 
 
 class SonaError(Exception):
     """Base. `public_message` says what went wrong in plain words, safe to log (no secrets), and
     `detail` what the provider or the system said: both reach the attempt's record and the log line.
-    What the musician reads is chosen by the error's kind (sona/messages.py), or by `says` where one
+    What the musician reads is chosen by the error's kind (sona/job/messages.py), or by `says` where one
     kind covers outcomes a musician acts on differently (moderation, English only); `facts` fill
     that message's blanks."""
 

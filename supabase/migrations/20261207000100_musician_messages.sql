@@ -6,13 +6,21 @@
 --
 -- 1. fail_job takes the attempt's detail apart from the musician's message: the row gets p_error
 --    (the worker's message for the outcome), the attempt gets p_detail (what went wrong, the
---    provider's words included; p_error when null). Otherwise as in 20261202000100.
+--    provider's words included; p_error when null). Otherwise as in the baseline.
 -- 2. reclaim_jobs: a waiting job with no attempts left said its last waiting message with
 --    " (no attempts left after N)" appended ("The attempt timed out; retrying. (no attempts left
---    after 3)"); it now says one message of its own. Otherwise as in 20261202000100.
+--    after 3)"); it now says one message of its own. Otherwise as in the baseline.
+
+-- The plug-in's generate inserts into jobs while this runs: give up on a lock rather than queue
+-- every insert behind a wait (the deploy is then retried), and never run on unbounded.
+set lock_timeout = '10s';
+set statement_timeout = '5min';
 
 -- 1. fail: the musician's message on the row, the detail on the attempt ----------------------------
 
+-- The old signature goes: two overloads would make every call that leaves p_detail out ambiguous.
+-- A worker deployed before this migration calls it without p_detail, which the new one defaults.
+-- squawk-ignore ban-drop-function
 drop function if exists public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb);
 create or replace function public.fail_job(
   p_job_id uuid, p_lease_token uuid, p_error text, p_retryable boolean,
@@ -164,7 +172,7 @@ begin
   returning j.id, 'dispatch'::text, j.attempts, j.dispatches;
 end $$;
 
--- Only the service role drives the state machine (as 20261202000100 set for the rest).
+-- Only the service role drives the state machine (as the baseline grants the rest).
 revoke all on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb, text)
   from public, anon, authenticated;
 grant execute on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb, text)

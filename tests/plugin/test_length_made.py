@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sona.local.stack import LocalStack
+from devstack.stack import LocalStack
 from tests.plugin.generate import GenerateRequest, generate_over_sql
 from tests.plugin.plugin_db import MUSICIAN, balance, build_plugin_database, transactions
 from tests.support import sql

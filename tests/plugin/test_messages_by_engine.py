@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sona.local.replicate_double import Outcome
-from sona.local.stable_audio_double import ERRORS, Behaviour
-from sona.local.stack import LocalStack
-from sona.messages import MESSAGES
+from devstack.doubles.replicate_double import Outcome
+from devstack.doubles.stable_audio_double import ERRORS, Behaviour
+from devstack.stack import LocalStack
+from sona.job.messages import MESSAGES
 from tests.plugin.generate import GenerateRequest, generate_over_sql
 from tests.plugin.plugin_db import MUSICIAN, balance, build_plugin_database, transactions
 from tests.support import sql
