@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from devstack.stack import LocalStack
 from tests.plugin.generate import GenerateRequest, generate_over_sql
-from tests.plugin.plugin_db import MUSICIAN, balance, build_plugin_database, transactions
-from tests.support import sql
+from tests.plugin.plugin_db import MUSICIAN, balance, plugin_stack, transactions
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +29,7 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
-    root: Path = tmp_path_factory.mktemp("length-made")
-    with LocalStack(
-        root, env=ENV, before_migrations=build_plugin_database, database_server=pg_server
-    ) as running:
-        sql(running.database_url, "insert into sona_settings values ('max_active_jobs', 10)", role=None)
+    with plugin_stack(tmp_path_factory.mktemp("length-made"), pg_server, ENV) as running:
         yield running
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,7 @@ from devstack.doubles.stable_audio_double import ERRORS, Behaviour
 from devstack.stack import LocalStack
 from sona.job.messages import MESSAGES
 from tests.plugin.generate import GenerateRequest, generate_over_sql
-from tests.plugin.plugin_db import MUSICIAN, balance, build_plugin_database, transactions
+from tests.plugin.plugin_db import MUSICIAN, balance, plugin_stack, transactions
 from tests.support import sql
 
 pytestmark = pytest.mark.slow
@@ -38,11 +37,7 @@ MODERATED = ERRORS[403][1]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
-    root: Path = tmp_path_factory.mktemp("messages")
-    with LocalStack(
-        root, env=ENV, before_migrations=build_plugin_database, database_server=pg_server
-    ) as running:
-        sql(running.database_url, "insert into sona_settings values ('max_active_jobs', 10)", role=None)
+    with plugin_stack(tmp_path_factory.mktemp("messages"), pg_server, ENV) as running:
         yield running
 
 
