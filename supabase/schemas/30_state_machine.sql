@@ -266,11 +266,13 @@ grant execute on function public.complete_job(uuid, uuid, text, text, jsonb, jso
 
 -- fail: fenced like complete. A retryable failure goes back to wait (as the status the job was
 -- inserted with) with backoff while attempts remain; otherwise the job fails with the message the
--- plug-in shows. The attempt keeps its timings and the class of its failure.
+-- plug-in shows (p_error: one of README's "What the musician reads"). The attempt keeps what went
+-- wrong (p_detail, the provider's own words included; p_error when null), its timings and the
+-- class of its failure.
 create or replace function public.fail_job(
   p_job_id uuid, p_lease_token uuid, p_error text, p_retryable boolean,
   p_max_attempts integer, p_base_delay_ms integer, p_max_delay_ms integer,
-  p_outcome_class text default null, p_timings_ms jsonb default null)
+  p_outcome_class text default null, p_timings_ms jsonb default null, p_detail text default null)
 returns setof public.jobs
 language sql volatile security invoker set search_path = '' as $$
   with ended as (
@@ -294,7 +296,7 @@ language sql volatile security invoker set search_path = '' as $$
     update public.job_attempts a
        set finished_at = now(),
            outcome = case when e.status in ('pending', 'queued') then 'released' else 'failed' end,
-           error = p_error,
+           error = coalesce(p_detail, p_error),
            outcome_class = p_outcome_class,
            timings_ms = p_timings_ms
       from ended e
@@ -302,8 +304,8 @@ language sql volatile security invoker set search_path = '' as $$
   )
   select * from ended
 $$;
-revoke all on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb) from public, anon, authenticated;
-grant execute on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb) to service_role;
+revoke all on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb, text) from public, anon, authenticated;
+grant execute on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb, text) to service_role;
 
 -- pause: record the outage (once) and release the job for after the pause without using up its
 -- attempt. A pause whose end has passed (its probe met the outage again) is re-armed. The release
@@ -494,8 +496,8 @@ begin
   return query
   update public.jobs j
      set status = 'failed',
-         error_message = coalesce(j.error_message, 'The job could not be processed')
-                         || ' (no attempts left after ' || j.attempts || ')',
+         error_message = 'The job could not be finished after ' || j.attempts || ' attempts; '
+                         || 'please try again.',
          completed_at = now()
    where j.status in ('pending', 'queued')
      and not public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
