@@ -64,7 +64,7 @@ def _dev(args: argparse.Namespace) -> int:
         if port
     }
     try:
-        return dev(args.json, ports, database_url=args.database_url)
+        return dev(args.json, ports, database_url=args.database_url, functions_url=args.functions_url)
     except ConfigError as exc:  # raised before the stack starts anything
         print(exc, file=sys.stderr)
         return 1
@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         "--database-url",
         help="run on this existing PostgreSQL (e.g. a copy of production) instead of an embedded one: "
         "Supabase's roles and schemas are added where missing, the migrations applied, no row dropped",
+    )
+    dev.add_argument(
+        "--functions-url",
+        help="forward /functions/v1/* to this server (your own Edge Functions, e.g. `supabase functions"
+        " serve`), so a client calls generate at the stack's one base URL; the stack serves none itself",
     )
     dev.set_defaults(run=_dev)
     commands.add_parser("reclaim", help="run reclaim_jobs once").set_defaults(run=_reclaim)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from werkzeug.wrappers import Request
 
-from sona.local.gateway import Gateway
+from sona.local.gateway import Gateway, make_jwt
+from sona.local.serving import json_response, serve_wsgi, stop_server
 from sona.local.user_jwt import make_user_jwt
 from tests.support import insert_job, new_user
 
@@ -295,3 +300,63 @@ def test_a_filtered_update_and_delete_answer_the_rows_they_changed_with_the_sele
     assert (patched.status_code, patched.json()) == (200, {"id": str(mine), "error_message": "patched"})
     deleted = httpx.delete(f"{gateway.url}/rest/v1/jobs?id=in.({mine},{ZERO})", headers=headers)
     assert (deleted.status_code, [r["id"] for r in deleted.json()]) == (200, [str(mine)])
+
+
+# -- /functions/v1/*: forwarded to the developer's own Edge Functions server
+def _echo(environ: dict[str, Any], start_response: Any) -> Any:
+    """A stand-in for the developer's functions server: answers what it was sent."""
+    request = Request(environ)
+    body = {
+        "method": request.method,
+        "path": request.path,
+        "query": request.query_string.decode(),
+        "authorization": request.headers.get("Authorization"),
+        "apikey": request.headers.get("apikey"),
+        "body": request.get_data(as_text=True),
+    }
+    return json_response(body, 201)(environ, start_response)
+
+
+@pytest.fixture
+def functions_server() -> Iterator[str]:
+    server, url = serve_wsgi(_echo, "127.0.0.1", 0, "functions-echo")
+    yield url
+    stop_server(server)
+
+
+def test_functions_are_forwarded_to_the_developers_server_as_they_came(
+    db_url: str, tmp_path: Path, functions_server: str
+) -> None:
+    secret = "local-jwt-secret-for-tests"
+    gw = Gateway(
+        db_url,
+        tmp_path / "storage",
+        service_role_key=make_jwt(secret, "service_role"),
+        anon_key=make_jwt(secret, "anon"),
+        jwt_secret=secret,
+        functions_url=functions_server,
+    )
+    gw.start()
+    try:
+        answer = httpx.post(
+            f"{gw.url}/functions/v1/generate?dry=1",
+            content=b'{"prompt": "rain"}',
+            headers={"Authorization": "Bearer user-token", "apikey": gw.publishable_key},
+        )
+    finally:
+        gw.stop()
+    assert answer.status_code == 201
+    assert answer.json() == {
+        "method": "POST",
+        "path": "/generate",
+        "query": "dry=1",
+        "authorization": "Bearer user-token",
+        "apikey": gw.publishable_key,
+        "body": '{"prompt": "rain"}',
+    }
+
+
+def test_with_no_functions_server_a_function_is_not_found_and_says_how_to_name_one(gateway: Gateway) -> None:
+    answer = httpx.post(f"{gateway.url}/functions/v1/generate", json={})
+    assert (answer.status_code, answer.json()["code"]) == (404, "NOT_FOUND")
+    assert "--functions-url" in answer.json()["hint"]

@@ -150,14 +150,18 @@ def _report(stack: LocalStack, row: dict[str, Any]) -> None:
 
 
 def dev(
-    as_json: bool, ports: dict[str, int], root: Path | None = None, database_url: str | None = None
+    as_json: bool,
+    ports: dict[str, int],
+    root: Path | None = None,
+    database_url: str | None = None,
+    functions_url: str | None = None,
 ) -> int:
     DEMO_ROOT.mkdir(exist_ok=True)
     root = root or Path(tempfile.mkdtemp(prefix="dev-", dir=DEMO_ROOT))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalStack(root, ports=ports, database_url=database_url) as stack:
+    with LocalStack(root, ports=ports, database_url=database_url, functions_url=functions_url) as stack:
         # A signed-in local user, so a client can insert and cancel jobs as the plug-in does.
         info = {**stack.describe(), **stack.sign_in()}
         if as_json:
