@@ -49,9 +49,7 @@ DEFAULT_CONVENTION = NamingConvention(
 )
 
 
-def download_name(
-    job: Job, key: MusicalKey | None, config: ProducerConfig | None, engine_label: str
-) -> str:
+def download_name(job: Job, key: MusicalKey | None, config: ProducerConfig | None, engine_label: str) -> str:
     words = _name_words(job.prompt)
     created = job.created_at or datetime.fromtimestamp(0, UTC)
     if job.skip_naming:

@@ -134,8 +134,7 @@ _PERMANENT = {
 
 
 _EDGE_REFUSED = (
-    "The audio service refused the request; this is not a problem with your prompt. "
-    "The job will be retried."
+    "The audio service refused the request; this is not a problem with your prompt. The job will be retried."
 )
 _UNAVAILABLE = (
     "The audio service is unavailable right now; this is not a problem with your prompt. "

@@ -87,7 +87,7 @@ class GenerateRequest:
     skip_naming: bool | None = None
     key: str | None = None
     scale: str | None = None
-    bpm: int | None = None
+    bpm: float | None = None  # an int unless the musician typed a fraction, as JSON.stringify shows it
     time_signature: str | None = None
     bars: int | None = None
     producer_type: str | None = None

@@ -535,6 +535,15 @@ class LocalStack:
         assert row is not None
         return uuid.UUID(str(row[0]))
 
+    def has_token_tables(self) -> bool:
+        """Whether the database holds the plug-in's tokens (its balance table and the charge)."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            row = conn.execute(
+                "select to_regclass('public.user_tokens') is not null"
+                " and to_regprocedure('public.use_tokens(uuid, integer, text)') is not null"
+            ).fetchone()
+        return bool(row and row[0])
+
     def user_token(self, user_id: uuid.UUID) -> str:
         """The access token Supabase Auth would give this user after sign-in (an hour long): send
         it as `Authorization: Bearer` with the publishable (or anon) key as `apikey`."""
