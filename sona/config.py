@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from sona import storage_rules
 from sona.environment import ConfigError, EnvironmentSettings, load
-from sona.supabase_keys import key_problem, key_warning
+from sona.store import storage_rules
+from sona.store.supabase_keys import key_problem, key_warning
 
 DEFAULT_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/audio/stable-audio-2"
 # The earlier worker's default: not a real route, so validation warns about it.
@@ -41,7 +41,7 @@ DISPATCH_ROOM_S = 30
 PROVIDER_RATE_LIMIT_PER_S = 15
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-# The models a mode may name (sona/modes.py MODELS says which engine serves each).
+# The models a mode may name (sona/job/modes.py MODELS says which engine serves each).
 StableAudioModel = Literal["stable-audio-2.5", "stable-audio-2", "stable-audio-3"]
 # A plug-in mode may also be served by TangoFlux on Replicate (text-to-audio only, up to 30 s).
 ModelName = StableAudioModel | Literal["tangoflux"]
@@ -133,7 +133,7 @@ class Settings(EnvironmentSettings):
     model_credits: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MODEL_CREDITS))
     # The model for the earlier worker's modes (default, text-to-audio, audio-to-audio).
     stable_audio_model: StableAudioModel = "stable-audio-2.5"
-    # One model per plug-in mode (sona/modes.py decides what each row asks for). The plug-in's own
+    # One model per plug-in mode (sona/job/modes.py decides what each row asks for). The plug-in's own
     # worker served designer with TangoFlux on Replicate; Stable Audio 2.5 serves all three here.
     designer_model: ModelName = "stable-audio-2.5"
     producer_model: ModelName = "stable-audio-2.5"
@@ -144,7 +144,7 @@ class Settings(EnvironmentSettings):
     max_retries: int = Field(default=3, ge=0, le=10)
     retry_delay_ms: int = Field(default=2000, ge=0)
 
-    # TangoFlux on Replicate (sona/replicate.py; README "TangoFlux on Replicate (designer)"). The
+    # TangoFlux on Replicate (sona/engines/replicate.py; README "TangoFlux on Replicate (designer)"). The
     # token is needed only where an engine setting names TangoFlux; the webhook secret (whsec_...,
     # from GET /v1/webhooks/default/secret) only where Replicate's webhook is received.
     replicate_api_token: SecretStr | None = None
@@ -416,7 +416,7 @@ class Settings(EnvironmentSettings):
         return notes
 
 
-# Storage's key characters (sona/storage_rules.py), for messages.
+# Storage's key characters (sona/store/storage_rules.py), for messages.
 _ALLOWED = "ASCII letters, digits, space and _ ! - . * ' ( ) & $ = @ ; : + ,"
 
 

@@ -12,8 +12,8 @@ import uuid
 import httpx
 import pytest
 
-from sona.local.gateway import Gateway
-from sona.local.user_jwt import make_user_jwt, sign_jwt
+from devstack.emulators.gateway import Gateway
+from devstack.emulators.user_jwt import make_user_jwt, sign_jwt
 from tests.support import connect
 
 EMAIL = "musician@example.com"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.emulators.gateway import make_jwt
 from sona.config import DEFAULT_STABLE_AUDIO_API_URL, OLD_STABLE_AUDIO_API_URL, ConfigError, load_settings
-from sona.local.gateway import make_jwt
-from sona.webhook_sql import WebhookConfig
+from sona.ops.webhook_sql import WebhookConfig
 from tests.support import SECRETS, make_settings
 
 REPO = Path(__file__).resolve().parents[1]

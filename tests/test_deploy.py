@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
+from devstack.database import apply_sql
 from sona.config import ConfigError, load
-from sona.deploy import RUNTIME, DeployConfig, render
-from sona.local.database import apply_sql
-from sona.webhook_sql import WebhookConfig, webhook_sql
+from sona.ops.deploy import RUNTIME, DeployConfig, render
+from sona.ops.webhook_sql import WebhookConfig, webhook_sql
 from tests import fake_gcloud
 from tests.support import SECRETS, insert_job, sql
 

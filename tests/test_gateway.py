@@ -11,9 +11,9 @@ import httpx
 import pytest
 from werkzeug.wrappers import Request
 
-from sona.local.gateway import Gateway, make_jwt
-from sona.local.serving import json_response, serve_wsgi, stop_server
-from sona.local.user_jwt import make_user_jwt
+from devstack.emulators.gateway import Gateway, make_jwt
+from devstack.emulators.user_jwt import make_user_jwt
+from devstack.serving import json_response, serve_wsgi, stop_server
 from tests.support import insert_job, new_user
 
 ZERO = "00000000-0000-0000-0000-000000000000"

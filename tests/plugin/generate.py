@@ -1,5 +1,5 @@
 """The plug-in's `generate` over SQL, beside its replay through the local gateway
-(sona/local/plugin_generate.py, which holds the facts read in generate/index.ts and the pricing)."""
+(devstack/plugin_generate.py, which holds the facts read in generate/index.ts and the pricing)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import uuid
 
 import psycopg
 
-from sona.local.plugin_generate import GenerateAnswer, GenerateRequest, generate_through_gateway, js_json
+from devstack.plugin_generate import GenerateAnswer, GenerateRequest, generate_through_gateway, js_json
 from tests.support import connect
 
 __all__ = ["GenerateRequest", "generate_over_sql", "generate_through_gateway"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sona.local.plugin_generate import GenerateRequest
+from devstack.plugin_generate import GenerateRequest
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def test_the_demo_charges_as_generate_does_where_the_token_tables_exist(
         [
             sys.executable,
             "-m",
-            "sona",
+            "devstack",
             "demo",
             "ambient forest at dawn",
             "--duration",

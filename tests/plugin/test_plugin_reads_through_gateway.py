@@ -30,8 +30,8 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from sona.local.gateway import Gateway
-from sona.local.user_jwt import make_user_jwt
+from devstack.emulators.gateway import Gateway
+from devstack.emulators.user_jwt import make_user_jwt
 from tests.plugin.plugin_db import ADMIN, COMPLETED_CREATOR, MUSICIAN, OTHER_MUSICIAN, QUEUED_DESIGNER
 from tests.support import connect
 
