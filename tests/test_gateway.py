@@ -14,7 +14,7 @@ from werkzeug.wrappers import Request
 from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.emulators.user_jwt import make_user_jwt
 from devstack.serving import json_response, serve_wsgi, stop_server
-from tests.support import insert_job, new_user
+from tests.support import connect, insert_job, new_user
 
 ZERO = "00000000-0000-0000-0000-000000000000"
 
@@ -38,6 +38,31 @@ def test_a_setof_function_answers_an_array_even_when_empty(gateway: Gateway) -> 
         },
     )
     assert (response.status_code, response.json()) == (200, [])
+
+
+CLAIM = {"p_lease_seconds": 60, "p_max_attempts": 3}
+
+
+def test_a_singular_accept_takes_the_one_row_of_a_set_returning_function(
+    gateway: Gateway, db_url: str
+) -> None:
+    job_id = str(insert_job(db_url))
+    body = {"p_job_id": job_id, "p_claim_id": str(uuid.uuid4()), **CLAIM}
+    key = gateway.service_role_key
+    headers = {"apikey": key, "Authorization": f"Bearer {key}", "Accept": "application/vnd.pgrst.object+json"}
+    response = httpx.post(f"{gateway.url}/rest/v1/rpc/claim_job", json=body, headers=headers)
+    assert response.status_code == 200
+    assert response.json()["id"] == job_id and response.json()["status"] == "processing"
+
+
+def test_a_singular_accept_on_no_rows_is_pgrst116(gateway: Gateway, db_url: str) -> None:
+    """claim_job answers no row for a job it cannot claim: one object was asked for, none came."""
+    body = {"p_job_id": ZERO, "p_claim_id": str(uuid.uuid4()), **CLAIM}
+    key = gateway.service_role_key
+    headers = {"apikey": key, "Authorization": f"Bearer {key}", "Accept": "application/vnd.pgrst.object+json"}
+    response = httpx.post(f"{gateway.url}/rest/v1/rpc/claim_job", json=body, headers=headers)
+    assert (response.status_code, response.json()["code"]) == (406, "PGRST116")
+    assert response.json()["details"] == "The result contains 0 rows"
 
 
 def test_a_scalar_function_answers_the_scalar(gateway: Gateway) -> None:
@@ -237,6 +262,7 @@ TABLE_ERRORS = [
     ("GET", "/rest/v1/jobs?select=*", {"Accept": "text/csv"}, 406, "PGRST107"),
     ("GET", "/rest/v1/jobs?select=*", {"Accept-Profile": "storage"}, 406, "PGRST106"),
     ("POST", "/rest/v1/jobs", {"Prefer": "resolution=merge-duplicates"}, 400, "PGRST122"),
+    ("POST", "/rest/v1/jobs", {"Prefer": "count=exact"}, 400, "PGRST122"),
     ("POST", "/rest/v1/jobs", {"Content-Type": "application/json"}, 400, "PGRST102"),
     ("PUT", "/rest/v1/jobs?id=eq.1", {}, 405, "PGRST117"),
 ]
@@ -360,3 +386,22 @@ def test_with_no_functions_server_a_function_is_not_found_and_says_how_to_name_o
     answer = httpx.post(f"{gateway.url}/functions/v1/generate", json={})
     assert (answer.status_code, answer.json()["code"]) == (404, "NOT_FOUND")
     assert "--functions-url" in answer.json()["hint"]
+
+
+def test_an_insert_of_two_rows_asked_for_as_one_object_is_pgrst116_and_stores_neither(
+    gateway: Gateway, db_url: str
+) -> None:
+    user = str(new_user(db_url))
+    rows = [{"user_id": user, "prompt": f"one of two ({n})", "duration": 5} for n in (1, 2)]
+    key = gateway.service_role_key
+    headers = {
+        "apikey": key,
+        "Authorization": f"Bearer {key}",
+        "Prefer": "return=representation",
+        "Accept": "application/vnd.pgrst.object+json",
+    }
+    response = httpx.post(f"{gateway.url}/rest/v1/jobs", json=rows, headers=headers)
+    assert (response.status_code, response.json()["details"]) == (406, "The result contains 2 rows")
+    with connect(db_url) as conn:
+        stored = conn.execute("select count(*) as n from public.jobs where user_id = %s", (user,)).fetchone()
+    assert stored == {"n": 0}

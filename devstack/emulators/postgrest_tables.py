@@ -183,6 +183,13 @@ class PostgrestTables:
             shape = wanted_shape(request)
             prefer = preferences(request)
             query = self._filters(request)
+            if prefer.count and request.method not in ("GET", "HEAD"):
+                raise PostgrestError(
+                    400,
+                    "PGRST122",
+                    "Invalid preferences given with handling=strict",
+                    "Invalid preferences: count on a write (not served by the local gateway)",
+                )
             target = sql.Identifier(self.schema, table)
             if request.method in ("GET", "HEAD"):
                 return self._read(table, target, request, query, shape, prefer, role, claims)
