@@ -425,6 +425,8 @@ def test_a_claim_whose_answer_was_lost_keeps_its_lease_and_the_job_completes(
     assert (body["outcome"], body["status"], body["attempt"]) == ("completed", "completed", 1)
     assert job_row(db_url, job_id)["attempts"] == 1
     assert double.paid_generations == 1
+
+
 @pytest.mark.parametrize("kind", ["publishable_key", "anon_key"])
 def test_the_first_request_with_an_anon_or_publishable_key_claims_nothing_and_says_why(
     client: FlaskClient,
