@@ -29,7 +29,7 @@ _STABLE_AUDIO_INPUT_BYTES = 50_000_000 - 100_000
 class Model:
     engine: str  # the engine that serves it (sona/services.py builds one client per engine)
     label: str  # the engine's name in a download name (the naming convention's `source`)
-    max_duration_s: int  # longer rows are cut to this, as the plug-in's worker clamped them
+    max_duration_s: int  # the longest audio the provider makes
     steps: Mapping[Quality, int]  # the diffusion steps each quality asks for
     credits: float  # what `stats` prices one paid generation at (MODEL_CREDITS overrides it)
     max_row_s: int = MAX_JOB_DURATION_S  # the longest row it serves (else the job fails, unpaid)
@@ -39,6 +39,11 @@ class Model:
     max_input_s: float = 190.0
     max_input_bytes: int = _STABLE_AUDIO_INPUT_BYTES
     min_strength: float = 0.0
+
+    @property
+    def longest_s(self) -> int:
+        """The longest row this model makes whole: a longer one goes to the mode's fallback."""
+        return min(self.max_duration_s, self.max_row_s)
 
 
 # Stable Audio 2.5 and 3 take 4 to 8 steps; Stable Audio 2 takes 30 to 100.
@@ -61,10 +66,12 @@ MODELS: dict[str, Model] = {
         max_input_s=380.0,
         max_input_bytes=100_000_000 - 100_000,
     ),
-    # TangoFlux on Replicate (sona/engines/replicate.py): sound effects up to 30 s; a longer designer
-    # row is cut to 30 s and the steps are what the plug-in's own worker sent (worker.ts and
-    # audio-clients/tango-flux.ts at 34648b7). Replicate bills GPU seconds, about $0.003-0.02 a job:
-    # one credit's worth until a real prediction's predict_time says otherwise. Text only.
+    # TangoFlux on Replicate (sona/engines/replicate.py): sound effects up to 30 s. The plug-in's own
+    # worker cut a longer row to 30 s (worker.ts at 34648b7) and charged for the length asked; here a
+    # longer row goes to the mode's fallback model instead (sona/job/modes.py model_for). Its steps
+    # are what that worker sent (audio-clients/tango-flux.ts). Replicate bills GPU seconds, about
+    # $0.003-0.02 a job: one credit's worth until a real prediction's predict_time says otherwise.
+    # Text only.
     "tangoflux": Model(
         "tangoflux", "TangoFlux", 30, {"low": 25, "medium": 100, "high": 200}, 1, takes_input=False
     ),
@@ -79,9 +86,11 @@ def known_model(name: str) -> str:
 
 
 def input_model(name: str) -> str:
-    """A settings validator: a model that also takes an input (the earlier worker's audio-to-audio)."""
+    """A settings validator: a model that also takes an input. The earlier worker's modes need one
+    (audio-to-audio among them), and so does a mode's fallback for long rows (the Stable Audio
+    models, which are exactly these)."""
     known_model(name)
     if not MODELS[name].takes_input:
         takes = [model for model, facts in MODELS.items() if facts.takes_input]
-        raise ValueError(f"must be one of {', '.join(takes)} (it serves audio-to-audio), not {name!r}")
+        raise ValueError(f"must be one of {', '.join(takes)} (a model that takes an input), not {name!r}")
     return name

@@ -19,7 +19,7 @@ from sona.config import Settings
 from sona.deadline import Deadline
 from sona.engines.base import AUDIO_TO_AUDIO, GenerationRequest
 from sona.engines.http import USER_AGENT, ProviderClient, read_within, retry_after, socket_of, unanswered
-from sona.errors import PermanentError, ServiceOutage, TransientError
+from sona.errors import PermanentError, Said, ServiceOutage, TransientError
 from sona.models import GeneratedAudio
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def request_headers(request: GenerationRequest) -> dict[str, str]:
     return {"stability-client-user-id": request.client_user_id} if request.client_user_id else {}
 
 
-# What each documented error status means for the job, in words a musician can act on.
+# What each documented error status means for the job (the provider's own words go to `detail`).
 _PERMANENT = {
     400: "The audio service rejected the request",
     403: "The prompt was flagged by the audio service's content moderation; please rephrase it",
@@ -58,11 +58,12 @@ _PERMANENT = {
     413: "The request was too large for the audio service",
     422: "The audio service could not accept the prompt; prompts must be in English",
 }
+# The refusals a musician acts on in their own way (sona/messages.py); the rest could not generate.
+_SAYS: dict[int, Said] = {403: "moderation", 422: "english_only"}
 
 
 _EDGE_REFUSED = (
-    "The audio service refused the request; this is not a problem with your prompt. "
-    "The job will be retried."
+    "The audio service refused the request; this is not a problem with your prompt. The job will be retried."
 )
 _UNAVAILABLE = (
     "The audio service is unavailable right now; this is not a problem with your prompt. "
@@ -103,9 +104,7 @@ def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[
             retry_after_s=retry_after(headers),
         )
     message = _PERMANENT.get(status, f"The audio service refused the request (HTTP {status})")
-    if status == 400 and errors:
-        message = f"{message}: {'; '.join(errors)[:300]}"
-    return PermanentError(message, detail=detail)
+    return PermanentError(message, detail=detail, says=_SAYS.get(status))
 
 
 def error_body(body: bytes | bytearray) -> tuple[str | None, list[str]]:
@@ -180,7 +179,7 @@ def generated_audio(response: requests.Response, body: bytes | bytearray, model:
         seed = data.get("seed", seed)
         content_type = "audio/wav" if body[:4] == b"RIFF" else "audio/mpeg"
     if finish_reason == "CONTENT_FILTERED":
-        raise PermanentError(_PERMANENT[403], detail="finish_reason CONTENT_FILTERED")
+        raise PermanentError(_PERMANENT[403], detail="finish_reason CONTENT_FILTERED", says="moderation")
     return GeneratedAudio(
         data=body,
         content_type=content_type,
