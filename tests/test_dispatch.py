@@ -9,12 +9,12 @@ import uuid
 
 import pytest
 
-from sona.config import ConfigError, load
-from sona.deploy import DeployConfig
+from sona.config import ConfigError
+from sona.deploy import make_plan
 from sona.task_queue import task_id
 from sona.webhook_sql import WebhookConfig
 from tests.support import make_settings
-from tests.test_deploy import cloudbuild_env, deploys, dry_run, env_vars, flag
+from tests.test_deploy import deploy_settings, deploys, dry_run, env_vars, flag
 
 QUEUE = "projects/p/locations/us-central1/queues/sona-jobs"
 
@@ -86,7 +86,7 @@ def test_the_webhook_waits_only_as_long_as_its_call_takes(dispatch: str, timeout
 
 
 def test_the_deploy_creates_or_updates_the_queue_with_its_limits() -> None:
-    script = dry_run(cloudbuild_env({"_MAX_INSTANCES": "10", "_MAX_CONCURRENT_JOBS": "2"}))
+    script = dry_run(deploy_settings({"MAX_INSTANCES": "10", "MAX_CONCURRENT_JOBS": "2"}))
     assert "gcloud tasks queues describe sona-jobs" in script
     for verb in ("update", "create"):
         line = next(li for li in script.splitlines() if f"gcloud tasks queues {verb} sona-jobs" in li)
@@ -94,14 +94,14 @@ def test_the_deploy_creates_or_updates_the_queue_with_its_limits() -> None:
         assert flag(argv, "max-dispatches-per-second") == "5"  # a third of Stability's 15 per second
         assert flag(argv, "max-concurrent-dispatches") == "20"  # 10 instances x 2 jobs
         assert flag(argv, "max-backoff") == "340s"  # the lease: function timeout 310 s + 30 s
-        assert flag(argv, "max-retry-duration") == "1020s"  # three leases
-        assert flag(argv, "max-attempts") == "13"  # what the backoff fits in them: both limits meet
+        assert flag(argv, "max-retry-duration") == "927s"  # the 13th attempt: both limits meet there
+        assert flag(argv, "max-attempts") == "13"  # what the backoff fits in three leases (1020 s)
     # the queue exists before the function that enqueues into it
     assert script.index("gcloud tasks queues") < script.index("gcloud functions deploy")
 
 
 def test_only_the_functions_account_may_enqueue() -> None:
-    script = dry_run(cloudbuild_env())
+    script = dry_run(deploy_settings())
     line = next(li for li in script.splitlines() if "add-iam-policy-binding sona-jobs" in li)
     argv = shlex.split(line)
     assert flag(argv, "role") == "roles/cloudtasks.enqueuer"
@@ -113,7 +113,7 @@ WORKER_URL = "https://us-central1-sona-test-project.cloudfunctions.net/run-job"
 
 
 def test_the_worker_is_private_and_only_the_tasks_account_may_invoke_it() -> None:
-    script = dry_run(cloudbuild_env())
+    script = dry_run(deploy_settings())
     worker = deploys(script)["run-job"]
     assert flag(worker, "entry-point") == "run_job"
     assert "--no-allow-unauthenticated" in worker
@@ -125,7 +125,7 @@ def test_the_worker_is_private_and_only_the_tasks_account_may_invoke_it() -> Non
 
 
 def test_the_enqueuer_may_act_as_the_tasks_account_and_nothing_more() -> None:
-    script = dry_run(cloudbuild_env())
+    script = dry_run(deploy_settings())
     (line,) = [li for li in script.splitlines() if "roles/iam.serviceAccountUser" in li]
     argv = shlex.split(line)
     assert argv[:5] == ["gcloud", "iam", "service-accounts", "add-iam-policy-binding", TASKS_ACCOUNT]
@@ -133,7 +133,7 @@ def test_the_enqueuer_may_act_as_the_tasks_account_and_nothing_more() -> None:
 
 
 def test_every_function_knows_the_queue_the_worker_and_the_tasks_identity() -> None:
-    functions = deploys(dry_run(cloudbuild_env()))
+    functions = deploys(dry_run(deploy_settings()))
     assert set(functions) == {"process-job", "run-job", "reclaim-jobs"}
     for argv in functions.values():
         env = env_vars(argv)
@@ -144,7 +144,7 @@ def test_every_function_knows_the_queue_the_worker_and_the_tasks_identity() -> N
 
 
 def test_the_worker_exists_before_the_door_that_sends_it_work() -> None:
-    script = dry_run(cloudbuild_env())
+    script = dry_run(deploy_settings())
     assert script.index("gcloud functions deploy run-job") < script.index(
         "gcloud functions deploy process-job"
     )
@@ -154,17 +154,16 @@ def test_the_worker_exists_before_the_door_that_sends_it_work() -> None:
 def test_the_deploy_refuses_a_job_longer_than_a_dispatch_deadline_with_cloud_tasks(
     dispatch: str, refused: bool
 ) -> None:
-    env = cloudbuild_env({"_JOB_TIMEOUT_MS": "1800000", "_DISPATCH": dispatch})
-    config = {k.lower(): v for k, v in env.items()}
+    settings = deploy_settings({"JOB_TIMEOUT_MS": "1800000", "DISPATCH": dispatch})
     if refused:
         with pytest.raises(ConfigError, match="15 to 1800 s"):
-            load(DeployConfig, env_file=None, **config)
+            make_plan(settings)
     else:
-        assert load(DeployConfig, env_file=None, **config).dispatch == "direct"
+        assert not make_plan(settings).cloud_tasks
 
 
 def test_direct_dispatch_deploys_no_queue() -> None:
-    script = dry_run(cloudbuild_env({"_DISPATCH": "direct"}))
+    script = dry_run(deploy_settings({"DISPATCH": "direct"}))
     assert "gcloud tasks" not in script
     assert set(deploys(script)) == {"process-job", "reclaim-jobs"}  # no worker: the webhook runs jobs
     assert env_vars(deploys(script)["process-job"])["DISPATCH"] == "direct"
