@@ -2,10 +2,10 @@
 """Bootstrap for a fresh machine with only Python 3.11+: make .venv, install, then run.
 
 python3 scripts/run.py demo "ambient forest at dawn" --duration 5
-python3 scripts/run.py test              # ruff, then mypy beside the whole suite on 4 xdist workers
+python3 scripts/run.py test              # ruff, squawk, then mypy beside the whole suite on 4 xdist workers
 python3 scripts/run.py test tests/test_x.py -k name   # ruff, mypy, then only those tests, one process
 python3 scripts/run.py lock [--upgrade]  # regenerate requirements.txt and requirements-dev.txt
-python3 scripts/run.py <any python -m sona command>
+python3 scripts/run.py <any python -m sona or python -m devstack command>
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ REQUIREMENTS = (ROOT / "requirements.txt", ROOT / "requirements-dev.txt")
 # The suite mostly waits (servers, deadlines, the relay's pauses), so four workers keep two cores
 # busy; pyproject.toml's addopts group the tests so that parallel runs stay safe.
 WORKERS = "4"
+# The local world's commands live in devstack (sona never imports it, and it never deploys).
+LOCAL_COMMANDS = ("demo", "dev", "bench")
 
 if sys.version_info < (3, 11):  # noqa: UP036  this file runs under whatever python3 is
     sys.exit(f"Python 3.11 or newer is needed; this is {sys.version.split()[0]}")
 sys.path.insert(0, str(ROOT))
-from sona.local.venvs import ensure_venv, lock_commands  # noqa: E402  (standard library only)
+from devstack.venvs import ensure_venv, lock_commands  # noqa: E402  (standard library only)
 
 
 def run(*command: str) -> int:
@@ -32,11 +34,16 @@ def run(*command: str) -> int:
 
 
 def test(python: str, pytest_args: list[str]) -> int:
-    """ruff, mypy and pytest; fails if any fails. The whole suite (no arguments) runs on WORKERS
-    workers with mypy beside it (about 13 s on a fresh clone), its report printed after the tests'.
-    With arguments it is the quick loop: mypy first, then those tests in one process."""
+    """ruff, squawk, mypy and pytest; fails if any fails. The whole suite (no arguments) runs on
+    WORKERS workers with mypy beside it (about 13 s on a fresh clone), its report printed after the
+    tests'. With arguments it is the quick loop: mypy first, then those tests in one process."""
     print("$ ruff check .", flush=True)
     if run(python, "-m", "ruff", "check", ".") != 0:
+        return 1
+    # The migration linter (rules off, and why: .squawk.toml); its binary comes with the wheel.
+    migrations = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "supabase" / "migrations").glob("*.sql"))
+    print("$ squawk", *migrations, flush=True)
+    if run(str(Path(python).parent / "squawk"), *migrations) != 0:
         return 1
     mypy = (python, "-m", "mypy")
     if pytest_args:
@@ -69,7 +76,8 @@ def main(argv: list[str]) -> int:
         return test(python, argv[1:])
     if argv[:1] == ["lock"]:
         return lock(python, argv[1:])
-    return run(python, "-m", "sona", *argv)
+    package = "devstack" if argv[:1] and argv[0] in LOCAL_COMMANDS else "sona"
+    return run(python, "-m", package, *argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""`python -m sona COMMAND`: validate, demo, dev, reclaim, deploy-plan, webhook-sql, stats."""
+"""`python -m sona COMMAND`: validate, reclaim, deploy-plan, webhook-sql, stats (what operators run
+against a deployment). The local world's commands (demo, dev, bench) are `python -m devstack`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from sona.config import ConfigError, load, load_settings
 
@@ -16,8 +16,8 @@ def _validate(_: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    from sona.audio.ffmpeg import find_ffmpeg
     from sona.errors import FfmpegMissing
-    from sona.ffmpeg import find_ffmpeg
 
     try:
         ffmpeg = find_ffmpeg(settings.ffmpeg_binary)
@@ -37,46 +37,9 @@ def _validate(_: argparse.Namespace) -> int:
     return 0
 
 
-def _strength(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be 0 to 1")
-    return value
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from sona.local.demo import PluginRequest, demo
-
-    try:
-        plugin = PluginRequest(args.mode, args.bpm, args.key) if args.mode else None
-        return demo(args.prompt, args.duration, args.quality, args.input, args.strength, plugin, args.model)
-    except ConfigError as exc:  # raised before the stack starts anything
-        print(exc, file=sys.stderr)
-        return 1
-
-
-def _dev(args: argparse.Namespace) -> int:
-    from sona.local.demo import dev
-
-    ports = {
-        name: port
-        for name, port in (
-            ("gateway", args.gateway_port),
-            ("process_job", args.process_job_port),
-            ("reclaim_jobs", args.reclaim_jobs_port),
-        )
-        if port
-    }
-    try:
-        return dev(args.json, ports, database_url=args.database_url)
-    except ConfigError as exc:  # raised before the stack starts anything
-        print(exc, file=sys.stderr)
-        return 1
-
-
 def _reclaim(_: argparse.Namespace) -> int:
     from sona.errors import DatabaseUnavailable
-    from sona.reclaim import run_reclaim
+    from sona.job.reclaim import run_reclaim
     from sona.services import Services
 
     try:
@@ -92,7 +55,7 @@ def _reclaim(_: argparse.Namespace) -> int:
 
 
 def _deploy_plan(_: argparse.Namespace) -> int:
-    from sona.deploy import not_deployed, plan_from_file, render
+    from sona.ops.deploy import not_deployed, plan_from_file, render
 
     try:
         plan = plan_from_file()
@@ -107,7 +70,7 @@ def _deploy_plan(_: argparse.Namespace) -> int:
 
 def _webhook_sql(args: argparse.Namespace) -> int:
     from sona.config import WebhookSecret
-    from sona.webhook_sql import WebhookConfig, webhook_sql
+    from sona.ops.webhook_sql import WebhookConfig, webhook_sql
 
     try:
         config = load(WebhookConfig)
@@ -120,8 +83,8 @@ def _webhook_sql(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from sona.jobs_store import JobsStore
-    from sona.stats import credits_spent, fold_settled_hours, render_table
+    from sona.ops.stats import credits_spent, fold_settled_hours, render_table
+    from sona.store.jobs import JobsStore
 
     try:
         # Only the database is read: how jobs are dispatched does not matter here.
@@ -143,64 +106,10 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from sona.local.bench import main as bench
-
-    return bench(args.runs, Path(args.out), args.burst_jobs, args.only)
-
-
-def _seconds(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 380:
-        raise argparse.ArgumentTypeError(f"must be 1 to 380 seconds, not {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sona", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("validate", help="check the configuration").set_defaults(run=_validate)
-    demo = commands.add_parser("demo", help="run one job end to end on the local stack")
-    demo.add_argument("prompt")
-    demo.add_argument(
-        "--duration",
-        type=_seconds,
-        default=10,
-        help="1 to 380 seconds (default 10); past 190 s only stable-audio-3 makes it all, past 180 s"
-        " only on this project's own table (the plug-in's allows 180)",
-    )
-    demo.add_argument(
-        "--model",
-        choices=["stable-audio-2.5", "stable-audio-2", "stable-audio-3"],
-        help="the model for every mode (else DESIGNER_MODEL, PRODUCER_MODEL, CREATOR_MODEL and"
-        " STABLE_AUDIO_MODEL from the environment; stable-audio-2.5 by default)",
-    )
-    demo.add_argument("--quality", choices=["low", "medium", "high", "draft", "standard"], default="medium")
-    demo.add_argument(
-        "--mode",
-        choices=["designer", "producer", "creator"],
-        help="insert as the plug-in's generate function does (service role, queued) in this mode",
-    )
-    demo.add_argument("--bpm", type=float, help="with --mode producer or creator")
-    demo.add_argument("--key", help="with --mode: a musical key and scale, e.g. 'A minor'")
-    demo.add_argument(
-        "--input", type=Path, help="audio-to-audio: an MP3 or WAV of 6 to 190 s, uploaded as the user would"
-    )
-    demo.add_argument("--strength", type=_strength, help="audio-to-audio: 0 keeps the input, 1 ignores it")
-    demo.set_defaults(run=_demo)
-    dev = commands.add_parser("dev", help="run the local stack until interrupted")
-    dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
-    dev.add_argument("--gateway-port", type=int, default=0, help="Supabase gateway port (default: free)")
-    dev.add_argument("--process-job-port", type=int, default=0, help="process_job port (default: free)")
-    dev.add_argument("--reclaim-jobs-port", type=int, default=0, help="reclaim_jobs port (default: free)")
-    dev.add_argument(
-        "--database-url",
-        help="run on this existing PostgreSQL (e.g. a copy of production) instead of an embedded one: "
-        "Supabase's roles and schemas are added where missing, the migrations applied, no row dropped",
-    )
-    dev.set_defaults(run=_dev)
     commands.add_parser("reclaim", help="run reclaim_jobs once").set_defaults(run=_reclaim)
     commands.add_parser(
         "deploy-plan", help="print the gcloud commands that deploy both functions"
@@ -213,19 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--hours", type=int, default=24, help="the window (default 24)")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_stats)
-    bench = commands.add_parser(
-        "bench", help="cold start, job overhead, memory, throughput, reclaim, dispatch modes"
-    )
-    bench.add_argument("--runs", type=int, default=5, help="runs per figure (median, min, max)")
-    bench.add_argument("--out", default="bench-results.json", help="where the JSON goes")
-    bench.add_argument("--burst-jobs", type=int, default=1000, help="jobs in the dispatch burst")
-    bench.add_argument(
-        "--only",
-        choices=["job", "dispatch", "wait", "cold", "stats"],
-        help="one half of the benchmark (job, dispatch), or one of its figures (wait: Stable Audio 3's"
-        " wait, polled or checked back; cold starts; job_stats)",
-    )
-    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

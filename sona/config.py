@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from sona import storage_rules
 from sona.environment import ENV_FILE, ConfigError, EnvironmentSettings, environment_names, load
-from sona.supabase_keys import key_problem, key_warning
+from sona.store import storage_rules
+from sona.store.supabase_keys import key_problem, key_warning
 
 DEFAULT_STABLE_AUDIO_API_URL = "https://api.stability.ai/v2beta/audio/stable-audio-2"
 # The earlier worker's default: not a real route, so validation warns about it.
@@ -48,7 +48,7 @@ DISPATCH_ROOM_S = 30
 PROVIDER_RATE_LIMIT_PER_S = 15
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-# The models a mode may name (sona/modes.py MODELS says which engine serves each).
+# The models a mode may name (sona/job/modes.py MODELS says which engine serves each).
 StableAudioModel = Literal["stable-audio-2.5", "stable-audio-2", "stable-audio-3"]
 # A plug-in mode may also be served by TangoFlux on Replicate (text-to-audio only, up to 30 s).
 ModelName = StableAudioModel | Literal["tangoflux"]
@@ -156,7 +156,7 @@ class FunctionOptions(JobShape):
     model_credits: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MODEL_CREDITS))
     # The model for the earlier worker's modes (default, text-to-audio, audio-to-audio).
     stable_audio_model: StableAudioModel = "stable-audio-2.5"
-    # One model per plug-in mode (sona/modes.py decides what each row asks for). The plug-in's own
+    # One model per plug-in mode (sona/job/modes.py decides what each row asks for). The plug-in's own
     # worker served designer with TangoFlux on Replicate; Stable Audio 2.5 serves all three here.
     designer_model: ModelName = "stable-audio-2.5"
     producer_model: ModelName = "stable-audio-2.5"
@@ -167,7 +167,7 @@ class FunctionOptions(JobShape):
     max_retries: int = Field(default=3, ge=0, le=10)
     retry_delay_ms: int = Field(default=2000, ge=0)
 
-    # TangoFlux on Replicate (sona/replicate.py; README "TangoFlux on Replicate (designer)"); its
+    # TangoFlux on Replicate (sona/engines/replicate.py; README "TangoFlux on Replicate (designer)"); its
     # token (a secret, in Settings) is needed only where an engine setting names TangoFlux.
     replicate_api_url: str = DEFAULT_REPLICATE_API_URL
 
@@ -462,7 +462,7 @@ def ignored_settings(environ: Mapping[str, str], env_file: Path | None = ENV_FIL
     return [f"{name} is ignored: {why}" for name, why in IGNORED_SETTINGS.items() if name.lower() in given]
 
 
-# Storage's key characters (sona/storage_rules.py), for messages.
+# Storage's key characters (sona/store/storage_rules.py), for messages.
 _ALLOWED = "ASCII letters, digits, space and _ ! - . * ' ( ) & $ = @ ; : + ,"
 
 

@@ -52,7 +52,8 @@ class Deadline:
     @contextmanager
     def applies(self) -> Iterator[Deadline]:
         """Outside calls made inside this block, on this thread, end by this deadline. Clients whose
-        methods take no timeout (storage3) learn it here, through sona.bounded_http; sona.rpc reads it too."""
+        methods take no timeout (storage3) learn it here, through sona.store.bounded_http;
+        sona.store.rpc reads it too."""
         token = _IN_EFFECT.set(self)
         try:
             yield self

@@ -239,7 +239,7 @@ def reclaim_jobs(request: Request) -> Response:
     if not has_secret and not on_cloud_functions():
         # On Cloud Functions the platform has already checked the caller's OIDC token.
         return error(401, "unauthorized", f"Missing {SECRET_HEADER} header.")
-    from sona.reclaim import run_reclaim
+    from sona.job.reclaim import run_reclaim
 
     try:
         summary = run_reclaim(services)

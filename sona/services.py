@@ -15,11 +15,11 @@ from sona.config import Settings, ignored_settings, load_settings
 from sona.logs import setup_logging
 
 if TYPE_CHECKING:
-    from sona.engines import Engine, Engines
-    from sona.jobs_store import JobsStore
-    from sona.pipeline import Pipeline
-    from sona.stable_audio import StableAudioClient
-    from sona.storage import AudioStorage
+    from sona.engines.base import Engine, Engines
+    from sona.engines.stable_audio import StableAudioClient
+    from sona.job.pipeline import Pipeline
+    from sona.store.jobs import JobsStore
+    from sona.store.storage import AudioStorage
     from sona.task_queue import TaskQueue
 
 log = logging.getLogger(__name__)
@@ -35,34 +35,34 @@ class Services:
 
     @cached_property
     def store(self) -> JobsStore:
-        from sona.jobs_store import JobsStore
+        from sona.store.jobs import JobsStore
 
         return JobsStore(self.settings)
 
     @cached_property
     def ffmpeg(self) -> str:
-        from sona.ffmpeg import find_ffmpeg
+        from sona.audio.ffmpeg import find_ffmpeg
 
         return find_ffmpeg(self.settings.ffmpeg_binary)
 
     @cached_property
     def provider(self) -> StableAudioClient:
-        from sona.stable_audio import StableAudioClient
+        from sona.engines.stable_audio import StableAudioClient
 
         return StableAudioClient(self.settings)
 
     @cached_property
     def engines(self) -> Engines:
-        """Each engine's client by the name sona/modes.py MODELS gives it (a client is only a session
+        """Each engine's client by the name sona/job/modes.py MODELS gives it (a client is only a session
         until its first call, so both are built)."""
-        from sona.stable_audio_3 import StableAudio3Client
+        from sona.engines.stable_audio_3 import StableAudio3Client
 
         engines: dict[str, Engine] = {
             "stable-audio": self.provider,
             "stable-audio-3": StableAudio3Client(self.settings),
         }
         if self.settings.replicate_api_token is not None:  # settings require it for a tangoflux mode
-            from sona.replicate import ReplicateClient, TangoFluxEngine
+            from sona.engines.replicate import ReplicateClient, TangoFluxEngine
 
             poll_s = self.settings.generation_poll_ms / 1000
             engines["tangoflux"] = TangoFluxEngine(ReplicateClient(self.settings), poll_interval_s=poll_s)
@@ -70,7 +70,7 @@ class Services:
 
     @cached_property
     def storage(self) -> AudioStorage:
-        from sona.storage import AudioStorage
+        from sona.store.storage import AudioStorage
 
         return AudioStorage(self.settings)
 
@@ -82,7 +82,7 @@ class Services:
 
     @cached_property
     def pipeline(self) -> Pipeline:
-        from sona.pipeline import Pipeline
+        from sona.job.pipeline import Pipeline
 
         return Pipeline(self.settings, self.store, self.engines, self.storage, self.ffmpeg)
 

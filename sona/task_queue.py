@@ -11,7 +11,7 @@ no secret of its own. For a Cloud Functions URL the audience is the URL itself (
 The webhook's call is the function's cold path, and `google.cloud.tasks_v2` costs 0.3-0.5 s of
 imports (DESIGN.md), so this speaks the same REST call its REST transport makes
 (`POST /v2/{queue}/tasks`, the error JSON mapped by status) with the standard library. The local
-Cloud Tasks (sona/local/cloud_tasks.py) is checked against the real client and against this one.
+Cloud Tasks (devstack/emulators/cloud_tasks.py) is checked against the real client and against this one.
 
 A task's name is derived from the job, its attempt and the dispatch round: a duplicate webhook
 creates nothing (ALREADY_EXISTS is success), and a re-dispatch gets a new name (executed names

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sona.local.database import (
+from devstack.database import (
     DATABASE_URL_ENV,
     EmbeddedPostgres,
     apply_sql,
@@ -33,10 +33,10 @@ from sona.local.database import (
     migrate,
     migration_turn,
 )
-from sona.local.gateway import Gateway, make_jwt
-from sona.local.stable_audio_double import StableAudioDouble
-from sona.local.stack import _stand_in
-from sona.local.system_postgres import ADMIN, OWNER, SystemPostgres, find_bin_dir, prepare_as_supabase
+from devstack.doubles.stable_audio_double import StableAudioDouble
+from devstack.emulators.gateway import Gateway, make_jwt
+from devstack.stack import _stand_in
+from devstack.system_postgres import ADMIN, OWNER, SystemPostgres, find_bin_dir, prepare_as_supabase
 from tests.support import SUMMARIES_KEY
 
 AS_SUPABASE_ENV = "SONA_TEST_AS_SUPABASE"

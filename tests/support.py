@@ -122,7 +122,7 @@ def decoded_seconds(data: bytes, suffix: str) -> float:
     import subprocess
     import tempfile
 
-    from sona.ffmpeg import find_ffmpeg
+    from sona.audio.ffmpeg import find_ffmpeg
 
     with tempfile.NamedTemporaryFile(suffix=f".{suffix}") as f:
         f.write(data)

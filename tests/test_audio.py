@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from sona.audio import decode, encode_mp3, make_master
+from sona.audio.ffmpeg import find_ffmpeg
+from sona.audio.master import decode, encode_mp3, make_master
 from sona.deadline import Deadline
 from sona.errors import DeadlineExceeded, PermanentError
-from sona.ffmpeg import find_ffmpeg
 from tests.support import decoded_seconds, wav_bytes
 
 FFMPEG = find_ffmpeg()
@@ -140,7 +140,7 @@ def test_no_more_encoders_run_at_once_than_there_are_cpus(monkeypatch: pytest.Mo
     import time
     from pathlib import Path
 
-    import sona.audio
+    import sona.audio.master
 
     running, most, lock = 0, 0, threading.Lock()
 
@@ -155,8 +155,9 @@ def test_no_more_encoders_run_at_once_than_there_are_cpus(monkeypatch: pytest.Mo
         Path(args[-1]).write_bytes(b"mp3")  # where encode_mp3 reads the preview from
         return b"", b""
 
-    monkeypatch.setattr(sona.audio, "_run_ffmpeg", counting_ffmpeg)
-    threads = [threading.Thread(target=sona.audio.encode_mp3, args=(b"", "192k", "ffmpeg")) for _ in range(8)]
+    monkeypatch.setattr(sona.audio.master, "_run_ffmpeg", counting_ffmpeg)
+    encode = sona.audio.master.encode_mp3
+    threads = [threading.Thread(target=encode, args=(b"", "192k", "ffmpeg")) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -203,10 +204,10 @@ def test_ffmpeg_still_running_at_the_deadline_is_killed_with_its_children(
 
 
 def test_waiting_for_a_busy_encoder_ends_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sona.audio
+    import sona.audio.master
 
     busy = threading.BoundedSemaphore(1)
     busy.acquire()
-    monkeypatch.setattr(sona.audio, "_ENCODERS", busy)
+    monkeypatch.setattr(sona.audio.master, "_ENCODERS", busy)
     with pytest.raises(DeadlineExceeded, match="ran out of time"):
         encode_mp3(wav_bytes(1), "192k", FFMPEG, Deadline(0.3))

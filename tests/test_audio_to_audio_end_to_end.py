@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from sona.local.stack import LocalStack
-from sona.stable_audio import client_user_id
+from devstack.stack import LocalStack
+from sona.engines.stable_audio import client_user_id
 from tests.support import decoded_seconds, wav_bytes
 
 pytestmark = pytest.mark.slow
@@ -133,7 +133,7 @@ def test_demo_with_an_input_runs_audio_to_audio(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "sona",
+            "devstack",
             "demo",
             "make it a string quartet",
             "--duration",

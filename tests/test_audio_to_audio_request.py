@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import requests
 
+from devstack.doubles.stable_audio_double import StableAudioDouble
+from sona.audio.input_audio import inspect
 from sona.deadline import Deadline
+from sona.engines.stable_audio import DEFAULT_STRENGTH, GenerationRequest, StableAudioClient, client_user_id
 from sona.errors import PermanentError
-from sona.input_audio import inspect
-from sona.local.stable_audio_double import StableAudioDouble
 from sona.models import Job, JobStatus
-from sona.stable_audio import DEFAULT_STRENGTH, GenerationRequest, StableAudioClient, client_user_id
 from tests.support import make_settings, wav_bytes
 
 USER = uuid.UUID("7d5cf1f0-3f0e-4d8a-9a47-0c7f3e1b2a10")
@@ -121,6 +121,6 @@ def test_the_double_answers_the_providers_400_for_an_unusable_input(
 
 
 def _ffmpeg() -> str:
-    from sona.ffmpeg import find_ffmpeg
+    from sona.audio.ffmpeg import find_ffmpeg
 
     return find_ffmpeg()

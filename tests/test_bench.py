@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sona.local.bench import Figure, table
+from devstack.bench.bench import Figure, table
 
 
 def test_a_cost_ratio_is_ours_over_the_baseline() -> None:

@@ -100,8 +100,8 @@ def test_the_installed_lock_runs_the_function_upload(
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / path, tmp_path / path)
     probe = (
-        "import main, sona.pipeline, sona.reclaim, subprocess; "
-        "from sona.ffmpeg import find_ffmpeg; "
+        "import main, sona.job.pipeline, sona.job.reclaim, subprocess; "
+        "from sona.audio.ffmpeg import find_ffmpeg; "
         "print(subprocess.run([find_ffmpeg(), '-version'], capture_output=True, text=True).stdout)"
     )
     no_tools = tmp_path / "empty-path"

@@ -14,8 +14,8 @@ import requests
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from sona.local.cloud_run import NO_INSTANCE_LOG, CapacityCap
-from sona.local.serving import serve_in_thread, stop_server
+from devstack.emulators.cloud_run import NO_INSTANCE_LOG, CapacityCap
+from devstack.serving import serve_in_thread, stop_server
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import requests
 
-from sona.local.cloud_tasks import mint_oidc_token
-from sona.local.stable_audio_double import Behaviour, RateLimit
-from sona.local.stack import TASKS_ACCOUNT, LocalStack
+from devstack.doubles.stable_audio_double import Behaviour, RateLimit
+from devstack.emulators.cloud_tasks import mint_oidc_token
+from devstack.stack import TASKS_ACCOUNT, LocalStack
 from tests.support import sql
 
 pytestmark = pytest.mark.slow

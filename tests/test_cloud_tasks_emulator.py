@@ -17,8 +17,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from sona.local.cloud_tasks import CloudTasksEmulator, RetryPolicy, decode_oidc_token
-from sona.local.serving import serve_in_thread, stop_server
+from devstack.emulators.cloud_tasks import CloudTasksEmulator, RetryPolicy, decode_oidc_token
+from devstack.serving import serve_in_thread, stop_server
 
 LOCATION = "projects/sona-local/locations/europe-west1"
 SERVICE_ACCOUNT = "process-job@sona-local.iam.gserviceaccount.com"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.emulators.gateway import make_jwt
 from sona.config import (
     DEFAULT_STABLE_AUDIO_API_URL,
     OLD_STABLE_AUDIO_API_URL,
@@ -16,8 +17,7 @@ from sona.config import (
     Settings,
     load_settings,
 )
-from sona.local.gateway import make_jwt
-from sona.webhook_sql import WebhookConfig
+from sona.ops.webhook_sql import WebhookConfig
 from tests.support import SECRETS, make_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_each_setting_is_declared_once() -> None:
     variable: Settings from JobShape, FunctionOptions and WebhookSecret; the plan and the trigger
     from the same classes, never a copy."""
     from sona.config import FunctionOptions, JobShape, WebhookSecret
-    from sona.deploy import DeployConfig
+    from sona.ops.deploy import DeployConfig
 
     declared: dict[str, list[str]] = {}
     for model in (JobShape, WebhookSecret, FunctionOptions, Settings, DeployConfig, WebhookConfig):

@@ -18,8 +18,8 @@ from packaging.markers import Marker, default_environment
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 
-from sona.deploy import RUNTIME
-from sona.local.venvs import LOCKS, OLDEST_PYTHON
+from devstack.venvs import LOCKS, OLDEST_PYTHON
+from sona.ops.deploy import RUNTIME
 
 REPO = Path(__file__).resolve().parents[1]
 SUPPORTED_PYTHONS = ("3.11", "3.12", "3.13")

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
+from devstack.database import apply_sql
 from sona.config import ConfigError
-from sona.deploy import RUNTIME, Plan, make_plan, not_deployed, render
-from sona.local.database import apply_sql
-from sona.webhook_sql import WebhookConfig, webhook_sql
+from sona.ops.deploy import RUNTIME, Plan, make_plan, not_deployed, render
+from sona.ops.webhook_sql import WebhookConfig, webhook_sql
 from tests import fake_gcloud
 from tests.support import SECRETS, insert_job, sql
 

@@ -1,4 +1,4 @@
-"""`python -m sona dev --json`: the local stack for other tools, described in one JSON line."""
+"""`python -m devstack dev --json`: the local stack for other tools, described in one JSON line."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import psycopg
 import pytest
 import requests
 
-from sona.local.gateway import make_jwt
-from sona.local.stack import LocalStack, free_port
+from devstack.emulators.gateway import make_jwt
+from devstack.stack import LocalStack, free_port
 from sona.models import webhook_payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "sona", "dev", "--json", "--process-job-port", str(port)],
+        [sys.executable, "-m", "devstack", "dev", "--json", "--process-job-port", str(port)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -96,8 +96,10 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
 
 
 def run_sona(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """As scripts/run.py routes it: the local world's dev to devstack, validate to sona."""
+    package = "devstack" if command[0] == "dev" else "sona"
     return subprocess.run(
-        [sys.executable, "-m", "sona", *command],
+        [sys.executable, "-m", package, *command],
         cwd=REPO,
         capture_output=True,
         text=True,

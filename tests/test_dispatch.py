@@ -10,9 +10,9 @@ import uuid
 import pytest
 
 from sona.config import ConfigError
-from sona.deploy import make_plan
+from sona.ops.deploy import make_plan
+from sona.ops.webhook_sql import WebhookConfig
 from sona.task_queue import task_id
-from sona.webhook_sql import WebhookConfig
 from tests.support import make_settings
 from tests.test_deploy import deploy_settings, deploys, dry_run, env_vars, flag
 

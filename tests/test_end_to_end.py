@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import requests
 
-from sona.local.stable_audio_double import Behaviour
-from sona.local.stack import LocalStack
-from sona.local.storage_api import FREE_PLAN_UPLOAD_LIMIT
+from devstack.doubles.stable_audio_double import Behaviour
+from devstack.emulators.storage_api import FREE_PLAN_UPLOAD_LIMIT
+from devstack.stack import LocalStack
 from tests.support import decoded_seconds, sql, wait_until
 
 pytestmark = pytest.mark.slow
@@ -146,9 +146,9 @@ def test_a_bad_request_to_the_real_server_gets_a_json_error(stack: LocalStack) -
 
 
 def run_demo(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m sona demo ...` with no key, no ffmpeg on PATH and an empty home."""
+    """`python -m devstack demo ...` with no key, no ffmpeg on PATH and an empty home."""
     return subprocess.run(
-        [sys.executable, "-m", "sona", "demo", *args],
+        [sys.executable, "-m", "devstack", "demo", *args],
         cwd=Path(__file__).resolve().parents[1],
         env={"PATH": "/usr/bin:/bin", "HOME": str(home)},
         capture_output=True,

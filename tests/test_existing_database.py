@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import requests
 
-from sona.local.stack import prepare_database, without_password
+from devstack.stack import prepare_database, without_password
 from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def production_copy(empty_db_url: str) -> str:
 def test_dev_on_a_copy_of_production_keeps_every_row_and_serves_jobs(production_copy: str) -> None:
     before = snapshot(production_copy)
     process = subprocess.Popen(
-        [sys.executable, "-m", "sona", "dev", "--json", "--database-url", production_copy],
+        [sys.executable, "-m", "devstack", "dev", "--json", "--database-url", production_copy],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

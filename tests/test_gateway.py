@@ -7,7 +7,7 @@ import uuid
 import httpx
 import pytest
 
-from sona.local.gateway import Gateway
+from devstack.emulators.gateway import Gateway
 from tests.support import insert_job
 
 ZERO = "00000000-0000-0000-0000-000000000000"

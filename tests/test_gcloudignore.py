@@ -153,9 +153,9 @@ def test_the_default_ignore_file_would_starve_the_build() -> None:
 
 def test_a_function_uploads_its_code_and_lock_and_nothing_else() -> None:
     files = uploaded(FUNCTION_IGNORE)
-    runtime = {p for p in project_files() if p.startswith("sona/") and not p.startswith("sona/local/")}
+    runtime = {p for p in project_files() if p.startswith("sona/")}  # the whole package deploys
     assert {"main.py", "requirements.txt"} | runtime <= files
-    assert not [p for p in files if p.startswith(("tests/", "scripts/", "sona/local/", "supabase/"))]
+    assert not [p for p in files if p.startswith(("tests/", "scripts/", "devstack/", "supabase/"))]
     assert ".env" not in files and "requirements-dev.txt" not in files
 
 

@@ -1,4 +1,4 @@
-"""The generation id on the row (20261202004000_generation_ids.sql): written and forgotten only by
+"""The generation id on the row (supabase/schemas/30_state_machine.sql): written and forgotten only by
 the attempt holding the lease, kept across attempts, counted when forgotten, never written by a user."""
 
 from __future__ import annotations

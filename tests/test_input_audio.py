@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
+from sona.audio.ffmpeg import find_ffmpeg
+from sona.audio.input_audio import MAX_BYTES, check_size, input_object, inspect
 from sona.errors import PermanentError
-from sona.ffmpeg import find_ffmpeg
-from sona.input_audio import MAX_BYTES, check_size, input_object, inspect
 from tests.support import wav_bytes
 
 USER = uuid.UUID("0f8e3f44-6a51-4b1e-9a0c-3c2b6d7e8f90")
@@ -57,7 +57,7 @@ def test_a_wav_of_six_to_190_seconds_is_measured() -> None:
 
 
 def test_an_mp3_is_recognised_by_its_bytes_and_measured() -> None:
-    from sona.audio import encode_mp3
+    from sona.audio.master import encode_mp3
 
     mp3 = encode_mp3(wav_bytes(8), "128k", find_ffmpeg())
     checked = inspect(mp3, find_ffmpeg())

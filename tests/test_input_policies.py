@@ -13,8 +13,8 @@ import pytest
 from storage3 import SyncStorageClient
 from storage3.exceptions import StorageApiError
 
-from sona.local.gateway import Gateway, make_jwt
-from sona.local.user_jwt import make_user_jwt
+from devstack.emulators.gateway import Gateway, make_jwt
+from devstack.emulators.user_jwt import make_user_jwt
 from tests.support import connect, new_user, wav_bytes
 
 BUCKET = "audio-inputs"

@@ -1,5 +1,5 @@
 """job_stats() over folded hours: each settled hour is counted once (sona_fold_job_stats), and the
-answer is the one the rows themselves give (20261202001000_job_stats_at_scale.sql)."""
+answer is the one the rows themselves give (supabase/schemas/40_stats.sql)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from sona.jobs_store import JobsStore
-from sona.local.gateway import Gateway
+from devstack.emulators.gateway import Gateway
+from sona.store.jobs import JobsStore
 from tests.support import connect, insert_job, make_settings, sql
 
 # 600 jobs over the last 30 hours, every kind job_stats() counts: completed and failed, retried

@@ -1,4 +1,5 @@
-"""The jobs store over HTTP: sona.rpc (PostgREST RPC over urllib3) -> the local gateway -> PostgreSQL."""
+"""The jobs store over HTTP: sona.store.rpc (PostgREST RPC over urllib3) -> the local gateway ->
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from devstack.emulators.gateway import Gateway, gateway_error, gateway_error_page
 from sona.errors import Cancelled, DatabaseUnavailable, StaleLease
-from sona.jobs_store import JobsStore, StoreError
-from sona.local.gateway import Gateway, gateway_error, gateway_error_page
 from sona.models import JobStage, JobStatus, Output
+from sona.store.jobs import JobsStore, StoreError
 from tests.support import AUDIO_INFO as INFO
 from tests.support import insert_job, job_row, make_settings, sql
 

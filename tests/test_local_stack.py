@@ -8,8 +8,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from sona.local.database import database_url_on
-from sona.local.stack import LocalStack
+from devstack.database import database_url_on
+from devstack.stack import LocalStack
 from tests.conftest import group_of
 from tests.support import sql
 

@@ -19,9 +19,9 @@ import flask
 import pytest
 import requests
 
-from sona.local.gateway import Gateway
-from sona.local.stable_audio_double import Behaviour, StableAudioDouble
-from sona.local.stack import FunctionProcess
+from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
+from devstack.emulators.gateway import Gateway
+from devstack.stack import FunctionProcess
 from sona.logs import StructuredLines, job_context, setup_logging
 from sona.models import webhook_payload
 from tests.support import SECRETS, insert_job
@@ -73,9 +73,9 @@ def test_local_lines_are_readable_single_lines_with_the_job() -> None:
     out = io.StringIO()
     setup_logging("info", fmt="text", stream=out)
     with job_context("job-1", attempt=3):
-        logging.getLogger("sona.pipeline").info("stored")
+        logging.getLogger("sona.job.pipeline").info("stored")
     line = out.getvalue().strip()
-    assert line.endswith("INFO    sona.pipeline [job job-1 #3] stored")
+    assert line.endswith("INFO    sona.job.pipeline [job job-1 #3] stored")
 
 
 def google_line(record: logging.LogRecord, project: str | None) -> dict[str, Any]:
@@ -95,8 +95,8 @@ def our_line(record: logging.LogRecord, project: str | None) -> dict[str, Any]:
 
 
 def a_record(level: int, message: str, *args: Any, **extra: Any) -> logging.LogRecord:
-    record = logging.getLogger("sona.pipeline").makeRecord(
-        "sona.pipeline", level, "/srv/sona/pipeline.py", 42, message, args, None, "run", extra
+    record = logging.getLogger("sona.job.pipeline").makeRecord(
+        "sona.job.pipeline", level, "/srv/sona/pipeline.py", 42, message, args, None, "run", extra
     )
     return record
 

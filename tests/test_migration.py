@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from sona.local.database import apply_sql, migration_files, stand_ins_sql
+from devstack.database import apply_sql, migration_files, stand_ins_sql
 from tests.support import connect, insert_job, job_row, new_user, sql
 
 # The table and policies as the earlier worker's SQL created them.

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from sona.local.system_postgres import ADMIN, OWNER, SystemPostgres, find_bin_dir, prepare_as_supabase
+from devstack.system_postgres import ADMIN, OWNER, SystemPostgres, find_bin_dir, prepare_as_supabase
 from tests.test_migration import CATALOG
 
 BIN_DIR = find_bin_dir(15)

@@ -1,4 +1,4 @@
-"""What a row asks for (sona/modes.py): the plug-in's modes, their prompts, lengths, qualities and
+"""What a row asks for (sona/job/modes.py): the plug-in's modes, their prompts, lengths, qualities and
 models, the earlier worker's modes, and the reasons a row fails before anything is paid for.
 
 The expected prompts are PLUGIN.md's table "The three modes" (the plug-in's worker,
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from sona.errors import PermanentError
+from sona.job.modes import duration_phrase, plan_job
 from sona.models import Job, JobStatus
-from sona.modes import duration_phrase, plan_job
 from tests.support import make_settings
 
 KEY = {"key": "A", "scale": "minor"}
@@ -110,7 +110,7 @@ def test_durations_read_as_the_plugins_worker_wrote_them(seconds: int, phrase: s
     ("quality", "steps"), [("draft", 4), ("low", 4), ("standard", 6), ("medium", 6), ("high", 8)]
 )
 def test_the_uis_quality_names_map_to_the_tables(quality: str, steps: int) -> None:
-    from sona.stable_audio import GenerationRequest
+    from sona.engines.stable_audio import GenerationRequest
 
     request = GenerationRequest.from_job(job(quality=quality), make_settings())
     assert request.steps == steps

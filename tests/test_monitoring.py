@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from sona.errors import TransientError
+from sona.job.pipeline import ATTEMPT_EVENT
 from sona.logs import setup_logging
-from sona.monitoring import DASHBOARD_FILE, DASHBOARD_NAME, RETRY_NEW_METRIC, metric_files
-from sona.pipeline import ATTEMPT_EVENT
+from sona.ops.monitoring import DASHBOARD_FILE, DASHBOARD_NAME, RETRY_NEW_METRIC, metric_files
 from tests.test_deploy import deploy_settings, dry_run
 from tests.test_pipeline import FakeProvider, claimed, run
 

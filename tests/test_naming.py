@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sona.modes import plan_job
+from sona.job.modes import plan_job
 from tests.support import make_settings
 from tests.test_modes import KEY, LOOP, job
 

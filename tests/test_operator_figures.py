@@ -11,10 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from sona.jobs_store import JobsStore
-from sona.local.gateway import Gateway
+from devstack.emulators.gateway import Gateway
+from sona.job.outcomes import OUTCOME_CLASSES
 from sona.models import Output
-from sona.outcomes import OUTCOME_CLASSES
+from sona.store.jobs import JobsStore
 from tests.support import AUDIO_INFO, insert_job, make_settings, sql
 
 LEASE_S, MAX_ATTEMPTS, BASE_MS, CAP_MS = 60, 3, 1000, 60_000

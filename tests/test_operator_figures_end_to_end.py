@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import requests
 
-from sona.local.stable_audio_double import Behaviour
-from sona.local.stack import LocalStack
+from devstack.doubles.stable_audio_double import Behaviour
+from devstack.stack import LocalStack
 from tests.support import sql, wait_until
 
 pytestmark = pytest.mark.slow

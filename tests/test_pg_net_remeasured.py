@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 import pytest
 
-from sona.local.database import apply_sql
-from sona.local.relay import WebhookRelay
+from devstack.database import apply_sql
+from devstack.emulators.relay import WebhookRelay
 from tests.support import sql, wait_until
 
 GRANTED = ["supabase_admin", "supabase_functions_admin", "postgres", "anon", "authenticated", "service_role"]

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from sona.audio.ffmpeg import find_ffmpeg
 from sona.deadline import Deadline
+from sona.engines.stable_audio import GenerationRequest
 from sona.errors import (
     Cancelled,
     DatabaseUnavailable,
@@ -25,13 +27,11 @@ from sona.errors import (
     StorageUnavailable,
     TransientError,
 )
-from sona.ffmpeg import find_ffmpeg
-from sona.jobs_store import StoreError
+from sona.job.outcomes import OutcomeClass, outcome_class
+from sona.job.pipeline import ATTEMPT_EVENT, Pipeline
 from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, JobStatus, Output
-from sona.outcomes import OutcomeClass, outcome_class
-from sona.pipeline import ATTEMPT_EVENT, Pipeline
-from sona.stable_audio import GenerationRequest
-from sona.storage import StoredOutput
+from sona.store.jobs import StoreError
+from sona.store.storage import StoredOutput
 from tests.support import AUDIO_INFO, make_settings, wav_bytes
 
 
@@ -471,7 +471,7 @@ def test_every_attempt_ends_with_one_structured_line_for_log_based_metrics(
 ) -> None:
     created = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
     job = claimed(created_at=created, started_at=created + timedelta(seconds=1.5))
-    with caplog.at_level("INFO", logger="sona.pipeline"):
+    with caplog.at_level("INFO", logger="sona.job.pipeline"):
         result, _, _, _ = run(job, provider=FakeProvider(error=TransientError("busy")))
     (line,) = [r for r in caplog.records if getattr(r, "json_fields", {}).get("event") == ATTEMPT_EVENT]
     fields = line.json_fields  # type: ignore[attr-defined]
@@ -483,7 +483,7 @@ def test_every_attempt_ends_with_one_structured_line_for_log_based_metrics(
 def test_only_a_first_attempt_reports_its_queue_wait(caplog: pytest.LogCaptureFixture) -> None:
     created = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
     job = claimed(attempts=2, created_at=created, started_at=created + timedelta(minutes=3))
-    with caplog.at_level("INFO", logger="sona.pipeline"):
+    with caplog.at_level("INFO", logger="sona.job.pipeline"):
         run(job)
     (line,) = [r for r in caplog.records if getattr(r, "json_fields", {}).get("event") == ATTEMPT_EVENT]
     assert "queue_wait_ms" not in line.json_fields  # type: ignore[attr-defined]

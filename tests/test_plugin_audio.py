@@ -12,11 +12,11 @@ import wave
 
 import pytest
 
-from sona.audio import encode_preview, read_wav
-from sona.ffmpeg import find_ffmpeg
-from sona.loudness import CEILING_DBTP, FILTER, TARGET_LUFS, Loudness, parse_summary
-from sona.mp3gain import STEP_DB, apply_gain
-from sona.peaks import PEAK_POINTS, waveform_peaks
+from sona.audio.ffmpeg import find_ffmpeg
+from sona.audio.loudness import CEILING_DBTP, FILTER, TARGET_LUFS, Loudness, parse_summary
+from sona.audio.master import encode_preview, read_wav
+from sona.audio.mp3gain import STEP_DB, apply_gain
+from sona.audio.peaks import PEAK_POINTS, waveform_peaks
 from tests.support import wav_bytes
 
 FFMPEG = find_ffmpeg()

@@ -1,4 +1,4 @@
-"""The rules 20261202000100_plugin_client.sql adds for the plug-in's rows (PLUGIN.md), in SQL: the
+"""The rules supabase/schemas/ has for the plug-in's rows (PLUGIN.md), in SQL: the
 status a waiting job shows, the UI's quality names, unforgeable results, the cutover from the
 plug-in's old worker, what complete_job writes for the player, and the files retention lets go."""
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from sona.ffmpeg import find_ffmpeg
-from sona.local.stack import LocalStack
-from sona.loudness import CEILING_DBTP, FILTER, TARGET_LUFS, parse_summary
+from devstack.stack import LocalStack
+from sona.audio.ffmpeg import find_ffmpeg
+from sona.audio.loudness import CEILING_DBTP, FILTER, TARGET_LUFS, parse_summary
 from tests.support import sql
 from tests.test_stage import HISTORY, history
 

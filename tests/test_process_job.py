@@ -14,10 +14,10 @@ import pytest
 from flask.testing import FlaskClient
 from functions_framework import create_app
 
-from sona.local.gateway import Gateway, gateway_error, gateway_error_page
-from sona.local.stable_audio_double import Behaviour, StableAudioDouble
+from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
+from devstack.emulators.gateway import Gateway, gateway_error, gateway_error_page
 from sona.services import reset_services
-from sona.storage import AudioStorage
+from sona.store.storage import AudioStorage
 from tests.support import SECRETS, insert_job, job_row, sql
 
 MAIN = str(Path(__file__).resolve().parents[1] / "main.py")

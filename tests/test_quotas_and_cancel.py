@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import requests
 
-from sona.local.gateway import Gateway
-from sona.local.user_jwt import make_user_jwt
+from devstack.emulators.gateway import Gateway
+from devstack.emulators.user_jwt import make_user_jwt
 from tests.support import insert_job, job_row, new_user, sql
 
 

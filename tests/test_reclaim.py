@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
+from devstack.stack import LocalStack
 from sona.errors import StaleLease
-from sona.jobs_store import JobsStore
-from sona.local.stable_audio_double import Behaviour, StableAudioDouble
-from sona.local.stack import LocalStack
 from sona.models import ClaimedJob, Output
+from sona.store.jobs import JobsStore
 from tests.support import AUDIO_INFO, sql
 
 pytestmark = pytest.mark.slow

@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
+from devstack.doubles.replicate_double import Answer, Outcome, ReplicateDouble
 from sona.config import ConfigError, Settings
 from sona.deadline import Deadline
-from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
-from sona.local.replicate_double import Answer, Outcome, ReplicateDouble
-from sona.replicate import (
+from sona.engines.replicate import (
     GUIDANCE_SCALE,
     MODEL_NAME,
     VERSION,
@@ -33,6 +32,7 @@ from sona.replicate import (
     readable,
     verify_webhook,
 )
+from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
 from tests.support import make_settings
 
 TOKEN = "r8_sentinel-replicate-token-9a8b"

@@ -12,9 +12,9 @@ import pytest
 import requests
 from werkzeug.wrappers import Request, Response
 
-from sona.local.replicate_double import VERSION, Answer, Outcome, ReplicateDouble
-from sona.local.serving import serve_wsgi, stop_server
-from sona.replicate import verify_webhook
+from devstack.doubles.replicate_double import VERSION, Answer, Outcome, ReplicateDouble
+from devstack.serving import serve_wsgi, stop_server
+from sona.engines.replicate import verify_webhook
 
 TOKEN = "r8_sentinel-double-token-5e6f"
 INPUT = {"prompt": "glass shattering on stone", "duration": 2, "steps": 25, "guidance_scale": 3.5}

@@ -1,4 +1,4 @@
-"""PostgREST's RPC over urllib3 (sona/rpc.py), against a loopback server that answers as told."""
+"""PostgREST's RPC over urllib3 (sona/store/rpc.py), against a loopback server that answers as told."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from devstack.serving import serve_wsgi, stop_server
 from sona.deadline import Deadline
 from sona.errors import DeadlineExceeded
-from sona.local.serving import serve_wsgi, stop_server
-from sona.rpc import GatewayFailure, RpcClient, RpcError, Unreachable
+from sona.store.rpc import GatewayFailure, RpcClient, RpcError, Unreachable
 
 
 class Answers:

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
 from sona.config import Settings
 from sona.deadline import Deadline
+from sona.engines.stable_audio import USER_AGENT, GenerationRequest, StableAudioClient
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
-from sona.local.stable_audio_double import Behaviour, StableAudioDouble
 from sona.models import Job, JobStatus
-from sona.stable_audio import USER_AGENT, GenerationRequest, StableAudioClient
 from tests.support import SECRETS, make_settings
 
 

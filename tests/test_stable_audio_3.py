@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
+from devstack.doubles.stable_audio_double import Behaviour, RateLimit, StableAudioDouble
 from sona.config import Settings
 from sona.deadline import Deadline
+from sona.engines.stable_audio import GenerationRequest
+from sona.engines.stable_audio_3 import StableAudio3Client
 from sona.errors import GenerationGone, PermanentError, ServiceOutage, TransientError
-from sona.local.stable_audio_double import Behaviour, RateLimit, StableAudioDouble
 from sona.models import Job, JobStatus
-from sona.stable_audio import GenerationRequest
-from sona.stable_audio_3 import StableAudio3Client
 from tests.support import make_settings
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from sona.local.stable_audio_double import RateLimit, StableAudioDouble
+from devstack.doubles.stable_audio_double import RateLimit, StableAudioDouble
 
 KEY = "sk-sentinel-stability-rate"
 

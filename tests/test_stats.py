@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from sona.local.gateway import Gateway
-from sona.stats import render_table
+from devstack.emulators.gateway import Gateway
+from sona.ops.stats import render_table
 from tests.support import SECRETS, insert_job, sql
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_stats_price_each_models_paid_generations_from_the_credit_setting(
 
 
 def test_the_stable_audio_3_price_is_a_setting() -> None:
-    from sona.stats import credits_spent
+    from sona.ops.stats import credits_spent
 
     spent = credits_spent({"stable-audio-3": {"completed": 4, "lost": 0}}, {"stable-audio-3": 8})
     assert (spent["models"]["stable-audio-3"]["credits"], spent["total_credits"]) == (32, 32)

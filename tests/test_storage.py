@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
+from devstack.emulators.gateway import Gateway
 from sona.deadline import Deadline
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, StorageUnavailable
-from sona.local.gateway import Gateway
-from sona.storage import AudioStorage, object_path
+from sona.store.storage import AudioStorage, object_path
 from tests.support import make_settings, sql
 
 

@@ -11,8 +11,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from sona.local.gateway import Gateway
-from sona.local.storage_api import FREE_PLAN_UPLOAD_LIMIT
+from devstack.emulators.gateway import Gateway
+from devstack.emulators.storage_api import FREE_PLAN_UPLOAD_LIMIT
 
 BUCKET = "audio-files"
 

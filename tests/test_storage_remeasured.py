@@ -17,10 +17,10 @@ import httpx
 import pytest
 from storage3 import SyncStorageClient
 
+from devstack.emulators.gateway import Gateway, make_jwt
+from devstack.emulators.user_jwt import check_jwt, make_user_jwt
 from sona.deadline import Deadline
-from sona.local.gateway import Gateway, make_jwt
-from sona.local.user_jwt import check_jwt, make_user_jwt
-from sona.storage import AudioStorage
+from sona.store.storage import AudioStorage
 from tests.support import connect, insert_job, make_settings, new_user
 
 BUCKET = "audio-files"
@@ -127,7 +127,7 @@ def test_1_signing_another_users_object_or_a_missing_one_is_no_such_key(
 def test_1_the_owner_signs_and_plays_what_the_worker_stored_for_their_job(
     gateway: Gateway, db_url: str
 ) -> None:
-    """The production path: the worker stores the MP3 with the service role (sona/storage.py, into
+    """The production path: the worker stores the MP3 with the service role (sona/store/storage.py, into
     the private bucket); the job's row names it; its owner signs it under the player's policy."""
     AudioStorage._public.clear()
     settings = make_settings(

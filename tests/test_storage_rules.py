@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sona.storage_rules import is_valid_bucket_name, is_valid_key, parse_file_size
+from sona.store.storage_rules import is_valid_bucket_name, is_valid_key, parse_file_size
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 
 import pytest
 
+from devstack.emulators.gateway import Gateway, make_jwt
 from sona.deadline import Deadline
-from sona.jobs_store import JobsStore
-from sona.local.gateway import Gateway, make_jwt
-from sona.storage import AudioStorage, object_path
-from sona.supabase_keys import KeyKind, SupabaseKey, classify, key_problem, key_warning, request_headers
+from sona.store.jobs import JobsStore
+from sona.store.storage import AudioStorage, object_path
+from sona.store.supabase_keys import KeyKind, SupabaseKey, classify, key_problem, key_warning, request_headers
 from tests.support import make_settings, wav_bytes
 
 JWT_SECRET = "a-jwt-secret-for-these-tests"

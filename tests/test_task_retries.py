@@ -11,13 +11,13 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from devstack.emulators.cloud_tasks import CloudTasksEmulator, RetryPolicy
 from sona.config import ConfigError
 from sona.deadline import Deadline
-from sona.deploy import Plan, env_flag, make_plan, queue_limits
-from sona.jobs_store import ReclaimAction
-from sona.local.cloud_tasks import CloudTasksEmulator, RetryPolicy
-from sona.reclaim import _enqueue_all
+from sona.job.reclaim import _enqueue_all
+from sona.ops.deploy import Plan, env_flag, make_plan, queue_limits
 from sona.services import Services
+from sona.store.jobs import ReclaimAction
 from sona.task_queue import OneShotHttp, QueueLimits, TaskQueue
 from tests import fake_gcloud
 from tests.support import make_settings

@@ -18,11 +18,11 @@ import requests
 from flask.testing import FlaskClient
 from functions_framework import create_app
 
-from sona.local.cloud_tasks import CloudTasksEmulator
-from sona.local.gateway import Gateway
-from sona.local.stable_audio_double import Behaviour, StableAudioDouble
+from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
+from devstack.emulators.cloud_tasks import CloudTasksEmulator
+from devstack.emulators.gateway import Gateway
 from sona.services import reset_services
-from sona.storage import AudioStorage
+from sona.store.storage import AudioStorage
 from sona.task_queue import QueueLimits
 from tests.support import SECRETS, insert_job, job_row
 

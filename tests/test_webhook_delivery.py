@@ -1,5 +1,5 @@
 """The webhook transport as Supabase runs it: supabase_functions.http_request queues through pg_net,
-whose one worker sends batches (the stand-in and the relay in sona/local)."""
+whose one worker sends batches (the stand-in and the relay in devstack)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 import pytest
 
-from sona.local.database import apply_sql
-from sona.local.relay import WebhookRelay
+from devstack.database import apply_sql
+from devstack.emulators.relay import WebhookRelay
 from tests.support import sql, wait_until
 
 PROBE = """

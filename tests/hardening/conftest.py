@@ -14,8 +14,8 @@ import pytest
 import requests
 from psycopg.rows import dict_row
 
-from sona.local.stable_audio_double import Behaviour, StableAudioDouble
-from sona.local.stack import TERMINAL, LocalStack
+from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
+from devstack.stack import TERMINAL, LocalStack
 from tests.support import SUMMARIES_KEY, sql
 
 SENTINELS = {
@@ -178,7 +178,7 @@ def settle(
 
 
 def _sent(sent: object, prompt: str) -> bool:
-    """A plug-in mode sends the prompt with its phrases after ". " (sona/modes.py)."""
+    """A plug-in mode sends the prompt with its phrases after ". " (sona/job/modes.py)."""
     return isinstance(sent, str) and (sent == prompt or sent.startswith(f"{prompt}. "))
 
 

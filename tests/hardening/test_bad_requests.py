@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from sona.local.stack import LocalStack
+from devstack.stack import LocalStack
 from tests.hardening.conftest import SENTINELS, Ledger
 from tests.support import insert_job, sql
 

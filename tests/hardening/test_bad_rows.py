@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from sona.local.stable_audio_double import StableAudioDouble
-from sona.local.stack import LocalStack
+from devstack.doubles.stable_audio_double import StableAudioDouble
+from devstack.stack import LocalStack
 from tests.hardening.conftest import Ledger, settle
 from tests.support import connect, new_user, sql
 

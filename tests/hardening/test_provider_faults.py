@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from sona.local.stable_audio_double import Behaviour
-from sona.local.stack import LocalStack
+from devstack.doubles.stable_audio_double import Behaviour
+from devstack.stack import LocalStack
 from tests.hardening.conftest import (
     JOB_BUDGET_S,
     Ledger,

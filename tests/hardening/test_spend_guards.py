@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from sona.local.stable_audio_double import Behaviour
-from sona.local.stack import LocalStack
-from sona.local.user_jwt import make_user_jwt
+from devstack.doubles.stable_audio_double import Behaviour
+from devstack.emulators.user_jwt import make_user_jwt
+from devstack.stack import LocalStack
 from tests.hardening.conftest import Ledger, settle
 from tests.support import sql
 

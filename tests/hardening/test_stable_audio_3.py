@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import requests
 
-from sona.local.stable_audio_double import Behaviour, StableAudioDouble
-from sona.local.stack import LocalStack
+from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
+from devstack.stack import LocalStack
 from tests.hardening.conftest import (
     JOB_BUDGET_S,
     Ledger,

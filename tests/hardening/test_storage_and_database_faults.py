@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import requests
 
-from sona.local.gateway import gateway_error, gateway_error_page
-from sona.local.stable_audio_double import Behaviour
-from sona.local.stack import LocalStack
+from devstack.doubles.stable_audio_double import Behaviour
+from devstack.emulators.gateway import gateway_error, gateway_error_page
+from devstack.stack import LocalStack
 from sona.models import webhook_payload
 from tests.hardening.conftest import (
     JOB_BUDGET_S,

@@ -1,6 +1,6 @@
 """TangoFlux on Replicate (issue 24), through real processes: jobs the plug-in's `generate` inserts,
 served by TangoFlux (the producer mode in this suite's stack; the plug-in's own worker used it for
-designer), with Replicate's double standing in (sona/local/replicate_double.py). The prediction id
+designer), with Replicate's double standing in (devstack/doubles/replicate_double.py). The prediction id
 on the row is the payment, as for Stable Audio 3: a SIGKILL during the wait and a Storage failure
 after the output arrived each end completed with one prediction made; a prediction that is gone
 leads to exactly one new one (counted); an invalid token pauses the service."""
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from sona.local.replicate_double import Answer, ReplicateDouble
-from sona.local.stack import LocalStack
+from devstack.doubles.replicate_double import Answer, ReplicateDouble
+from devstack.stack import LocalStack
 from tests.hardening import test_stable_audio_3 as by_id
 from tests.hardening.conftest import JOB_BUDGET_S, Ledger, observe
 from tests.hardening.test_stable_audio_3 import crash_process_job, storage_error, wait_for_id

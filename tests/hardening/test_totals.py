@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sona.local.stack import TERMINAL, LocalStack
+from devstack.stack import TERMINAL, LocalStack
 from tests.hardening.conftest import SENTINELS, Ledger, end_pause, reclaim
 from tests.support import sql
 

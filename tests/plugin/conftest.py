@@ -10,9 +10,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from sona.local.database import apply_sql, migrate
-from sona.local.gateway import Gateway, make_jwt
-from sona.local.stack import _stand_in
+from devstack.database import apply_sql, migrate
+from devstack.emulators.gateway import Gateway, make_jwt
+from devstack.stack import _stand_in
 from tests.conftest import _database_url, fresh_database
 from tests.plugin.plugin_db import build_plugin_database, store_plugin_audio
 from tests.support import wav_bytes

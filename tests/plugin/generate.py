@@ -30,7 +30,7 @@ from typing import Any, Literal
 import psycopg
 import requests
 
-from sona.local.gateway import Gateway
+from devstack.emulators.gateway import Gateway
 from tests.support import connect
 
 Mode = Literal["designer", "producer", "creator"]

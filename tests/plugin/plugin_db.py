@@ -14,9 +14,9 @@ from typing import Any
 
 import requests
 
-from sona.local.database import apply_sql, stand_ins_sql
-from sona.local.gateway import Gateway
-from sona.local.user_jwt import make_user_jwt
+from devstack.database import apply_sql, stand_ins_sql
+from devstack.emulators.gateway import Gateway
+from devstack.emulators.user_jwt import make_user_jwt
 from tests.support import connect
 
 HERE = Path(__file__).resolve().parent

@@ -1,6 +1,6 @@
 -- The real plug-in's database as it stands at its newest (sona-plugin, January 2026), restated in
 -- this project's words from the facts in PLUGIN.md and a reading of the plug-in's migrations.
--- Applied after sona/local/sql/supabase_stand_ins.sql (roles, auth, storage) and WITHOUT this
+-- Applied after devstack/sql/supabase_stand_ins.sql (roles, auth, storage) and WITHOUT this
 -- project's migrations, so tests can see the client exactly as it is, then apply ours on top.
 --
 -- What it holds (and where each fact comes from in the plug-in):

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sona.local.database import apply_sql, migrate
+from devstack.database import apply_sql, migrate
 from tests.plugin.generate import GenerateRequest, generate_over_sql
 from tests.plugin.plugin_db import MUSICIAN, build_plugin_database, my_sounds, showcase
 from tests.support import sql
@@ -74,7 +74,7 @@ def test_a_second_application_changes_no_object(plugin_url: str) -> None:
 def test_a_failing_migration_leaves_nothing_of_any_applied(
     plugin_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from sona.local import database
+    from devstack import database
 
     broken = tmp_path / "99999999999999_broken.sql"
     broken.write_text("select 1/0;")

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 import requests
 
-from sona.local.stack import TERMINAL, LocalStack
+from devstack.stack import TERMINAL, LocalStack
 from tests.plugin.generate import GenerateRequest, generate_through_gateway
 from tests.plugin.plugin_db import (
     ADMIN,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from sona.local.gateway import Gateway
+from devstack.emulators.gateway import Gateway
 from tests.plugin.generate import GenerateRequest, generate_over_sql, generate_through_gateway
 from tests.plugin.plugin_db import (
     ADMIN,

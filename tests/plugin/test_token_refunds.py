@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from sona.local.database import MIGRATIONS_DIR, apply_sql
-from sona.stats import render_table
+from devstack.database import apply_sql, migrate
+from sona.ops.stats import render_table
 from tests.plugin.conftest import _gateway as plugin_gateway_over
 from tests.plugin.generate import GenerateRequest, generate_over_sql, generate_through_gateway
 from tests.plugin.plugin_db import (
@@ -29,7 +29,6 @@ from tests.plugin.plugin_db import (
 )
 from tests.support import connect, insert_job, new_user, sql
 
-REFUNDS_MIGRATION = MIGRATIONS_DIR / "20261202003000_token_refunds.sql"
 BONUS = 500
 DESIGNER = GenerateRequest("glass shattering on a concrete floor, close mic", 5, "high", "designer")  # 14
 CREATOR = GenerateRequest("epic orchestral trailer music", 150, "medium", "creator", bpm=100)  # 33
@@ -326,11 +325,11 @@ def test_stats_show_tokens_refunded_and_charges_not_found(plugin_refunds_db_url:
 
 # ------------------------------------------------------------------------------------ on deploy
 def test_live_plugin_jobs_take_their_charges_when_the_migration_runs(plugin_db_url: str) -> None:
-    """The plug-in's own database and only this migration: its queued and processing jobs get their
+    """The plug-in's own database and the migrations: its queued and processing jobs get their
     charges; the old worker's failure then refunds; December's job had none to find."""
     url = plugin_db_url
-    apply_sql(url, REFUNDS_MIGRATION.read_text())
-    apply_sql(url, REFUNDS_MIGRATION.read_text())  # idempotent
+    migrate(url)
+    migrate(url)  # idempotent
     links = sql(url, "select job_id, tokens from public.sona_job_charges order by tokens nulls first")
     assert [(r["job_id"], r["tokens"]) for r in links] == [(OLD_PENDING, None), (QUEUED_DESIGNER, 14),
                                                            (PROCESSING_PRODUCER, 21)]  # fmt: skip
@@ -341,16 +340,39 @@ def test_live_plugin_jobs_take_their_charges_when_the_migration_runs(plugin_db_u
     assert balance(url, MUSICIAN) == START_BALANCE[MUSICIAN] + 21
 
 
-@pytest.mark.parametrize(("status", "refunded"), [("queued", True), ("processing", False)])
+@pytest.mark.parametrize(
+    ("status", "stage", "refunded"),
+    [("queued", "queued", True), ("processing", "claimed", True), ("processing", "generating", False)],
+)
 def test_a_user_marking_their_own_job_failed_counts_as_a_cancel(
-    plugin_db_url: str, status: str, refunded: bool
+    plugin_db_url: str, status: str, stage: str, refunded: bool
 ) -> None:
     """The plug-in lets an owner update their job: a 'failed' they write refunds only a job whose
-    generation had not begun (without stages, one still queued)."""
+    generation had not begun. jobs_guard refuses that write first; this is the wall behind it, so
+    the guard is held off here as if a policy of the plug-in's let the write through."""
     url = plugin_db_url
-    apply_sql(url, REFUNDS_MIGRATION.read_text())
+    migrate(url)
     job = QUEUED_DESIGNER if status == "queued" else PROCESSING_PRODUCER
+    if stage == "generating":
+        sql(url, "update public.jobs set stage = 'generating' where id = %s", job, role=None)
+    apply_sql(url, "alter table public.jobs disable trigger jobs_guard")
     with connect(url, "authenticated", MUSICIAN) as conn:
         conn.execute("update public.jobs set status = 'failed' where id = %s", (job,))
     tokens = 14 if status == "queued" else 21
     assert balance(url, MUSICIAN) == START_BALANCE[MUSICIAN] + (tokens if refunded else 0)
+
+
+@pytest.mark.parametrize(
+    ("old_row", "began"),
+    [
+        ({"status": "queued"}, False),
+        ({"status": "processing"}, True),
+        ({"status": "processing", "stage": "claimed"}, False),
+        ({"status": "processing", "stage": "generating"}, True),
+    ],
+)
+def test_without_a_stage_only_a_job_that_never_started_counts_as_untouched(
+    db_url: str, old_row: dict[str, str], began: bool
+) -> None:
+    rows = sql(db_url, "select public.sona_generation_began(%s::jsonb) as began", json.dumps(old_row))
+    assert rows == [{"began": began}]

@@ -1,0 +1,124 @@
+"""`python -m devstack COMMAND`: demo, dev, bench, the local world's commands (scripts/run.py routes
+them here). They start the embedded stack, which never deploys; sona's own commands are
+`python -m sona`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sona.config import ConfigError
+
+
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be 0 to 1")
+    return value
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from devstack.demo import PluginRequest, demo
+
+    try:
+        plugin = PluginRequest(args.mode, args.bpm, args.key) if args.mode else None
+        return demo(args.prompt, args.duration, args.quality, args.input, args.strength, plugin, args.model)
+    except ConfigError as exc:  # raised before the stack starts anything
+        print(exc, file=sys.stderr)
+        return 1
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from devstack.demo import dev
+
+    ports = {
+        name: port
+        for name, port in (
+            ("gateway", args.gateway_port),
+            ("process_job", args.process_job_port),
+            ("reclaim_jobs", args.reclaim_jobs_port),
+        )
+        if port
+    }
+    try:
+        return dev(args.json, ports, database_url=args.database_url)
+    except ConfigError as exc:  # raised before the stack starts anything
+        print(exc, file=sys.stderr)
+        return 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from devstack.bench.bench import main as bench
+
+    return bench(args.runs, Path(args.out), args.burst_jobs, args.only)
+
+
+def _seconds(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 380:
+        raise argparse.ArgumentTypeError(f"must be 1 to 380 seconds, not {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run one job end to end on the local stack")
+    demo.add_argument("prompt")
+    demo.add_argument(
+        "--duration",
+        type=_seconds,
+        default=10,
+        help="1 to 380 seconds (default 10); past 190 s only stable-audio-3 makes it all, past 180 s"
+        " only on this project's own table (the plug-in's allows 180)",
+    )
+    demo.add_argument(
+        "--model",
+        choices=["stable-audio-2.5", "stable-audio-2", "stable-audio-3"],
+        help="the model for every mode (else DESIGNER_MODEL, PRODUCER_MODEL, CREATOR_MODEL and"
+        " STABLE_AUDIO_MODEL from the environment; stable-audio-2.5 by default)",
+    )
+    demo.add_argument("--quality", choices=["low", "medium", "high", "draft", "standard"], default="medium")
+    demo.add_argument(
+        "--mode",
+        choices=["designer", "producer", "creator"],
+        help="insert as the plug-in's generate function does (service role, queued) in this mode",
+    )
+    demo.add_argument("--bpm", type=float, help="with --mode producer or creator")
+    demo.add_argument("--key", help="with --mode: a musical key and scale, e.g. 'A minor'")
+    demo.add_argument(
+        "--input", type=Path, help="audio-to-audio: an MP3 or WAV of 6 to 190 s, uploaded as the user would"
+    )
+    demo.add_argument("--strength", type=_strength, help="audio-to-audio: 0 keeps the input, 1 ignores it")
+    demo.set_defaults(run=_demo)
+    dev = commands.add_parser("dev", help="run the local stack until interrupted")
+    dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
+    dev.add_argument("--gateway-port", type=int, default=0, help="Supabase gateway port (default: free)")
+    dev.add_argument("--process-job-port", type=int, default=0, help="process_job port (default: free)")
+    dev.add_argument("--reclaim-jobs-port", type=int, default=0, help="reclaim_jobs port (default: free)")
+    dev.add_argument(
+        "--database-url",
+        help="run on this existing PostgreSQL (e.g. a copy of production) instead of an embedded one: "
+        "Supabase's roles and schemas are added where missing, the migrations applied, no row dropped",
+    )
+    dev.set_defaults(run=_dev)
+    bench = commands.add_parser(
+        "bench", help="cold start, job overhead, memory, throughput, reclaim, dispatch modes"
+    )
+    bench.add_argument("--runs", type=int, default=5, help="runs per figure (median, min, max)")
+    bench.add_argument("--out", default="bench-results.json", help="where the JSON goes")
+    bench.add_argument("--burst-jobs", type=int, default=1000, help="jobs in the dispatch burst")
+    bench.add_argument(
+        "--only",
+        choices=["job", "dispatch", "wait", "cold", "stats"],
+        help="one half of the benchmark (job, dispatch), or one of its figures (wait: Stable Audio 3's"
+        " wait, polled or checked back; cold starts; job_stats)",
+    )
+    bench.set_defaults(run=_bench)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks: our costs measured next to baselines on the local stack."""

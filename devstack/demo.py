@@ -1,0 +1,174 @@
+"""`python -m devstack demo` and `python -m devstack dev`: the local stack for a person at a terminal."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devstack.database import REPO_ROOT
+from devstack.doubles.synth import LABEL
+from devstack.stack import TERMINAL, LocalStack
+
+DEMO_ROOT = REPO_ROOT / ".sona"
+
+
+# Stable Audio 3 takes 10-40 s to make a clip; the offline double takes a little, so the demo shows
+# the wait (the row's generation id, then the audio) without making a person sit through it.
+DEMO_GENERATION_S = 3.0
+MODEL_SETTINGS = ("DESIGNER_MODEL", "PRODUCER_MODEL", "CREATOR_MODEL", "STABLE_AUDIO_MODEL")
+
+
+def model_env(model: str | None) -> dict[str, str]:
+    """--model: every mode's model setting names it (the environment's own settings otherwise)."""
+    return {name: model for name in MODEL_SETTINGS} if model else {}
+
+
+def _banner(stack: LocalStack) -> str:
+    if stack.real_provider:
+        return "Provider: Stable Audio (STABLE_AUDIO_API_KEY is set; this call is paid)"
+    return f"Provider: {LABEL}.\n  Set STABLE_AUDIO_API_KEY to generate with the real model."
+
+
+@dataclass(frozen=True)
+class PluginRequest:
+    """What the plug-in's generate would insert besides the prompt (PLUGIN.md)."""
+
+    mode: str
+    bpm: float | None = None
+    key: str | None = None  # "A minor"
+
+    def columns(self) -> dict[str, Any]:
+        key, _, scale = (self.key or "").partition(" ")
+        columns: dict[str, Any] = {}
+        if key:
+            columns["musical_key"] = {"key": key, "scale": scale or "major"}
+        if self.bpm is not None and self.mode != "designer":
+            kind = "song" if self.mode == "creator" else "loop"
+            bpm = int(self.bpm) if self.bpm.is_integer() else self.bpm
+            columns["producer_config"] = {"type": kind, "bpm": bpm, "timeSignature": "4/4", "bars": 4}
+        return columns
+
+
+def demo(
+    prompt: str,
+    duration: int,
+    quality: str,
+    input_file: Path | None = None,
+    strength: float | None = None,
+    plugin: PluginRequest | None = None,
+    model: str | None = None,
+) -> int:
+    # Unique even for two demos started in the same second (the test suite runs them in parallel).
+    DEMO_ROOT.mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f"demo-{time.strftime('%Y%m%d-%H%M%S')}-", dir=DEMO_ROOT))
+    print(f"Starting the local stack in {root} ...", flush=True)
+    started = time.monotonic()
+    with LocalStack(root, env=model_env(model), double_generation_s=DEMO_GENERATION_S) as stack:
+        print(
+            f"Ready in {time.monotonic() - started:.1f} s: PostgreSQL, gateway {stack.supabase_url},"
+            f" process_job {stack.process_job_url}",
+            flush=True,
+        )
+        print(_banner(stack), flush=True)
+        if plugin is not None:
+            job_id = stack.insert_as_generate(prompt, duration, quality, plugin.mode, **plugin.columns())
+            print(f"Inserted {plugin.mode} job {job_id} as the plug-in does ({duration} s)", flush=True)
+        elif input_file is None:
+            job_id = stack.insert_job(prompt, duration, quality)
+            print(f"Inserted job {job_id} ({duration} s, {quality}): {prompt!r}", flush=True)
+        else:
+            job_id = _audio_to_audio(stack, prompt, duration, quality, input_file, strength)
+        row = _follow(stack, job_id, stack.settings().job_timeout_ms / 1000 + 30)
+        _report(stack, row)
+        return 0 if row["status"] == "completed" else 1
+
+
+def _audio_to_audio(
+    stack: LocalStack, prompt: str, duration: int, quality: str, input_file: Path, strength: float | None
+) -> uuid.UUID:
+    """Upload the file into a new user's folder as the plug-in would, then insert the job."""
+    from sona.audio.input_audio import CONTENT_TYPES, sniff
+
+    data = input_file.read_bytes()
+    content_type = CONTENT_TYPES.get(sniff(data) or "", "application/octet-stream")
+    user_id = stack.create_user()
+    path = stack.upload_input(user_id, input_file.name, data, content_type)
+    print(f"Uploaded {input_file} ({len(data)} bytes) as {path}", flush=True)
+    job_id = stack.insert_job(
+        prompt, duration, quality, mode="audio-to-audio", user_id=user_id, input_path=path, strength=strength
+    )
+    print(
+        f"Inserted audio-to-audio job {job_id} ({duration} s, {quality}, strength "
+        f"{'default' if strength is None else strength}): {prompt!r}",
+        flush=True,
+    )
+    return job_id
+
+
+def _follow(stack: LocalStack, job_id: uuid.UUID, timeout_s: float) -> dict[str, Any]:
+    seen = None
+    started = time.monotonic()
+    while True:
+        row = stack.job(job_id)
+        if row["status"] != seen:
+            seen = row["status"]
+            print(
+                f"  {time.monotonic() - started:6.2f} s  {seen}"
+                f"{' (attempt ' + str(row['attempts']) + ')' if row['attempts'] else ''}",
+                flush=True,
+            )
+        if seen in TERMINAL or time.monotonic() - started > timeout_s:
+            return row
+        time.sleep(0.1)
+
+
+def _report(stack: LocalStack, row: dict[str, Any]) -> None:
+    shown = {
+        k: (str(v) if v is not None and not isinstance(v, (int, float, dict)) else v)
+        for k, v in row.items()
+        if k not in ("lease_token",)
+    }
+    print(json.dumps(shown, indent=2, default=str))
+    if row["status"] == "completed":
+        if row.get("preview_path"):
+            print(f"Player: preview_path {row['preview_path']}, download name {row['filename']!r}")
+        print(f"WAV: {row['wav_url']}\n     {stack.local_file(row['wav_url'])}")
+        print(f"MP3: {row['mp3_url']}\n     {stack.local_file(row['mp3_url'])}")
+        print("(The URLs are served while the stack runs; the files stay.)")
+        if not stack.real_provider:
+            print(f"Note: audio.model is the model the job asked for; this audio came from the {LABEL}.")
+    else:
+        print(f"Job {row['status']}: {row['error_message']}", file=sys.stderr)
+
+
+def dev(
+    as_json: bool, ports: dict[str, int], root: Path | None = None, database_url: str | None = None
+) -> int:
+    DEMO_ROOT.mkdir(exist_ok=True)
+    root = root or Path(tempfile.mkdtemp(prefix="dev-", dir=DEMO_ROOT))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalStack(root, ports=ports, database_url=database_url) as stack:
+        # A signed-in local user, so a client can insert and cancel jobs as the plug-in does.
+        info = {**stack.describe(), **stack.sign_in()}
+        if as_json:
+            print(json.dumps(info), flush=True)
+        else:
+            print(_banner(stack))
+            for key, value in info.items():
+                print(f"{key:>22}: {value}")
+            print("Running; Ctrl-C stops it.", flush=True)
+        # A wait with a timeout: the signal may land on one of the stack's threads, and a main
+        # thread blocked in a plain wait() would never run the handler (the dev test hung so).
+        while not stop.wait(timeout=0.2):
+            pass
+    return 0

@@ -1,0 +1,1 @@
+"""Doubles of the paid providers (Stable Audio, Replicate), answering by their documented contracts."""

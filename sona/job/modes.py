@@ -1,0 +1,244 @@
+"""What a row asks for, decided here and nowhere else: its mode, the model (and so the engine) that
+serves it, the exact prompt sent, the length asked for, the quality and the download name.
+
+The plug-in's three modes and the prompt its own worker sent for each are PLUGIN.md's "The three
+modes" (read from the plug-in's audio-worker/src/prepare-prompt.ts and worker.ts at 34648b7): the
+musician's prompt, then ". " and the mode's phrases, comma-separated. A new mode is one entry in
+MODES; a new model is one entry in MODELS and a value the per-mode settings accept.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sona.config import Settings
+from sona.errors import PermanentError
+from sona.job.naming import download_name, number_text
+from sona.models import Job, json_column
+
+Kind = Literal["text-to-audio", "audio-to-audio"]
+# Which client serves a model: "stable-audio" answers the audio to the paid call itself;
+# "stable-audio-3" answers a generation id at once and the audio later (sona/engines/base.py).
+Engine = Literal["stable-audio", "stable-audio-3", "tangoflux"]
+
+# generate (the plug-in's Edge Function) and its table allow 1 to 180 s; rows that long are what the
+# 2.x models serve, as before. This project's own table allows 1 to 380 s (stable-audio-3's limit;
+# supabase/schemas/10_jobs.sql), and only a mode served by stable-audio-3 takes more than 180.
+MAX_JOB_DURATION_S = 180
+MAX_SA3_JOB_DURATION_S = 380
+# Stable Audio's own prompt limit.
+MAX_PROMPT_CHARS = 10_000
+# The least a second of the WAV master takes: 16-bit 44.1 kHz stereo (a wider format is bigger).
+MASTER_BYTES_PER_S = 44_100 * 2 * 2
+# The plug-in's UI says draft and standard for the table's low and medium (PLUGIN.md).
+QUALITIES = {"low": "low", "draft": "low", "medium": "medium", "standard": "medium", "high": "high"}
+
+
+@dataclass(frozen=True)
+class Model:
+    engine: Engine
+    max_duration_s: int  # longer rows are cut to this, as the plug-in's worker clamped them
+    label: str  # the engine's name in a file name (the naming convention's `source`)
+    # Audio-to-audio: the longest input the model takes, and the most input bytes a request has room
+    # for beside the other fields (the provider's request limit less 100 kB).
+    max_input_s: float = 190.0
+    max_input_bytes: int = 50_000_000 - 100_000
+    max_row_s: int = MAX_JOB_DURATION_S  # the longest row it serves (else the job fails, unpaid)
+
+
+MODELS: dict[str, Model] = {
+    "stable-audio-2.5": Model("stable-audio", 190, "StableAudio"),
+    "stable-audio-2": Model("stable-audio", 190, "StableAudio"),
+    # DESIGN.md, Stable Audio 3: 1-380 s, inputs 6-380 s, requests up to 100 MB.
+    "stable-audio-3": Model(
+        "stable-audio-3", 380, "StableAudio", 380.0, 100_000_000 - 100_000, MAX_SA3_JOB_DURATION_S
+    ),
+    # TangoFlux on Replicate (sona/engines/replicate.py): sound effects up to 30 s; a longer designer
+    # row is cut to 30 s, as the plug-in's own worker cut it (worker.ts at 34648b7: min(duration,
+    # the API's max)).
+    "tangoflux": Model("tangoflux", 30, "TangoFlux"),
+}
+
+
+class MusicalKey(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    key: str | None = None
+    scale: str = "major"
+
+
+class ProducerConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: str | None = None
+    bpm: float | None = None
+    time_signature: str | None = Field(default=None, alias="timeSignature")
+    bars: int | None = None
+
+
+@dataclass(frozen=True)
+class Mode:
+    kind: Kind
+    model_setting: str  # the Settings field naming the model that serves the mode
+    # (musical key, producer config, duration) -> the phrases after the prompt; None: as written
+    phrases: Callable[[MusicalKey | None, ProducerConfig | None, int], list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    mode: str
+    kind: Kind
+    model: str
+    engine: Engine
+    prompt: str  # exactly what the provider is sent (kept on the row as enhanced_prompt)
+    duration: int  # seconds asked of the provider
+    quality: Literal["low", "medium", "high"]
+    filename: str | None  # the download name (plug-in modes; None for the earlier worker's)
+
+    @property
+    def limits(self) -> Model:
+        return MODELS[self.model]
+
+
+def plan_job(job: Job, settings: Settings) -> JobPlan:
+    """Check the row and decide everything it asks for, before anything is paid for; bad input fails
+    the job with a reason the plug-in shows."""
+    mode = MODES.get(job.mode)
+    if mode is None:
+        raise PermanentError(
+            f"The '{job.mode}' mode is not supported; choose designer, producer or creator "
+            "(or text-to-audio, audio-to-audio)."
+        )
+    model_name = str(getattr(settings, mode.model_setting))
+    model = MODELS[model_name]
+    if not 1 <= job.duration <= model.max_row_s:
+        raise PermanentError(f"The duration must be 1 to {model.max_row_s} seconds, not {job.duration}.")
+    quality = QUALITIES.get(job.quality)
+    if quality is None:
+        raise PermanentError(
+            f"The quality '{job.quality}' is unknown; choose low (draft), medium (standard) or high."
+        )
+    duration = min(job.duration, model.max_duration_s)
+    _fits_storage(duration, settings)
+    prompt = clean_prompt(job.prompt)
+    if not prompt:
+        raise PermanentError("The prompt is empty. Describe the sound you want.")
+    key, config = musical_key(job), producer_config(job)  # read once: the phrases and the name use them
+    if mode.phrases is not None:
+        prompt = f"{prompt}. {', '.join(mode.phrases(key, config, duration))}"
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PermanentError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+    filename = None
+    if job.mode in PLUGIN_MODES:
+        filename = download_name(job, key, config, model.label)
+    return JobPlan(
+        mode=job.mode,
+        kind=mode.kind,
+        model=model_name,
+        engine=model.engine,
+        prompt=prompt,
+        duration=duration,
+        quality=quality,  # type: ignore[arg-type]
+        filename=filename,
+    )
+
+
+def _fits_storage(duration: int, settings: Settings) -> None:
+    """A clip whose master cannot be stored would be paid for and lost: refuse it before paying."""
+    limit = settings.stored_file_limit_bytes
+    if duration * MASTER_BYTES_PER_S + 44 > limit:
+        longest = (limit - 44) // MASTER_BYTES_PER_S
+        raise PermanentError(
+            f"A {duration} s clip is larger than the storage allows ({limit / 1e6:g} MB); "
+            f"choose {longest} seconds or less.",
+            detail="STORAGE_UPLOAD_LIMIT / STORAGE_FILE_SIZE_LIMIT",
+        )
+
+
+def clean_prompt(text: str) -> str:
+    """Control characters (a pasted bell, a stray escape) become spaces; emoji and every other
+    printable character stay. Leading and trailing space goes."""
+    return "".join(" " if unicodedata.category(c) == "Cc" else c for c in text).strip()
+
+
+# -- the plug-in's JSON columns ----------------------------------------------------------------------
+
+
+def musical_key(job: Job) -> MusicalKey | None:
+    return _parsed(MusicalKey, job.musical_key)
+
+
+def producer_config(job: Job) -> ProducerConfig | None:
+    return _parsed(ProducerConfig, job.producer_config)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parsed(model: type[M], value: Any) -> M | None:
+    """A JSON column read as an object or a JSON string; anything unreadable reads as None."""
+    data = json_column(value)
+    if not isinstance(data, dict):
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None
+
+
+# -- the phrases each mode adds ----------------------------------------------------------------------
+
+
+def duration_phrase(seconds: int) -> str:
+    if seconds <= 5:
+        return "very short"
+    if seconds <= 60:
+        return f"{seconds} seconds"
+    minutes, rest = divmod(seconds, 60)
+    if rest == 0:
+        return f"{minutes} minute{'s' if minutes > 1 else ''}"
+    return f"{minutes}:{rest:02d} minutes"
+
+
+def _key_phrase(key: MusicalKey | None) -> list[str]:
+    return [f"{key.key} {key.scale}"] if key is not None and key.key else []
+
+
+def _bpm_phrase(config: ProducerConfig | None) -> list[str]:
+    return [f"{number_text(config.bpm)} BPM"] if config is not None and config.bpm else []
+
+
+def designer_phrases(key: MusicalKey | None, config: ProducerConfig | None, duration: int) -> list[str]:
+    """Sound effects: only their length matters."""
+    return [duration_phrase(duration)]
+
+
+def producer_phrases(key: MusicalKey | None, config: ProducerConfig | None, duration: int) -> list[str]:
+    """Loops: tempo, key, metre and length in bars, then the duration."""
+    phrases = [*_bpm_phrase(config), *_key_phrase(key)]
+    if config is not None and config.time_signature:
+        phrases.append(f"{config.time_signature} time")
+    if config is not None and config.bars:
+        phrases.append(f"{config.bars} bar{'s' if config.bars > 1 else ''}")
+    return [*phrases, duration_phrase(duration)]
+
+
+def creator_phrases(key: MusicalKey | None, config: ProducerConfig | None, duration: int) -> list[str]:
+    """Songs: tempo and key, then the duration."""
+    return [*_bpm_phrase(config), *_key_phrase(key), duration_phrase(duration)]
+
+
+MODES: dict[str, Mode] = {
+    # The plug-in's modes (its mode switch): one model setting each.
+    "designer": Mode("text-to-audio", "designer_model", designer_phrases),
+    "producer": Mode("text-to-audio", "producer_model", producer_phrases),
+    "creator": Mode("text-to-audio", "creator_model", creator_phrases),
+    # The earlier worker's guide: the prompt as written.
+    "default": Mode("text-to-audio", "stable_audio_model"),
+    "text-to-audio": Mode("text-to-audio", "stable_audio_model"),
+    "audio-to-audio": Mode("audio-to-audio", "stable_audio_model"),
+}
+PLUGIN_MODES = frozenset({"designer", "producer", "creator"})

@@ -1,1 +1,0 @@
-"""The embedded local stack: PostgreSQL, the Supabase gateway, the webhook relay, the doubles."""

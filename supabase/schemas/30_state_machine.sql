@@ -1,0 +1,525 @@
+-- The state machine: pending | queued -> processing -> completed | failed | cancelled, and
+-- processing -> pending | queued when an attempt is released for a retry or an outage. Every
+-- transition is one call of one of these functions. claim_job stamps a lease; every later write of
+-- the attempt (advance_stage, record_generation, forget_generation, complete_job, fail_job,
+-- pause_service) is fenced by it, and zero rows means a stale worker whose result is dropped.
+
+-- Exponential backoff with equal jitter, capped: attempt 1 waits base/2..base, attempt 2 base..2*base.
+create or replace function public.sona_backoff(p_attempt integer, p_base_ms integer, p_cap_ms integer)
+returns interval language sql volatile as $$
+  select make_interval(secs => (
+    least(p_cap_ms::double precision, p_base_ms * power(2, greatest(p_attempt - 1, 0)))
+    * (0.5 + random() / 2)) / 1000.0)
+$$;
+revoke all on function public.sona_backoff(integer, integer, integer) from public, anon, authenticated;
+grant execute on function public.sona_backoff(integer, integer, integer) to service_role;
+
+-- A claim can be repeated: the request makes a claim id once and sends it with every try; the id
+-- becomes the lease token, and a try whose claim already committed (its answer was lost) gets that
+-- same lease back without counting another attempt. At most p_max_attempts attempts pay; after
+-- them, an expired lease releases the job for finishing attempts (reuse_only) that complete it from
+-- the files a paid attempt stored, or fail it, and never pay.
+-- May a job with these attempts be claimed again: while paid attempts remain, then (reuse_only)
+-- for at most as many finishing attempts.
+create or replace function public.sona_may_claim(
+  p_attempts integer, p_reuse_only boolean, p_max_attempts integer)
+returns boolean language sql immutable set search_path = '' as $$
+  select p_attempts < p_max_attempts or (p_reuse_only and p_attempts < 2 * p_max_attempts)
+$$;
+revoke all on function public.sona_may_claim(integer, boolean, integer) from public, anon, authenticated;
+grant execute on function public.sona_may_claim(integer, boolean, integer) to service_role;
+
+-- Account-level outages pause the service: pause_service() records one open pause and releases the
+-- job without using up its attempt; claim_job claims nothing while paused, then lets one probe
+-- through; the probe's completion lifts the pause.
+create table public.sona_pauses (
+  id bigint generated always as identity primary key,
+  open_slot smallint not null default 1 check (open_slot = 1),
+  code text not null,
+  reason text not null,
+  since timestamptz not null default now(),
+  until timestamptz not null,
+  probe_job uuid,
+  probe_claimed_at timestamptz,
+  jobs_released integer not null default 0,
+  lifted_at timestamptz,
+  lifted_by uuid
+);
+-- At most one open pause: however many instances see the outage at once, one row is written.
+create unique index sona_pauses_one_open on public.sona_pauses (open_slot) where lifted_at is null;
+alter table public.sona_pauses enable row level security;
+revoke all on public.sona_pauses from public, anon, authenticated;
+grant all on public.sona_pauses to service_role;
+
+-- May a claim go ahead: no open pause; or the pause has ended and no other probe is running.
+-- Locks the open pause row (only while one exists), so two claims never both become the probe.
+create or replace function public.sona_pause_admits(p_job_id uuid)
+returns table (admitted boolean, probe_of bigint)
+language plpgsql volatile security invoker set search_path = '' as $$
+declare
+  v_pause public.sona_pauses;
+begin
+  select * into v_pause from public.sona_pauses p where p.lifted_at is null for update;
+  if v_pause.id is null then
+    return query select true, null::bigint;
+  elsif v_pause.until > now() then
+    return query select false, null::bigint;
+  elsif v_pause.probe_job is not null and v_pause.probe_job <> p_job_id
+        and exists (select from public.jobs j where j.id = v_pause.probe_job and j.status = 'processing') then
+    return query select false, null::bigint;
+  else
+    return query select true, v_pause.id;
+  end if;
+end $$;
+revoke all on function public.sona_pause_admits(uuid) from public, anon, authenticated;
+grant execute on function public.sona_pause_admits(uuid) to service_role;
+
+-- claim: one conditional UPDATE that counts the attempt and stamps the lease; zero rows means a
+-- duplicate delivery, a finished job or a pause (then the repeated claim's own lease is answered, if
+-- this claim id already holds it).
+create or replace function public.claim_job(
+  p_job_id uuid, p_claim_id uuid, p_lease_seconds integer, p_max_attempts integer)
+returns setof public.jobs
+language plpgsql volatile security invoker set search_path = '' as $$
+declare
+  v_admitted boolean;
+  v_probe_of bigint;
+begin
+  select a.admitted, a.probe_of into v_admitted, v_probe_of from public.sona_pause_admits(p_job_id) a;
+
+  if v_admitted then
+    return query
+    with claimed as (
+      update public.jobs j
+         set status = 'processing',
+             attempts = j.attempts + 1,
+             reuse_only = j.attempts >= p_max_attempts,
+             lease_token = p_claim_id,
+             lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+             started_at = now(),
+             run_after = null,
+             error_message = null
+       where j.id = p_job_id
+         and j.status in ('pending', 'queued')
+         and public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
+         and (j.run_after is null or j.run_after <= now())
+      returning j.*
+    ), attempt as (
+      insert into public.job_attempts (job_id, attempt, lease_token, started_at)
+      select c.id, c.attempts, c.lease_token, now() from claimed c
+      on conflict (job_id, attempt) do update
+        set lease_token = excluded.lease_token, started_at = excluded.started_at,
+            finished_at = null, outcome = null, error = null
+    )
+    select * from claimed;
+    if found then
+      if v_probe_of is not null then  -- the one job that tries the service after the pause
+        update public.sona_pauses p set probe_job = p_job_id, probe_claimed_at = now()
+         where p.id = v_probe_of;
+      end if;
+      return;
+    end if;
+  end if;
+
+  -- A new statement, so a new snapshot: it sees this claim id's commit even when that commit
+  -- happened while the update above waited for the row (and whether or not a pause began since).
+  return query
+  select j.* from public.jobs j
+   where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_claim_id;
+end $$;
+revoke all on function public.claim_job(uuid, uuid, integer, integer) from public, anon, authenticated;
+grant execute on function public.claim_job(uuid, uuid, integer, integer) to service_role;
+
+-- The stage write before generating is the last fence before a paid call. It already matches
+-- nothing once the owner has cancelled the job (the cancel clears the lease), so the worker needs no
+-- separate lease check: this says which of the two it was. A stale attempt still gets no row; a
+-- cancelled job raises SQ003, which the worker reads as "cancelled", never as an error of its own.
+create or replace function public.advance_stage(p_job_id uuid, p_lease_token uuid, p_stage text)
+returns setof public.jobs
+language plpgsql volatile security invoker set search_path = '' as $$
+begin
+  if p_stage not in ('generating', 'encoding', 'uploading') then
+    raise exception 'advance_stage: % is not a stage of a running attempt', p_stage
+      using errcode = '22023';
+  end if;
+  return query
+  update public.jobs j
+     set stage = p_stage
+   where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
+     and public.sona_stage_rank(j.stage) <= public.sona_stage_rank(p_stage)
+  returning j.*;
+  if not found and exists (select from public.jobs j where j.id = p_job_id and j.status = 'cancelled') then
+    raise exception 'job % was cancelled by its owner', p_job_id using errcode = 'SQ003';
+  end if;
+end $$;
+revoke all on function public.advance_stage(uuid, uuid, text) from public, anon, authenticated;
+grant execute on function public.advance_stage(uuid, uuid, text) to service_role;
+
+-- The id of the generation just paid for, on the row of the attempt that holds the lease. A row that
+-- already names another id is left alone (the caller forgets the old one first); the same id again
+-- is a no-op, so a retried write after a lost answer is safe. Answers the row, or nothing when stale.
+create or replace function public.record_generation(
+  p_job_id uuid, p_lease_token uuid, p_generation_id text, p_model text)
+returns setof public.jobs
+language sql volatile security invoker set search_path = '' as $$
+  update public.jobs j
+     set generation_id = p_generation_id,
+         generation_model = p_model,
+         generation_posted_at = coalesce(j.generation_posted_at, now())
+   where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
+     and (j.generation_id is null or j.generation_id = p_generation_id)
+  returning j.*
+$$;
+revoke all on function public.record_generation(uuid, uuid, text, text) from public, anon, authenticated;
+grant execute on function public.record_generation(uuid, uuid, text, text) to service_role;
+
+-- The provider no longer knows this id (expired or unknown): the only way to a new payment for a job
+-- that had one. Counted, and fenced by the lease like record_generation.
+create or replace function public.forget_generation(
+  p_job_id uuid, p_lease_token uuid, p_generation_id text)
+returns setof public.jobs
+language sql volatile security invoker set search_path = '' as $$
+  update public.jobs j
+     set generation_id = null,
+         generation_model = null,
+         generation_posted_at = null,
+         generations_lost = j.generations_lost + 1
+   where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
+     and j.generation_id = p_generation_id
+  returning j.*
+$$;
+revoke all on function public.forget_generation(uuid, uuid, text) from public, anon, authenticated;
+grant execute on function public.forget_generation(uuid, uuid, text) to service_role;
+
+-- complete: fenced by the lease; writes the earlier worker's URLs and what the plug-in's player reads
+-- (master_path, preview_path, filename, enhanced_prompt), and the attempt keeps its timings. Then
+-- the owner's outputs beyond their newest keep_outputs_per_user lose their paths (their files are
+-- queued for deletion: jobs_queue_expired_files, 60_storage.sql), as the plug-in's old worker did.
+create or replace function public.complete_job(
+  p_job_id uuid, p_lease_token uuid, p_wav_url text, p_mp3_url text, p_audio jsonb,
+  p_timings_ms jsonb default null, p_master_path text default null, p_preview_path text default null,
+  p_filename text default null, p_enhanced_prompt text default null)
+returns setof public.jobs
+language plpgsql volatile security invoker set search_path = '' as $$
+declare
+  v_done public.jobs;
+  v_keep integer := public.sona_setting('keep_outputs_per_user');
+begin
+  update public.jobs j
+     set status = 'completed',
+         wav_url = p_wav_url,
+         mp3_url = p_mp3_url,
+         result_url = p_mp3_url,
+         audio = p_audio,
+         master_path = p_master_path,
+         preview_path = p_preview_path,
+         filename = coalesce(p_filename, j.filename),
+         enhanced_prompt = coalesce(p_enhanced_prompt, j.enhanced_prompt),
+         completed_at = now(),
+         error_message = null,
+         lease_token = null,
+         lease_expires_at = null
+   where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
+  returning j.* into v_done;
+  if v_done.id is null then
+    return;
+  end if;
+  update public.job_attempts a
+     set finished_at = now(), outcome = 'completed', outcome_class = null, timings_ms = p_timings_ms
+   where a.job_id = v_done.id and a.lease_token = p_lease_token;
+  if v_keep > 0 and v_done.preview_path is not null and v_done.user_id is not null then
+    update public.jobs j
+       set master_path = null, preview_path = null
+     where j.id in (select o.id from public.jobs o
+                     where o.user_id = v_done.user_id and o.status = 'completed'
+                       and (o.master_path is not null or o.preview_path is not null)
+                     order by o.completed_at desc nulls last, o.id
+                     offset v_keep);
+  end if;
+  return next v_done;
+end $$;
+revoke all on function public.complete_job(uuid, uuid, text, text, jsonb, jsonb, text, text, text, text) from public, anon, authenticated;
+grant execute on function public.complete_job(uuid, uuid, text, text, jsonb, jsonb, text, text, text, text) to service_role;
+
+-- fail: fenced like complete. A retryable failure goes back to wait (as the status the job was
+-- inserted with) with backoff while attempts remain; otherwise the job fails with the message the
+-- plug-in shows. The attempt keeps its timings and the class of its failure.
+create or replace function public.fail_job(
+  p_job_id uuid, p_lease_token uuid, p_error text, p_retryable boolean,
+  p_max_attempts integer, p_base_delay_ms integer, p_max_delay_ms integer,
+  p_outcome_class text default null, p_timings_ms jsonb default null)
+returns setof public.jobs
+language sql volatile security invoker set search_path = '' as $$
+  with ended as (
+    update public.jobs j
+       set status = case when p_retryable and public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
+                         then public.sona_wait_status(j.wait_status, j.mode) else 'failed' end,
+           run_after = case when p_retryable and public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
+                            then now() + public.sona_backoff(j.attempts, p_base_delay_ms, p_max_delay_ms) end,
+           error_message = case
+             when p_retryable and not public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
+             then p_error || ' (gave up after ' || j.attempts || ' attempts)'
+             else p_error end,
+           completed_at = case when p_retryable and public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
+                               then null else now() end,
+           dispatched_at = null,
+           lease_token = null,
+           lease_expires_at = null
+     where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
+    returning j.*
+  ), attempt as (
+    update public.job_attempts a
+       set finished_at = now(),
+           outcome = case when e.status in ('pending', 'queued') then 'released' else 'failed' end,
+           error = p_error,
+           outcome_class = p_outcome_class,
+           timings_ms = p_timings_ms
+      from ended e
+     where a.job_id = e.id and a.lease_token = p_lease_token
+  )
+  select * from ended
+$$;
+revoke all on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb) from public, anon, authenticated;
+grant execute on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb) to service_role;
+
+-- pause: record the outage (once) and release the job for after the pause without using up its
+-- attempt. A pause whose end has passed (its probe met the outage again) is re-armed. The release
+-- is fenced like fail_job; the pause is recorded even for a stale lease (the account is at fault
+-- either way). Answers the status the released job waits as.
+create or replace function public.pause_service(
+  p_job_id uuid, p_lease_token uuid, p_code text, p_reason text, p_message text, p_seconds integer)
+returns table (pause_id bigint, pause_created boolean, paused_until timestamptz, released boolean,
+               released_status text)
+language plpgsql volatile security invoker set search_path = '' as $$
+#variable_conflict use_column
+declare
+  v_until timestamptz := now() + make_interval(secs => coalesce(p_seconds, public.sona_setting('pause_seconds')));
+  v_id bigint;
+  v_created boolean := false;
+  v_released boolean;
+  v_status text;
+begin
+  for i in 1..2 loop  -- a second round only if the open pause was lifted in between
+    insert into public.sona_pauses (code, reason, until)
+    values (p_code, p_reason, v_until)
+    on conflict (open_slot) where lifted_at is null do nothing
+    returning id into v_id;
+    if v_id is not null then
+      v_created := true;
+      exit;
+    end if;
+    update public.sona_pauses p
+       set until = case when p.until <= now() then v_until else p.until end,
+           code = case when p.until <= now() then p_code else p.code end,
+           reason = case when p.until <= now() then p_reason else p.reason end,
+           probe_job = case when p.until <= now() then null else p.probe_job end,
+           probe_claimed_at = case when p.until <= now() then null else p.probe_claimed_at end
+     where p.lifted_at is null
+    returning p.id, p.until into v_id, v_until;
+    exit when v_id is not null;
+  end loop;
+
+  with released as (
+    update public.jobs j
+       set status = public.sona_wait_status(j.wait_status, j.mode),
+           attempts = greatest(j.attempts - 1, 0),
+           run_after = v_until,
+           waiting_since = coalesce(j.waiting_since, now()),
+           error_message = p_message,
+           dispatched_at = null,
+           lease_token = null,
+           lease_expires_at = null
+     where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
+    returning j.id, j.status
+  ), attempt as (
+    update public.job_attempts a
+       set finished_at = now(), outcome = 'paused', error = p_code || ': ' || p_reason
+      from released r
+     where a.job_id = r.id and a.lease_token = p_lease_token
+  )
+  select count(*) > 0, min(r.status) into v_released, v_status from released r;
+
+  if v_released then
+    update public.sona_pauses p set jobs_released = p.jobs_released + 1 where p.id = v_id;
+  end if;
+  return query select v_id, v_created, v_until, v_released, v_status;
+end $$;
+revoke all on function public.pause_service(uuid, uuid, text, text, text, integer) from public, anon, authenticated;
+grant execute on function public.pause_service(uuid, uuid, text, text, text, integer) to service_role;
+
+-- A success lifts the pause: the completion of the probe the pause let through.
+create or replace function public.sona_lift_pause() returns trigger
+language plpgsql volatile security definer set search_path = '' as $$
+begin
+  update public.sona_pauses p
+     set lifted_at = now(), lifted_by = new.id
+   where p.lifted_at is null and p.probe_job = new.id;
+  return null;
+end $$;
+revoke all on function public.sona_lift_pause() from public, anon, authenticated;
+grant execute on function public.sona_lift_pause() to service_role;
+create trigger sona_lift_pause after update of status on public.jobs
+  for each row when (new.status = 'completed' and old.status is distinct from 'completed')
+  execute function public.sona_lift_pause();
+
+-- One call: the owner's (or the service role's) live job becomes 'cancelled' and loses its lease, so
+-- every fenced write of its attempt matches nothing. Answers the cancelled row, or nothing: not the
+-- caller's job, unknown, or already finished. Security definer because users have no UPDATE on
+-- jobs; it checks the owner itself.
+create or replace function public.cancel_job(p_job_id uuid)
+returns setof public.jobs
+language sql volatile security definer set search_path = '' as $$
+  with cancelled as (
+    update public.jobs j
+       set status = 'cancelled',
+           cancelled_at = now(),
+           completed_at = now(),
+           error_message = 'You cancelled this job.',
+           run_after = null,
+           dispatched_at = null,
+           lease_token = null,
+           lease_expires_at = null
+     where j.id = p_job_id
+       and j.status in ('pending', 'queued', 'processing')
+       -- the owner, or the service role (by its JWT, or the role the session set: definer
+       -- functions run as their owner, so current_user cannot tell)
+       and (j.user_id = (select auth.uid())
+            or coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role', '')
+               = 'service_role'
+            or current_setting('role', true) = 'service_role')
+    returning j.*
+  ), attempt as (
+    update public.job_attempts a
+       set finished_at = now(), outcome = 'cancelled', error = 'cancelled by its owner'
+      from cancelled c
+     where a.job_id = c.id and a.finished_at is null
+  )
+  select * from cancelled
+$$;
+revoke all on function public.cancel_job(uuid) from public, anon;
+grant execute on function public.cancel_job(uuid) to authenticated, service_role;
+
+-- reclaim: single-flight (a second concurrent call returns nothing), set-based, one statement per
+-- kind of work:
+--   'released'  expired lease, attempts (or finishing attempts) remain: back to wait, with backoff
+--               counted from the lease's expiry (so it is also dispatched in the same call once due)
+--   'failed'    expired lease with nothing left; the plug-in's old worker's job (processing with no
+--               lease) once older than legacy_processing_timeout_seconds (never run again: it may
+--               have paid); a waiting job with no attempts left; a job that waited out an outage
+--               longer than pause_max_wait_seconds
+--   'dispatch'  due now: a released retry past run_after, or a job whose webhook never came (after
+--               the grace period), at most one per grace period, with its dispatch round; nothing
+--               while paused, and one probe once the pause has ended
+create or replace function public.reclaim_jobs(
+  p_max_attempts integer, p_grace_seconds integer, p_limit integer,
+  p_base_delay_ms integer, p_max_delay_ms integer)
+returns setof public.reclaim_action
+language plpgsql volatile security invoker set search_path = '' as $$
+declare
+  v_pause public.sona_pauses;
+  v_limit integer := p_limit;
+  v_max_wait interval := make_interval(secs => public.sona_setting('pause_max_wait_seconds'));
+  v_legacy interval := make_interval(secs => public.sona_setting('legacy_processing_timeout_seconds'));
+begin
+  if not pg_try_advisory_xact_lock(hashtext('sona.reclaim_jobs')) then
+    return;
+  end if;
+
+  return query
+  with expired as (
+    update public.jobs j
+       set status = case when public.sona_may_claim(j.attempts, true, p_max_attempts)
+                         then public.sona_wait_status(j.wait_status, j.mode) else 'failed' end,
+           reuse_only = j.attempts >= p_max_attempts,
+           -- backoff counts from when the lease expired: a crash found late is due at once
+           run_after = case when public.sona_may_claim(j.attempts, true, p_max_attempts)
+                            then j.lease_expires_at
+                                 + public.sona_backoff(j.attempts, p_base_delay_ms, p_max_delay_ms) end,
+           error_message = case
+             when j.attempts < p_max_attempts then 'The attempt timed out; retrying.'
+             when public.sona_may_claim(j.attempts, true, p_max_attempts)
+             then 'The attempt timed out; looking for the audio it stored.'
+             else 'The job timed out after ' || j.attempts || ' attempts.' end,
+           completed_at = case when public.sona_may_claim(j.attempts, true, p_max_attempts)
+                               then null else now() end,
+           dispatched_at = null,
+           lease_token = null,
+           lease_expires_at = null
+     where j.status = 'processing' and j.lease_token is not null
+       and (j.lease_expires_at is null or j.lease_expires_at < now())
+    returning j.id, j.status
+  ), expired_attempts as (
+    update public.job_attempts a
+       set finished_at = now(), outcome = 'lease_expired',
+           error = 'lease expired: the invocation crashed or timed out'
+      from expired e
+     where a.job_id = e.id and a.finished_at is null
+  )
+  select e.id, case when e.status in ('pending', 'queued') then 'released' else 'failed' end,
+         null::integer, null::integer
+    from expired e;
+
+  return query
+  update public.jobs j
+     set status = 'failed',
+         error_message = 'The job did not finish; please try again.',
+         completed_at = now()
+   where j.status = 'processing' and j.lease_token is null
+     and j.updated_at <= now() - v_legacy
+  returning j.id, 'failed'::text, null::integer, null::integer;
+
+  return query
+  update public.jobs j
+     set status = 'failed',
+         error_message = coalesce(j.error_message, 'The job could not be processed')
+                         || ' (no attempts left after ' || j.attempts || ')',
+         completed_at = now()
+   where j.status in ('pending', 'queued')
+     and not public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
+  returning j.id, 'failed'::text, null::integer, null::integer;
+
+  select * into v_pause from public.sona_pauses p where p.lifted_at is null;
+
+  -- Waited out an outage too long: the service, not the request, was at fault.
+  return query
+  update public.jobs j
+     set status = 'failed',
+         error_message = 'The audio service was unavailable for too long to make this audio; '
+                         || 'nothing was wrong with your request. Please try again.',
+         completed_at = now(),
+         run_after = null
+   where j.status in ('pending', 'queued')
+     and (j.waiting_since <= now() - v_max_wait
+          or (v_pause.id is not null and j.created_at <= now() - v_max_wait))
+  returning j.id, 'failed'::text, null::integer, null::integer;
+
+  if v_pause.id is not null then
+    if v_pause.until > now()
+       or (v_pause.probe_job is not null
+           and exists (select from public.jobs j where j.id = v_pause.probe_job and j.status = 'processing')) then
+      return;  -- paused, or its probe is running: dispatch nothing
+    end if;
+    v_limit := least(p_limit, 1);  -- the pause has ended: one probe first
+  end if;
+
+  return query
+  with due as (
+    select j.id from public.jobs j
+     where j.status in ('pending', 'queued')
+       and public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
+       and (j.run_after is null or j.run_after <= now())
+       -- a first attempt waits out the grace period so a webhook in flight is not raced
+       and (j.attempts > 0 or j.waiting_since is not null
+            or j.created_at <= now() - make_interval(secs => p_grace_seconds))
+       -- one dispatch per grace period, so overlapping reclaims never send a job twice
+       and (j.dispatched_at is null or j.dispatched_at <= now() - make_interval(secs => p_grace_seconds))
+     order by coalesce(j.run_after, j.created_at)
+     limit v_limit
+     for update skip locked
+  )
+  update public.jobs j set dispatched_at = now(), dispatches = j.dispatches + 1
+    from due where j.id = due.id
+  returning j.id, 'dispatch'::text, j.attempts, j.dispatches;
+end $$;
+revoke all on function public.reclaim_jobs(integer, integer, integer, integer, integer) from public, anon, authenticated;
+grant execute on function public.reclaim_jobs(integer, integer, integer, integer, integer) to service_role;
