@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from devstack.database import apply_sql
 from sona.config import ConfigError
-from sona.ops.deploy import RUNTIME, Plan, make_plan, not_deployed, render
+from sona.ops.deploy import DEPLOYER_ROLES, RUNTIME, Plan, make_plan, not_deployed, render
 from sona.ops.webhook_sql import WebhookConfig, webhook_sql
 from tests import fake_gcloud
 from tests.support import SECRETS, insert_job, sql
@@ -469,3 +469,36 @@ def test_the_functions_account_may_list_the_queue_it_enqueues_into() -> None:
     script = dry_run(deploy_settings())
     roles = re.findall(r"gcloud tasks queues add-iam-policy-binding sona-jobs .*--role=(\S+)", script)
     assert sorted(roles) == ["roles/cloudtasks.enqueuer", "roles/cloudtasks.viewer"]
+
+
+# -- who deploys ----------------------------------------------------------------------------------
+
+
+def gcloud_groups(script: str) -> set[tuple[str, ...]]:
+    """Each gcloud command of the plan, by the group DEPLOYER_ROLES keys it under."""
+    groups = set()
+    for argv in (shlex.split(m) for m in re.findall(r"gcloud ((?:[a-z-]+ ?)+)", script)):
+        key = next(k for k in [tuple(argv[:2]), tuple(argv[:1])] if k in DEPLOYER_ROLES or len(k) == 1)
+        groups.add(key)
+    return groups
+
+
+def test_every_command_of_the_plan_has_its_role_for_the_deploy_account() -> None:
+    for dispatch in ("cloud_tasks", "direct"):
+        assert gcloud_groups(dry_run(deploy_settings({"DISPATCH": dispatch}))) <= set(DEPLOYER_ROLES)
+
+
+def test_the_build_deploys_as_its_own_account_with_its_logs_in_cloud_logging() -> None:
+    build = cloudbuild()
+    assert build["serviceAccount"] == (
+        "projects/$PROJECT_ID/serviceAccounts/sona-deployer@$PROJECT_ID.iam.gserviceaccount.com"
+    )
+    assert build["options"]["logging"] == "CLOUD_LOGGING_ONLY"  # required with a user-named account
+
+
+def test_deployment_md_grants_the_deploy_account_exactly_the_roles_the_plan_uses() -> None:
+    text = (REPO / "DEPLOYMENT.md").read_text()
+    block = text[text.index("<!-- deployer roles") : text.index("<!-- end of deployer roles -->")]
+    granted = set(re.findall(r"roles/[\w.]+", block))
+    needed = set(DEPLOYER_ROLES.values()) | {"roles/logging.logWriter", "roles/iam.serviceAccountUser"}
+    assert granted == needed

@@ -6,14 +6,21 @@ from __future__ import annotations
 import re
 import shlex
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
+from functions_framework import create_app
 
+from devstack.emulators.cloud_tasks import CloudTasksEmulator
 from sona.config import ConfigError
 from sona.ops.deploy import make_plan
 from sona.ops.webhook_sql import WebhookConfig
-from sona.task_queue import task_id
-from tests.support import make_settings
+from sona.services import reset_services
+from sona.task_queue import QueueLimits, task_id
+from tests.support import SECRETS, make_settings
 from tests.test_deploy import deploy_settings, deploys, dry_run, env_vars, flag
 
 QUEUE = "projects/p/locations/us-central1/queues/sona-jobs"
@@ -167,3 +174,74 @@ def test_direct_dispatch_deploys_no_queue() -> None:
     assert "gcloud tasks" not in script
     assert set(deploys(script)) == {"process-job", "reclaim-jobs"}  # no worker: the webhook runs jobs
     assert env_vars(deploys(script)["process-job"])["DISPATCH"] == "direct"
+
+
+# -- the door: only the webhook secret ------------------------------------------------------------
+
+MAIN = str(Path(__file__).resolve().parents[1] / "main.py")
+LOCAL_QUEUE = "projects/sona-test/locations/local/queues/sona-jobs"
+
+
+@pytest.fixture
+def queue() -> Iterator[CloudTasksEmulator]:
+    emulator = CloudTasksEmulator()
+    emulator.start()
+    limits = QueueLimits(
+        max_dispatches_per_second=5, max_concurrent_dispatches=2, lease_s=60, max_attempts_per_job=3
+    )
+    parent = LOCAL_QUEUE.rsplit("/queues/", 1)[0]
+    requests.post(
+        f"{emulator.url}/v2/{parent}/queues", json=limits.as_queue(LOCAL_QUEUE), timeout=10
+    ).raise_for_status()
+    requests.post(f"{emulator.url}/v2/{LOCAL_QUEUE}:pause", json={}, timeout=10).raise_for_status()
+    yield emulator
+    emulator.stop()
+
+
+def door_env(queue: CloudTasksEmulator, **extra: str) -> dict[str, str]:
+    """What the plan deploys the door with in cloud_tasks mode: no provider or database key."""
+    return {
+        "SUPABASE_URL": "https://abc.supabase.co",
+        "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+        "CLOUD_TASKS_QUEUE": LOCAL_QUEUE,
+        "CLOUD_TASKS_API_URL": queue.url,
+        "RUN_JOB_URL": "http://127.0.0.1:9/run_job",
+        "TASKS_SERVICE_ACCOUNT": "sona-tasks@sona-test.iam.gserviceaccount.com",
+        "LOG_FORMAT": "text",
+        **extra,
+    }
+
+
+def webhook(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout's
+    for name in ("SUPABASE_SERVICE_ROLE_KEY", "STABLE_AUDIO_API_KEY", "REPLICATE_API_TOKEN", "FUNCTION_ROLE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reset_services()
+    try:
+        client = create_app(target="process_job", source=MAIN).test_client()
+        record = {"id": str(uuid.uuid4()), "status": "queued"}
+        body = {"type": "INSERT", "table": "jobs", "schema": "public", "record": record, "old_record": None}
+        return client.post("/", headers={"X-Webhook-Secret": SECRETS["webhook_secret"]}, json=body)
+    finally:
+        reset_services()
+
+
+def test_the_door_enqueues_with_only_the_webhook_secret(
+    queue: CloudTasksEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    answer = webhook(door_env(queue, FUNCTION_ROLE="door"), monkeypatch, tmp_path)
+    assert (answer.status_code, answer.get_json()["outcome"]) == (202, "enqueued")
+
+
+def test_without_the_door_role_a_function_refuses_to_start_without_its_keys(
+    queue: CloudTasksEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    answer = webhook(door_env(queue), monkeypatch, tmp_path)
+    assert (answer.status_code, answer.get_json()["error"]) == (500, "misconfigured")
+
+
+def test_a_door_in_direct_mode_is_refused_since_it_runs_jobs() -> None:
+    with pytest.raises(ConfigError, match="FUNCTION_ROLE=door needs DISPATCH=cloud_tasks"):
+        make_settings(function_role="door", dispatch="direct")

@@ -4,7 +4,10 @@ the queue's limits stay within Cloud Tasks', and reclaim re-dispatches only jobs
 
 from __future__ import annotations
 
+import http.server
+import json
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -200,3 +203,77 @@ def test_the_list_of_waiting_jobs_spans_every_page(tasks: CloudTasksEmulator, se
         requests.get(f"{tasks.url}/v2/{QUEUE}/tasks", params={"pageSize": 1001}, timeout=10).status_code
         == 400
     )
+
+
+class RefusingQueue:
+    """Cloud Tasks on loopback for a caller whose account lacks cloudtasks.tasks.list: ListTasks
+    answers as Google does (403 PERMISSION_DENIED in its error JSON), or a passing 503; every
+    CreateTask that gets through is counted."""
+
+    DENIED = (
+        'The principal (user or service account) lacks IAM permission "cloudtasks.tasks.list" for '
+        "the resource (or the resource may not exist)."
+    )
+
+    def __init__(self, list_status: int) -> None:
+        self.created: list[bytes] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # ListTasks
+                status = "PERMISSION_DENIED" if list_status == 403 else "UNAVAILABLE"
+                self._answer(
+                    list_status, {"error": {"code": list_status, "message": owner.DENIED, "status": status}}
+                )
+
+            def do_POST(self) -> None:  # CreateTask
+                owner.created.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self._answer(200, {"name": "created"})
+
+            def _answer(self, status: int, body: dict[str, object]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(("list_status", "refused"), [(403, 1), (503, 0)], ids=["refused", "unavailable"])
+def test_a_queue_that_cannot_be_listed_gets_no_task_and_a_refusal_fails_loudly(
+    list_status: int, refused: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = RefusingQueue(list_status)
+    try:
+        services = Services(
+            make_settings(
+                dispatch="cloud_tasks",
+                cloud_tasks_queue=QUEUE,
+                cloud_tasks_api_url=queue.url,
+                run_job_url="http://127.0.0.1:9/run_job",
+                tasks_service_account="sona-tasks@sona-test.iam.gserviceaccount.com",
+            )
+        )
+        due = [
+            ReclaimAction(job_id=uuid.uuid4(), action="dispatch", attempt=0, dispatch_round=1)
+            for _ in range(3)
+        ]
+        with caplog.at_level(logging.WARNING):
+            summary = _enqueue_all(due, services, Deadline(60))
+    finally:
+        queue.close()
+    assert queue.created == []  # no duplicate task for jobs whose task may well be waiting
+    assert (summary["errors"], summary.get("queue_refused", 0)) == (3, refused)
+    level = logging.ERROR if refused else logging.WARNING
+    assert [r.levelno for r in caplog.records if "queue" in r.getMessage()] == [level]

@@ -169,6 +169,21 @@ class DeployConfig(EnvironmentSettings):
         )
 
 
+# The role each kind of command in the plan needs (the deploy account holds exactly these, plus
+# logging.logWriter for a user-named build's logs and iam.serviceAccountUser on the accounts it
+# deploys with: DEPLOYMENT.md, section 4). tests/test_deploy.py checks every command has its role.
+DEPLOYER_ROLES = {
+    ("functions",): "roles/cloudfunctions.developer",
+    ("run", "services"): "roles/run.admin",  # the invoker check, where allUsers is refused
+    ("tasks", "queues"): "roles/cloudtasks.admin",  # the queue and its IAM policy
+    ("scheduler", "jobs"): "roles/cloudscheduler.admin",
+    ("logging", "metrics"): "roles/logging.configWriter",
+    ("monitoring", "dashboards"): "roles/monitoring.dashboardEditor",
+    ("monitoring", "policies"): "roles/monitoring.alertPolicyEditor",
+    ("iam", "service-accounts"): "roles/iam.serviceAccountAdmin",  # on sona-tasks only
+    ("artifacts", "repositories"): "roles/artifactregistry.admin",  # the cleanup policy
+}
+
 # Set by the plan itself, whatever a settings file says.
 DERIVED = ("PROCESS_JOB_URL", "CLOUD_TASKS_QUEUE", "RUN_JOB_URL", "FUNCTION_ROLE")
 
