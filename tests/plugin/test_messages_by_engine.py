@@ -1,7 +1,7 @@
 """Issue 35, item 2: the musician reads a message from the documented set, never the provider's own
 text, whichever engine failed; the provider's words stay in the attempt's record (job_attempts.error)
-where an operator finds them by job id, and the tokens follow what was paid. Each engine's documented failure
-answer, from its double, through real processes on the plug-in's database."""
+where an operator finds them by job id, and the tokens follow what was paid. Each engine's
+documented failure answer, from its double, through real processes on the plug-in's database."""
 
 from __future__ import annotations
 
