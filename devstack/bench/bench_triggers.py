@@ -44,7 +44,19 @@ insert into public.sona_settings (key, value)
   values ('max_active_jobs', 1000000), ('max_jobs_per_day', 1000000);
 """
 
-OPERATIONS = ("service-role insert (generate, charged)", "signed-in user's insert", "claim_job")
+OPERATIONS = (
+    "service-role insert (generate, charged)",
+    "signed-in user's insert (no token tables: the earlier worker's clients)",
+    "claim_job",
+)
+HIDE_CREDIT_TABLES = (
+    "alter table public.user_tokens rename to bench_user_tokens;"
+    " alter table public.token_transactions rename to bench_token_transactions"
+)
+SHOW_CREDIT_TABLES = (
+    "alter table public.bench_user_tokens rename to user_tokens;"
+    " alter table public.bench_token_transactions rename to token_transactions"
+)
 AFTER = "after (issue 30: one guard)"
 BEFORE = "before (guard and generation guard)"
 # The trigger functions a job's insert and claim run, in the order they fire.
@@ -102,7 +114,7 @@ begin
     u := p_users[1 + i % array_length(p_users, 1)];
     perform set_config('request.jwt.claims', json_build_object('sub', u)::text, true);
     t0 := clock_timestamp();
-    insert into public.jobs (user_id, prompt, duration) values (u, 'rain', 10);
+    insert into public.jobs (user_id, prompt, duration) values (u, 'rain on a tin roof', 10);
     spent := spent + (clock_timestamp() - t0);
   end loop;
   return extract(epoch from spent) * 1e6 / p_n;
@@ -140,9 +152,15 @@ def _round(url: str, n: int) -> Round:
         service = conn.execute(
             "select pg_temp.bench_service_inserts(%s, %s, %s)", (users, n, PRICE)
         ).fetchone()
+        # Where the plug-in's token tables exist a user's own insert is refused (it is unpaid), so a
+        # user's insert is the earlier worker's clients' path: timed with the token tables out of
+        # sight, renamed inside this transaction and back before it ends.
+        conn.execute("reset role")
+        conn.execute(HIDE_CREDIT_TABLES)  # type: ignore[arg-type]  # a constant script
         conn.execute("set local role authenticated")
         user = conn.execute("select pg_temp.bench_user_inserts(%s, %s)", (users, n)).fetchone()
         conn.execute("reset role")
+        conn.execute(SHOW_CREDIT_TABLES)  # type: ignore[arg-type]  # a constant script
         ids = [r[0] for r in conn.execute("select id from public.jobs where status = 'queued'").fetchall()]
         conn.execute("set local role service_role")
         claim = conn.execute("select pg_temp.bench_claims(%s)", (ids,)).fetchone()
