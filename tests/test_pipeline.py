@@ -59,11 +59,14 @@ class FakeStore:
         return FakePause(created, datetime.now(UTC) + timedelta(seconds=300))
 
     stale_from: JobStage | None = None  # the lease is reclaimed just before this stage's write
+    down_at: JobStage | None = None  # the database cannot be reached for this stage's write
     stages: list[JobStage] = field(default_factory=list)
 
     def advance(self, job: ClaimedJob, stage: JobStage) -> Job:
         if self.cancelled:
             raise Cancelled("The job was cancelled; nothing more is paid for it.")
+        if stage == self.down_at:
+            raise DatabaseUnavailable("The job database is unavailable")
         if self.stale_from is not None and _ORDER.index(stage) >= _ORDER.index(self.stale_from):
             self.fail_complete = StaleLease("reclaimed")
             raise StaleLease("reclaimed")
@@ -385,6 +388,21 @@ def test_a_lease_lost_before_generating_pays_for_nothing() -> None:
     result, store, provider, storage = run(claimed(), store=FakeStore(stale_from=JobStage.GENERATING))
     assert (result.outcome, provider.calls) == ("stale", 0)
     assert (store.writes, storage.stored) == ([], {})
+
+
+def test_a_provider_call_the_database_could_not_record_is_never_made() -> None:
+    # The generating write is what a refund and a cancel read to know a call was made: without it
+    # the call would be paid yet look unpaid, so the attempt stops and the row waits for a retry.
+    result, store, provider, storage = run(claimed(), store=FakeStore(down_at=JobStage.GENERATING))
+    assert (result.outcome, provider.calls) == ("interrupted", 0)
+    assert (store.writes, storage.stored) == ([], {})
+
+
+@pytest.mark.parametrize("stage", [JobStage.ENCODING, JobStage.UPLOADING])
+def test_a_progress_write_the_database_missed_after_generating_still_completes(stage: JobStage) -> None:
+    result, store, provider, _ = run(claimed(), store=FakeStore(down_at=stage))
+    assert (result.outcome, provider.calls) == ("completed", 1)
+    assert [kind for kind, _ in store.writes] == ["complete"]
 
 
 @pytest.mark.parametrize("stage", [JobStage.ENCODING, JobStage.UPLOADING])

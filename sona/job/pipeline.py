@@ -315,9 +315,11 @@ class Pipeline:
     def _stage(
         self, job: ClaimedJob, stage: JobStage, timings: dict[str, int], *, fence: bool = False
     ) -> None:
-        """Progress for the plug-in. Only the write before generating is a fence: once the audio is
-        paid for, a stale worker still stores it (the next attempt reuses stored files), and a
-        database too busy for a progress write is no reason to drop the job."""
+        """Progress for the plug-in. Only the write before generating is a fence: it is also the
+        worker's record that a provider call is being made (refunds and cancels read it), so the
+        call waits for it. Once the audio is paid for, a stale worker still stores it (the next
+        attempt reuses stored files), and a database too busy for a progress write is no reason to
+        drop the job."""
         started = time.monotonic()
         try:
             self.store.advance(job, stage)
@@ -326,6 +328,8 @@ class Pipeline:
                 raise
             log.warning("stage %s refused: the lease was reclaimed; storing the paid audio anyway", stage)
         except DatabaseUnavailable as exc:
+            if fence:
+                raise
             log.warning("stage %s not recorded: %s", stage, exc)
         finally:
             timings["stages"] = timings.get("stages", 0) + round((time.monotonic() - started) * 1000)
