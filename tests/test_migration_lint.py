@@ -46,3 +46,11 @@ def test_a_migration_that_would_lock_or_break_the_jobs_table_fails_the_lint(
     linted = squawk(migration)
     assert linted.returncode != 0
     assert rule in linted.stdout
+
+
+def test_every_migration_has_a_version_of_its_own() -> None:
+    # `supabase db push` records each file by the digits before its first underscore and refuses two
+    # files with one version (two issues once both took 20261207000100).
+    versions = [path.name.split("_", 1)[0] for path in migration_files()]
+    assert all(v.isdigit() and len(v) == 14 for v in versions), versions
+    assert len(set(versions)) == len(versions), versions
