@@ -14,7 +14,7 @@ from werkzeug.wrappers import Request
 from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.emulators.user_jwt import make_user_jwt
 from devstack.serving import json_response, serve_wsgi, stop_server
-from tests.support import connect, insert_job, new_user
+from tests.support import connect, insert_job, new_user, sql
 
 ZERO = "00000000-0000-0000-0000-000000000000"
 
@@ -326,6 +326,27 @@ def test_a_filtered_update_and_delete_answer_the_rows_they_changed_with_the_sele
     assert (patched.status_code, patched.json()) == (200, {"id": str(mine), "error_message": "patched"})
     deleted = httpx.delete(f"{gateway.url}/rest/v1/jobs?id=in.({mine},{ZERO})", headers=headers)
     assert (deleted.status_code, [r["id"] for r in deleted.json()]) == (200, [str(mine)])
+
+
+@pytest.mark.parametrize(("method", "verb"), [("PATCH", "UPDATE"), ("DELETE", "DELETE")])
+def test_an_update_or_delete_with_no_filter_is_refused_as_pg_safeupdate_refuses_it(
+    gateway: Gateway, db_url: str, method: str, verb: str
+) -> None:
+    """Supabase loads pg-safeupdate for PostgREST: a write with no filter changes nothing, instead of
+    every row the caller may see."""
+    mine = insert_job(db_url)
+    key = gateway.service_role_key
+    response = httpx.request(
+        method,
+        f"{gateway.url}/rest/v1/jobs",
+        json={"error_message": "everyone's"} if method == "PATCH" else None,
+        headers={"apikey": key, "Authorization": f"Bearer {key}"},
+    )
+    assert response.json()["code"] == "21000", response.text
+    assert response.json()["message"] == f"{verb} requires a WHERE clause"
+    assert response.status_code >= 400
+    (row,) = sql(db_url, "select error_message from jobs where id = %s", mine, role=None)
+    assert row["error_message"] is None
 
 
 # -- /functions/v1/*: forwarded to the developer's own Edge Functions server

@@ -32,6 +32,7 @@ from devstack.emulators.postgrest_wire import (
     Shape,
     check_profile,
     from_database,
+    http_status,
     json_answer,
     not_served,
     preferences,
@@ -71,6 +72,15 @@ class Query:
         if not self.where:
             return sql.SQL("")
         return sql.SQL(" where ") + sql.SQL(" and ").join(self.where)
+
+
+def unfiltered_write(method: str, role: str) -> PostgrestError:
+    """Supabase's PostgREST runs with pg-safeupdate loaded, which refuses an UPDATE or DELETE with
+    no WHERE clause (cardinality_violation, 21000) instead of changing every row the caller sees."""
+    verb = "UPDATE" if method == "PATCH" else "DELETE"
+    return PostgrestError(
+        http_status("21000", anonymous=role == "anon"), "21000", f"{verb} requires a WHERE clause"
+    )
 
 
 def column(name: str, what: str) -> sql.Identifier:
@@ -196,6 +206,8 @@ class PostgrestTables:
             if request.method == "POST":
                 statement, values = self._insert(target, request)
                 return self._write(table, statement, values, request, role, claims, 201)
+            if request.method in ("PATCH", "DELETE") and not query.where:
+                raise unfiltered_write(request.method, role)
             if request.method == "PATCH":
                 statement, values = self._update(target, request, query)
                 return self._write(table, statement, values, request, role, claims, 200)
