@@ -183,7 +183,7 @@ def test_one_job_on_the_cloud_functions_path_logs_only_json_with_job_fields_and_
                 "traceparent": f"00-{TRACE}-00f067aa0ba902b7-01",
             },
         )
-        assert response.json()["outcome"] == "completed"
+        assert response.json().get("outcome") == "completed", (response.status_code, response.text)
     finally:
         function.stop()
     output = function.output()
