@@ -114,20 +114,20 @@ def catalog(url: str) -> dict[tuple[str, str], str]:
     return {(kind, key): definition for kind, key, definition in rows}
 
 
-def render(items: dict[tuple[str, str], str]) -> list[str]:
-    lines: list[str] = []
-    for (kind, key), definition in sorted(items.items()):
-        lines.append(f"{kind} {key}:")
-        lines.extend(f"    {line}" for line in definition.splitlines() or [""])
-    return lines
-
-
 def difference(expected: dict[tuple[str, str], str], actual: dict[tuple[str, str], str],
                expected_name: str, actual_name: str) -> str:
-    """A unified diff of the two catalogs, only the objects that differ (empty when equal)."""
-    keys = {k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)}
-    if not keys:
-        return ""
-    before = render({k: expected[k] for k in keys if k in expected})
-    after = render({k: actual[k] for k in keys if k in actual})
-    return "\n".join(difflib.unified_diff(before, after, expected_name, actual_name, lineterm="", n=2))
+    """Each object that differs, by name, with a unified diff of its two definitions (empty when the
+    catalogs are equal)."""
+    out: list[str] = []
+    for key in sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)):
+        kind, name = key
+        if key not in actual or key not in expected:
+            where = expected_name if key in expected else actual_name
+            out.append(f"{kind} {name}: only in {where}")
+            out.extend(f"    {line}" for line in (expected.get(key) or actual[key]).splitlines())
+            continue
+        out.append(f"{kind} {name}:")
+        diff = difflib.unified_diff(expected[key].splitlines(), actual[key].splitlines(),
+                                    expected_name, actual_name, lineterm="", n=2)  # fmt: skip
+        out.extend(f"    {line}" for line in diff)
+    return "\n".join(out)

@@ -409,6 +409,7 @@ def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -
     trips = 0
     dispatch: dict[str, Any] = {}
     wait: dict[str, Any] = {}
+    triggers: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sona-bench-") as tmp:
         work = Path(tmp)
         if only in (None, "job", "cold", "stats"):
@@ -433,6 +434,10 @@ def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -
             from devstack.bench import bench_wait
 
             wait = bench_wait.run(work, path, python)
+        if only in (None, "triggers"):
+            from devstack.bench import bench_triggers
+
+            triggers = bench_triggers.run(work / "triggers")
     report = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -444,6 +449,7 @@ def run(runs: int, out: Path, burst_jobs: int = 1000, only: str | None = None) -
         "reclaim_round_trips": trips,
         "dispatch": dispatch,
         "wait": wait,
+        "triggers": triggers,
     }
     out.write_text(json.dumps(report, indent=2))
     return report
@@ -470,6 +476,10 @@ def table(report: dict[str, Any]) -> str:
         from devstack.bench import bench_wait
 
         lines.append(bench_wait.table(report["wait"]))
+    if report.get("triggers"):
+        from devstack.bench import bench_triggers
+
+        lines.append(bench_triggers.table(report["triggers"]))
     return "\n".join(lines)
 
 

@@ -161,31 +161,28 @@ do $$ begin
   end if;
 end $$;
 
--- The provider's prompt limit: NOT VALID, so rows written before it stay as they are (the worker
--- fails an oversized one without paying); every new row obeys it. The others hold for every row
--- already there (their columns were added above, empty or at their defaults).
-do $$ begin
-  alter table public.jobs add constraint jobs_prompt_length check (char_length(prompt) <= 10000) not valid;
-exception when duplicate_object then null;
-end $$;
-do $$ begin
-  alter table public.jobs add constraint jobs_strength_range
-    check (strength is null or (strength >= 0 and strength <= 1));
-exception when duplicate_object then null;
-end $$;
-do $$ begin
-  alter table public.jobs add constraint jobs_audio_to_audio_input
-    check (mode <> 'audio-to-audio' or (input_path is not null and length(input_path) between 1 and 1024));
-exception when duplicate_object then null;
-end $$;
-do $$ begin
-  alter table public.jobs add constraint jobs_stage_check check (stage in (
-    'queued', 'claimed', 'generating', 'encoding', 'uploading', 'done', 'failed', 'cancelled'));
-exception when duplicate_object then null;
-end $$;
-do $$ begin
-  alter table public.jobs add constraint jobs_wait_status_check check (wait_status in ('pending', 'queued'));
-exception when duplicate_object then null;
+-- The checks this project adds, where missing. The prompt limit is NOT VALID, so rows written before
+-- it stay as they are (the worker fails an oversized one without paying) and every new row obeys it;
+-- the others hold for every row already there (their columns were added above, empty or at their
+-- defaults).
+do $$
+declare c record;
+begin
+  for c in
+    select * from (values
+      ('jobs_prompt_length', 'check (char_length(prompt) <= 10000) not valid'),
+      ('jobs_strength_range', 'check (strength is null or (strength >= 0 and strength <= 1))'),
+      ('jobs_audio_to_audio_input',
+       'check (mode <> ''audio-to-audio'' or (input_path is not null and length(input_path) between 1 and 1024))'),
+      ('jobs_stage_check', 'check (stage in (''queued'', ''claimed'', ''generating'', ''encoding'', ''uploading'','
+                           ' ''done'', ''failed'', ''cancelled''))'),
+      ('jobs_wait_status_check', 'check (wait_status in (''pending'', ''queued''))')
+    ) as wanted (name, definition)
+  loop
+    if not exists (select from pg_constraint where conrelid = 'public.jobs'::regclass and conname = c.name) then
+      execute format('alter table public.jobs add constraint %I %s', c.name, c.definition);
+    end if;
+  end loop;
 end $$;
 
 -- Serve claim (by id), the expired-lease scan, the due-pending scan, a user's list and job_stats'
@@ -1940,6 +1937,22 @@ create policy sona_inputs_update_own on storage.objects for update to authentica
 drop policy if exists sona_inputs_delete_own on storage.objects;
 create policy sona_inputs_delete_own on storage.objects for delete to authenticated
   using (bucket_id = 'audio-inputs' and (storage.foldername(name))[1] = (select auth.uid()::text));
+
+-- realtime ----------------------------------------------------------------------------------------
+-- (supabase/schemas/70_realtime.sql)
+
+-- Supabase Realtime pushes each change of a job to the plug-in: its UI subscribes to
+-- postgres_changes on its job (and polls every 2 s besides). Realtime sends only what is in the
+-- supabase_realtime publication, which a Supabase project has (empty until tables are added) and a
+-- plain PostgreSQL has not: jobs joins it where it exists. What a subscriber then receives is
+-- decided by its role's row level security and column privileges (README, "Realtime").
+do $$ begin
+  if exists (select from pg_publication where pubname = 'supabase_realtime')
+     and not exists (select from pg_publication_tables
+                      where pubname = 'supabase_realtime' and schemaname = 'public' and tablename = 'jobs') then
+    alter publication supabase_realtime add table public.jobs;
+  end if;
+end $$;
 
 -- rows from before this migration ---------------------------------------------------------------
 

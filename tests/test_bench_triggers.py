@@ -1,0 +1,43 @@
+"""The trigger benchmark (`python -m devstack bench --only triggers`, issue 30): every shape it
+measures leaves the schema as it found it, and each operation it times really inserts or claims."""
+
+from __future__ import annotations
+
+from devstack.bench import bench_triggers
+from devstack.database import apply_sql
+from tests.schema_catalog import catalog
+from tests.support import sql
+
+
+def test_every_shape_is_undone(private_db_url: str) -> None:
+    before = catalog(private_db_url)
+    for setup, undo in bench_triggers._shapes().values():
+        apply_sql(private_db_url, setup)
+        apply_sql(private_db_url, undo)
+    assert catalog(private_db_url) == before
+
+
+def test_a_round_charges_inserts_and_claims_every_job(private_db_url: str) -> None:
+    apply_sql(private_db_url, bench_triggers.PLUGIN_CREDIT_TABLES)
+    measured = bench_triggers._round(private_db_url, 4)
+    assert len(measured.per_op_us) == len(bench_triggers.OPERATIONS)
+    assert all(f > 0 for f in measured.per_op_us)
+    rows = sql(private_db_url, "select status, count(*) as n from jobs group by 1 order by 1", role=None)
+    assert rows == [{"status": "pending", "n": 4}, {"status": "processing", "n": 4}]
+    linked = sql(private_db_url, "select count(transaction_id) as n from sona_job_charges", role=None)
+    assert linked == [{"n": 4}]
+    # every insert ran the charge link and the guard; every insert and claim ran the guard
+    assert measured.functions["jobs_charge_link"][0] == 8
+    assert measured.functions["jobs_guard"][0] == 12
+
+
+def test_the_tables_show_each_shape_and_each_trigger_function() -> None:
+    report = {
+        "operations": ["insert", "claim"],
+        "per_op_us": {"after": [30.0, 50.0], "without triggers": [10.0, 20.0]},
+        "trigger_us_per_call": {"after": dict.fromkeys(bench_triggers.TRIGGER_FUNCTIONS, 2.0)},
+        "trigger_calls_per_round": dict.fromkeys(bench_triggers.TRIGGER_FUNCTIONS, 8),
+    }
+    lines = bench_triggers.table(report).splitlines()
+    assert lines[2:4] == ["| after | 30 µs | 50 µs |", "| without triggers | 10 µs | 20 µs |"]
+    assert "| jobs_guard | 8 | 2 µs |" in lines
