@@ -65,8 +65,9 @@ class QueueLimits:
     when the max_retry_duration time has passed, no further attempts are made"), so a large
     max_attempts (the API's default is 100) keeps a failing task going for hours, and a
     max_retry_duration past the last of max_attempts attempts buys one more attempt after it. So
-    the window (MAX_ATTEMPTS leases) decides how many attempts the backoff schedule fits, and
-    max_retry_duration is the time of the last of them: both limits are met at that attempt."""
+    the window (MAX_ATTEMPTS leases) decides the schedule: attempts go on until one starts at or
+    past the window's end, max_attempts counts them and max_retry_duration is that last one's
+    start, so both limits are met at the same attempt and the numbers say what Cloud Tasks does."""
 
     max_dispatches_per_second: float
     max_concurrent_dispatches: int
@@ -93,9 +94,10 @@ class QueueLimits:
         return min(self.max_backoff_s, delay)
 
     def attempt_times(self) -> list[int]:
-        """When each attempt starts, in seconds after the first, while it fits in the window."""
+        """When each attempt starts, in seconds after the first: until one starts at or past the
+        window's end (a delivery refused for the whole window still gets one try after it)."""
         times = [0]
-        while times[-1] + self.backoff_s(len(times)) <= self.retry_window_s:
+        while times[-1] < self.retry_window_s:
             times.append(times[-1] + self.backoff_s(len(times)))
         return times
 
@@ -105,9 +107,8 @@ class QueueLimits:
 
     @property
     def max_retry_duration_s(self) -> int:
-        """The last attempt's start: once it has failed, both limits are met and the task is gone.
-        At least 1 s, since 0 would mean no age limit at all."""
-        return max(1, self.attempt_times()[-1])
+        """The last attempt's start: once it has failed, both limits are met and the task is gone."""
+        return self.attempt_times()[-1]
 
     def as_queue(self, name: str) -> dict[str, object]:
         """The Queue resource of the Cloud Tasks v2 REST API."""

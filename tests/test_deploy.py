@@ -403,7 +403,7 @@ def test_a_local_env_setting_the_deploy_lacks_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("setting", "value", "says"),
     [
-        ("SUPABASE_URL", "", "SUPABASE_URL is required but not set"),
+        ("SUPABASE_URL", "", "SUPABASE_URL must start with http"),
         ("SUPABASE_URL", "abc.supabase.co", "SUPABASE_URL must start with http"),
         ("SUPABASE_URL", "https://", "SUPABASE_URL must be the project's address alone"),
         (
@@ -502,3 +502,10 @@ def test_deployment_md_grants_the_deploy_account_exactly_the_roles_the_plan_uses
     granted = set(re.findall(r"roles/[\w.]+", block))
     needed = set(DEPLOYER_ROLES.values()) | {"roles/logging.logWriter", "roles/iam.serviceAccountUser"}
     assert granted == needed
+
+
+def test_an_empty_setting_is_deployed_empty_not_dropped_for_its_default() -> None:
+    """STORAGE_FILE_SIZE_LIMIT= means no bucket limit: dropping it would deploy the same (unset), but
+    other empties mean something the default does not, so every setting the file names is passed."""
+    functions = deploys(dry_run(deploy_settings({"STORAGE_FILE_SIZE_LIMIT": ""})))
+    assert {env_vars(argv).get("STORAGE_FILE_SIZE_LIMIT") for argv in functions.values()} == {""}

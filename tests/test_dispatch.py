@@ -101,8 +101,8 @@ def test_the_deploy_creates_or_updates_the_queue_with_its_limits() -> None:
         assert flag(argv, "max-dispatches-per-second") == "5"  # a third of Stability's 15 per second
         assert flag(argv, "max-concurrent-dispatches") == "20"  # 10 instances x 2 jobs
         assert flag(argv, "max-backoff") == "340s"  # the lease: function timeout 310 s + 30 s
-        assert flag(argv, "max-retry-duration") == "927s"  # the 13th attempt: both limits meet there
-        assert flag(argv, "max-attempts") == "13"  # what the backoff fits in three leases (1020 s)
+        assert flag(argv, "max-retry-duration") == "1183s"  # the 14th attempt: both limits meet there
+        assert flag(argv, "max-attempts") == "14"  # the first to start past three leases (1020 s)
     # the queue exists before the function that enqueues into it
     assert script.index("gcloud tasks queues") < script.index("gcloud functions deploy")
 

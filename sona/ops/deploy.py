@@ -39,13 +39,14 @@ DEPLOY_SETTINGS = Path("deploy.env")
 # pg_net sends up to this many webhooks at once (its batch_size): the door must take them all, or
 # Cloud Run answers 429 after about 10 s and pg_net never retries.
 PG_NET_BATCH = 200
-# The door's whole work is one CreateTask call, which the webhook gives 10 s (sona/webhook_sql.py):
-# this leaves room for a cold start.
+# The door's whole work is one CreateTask call, which the webhook gives 10 s
+# (sona/ops/webhook_sql.py ENQUEUE_TIMEOUT_MS): this leaves room for a cold start.
 DOOR_TIMEOUT_S = 30
 
 
 class DeployConfig(EnvironmentSettings):
-    """What an operator sets to deploy: Google Cloud names plus the function's own settings."""
+    """What only the deploy reads: Google Cloud names, accounts and sizes. The functions' own
+    settings are FunctionOptions (sona/config.py), read from the same deploy.env."""
 
     google_cloud_project: str
     region: str = "us-central1"
@@ -271,11 +272,13 @@ def function_env(config: DeployConfig, values: Mapping[str, str]) -> dict[str, s
     """Every function's environment variables: the functions' settings the file gives, the wiring
     the plan derives (the queue, the worker's address, the tasks' account) and the log format."""
     names = {n.upper() for n in FunctionOptions.model_fields} - set(DERIVED)
-    env = {k: values[k] for k in sorted(names) if values.get(k)}
+    # An empty value is passed as given: for some settings it means something (no bucket limit,
+    # no fallback model), and dropping it would deploy the default instead.
+    env = {k: values[k] for k in sorted(names) if k in values}
     if env.get("DISPATCH", "cloud_tasks") == "cloud_tasks":
         env["CLOUD_TASKS_QUEUE"] = config.queue_path
         env["RUN_JOB_URL"] = config.run_job_url
-        env.setdefault("TASKS_SERVICE_ACCOUNT", config.default_tasks_account)
+        env["TASKS_SERVICE_ACCOUNT"] = env.get("TASKS_SERVICE_ACCOUNT") or config.default_tasks_account
     env["LOG_FORMAT"] = "json"
     # Cloud Functions (2nd gen) does not set it, and Cloud Logging needs it to link a line's trace.
     env["GOOGLE_CLOUD_PROJECT"] = config.google_cloud_project
