@@ -1,6 +1,6 @@
 """Issue 29: a job is generated only when it was paid for. Each test is one attack, made as the
-attacker makes it: through the local gateway with a user's token or the publishable (anon) key where
-the gateway serves the request (inserts, RPC), else the very statement PostgREST would run (one
+attacker makes it: through the local gateway with a user's token or the anon key where the gateway
+serves the request (inserts, updates, reads, RPC), else the very statement PostgREST would run (one
 transaction, `set local role`, `request.jwt.claims` set). Each got through on main before
 20261207000100_paid_work_only.sql; each now meets a refusal, and the balance and the provider's
 call count say nothing was given away."""
@@ -80,6 +80,12 @@ def insert_as_user(gateway: Gateway, user: uuid.UUID, **row: Any) -> requests.Re
     )
 
 
+def patch_as_user(gateway: Gateway, user: uuid.UUID, job: object, **change: Any) -> requests.Response:
+    """supabase-js's `.from('jobs').update(change).eq('id', job)` with the user's token."""
+    url = f"{gateway.url}/rest/v1/jobs?id=eq.{job}"
+    return requests.patch(url, json=change, headers=user_headers(gateway, user), timeout=30)
+
+
 def cancel_as_user(gateway: Gateway, user: uuid.UUID, job: uuid.UUID) -> requests.Response:
     return requests.post(
         f"{gateway.url}/rest/v1/rpc/cancel_job",
@@ -92,6 +98,15 @@ def cancel_as_user(gateway: Gateway, user: uuid.UUID, job: uuid.UUID) -> request
 def refusal(answer: requests.Response) -> tuple[int, str, str | None]:
     body = answer.json()
     return answer.status_code, body.get("code"), body.get("hint")
+
+
+@pytest.fixture
+def refunds_gateway_db(plugin_refunds_db_url: str, tmp_path: Path) -> Iterator[tuple[Gateway, str]]:
+    """The plug-in's schema (no rows) with every migration, and the gateway over it."""
+    gw = gateway_over(plugin_refunds_db_url, tmp_path / "storage")
+    gw.start()
+    yield gw, plugin_refunds_db_url
+    gw.stop()
 
 
 @pytest.fixture
@@ -210,15 +225,14 @@ def test_attack_1_backdated_inserts_cannot_dodge_the_daily_quota_without_token_t
     try:
         backdated = [insert_as_user(gateway, user, created_at="2020-01-01T00:00:00Z") for _ in range(4)]
         honest = [insert_as_user(gateway, user) for _ in range(3)]
+        first = honest[0].json()[0]["id"]
+        backdate = patch_as_user(gateway, user, first, created_at="2020-01-01T00:00:00Z")
     finally:
         gateway.stop()
     assert {refusal(a) for a in backdated} == {(403, "42501", "sona_schedule_protected")}
     assert [a.status_code for a in honest[:2]] == [201, 201]
     assert refusal(honest[2])[:2] == (400, "SQ002")
-    job = uuid.UUID(honest[0].json()[0]["id"])
-    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="fixed once it is made"):  # noqa: SIM117
-        with as_postgrest(url, "authenticated", user) as conn:
-            conn.execute("update jobs set created_at = now() - interval '2 days' where id = %s", (job,))
+    assert refusal(backdate) == (403, "42501", "sona_request_frozen")
     days = sql(
         url, "select count(*) as n from jobs where created_at > now() - interval '24 hours'", role=None
     )
@@ -279,58 +293,48 @@ def test_attack_4_rewinding_the_stage_after_the_paid_call_refunds_nothing(
     assert sql(url, "select stage from advance_stage(%s, %s, 'generating')", job, lease) == [
         {"stage": "generating"}
     ]
-    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="fixed once it is made"):  # noqa: SIM117
-        with as_postgrest(url, "authenticated", user) as conn:
-            conn.execute("update jobs set stage = 'claimed' where id = %s", (job,))
+    rewind = patch_as_user(gateway, user, job, stage="claimed")
+    assert refusal(rewind) == (403, "42501", "sona_request_frozen")
     assert cancel_as_user(gateway, user, job).json()[0]["status"] == "cancelled"
     assert balance(url, user) == BONUS - CHEAP.cost()
     settled = sql(url, "select settlement, note from sona_job_charges where job_id = %s", job)
     assert settled == [{"settlement": "kept", "note": "cancelled after generation began"}]
 
 
-FROZEN = [
-    ("pay the cheapest, get the dearest", "mode = 'creator', duration = 180, quality = 'high'"),
-    ("rewrite the prompt", "prompt = 'something else entirely'"),
-    ("another naming convention", "naming_convention = '\"x\"'::jsonb"),
-    ("run it later", "run_after = now() + interval '1 day'"),
-    ("backdate it", "created_at = now() - interval '2 days'"),
-    ("another key", """musical_key = to_jsonb('{"key":"C","scale":"minor"}'::text)"""),
-]
+FROZEN: list[tuple[str, dict[str, Any], str]] = [
+    ("pay the cheapest, get the dearest", {"mode": "creator", "duration": 180, "quality": "high"},
+     "sona_request_frozen"),
+    ("rewrite the prompt", {"prompt": "something else entirely"}, "sona_request_frozen"),
+    ("another naming convention", {"naming_convention": "x"}, "sona_request_frozen"),
+    ("run it later", {"run_after": "2099-01-01T00:00:00Z"}, "sona_results_protected"),  # jobs_guard's already
+    ("backdate it", {"created_at": "2020-01-01T00:00:00Z"}, "sona_request_frozen"),
+    ("another key", {"musical_key": '{"key":"C","scale":"minor"}'}, "sona_request_frozen"),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "change"), FROZEN, ids=[f[0] for f in FROZEN])
+@pytest.mark.parametrize(("name", "change", "hint"), FROZEN, ids=[f[0] for f in FROZEN])
 def test_attack_5_the_request_is_frozen_once_generate_charged_for_it(
-    plugin_refunds_db_url: str, name: str, change: str
+    refunds_gateway_db: tuple[Gateway, str], name: str, change: dict[str, Any], hint: str
 ) -> None:
-    url = plugin_refunds_db_url
+    gateway, url = refunds_gateway_db
     user = new_user(url)
     answer = generate_over_sql(url, user, CHEAP)
     assert answer.job is not None
     job = answer.job["id"]
-    # run_after was already the worker's (jobs_guard); the rest were the owner's to change until now
-    frozen = "fixed once it is made|written by the worker"
-    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=frozen):  # noqa: SIM117
-        with as_postgrest(url, "authenticated", user) as conn:
-            conn.execute(f"update jobs set {change} where id = %s", (job,))  # type: ignore[arg-type]
+    assert refusal(patch_as_user(gateway, user, job, **change)) == (403, "42501", hint)
     row = sql(url, "select mode, duration, quality, prompt, run_after from jobs where id = %s", job)[0]
-    assert row == {
-        "mode": "designer",
-        "duration": 1,
-        "quality": "low",
-        "prompt": CHEAP.prompt,
-        "run_after": None,
-    }
+    asked = {"mode": "designer", "duration": 1, "quality": "low", "prompt": CHEAP.prompt, "run_after": None}
+    assert row == asked
     assert balance(url, user) == BONUS - CHEAP.cost()
 
 
-def test_the_owner_still_shares_their_job(plugin_refunds_db_url: str) -> None:
+def test_the_owner_still_shares_their_job(refunds_gateway_db: tuple[Gateway, str]) -> None:
     """What the owner keeps: `public` (the plug-in's share switch)."""
-    url = plugin_refunds_db_url
+    gateway, url = refunds_gateway_db
     user = new_user(url)
     job = generate_over_sql(url, user, CHEAP).job
     assert job is not None
-    with as_postgrest(url, "authenticated", user) as conn:
-        conn.execute("update jobs set public = true where id = %s", (job["id"],))
+    assert patch_as_user(gateway, user, job["id"], public=True).status_code in (200, 204)
     assert sql(url, "select public from jobs where id = %s", job["id"]) == [{"public": True}]
 
 
@@ -408,15 +412,28 @@ def test_attack_9_an_insert_cannot_set_scheduling_or_bookkeeping_columns(
     )
 
 
-def test_attack_9_anon_reads_no_url_into_the_private_bucket(plugin_migrated_db_url: str) -> None:
+def test_attack_9_anon_reads_no_url_into_the_private_bucket(
+    plugin_migrated_db_url: str, tmp_path: Path
+) -> None:
     url = plugin_migrated_db_url
     signed = f"http://127.0.0.1:54321/storage/v1/object/sign/{AUDIO_BUCKET}/generated/master.wav?token=t"
     sql(url, "update jobs set wav_url = %s, mp3_url = %s, result_url = %s where id = %s",
         signed, signed, signed, COMPLETED_CREATOR, role=None)  # fmt: skip
-    for column in ("wav_url", "mp3_url", "result_url", "master_path", "preview_path", "audio", "user_email"):
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # noqa: SIM117
-            with as_postgrest(url, "anon") as conn:
-                conn.execute(f"select {column} from jobs where public = true")  # type: ignore[arg-type]
+    gateway = gateway_over(url, tmp_path / "storage")
+    gateway.start()
+    try:
+        private = ("wav_url", "mp3_url", "result_url", "master_path", "preview_path", "audio", "user_email")
+        reads = {
+            column: requests.get(
+                f"{gateway.url}/rest/v1/jobs", params={"select": column, "public": "eq.true"},
+                headers=anon_headers(gateway), timeout=30,
+            )
+            for column in private
+        }  # fmt: skip
+    finally:
+        gateway.stop()
+    answers = {c: (a.status_code, a.json()["code"]) for c, a in reads.items()}
+    assert answers == dict.fromkeys(reads, (401, "42501"))
     assert [r["id"] for r in showcase(url)] == [COMPLETED_CREATOR]  # the landing page still reads
 
 
