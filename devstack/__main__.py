@@ -21,9 +21,21 @@ def _strength(text: str) -> float:
 def _demo(args: argparse.Namespace) -> int:
     from devstack.demo import PluginRequest, demo
 
+    # The plug-in's flow unless the earlier worker's is asked for (audio-to-audio is only there).
+    earlier = args.earlier_worker or args.input is not None
+    plugin = None if earlier else PluginRequest(args.mode or "designer", args.bpm, args.key)
     try:
-        plugin = PluginRequest(args.mode, args.bpm, args.key) if args.mode else None
-        return demo(args.prompt, args.duration, args.quality, args.input, args.strength, plugin, args.model)
+        return demo(
+            args.prompt,
+            args.duration,
+            args.quality,
+            args.input,
+            args.strength,
+            plugin,
+            args.model,
+            as_json=args.json,
+            database_url=args.database_url,
+        )
     except ConfigError as exc:  # raised before the stack starts anything
         print(exc, file=sys.stderr)
         return 1
@@ -42,7 +54,7 @@ def _dev(args: argparse.Namespace) -> int:
         if port
     }
     try:
-        return dev(args.json, ports, database_url=args.database_url)
+        return dev(args.json, ports, database_url=args.database_url, functions_url=args.functions_url)
     except ConfigError as exc:  # raised before the stack starts anything
         print(exc, file=sys.stderr)
         return 1
@@ -83,7 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--mode",
         choices=["designer", "producer", "creator"],
-        help="insert as the plug-in's generate function does (service role, queued) in this mode",
+        help="the plug-in's mode (default designer): the job is charged and inserted as its generate"
+        " function does (service role, queued)",
+    )
+    demo.add_argument(
+        "--earlier-worker",
+        action="store_true",
+        help="the earlier worker's flow instead: mode default, status pending, the row and its URLs",
+    )
+    demo.add_argument("--json", action="store_true", help="print the whole finished row as JSON")
+    demo.add_argument(
+        "--database-url",
+        help="run on this existing PostgreSQL (on a copy of the plug-in's database, tokens are charged"
+        " as generate charges them)",
     )
     demo.add_argument("--bpm", type=float, help="with --mode producer or creator")
     demo.add_argument("--key", help="with --mode: a musical key and scale, e.g. 'A minor'")
@@ -101,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         "--database-url",
         help="run on this existing PostgreSQL (e.g. a copy of production) instead of an embedded one: "
         "Supabase's roles and schemas are added where missing, the migrations applied, no row dropped",
+    )
+    dev.add_argument(
+        "--functions-url",
+        help="forward /functions/v1/* to this server (your own Edge Functions, e.g. `supabase functions"
+        " serve`), so a client calls generate at the stack's one base URL; the stack serves none itself",
     )
     dev.set_defaults(run=_dev)
     bench = commands.add_parser(

@@ -15,6 +15,7 @@ from typing import Any
 
 from devstack.database import REPO_ROOT
 from devstack.doubles.synth import LABEL
+from devstack.plugin_generate import GenerateRequest, Mode, generate_through_gateway
 from devstack.stack import TERMINAL, LocalStack
 
 DEMO_ROOT = REPO_ROOT / ".sona"
@@ -39,22 +40,24 @@ def _banner(stack: LocalStack) -> str:
 
 @dataclass(frozen=True)
 class PluginRequest:
-    """What the plug-in's generate would insert besides the prompt (PLUGIN.md)."""
+    """What the musician asks the plug-in's generate for besides the prompt (PLUGIN.md)."""
 
-    mode: str
+    mode: Mode = "designer"
     bpm: float | None = None
     key: str | None = None  # "A minor"
 
-    def columns(self) -> dict[str, Any]:
+    def generate_request(self, prompt: str, duration: int, quality: str) -> GenerateRequest:
         key, _, scale = (self.key or "").partition(" ")
-        columns: dict[str, Any] = {}
-        if key:
-            columns["musical_key"] = {"key": key, "scale": scale or "major"}
-        if self.bpm is not None and self.mode != "designer":
-            kind = "song" if self.mode == "creator" else "loop"
-            bpm = int(self.bpm) if self.bpm.is_integer() else self.bpm
-            columns["producer_config"] = {"type": kind, "bpm": bpm, "timeSignature": "4/4", "bars": 4}
-        return columns
+        bpm = None if self.bpm is None else (int(self.bpm) if self.bpm.is_integer() else self.bpm)
+        return GenerateRequest(
+            prompt,
+            duration,
+            quality,
+            self.mode,
+            key=key or None,
+            scale=scale or None,
+            bpm=bpm,
+        )
 
 
 def demo(
@@ -65,13 +68,20 @@ def demo(
     strength: float | None = None,
     plugin: PluginRequest | None = None,
     model: str | None = None,
+    *,
+    as_json: bool = False,
+    database_url: str | None = None,
 ) -> int:
+    """One job end to end. With `plugin` (the default from the command line) as the plug-in makes
+    it: generate's charge and queued insert, then what the musician gets; without it (the earlier
+    worker's flow, or audio-to-audio with `input_file`) the pending insert and the row's URLs."""
     # Unique even for two demos started in the same second (the test suite runs them in parallel).
     DEMO_ROOT.mkdir(exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"demo-{time.strftime('%Y%m%d-%H%M%S')}-", dir=DEMO_ROOT))
     print(f"Starting the local stack in {root} ...", flush=True)
     started = time.monotonic()
-    with LocalStack(root, env=model_env(model), double_generation_s=DEMO_GENERATION_S) as stack:
+    env = model_env(model)
+    with LocalStack(root, env=env, double_generation_s=DEMO_GENERATION_S, database_url=database_url) as stack:
         print(
             f"Ready in {time.monotonic() - started:.1f} s: PostgreSQL, gateway {stack.supabase_url},"
             f" process_job {stack.process_job_url}",
@@ -79,16 +89,65 @@ def demo(
         )
         print(_banner(stack), flush=True)
         if plugin is not None:
-            job_id = stack.insert_as_generate(prompt, duration, quality, plugin.mode, **plugin.columns())
-            print(f"Inserted {plugin.mode} job {job_id} as the plug-in does ({duration} s)", flush=True)
+            job_id = _as_the_plugin(stack, plugin.generate_request(prompt, duration, quality))
+            if job_id is None:
+                return 1
         elif input_file is None:
             job_id = stack.insert_job(prompt, duration, quality)
             print(f"Inserted job {job_id} ({duration} s, {quality}): {prompt!r}", flush=True)
         else:
             job_id = _audio_to_audio(stack, prompt, duration, quality, input_file, strength)
         row = _follow(stack, job_id, stack.settings().job_timeout_ms / 1000 + 30)
-        _report(stack, row)
+        if as_json:
+            print(json.dumps(_shown(row), indent=2, default=str))
+        elif plugin is not None:
+            _musician_report(stack, row)
+        else:
+            _report(stack, row)
+        if row["status"] != "completed":
+            print(f"Job {row['status']}: {row['error_message']}", file=sys.stderr)
         return 0 if row["status"] == "completed" else 1
+
+
+def _as_the_plugin(stack: LocalStack, request: GenerateRequest) -> uuid.UUID | None:
+    """A new musician asks generate for a job: charged where the plug-in's token tables exist (its
+    welcome bonus, then the price it words), inserted queued with the service role as one object;
+    the balance read before and after as the billing page reads it."""
+    user_id = stack.create_user()
+    charged = stack.has_token_tables()
+    before = _balance(stack, user_id) if charged else None
+    answer = generate_through_gateway(stack.gateway, user_id, request, charge=charged)
+    if answer.status != 201 or answer.job is None:
+        print(f"generate answered {answer.status}: {json.dumps(answer.error)}", file=sys.stderr)
+        return None
+    print(
+        f"Inserted {request.tier} job {answer.job['id']} as the plug-in's generate does "
+        f"(queued, {request.seconds} s, {request.quality_sent}): {request.prompt!r}",
+        flush=True,
+    )
+    if before is None:
+        print("Tokens: this database has none of the plug-in's token tables; nothing charged", flush=True)
+    else:
+        after = _balance(stack, user_id)
+        charge = f"{answer.tokens_charged} charged: {request.description()}"
+        print(f"Tokens: {before} before, {after} after ({charge})", flush=True)
+    return uuid.UUID(answer.job["id"])
+
+
+def _balance(stack: LocalStack, user_id: uuid.UUID) -> int:
+    """The billing page's read (use-billing.ts): the user's row as one object, 0 on PGRST116."""
+    import requests
+
+    answer = requests.get(
+        f"{stack.supabase_url}/rest/v1/user_tokens?select=balance&user_id=eq.{user_id}",
+        headers={
+            "apikey": stack.publishable_key,
+            "Authorization": f"Bearer {stack.user_token(user_id)}",
+            "Accept": "application/vnd.pgrst.object+json",
+        },
+        timeout=10,
+    )
+    return int(answer.json()["balance"]) if answer.status_code == 200 else 0
 
 
 def _audio_to_audio(
@@ -130,13 +189,36 @@ def _follow(stack: LocalStack, job_id: uuid.UUID, timeout_s: float) -> dict[str,
         time.sleep(0.1)
 
 
-def _report(stack: LocalStack, row: dict[str, Any]) -> None:
-    shown = {
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    return {
         k: (str(v) if v is not None and not isinstance(v, (int, float, dict)) else v)
         for k, v in row.items()
         if k not in ("lease_token",)
     }
-    print(json.dumps(shown, indent=2, default=str))
+
+
+def _musician_report(stack: LocalStack, row: dict[str, Any]) -> None:
+    """What the plug-in shows a musician: the mode, the prompt the model got, the file's name, the
+    preview it plays and how long it is; and where the files are on this disk."""
+    if row["status"] != "completed":
+        return
+    from sona.audio.ffmpeg import find_ffmpeg
+    from sona.audio.master import decoded_seconds
+
+    bucket = stack.root / "storage" / stack.settings().supabase_storage_bucket
+    preview, master = bucket / row["preview_path"], bucket / row["master_path"]
+    seconds = decoded_seconds(preview.read_bytes(), "mp3", find_ffmpeg(stack.settings().ffmpeg_binary))
+    print(f"Mode:        {row['mode']}")
+    print(f"Prompt sent: {row['enhanced_prompt']!r}")
+    print(f"File name:   {row['filename']!r}")
+    print(f"Preview:     {row['preview_path']} ({seconds:.1f} s), signed for an hour by the player")
+    print(f"On disk:     {preview}\n             {master} (the WAV master)")
+    if not stack.real_provider:
+        print(f"Note: the audio came from the {LABEL}; --json shows the whole row.")
+
+
+def _report(stack: LocalStack, row: dict[str, Any]) -> None:
+    print(json.dumps(_shown(row), indent=2, default=str))
     if row["status"] == "completed":
         if row.get("preview_path"):
             print(f"Player: preview_path {row['preview_path']}, download name {row['filename']!r}")
@@ -145,19 +227,21 @@ def _report(stack: LocalStack, row: dict[str, Any]) -> None:
         print("(The URLs are served while the stack runs; the files stay.)")
         if not stack.real_provider:
             print(f"Note: audio.model is the model the job asked for; this audio came from the {LABEL}.")
-    else:
-        print(f"Job {row['status']}: {row['error_message']}", file=sys.stderr)
 
 
 def dev(
-    as_json: bool, ports: dict[str, int], root: Path | None = None, database_url: str | None = None
+    as_json: bool,
+    ports: dict[str, int],
+    root: Path | None = None,
+    database_url: str | None = None,
+    functions_url: str | None = None,
 ) -> int:
     DEMO_ROOT.mkdir(exist_ok=True)
     root = root or Path(tempfile.mkdtemp(prefix="dev-", dir=DEMO_ROOT))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalStack(root, ports=ports, database_url=database_url) as stack:
+    with LocalStack(root, ports=ports, database_url=database_url, functions_url=functions_url) as stack:
         # A signed-in local user, so a client can insert and cancel jobs as the plug-in does.
         info = {**stack.describe(), **stack.sign_in()}
         if as_json:

@@ -186,6 +186,7 @@ class LocalStack:
         before_migrations: Callable[[str], None] | None = None,
         relay_pause_s: float = DEFAULT_PAUSE_S,
         database_server: str | None = None,
+        functions_url: str | None = None,
     ) -> None:
         """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of the
         function that runs jobs (run_job with Cloud Tasks, process_job in direct mode): requests
@@ -198,7 +199,8 @@ class LocalStack:
         `relay_pause_s` is pg_net's pause between batches (1 s, as pg_net has it); a test of
         something else may shorten it. `database_server` (a PostgreSQL URL) puts the stack's
         database on that server, dropped on stop, instead of starting an embedded server of its own
-        (the test suite shares one)."""
+        (the test suite shares one). `functions_url` is the developer's own Edge Functions
+        server, which the gateway forwards /functions/v1/* to."""
         self.before_migrations = before_migrations
         self.root = root
         self.ports = dict(ports or {})  # gateway, process_job, reclaim_jobs: free ones unless given
@@ -216,6 +218,9 @@ class LocalStack:
         self.secret_key = SECRET_PREFIX + secrets.token_urlsafe(24)
         self.publishable_key = PUBLISHABLE_PREFIX + secrets.token_urlsafe(24)
         self.function_key = function_key  # which of the four the functions get
+        # The password every local user signs in with (the gateway's password grant).
+        self.local_password = secrets.token_urlsafe(12)
+        self.functions_url = functions_url
         self.webhook_secret = webhook_secret or secrets.token_urlsafe(24)
         self.postgres = EmbeddedPostgres(root / "pgdata")
         self.database_server = database_server
@@ -267,6 +272,8 @@ class LocalStack:
             jwt_secret=self.jwt_secret,
             secret_key=self.secret_key,
             publishable_key=self.publishable_key,
+            functions_url=self.functions_url,
+            local_password=self.local_password,
         )
         self.supabase_url = self.gateway.start(port=self.ports.get("gateway", 0))
         if not self.real_provider:
@@ -514,18 +521,28 @@ class LocalStack:
             "storage_dir": str(self.root / "storage"),
             "dispatch": self.dispatch,
             "cloud_tasks_url": self.tasks.url if self.tasks else "",
+            "functions_url": self.functions_url or "",
         }
 
     # -- the plug-in's side --------------------------------------------------------------------
-    def create_user(self) -> uuid.UUID:
+    def create_user(self, email: str | None = None) -> uuid.UUID:
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             # A real auth.users has no default id (Supabase Auth makes it): give one.
             row = conn.execute(
                 "insert into auth.users (id, email) values (gen_random_uuid(), %s) returning id",
-                (f"musician-{uuid.uuid4().hex[:8]}@example.com",),
+                (email or f"musician-{uuid.uuid4().hex[:8]}@example.com",),
             ).fetchone()
         assert row is not None
         return uuid.UUID(str(row[0]))
+
+    def has_token_tables(self) -> bool:
+        """Whether the database holds the plug-in's tokens (its balance table and the charge)."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            row = conn.execute(
+                "select to_regclass('public.user_tokens') is not null"
+                " and to_regprocedure('public.use_tokens(uuid, integer, text)') is not null"
+            ).fetchone()
+        return bool(row and row[0])
 
     def user_token(self, user_id: uuid.UUID) -> str:
         """The access token Supabase Auth would give this user after sign-in (an hour long): send
@@ -533,9 +550,16 @@ class LocalStack:
         return make_user_jwt(self.jwt_secret, user_id)
 
     def sign_in(self) -> dict[str, str]:
-        """A new local user and their token: what a client needs to act as a signed-in musician."""
-        user_id = self.create_user()
-        return {"user_id": str(user_id), "user_token": self.user_token(user_id)}
+        """A new local user, their token, and what signs them in again (supabase-js's
+        signInWithPassword against the gateway): what a client needs to act as a musician."""
+        email = f"musician-{uuid.uuid4().hex[:8]}@example.com"
+        user_id = self.create_user(email)
+        return {
+            "user_id": str(user_id),
+            "user_token": self.user_token(user_id),
+            "user_email": email,
+            "user_password": self.local_password,
+        }
 
     def insert_job(
         self,

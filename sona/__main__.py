@@ -1,4 +1,4 @@
-"""`python -m sona COMMAND`: validate, reclaim, deploy-plan, webhook-sql, stats (what operators run
+"""`python -m sona COMMAND`: validate, doctor, reclaim, deploy-plan, webhook-sql, stats (what operators run
 against a deployment). The local world's commands (demo, dev, bench) are `python -m devstack`."""
 
 from __future__ import annotations
@@ -31,6 +31,17 @@ def _validate(_: argparse.Namespace) -> int:
         f"lease {settings.lease_seconds} s, model {settings.stable_audio_model}, ffmpeg {ffmpeg})."
     )
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """Exit 1 while any hole is open, so a deploy script can stop on it."""
+    from dataclasses import asdict
+
+    from sona.ops.doctor import find_holes, render
+
+    findings = find_holes(args.database_url)
+    print(json.dumps([asdict(f) for f in findings], indent=2) if args.json else render(findings))
+    return 1 if findings else 0
 
 
 def _reclaim(_: argparse.Namespace) -> int:
@@ -103,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sona", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("validate", help="check the configuration").set_defaults(run=_validate)
+    doctor = commands.add_parser(
+        "doctor", help="list the grants that let anon or users mint tokens, change settings or clear audio"
+    )
+    doctor.add_argument("--database-url", required=True, help="the database (postgresql://...)")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(run=_doctor)
     commands.add_parser("reclaim", help="run reclaim_jobs once").set_defaults(run=_reclaim)
     commands.add_parser(
         "deploy-plan", help="print the gcloud commands that deploy both functions"

@@ -46,6 +46,8 @@ StableAudioModel = Literal["stable-audio-2.5", "stable-audio-2", "stable-audio-3
 # A plug-in mode may also be served by TangoFlux on Replicate (text-to-audio only, up to 30 s).
 ModelName = StableAudioModel | Literal["tangoflux"]
 PLUGIN_MODE_MODELS = ("designer_model", "producer_model", "creator_model")
+# Each plug-in mode's model for rows longer than its own model makes (sona/job/modes.py model_for).
+FALLBACK_MODELS = ("designer_fallback_model", "producer_fallback_model", "creator_fallback_model")
 # Stable Audio 3's asynchronous routes sit under this base: POST {base}/stable-audio/{endpoint},
 # GET {base}/results/{id} (DESIGN.md, Stable Audio 3).
 DEFAULT_STABLE_AUDIO_3_API_URL = "https://api.stability.ai/v2beta/audio"
@@ -138,6 +140,11 @@ class Settings(EnvironmentSettings):
     designer_model: ModelName = "stable-audio-2.5"
     producer_model: ModelName = "stable-audio-2.5"
     creator_model: ModelName = "stable-audio-2.5"
+    # The model for a row longer than its mode's model makes (TangoFlux stops at 30 s), chosen before
+    # anything is paid for; "none" (or empty): such a row fails unpaid and its tokens come back.
+    designer_fallback_model: StableAudioModel | None = "stable-audio-2.5"
+    producer_fallback_model: StableAudioModel | None = "stable-audio-2.5"
+    creator_fallback_model: StableAudioModel | None = "stable-audio-2.5"
     # audio/* answers raw bytes; application/json answers base64 (both are handled).
     stable_audio_accept: Literal["audio/*", "application/json"] = "audio/*"
     stable_audio_cfg_scale: float | None = Field(default=None, ge=1, le=25)
@@ -155,6 +162,11 @@ class Settings(EnvironmentSettings):
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator(*FALLBACK_MODELS, mode="before")
+    @classmethod
+    def _no_fallback(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @field_validator("replicate_api_token")
     @classmethod

@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sona.job.messages import Said
+
 
 class SonaError(Exception):
-    """Base. `public_message` is what a musician may read in the plug-in: plain, no secrets."""
+    """Base. `public_message` says what went wrong in plain words, safe to log (no secrets), and
+    `detail` what the provider or the system said: both reach the attempt's record and the log line.
+    What the musician reads is chosen by the error's kind (sona/job/messages.py), or by `says` where one
+    kind covers outcomes a musician acts on differently (moderation, English only); `facts` fill
+    that message's blanks."""
 
     retryable = False
 
-    def __init__(self, public_message: str, *, detail: str | None = None) -> None:
+    def __init__(
+        self,
+        public_message: str,
+        *,
+        detail: str | None = None,
+        says: Said | None = None,
+        facts: dict[str, int] | None = None,
+    ) -> None:
         super().__init__(public_message if detail is None else f"{public_message} ({detail})")
         self.public_message = public_message
         self.detail = detail
+        self.says = says
+        self.facts = facts or {}
 
 
 class PermanentError(SonaError):
     """Retrying cannot help (bad input, moderation, no credits): fail the job now."""
+
+
+class BadRequest(PermanentError):
+    """The row asks for something this service cannot make, found by our own checks before anything
+    is paid for. The one kind whose `public_message` the musician reads as written: it names what to
+    change, in our words only (never a provider's). README's table lists every such message."""
 
 
 class TransientError(SonaError):
@@ -24,9 +48,14 @@ class TransientError(SonaError):
     retryable = True
 
     def __init__(
-        self, public_message: str, *, detail: str | None = None, retry_after_s: float | None = None
+        self,
+        public_message: str,
+        *,
+        detail: str | None = None,
+        retry_after_s: float | None = None,
+        says: Said | None = None,
     ) -> None:
-        super().__init__(public_message, detail=detail)
+        super().__init__(public_message, detail=detail, says=says)
         self.retry_after_s = retry_after_s
 
 

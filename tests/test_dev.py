@@ -48,6 +48,9 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
             "cloud_tasks_url",
             "user_id",
             "user_token",
+            "user_email",
+            "user_password",
+            "functions_url",
         }
         assert info["process_job_url"] == f"http://127.0.0.1:{port}"
         key = info["service_role_key"]
@@ -90,6 +93,23 @@ def test_dev_prints_one_json_line_that_drives_the_stack_and_stops_on_sigint() ->
             timeout=10,
         )
         assert cancelled.status_code == 200
+        # The user signs in again as supabase-js's signInWithPassword does, and polls their job.
+        session = requests.post(
+            f"{info['supabase_url']}/auth/v1/token?grant_type=password",
+            json={"email": info["user_email"], "password": info["user_password"]},
+            headers={"apikey": info["publishable_key"]},
+            timeout=10,
+        ).json()
+        polled = requests.get(
+            f"{info['supabase_url']}/rest/v1/jobs?select=id,status&id=eq.{inserted.json()[0]['id']}",
+            headers={
+                "apikey": info["publishable_key"],
+                "Authorization": f"Bearer {session['access_token']}",
+                "Accept": "application/vnd.pgrst.object+json",
+            },
+            timeout=10,
+        )
+        assert polled.json() == {"id": inserted.json()[0]["id"], "status": "cancelled"}
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0

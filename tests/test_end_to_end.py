@@ -4,6 +4,7 @@ functions under functions-framework, ffmpeg, and the Stable Audio double."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -159,9 +160,35 @@ def run_demo(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_completes_with_no_keys_and_no_network(tmp_path: Path) -> None:
+    """The README's first command: the plug-in's flow, and what the musician gets."""
     result = run_demo(tmp_path, "ambient forest at dawn", "--duration", "5")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "offline synthesiser (not Stable Audio)" in result.stdout
+    assert (
+        "Inserted designer job" in result.stdout and "as the plug-in's generate does (queued" in result.stdout
+    )
+    assert "Tokens: this database has none of the plug-in's token tables; nothing charged" in result.stdout
+    assert "Mode:        designer" in result.stdout
+    assert "Prompt sent: 'ambient forest at dawn. very short'" in result.stdout
+    preview = re.search(r"Preview: +(generated/\S+\.mp3) \((\d+\.\d) s\)", result.stdout)
+    assert preview is not None and float(preview.group(2)) == 5.0
+    on_disk = re.findall(r"(/\S+\.(?:mp3|wav))", result.stdout.split("On disk:", 1)[1])
+    assert [Path(p).suffix for p in on_disk] == [".mp3", ".wav"]
+    assert all(Path(p).stat().st_size > 0 for p in on_disk) and on_disk[0].endswith(preview.group(1))
+
+
+def test_demo_json_prints_the_whole_finished_row(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "ambient forest at dawn", "--duration", "5", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
+    assert (row["mode"], row["status"], row["duration"]) == ("designer", "completed", 5)
+    assert row["preview_path"].endswith(".mp3") and row["enhanced_prompt"] and row["filename"]
+
+
+def test_demo_runs_the_earlier_workers_flow_one_flag_away(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "ambient forest at dawn", "--duration", "5", "--earlier-worker")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"mode": "default"' in result.stdout
     assert '"status": "completed"' in result.stdout
     assert "WAV: http://127.0.0.1" in result.stdout
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sona.errors import PermanentError
+from sona.errors import BadRequest, PermanentError
 from sona.job.modes import duration_phrase, plan_job
 from sona.models import Job, JobStatus
 from tests.support import make_settings
@@ -21,6 +21,7 @@ from tests.support import make_settings
 KEY = {"key": "A", "scale": "minor"}
 LOOP = {"type": "loop", "bpm": 124, "timeSignature": "4/4", "bars": 8}
 SONG = {"type": "song", "bpm": 92, "timeSignature": "4/4", "bars": 4}
+TANGOFLUX = {"replicate_api_token": "r8_modes-test-token-0123"}  # a tangoflux mode needs one
 
 
 def job(**fields: Any) -> Job:
@@ -156,6 +157,44 @@ def test_the_buckets_own_limit_counts_too() -> None:
     settings = make_settings(creator_model="stable-audio-3", storage_file_size_limit="20MB")
     with pytest.raises(PermanentError, match=r"\(20 MB\); choose 113 seconds or less"):
         plan_job(job(mode="creator", duration=120), settings)
+
+
+@pytest.mark.parametrize(
+    ("duration", "fallback", "model"),
+    [
+        (30, "stable-audio-2.5", "tangoflux"),
+        (31, "stable-audio-2.5", "stable-audio-2.5"),
+        (45, "stable-audio-2", "stable-audio-2"),
+        (180, "stable-audio-3", "stable-audio-3"),
+    ],
+)
+def test_a_row_longer_than_tangoflux_makes_goes_to_the_modes_fallback_whole(
+    duration: int, fallback: str, model: str
+) -> None:
+    settings = make_settings(designer_model="tangoflux", designer_fallback_model=fallback, **TANGOFLUX)
+    plan = plan_job(job(mode="designer", duration=duration), settings)
+    assert (plan.model, plan.duration) == (model, duration)
+    assert plan.prompt == f"deep warm bass groove. {duration_phrase(duration)}"
+
+
+def test_the_fallback_is_per_mode() -> None:
+    settings = make_settings(
+        designer_model="tangoflux",
+        producer_model="tangoflux",
+        producer_fallback_model="stable-audio-3",
+        **TANGOFLUX,
+    )
+    assert plan_job(job(mode="designer", duration=45), settings).model == "stable-audio-2.5"
+    assert plan_job(job(mode="producer", duration=45), settings).model == "stable-audio-3"
+
+
+@pytest.mark.parametrize("unset", ["none", "None", ""])
+def test_with_no_fallback_a_length_no_model_makes_fails_before_anything_is_paid(unset: str) -> None:
+    settings = make_settings(designer_model="tangoflux", designer_fallback_model=unset, **TANGOFLUX)
+    assert settings.designer_fallback_model is None
+    with pytest.raises(BadRequest) as failed:
+        plan_job(job(mode="designer", duration=45), settings)
+    assert failed.value.public_message == "The duration must be 1 to 30 seconds, not 45."
 
 
 def test_stable_audio_3_refuses_a_row_past_380_seconds_before_anything_is_paid() -> None:

@@ -86,3 +86,28 @@ def test_a_convention_stored_as_generates_json_string_reads_the_same() -> None:
 def test_every_attempt_of_a_job_names_its_file_the_same() -> None:
     fields = {"naming_convention": convention("timestamp", "uuid", "date")}
     assert name(**fields) == name(**fields)
+
+
+HOSTILE = [
+    (
+        "a path as separator",
+        convention("category", "fxName", separator="/../../../../tmp/"),
+        "GEN...DeepWarmBass",
+    ),
+    ("a backslash and a newline", convention("category", "fxName", separator="\\\n"), "GENDeepWarmBass"),
+    ("a 100 KB separator", convention("category", "fxName", separator="_" * 100_000), "GEN___DeepWarmBass"),
+]
+
+
+@pytest.mark.parametrize(("case", "hostile", "filename"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_hostile_convention_still_gives_a_file_name_not_a_path(
+    case: str, hostile: dict[str, Any], filename: str
+) -> None:
+    assert name(naming_convention=hostile) == filename
+
+
+def test_a_huge_convention_gives_a_bounded_name() -> None:
+    huge = convention(*["fxName"] * 20_000, separator="-")  # about 100 KB of JSON
+    made = name(naming_convention=huge)
+    assert made is not None and len(made) <= 120
+    assert made.startswith("DeepWarmBass-DeepWarmBass") and not made.endswith("-")

@@ -16,6 +16,7 @@ from sona.audio.ffmpeg import find_ffmpeg
 from sona.deadline import Deadline
 from sona.engines.stable_audio import GenerationRequest
 from sona.errors import (
+    BadRequest,
     Cancelled,
     DatabaseUnavailable,
     DeadlineExceeded,
@@ -87,10 +88,11 @@ class FakeStore:
         retryable: bool,
         outcome_class: OutcomeClass,
         timings_ms: dict[str, int],
+        detail: str | None = None,
     ) -> Job:
         if self.fail_fail is not None:
             raise self.fail_fail
-        self.writes.append(("fail", {"message": message, "retryable": retryable}))
+        self.writes.append(("fail", {"message": message, "retryable": retryable, "detail": detail}))
         self.figures.append((outcome_class, timings_ms))
         status = JobStatus.PENDING if retryable else JobStatus.FAILED
         return job.model_copy(update={"status": status, "error_message": message})
@@ -286,7 +288,9 @@ def test_a_finishing_attempt_completes_from_the_stored_files_without_generating(
 def test_a_finishing_attempt_without_stored_files_fails_for_good_without_generating() -> None:
     result, store, provider, storage = run(claimed(attempts=4, reuse_only=True))
     assert (result.outcome, provider.calls) == ("failed", 0)
-    assert store.writes == [("fail", {"message": "The job timed out after 3 attempts.", "retryable": False})]
+    ((verb, written),) = store.writes
+    assert (verb, written["retryable"]) == ("fail", False)
+    assert written["message"] == "The job timed out after 3 attempts."
     assert storage.stored == {}
 
 
@@ -298,13 +302,14 @@ def test_an_encoder_still_running_at_the_deadline_releases_the_job(tmp_path: Pat
     result, store, _, _ = run(claimed(), ffmpeg=str(stuck), budget_s=1.5)
     assert time.monotonic() - started < 3.5
     assert result.outcome == "retrying"
-    assert store.writes[-1][1] == {"message": "The job ran out of time", "retryable": True}
+    written = store.writes[-1][1]
+    assert (written["message"], written["retryable"]) == ("The job ran out of time", True)
 
 
 def test_a_failure_write_that_outlives_the_margin_leaves_the_job_to_reclaim() -> None:
     store = FakeStore(fail_fail=DeadlineExceeded("The job ran out of time"))
     result, _, _, _ = run(claimed(), store=store, provider=FakeProvider(error=TransientError("busy")))
-    assert (result.outcome, result.error) == ("interrupted", "busy")
+    assert (result.outcome, result.error) == ("interrupted", "The audio service had a temporary problem")
 
 
 @dataclass
@@ -317,7 +322,7 @@ class InputStorage(FakeStorage):
     def read_input(self, name: str, deadline: Deadline, max_bytes: int) -> bytes:
         self.reads.append(name)
         if name not in self.inputs:
-            raise PermanentError("The input file was not found; upload it again.")
+            raise BadRequest("The input file was not found; upload it again.")
         return self.inputs[name]
 
 

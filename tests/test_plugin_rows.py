@@ -240,6 +240,8 @@ def test_a_deleted_row_lets_its_files_go(db_url: str) -> None:
 def test_deleted_files_are_forgotten_once_done(db_url: str) -> None:
     completed_job(db_url, new_user(db_url), "e")
     sql(db_url, "update jobs set master_path = null, preview_path = null", role=None)
+    assert sql(db_url, "select * from sona_storage_garbage_due(2)") == []  # a day to undo a mistake
+    sql(db_url, "update sona_storage_garbage set due_at = now()", role=None)  # the day has passed
     due = sql(db_url, "select * from sona_storage_garbage_due(2)")
     assert len(due) == 2
     assert sql(db_url, "select sona_storage_garbage_done(%s) as n", [d["id"] for d in due]) == [{"n": 2}]

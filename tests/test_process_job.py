@@ -16,6 +16,7 @@ from functions_framework import create_app
 
 from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
 from devstack.emulators.gateway import Gateway, gateway_error, gateway_error_page
+from sona.job.messages import MESSAGES
 from sona.services import reset_services
 from sona.store.storage import AudioStorage
 from tests.support import SECRETS, insert_job, job_row, sql
@@ -121,9 +122,7 @@ def test_a_moderated_prompt_fails_the_job_with_a_readable_message(
     body = post(client, payload(job_id)).get_json()
     assert (body["outcome"], body["status"]) == ("failed", "failed")
     row = job_row(db_url, job_id)
-    assert row["error_message"] == (
-        "The prompt was flagged by the audio service's content moderation; please rephrase it"
-    )
+    assert row["error_message"] == MESSAGES["moderation"]
     assert double.call_count == 1
 
 
@@ -135,10 +134,7 @@ def test_an_html_403_from_the_providers_edge_releases_the_job_without_blaming_th
     body = post(client, payload(job_id)).get_json()
     assert (body["outcome"], body["status"]) == ("paused", "pending")  # the account, not the job
     assert (job_row(db_url, job_id)["attempts"], paused_by(db_url)) == (0, ["provider_edge_refused"])
-    assert job_row(db_url, job_id)["error_message"] == (
-        "The audio service refused the request; this is not a problem with your prompt. "
-        "The job will be retried."
-    )
+    assert job_row(db_url, job_id)["error_message"] == MESSAGES["service_unavailable"]
     assert double.call_count == 1
 
 
@@ -165,9 +161,7 @@ def test_a_bucket_the_project_refuses_releases_the_job_before_paying_and_blames_
     assert (body["outcome"], body["status"]) == ("paused", "pending")
     row = job_row(db_url, job_id)
     assert (row["attempts"], paused_by(db_url)) == (0, ["storage_bucket_refused"])
-    assert (
-        row["error_message"] == "The file storage is not set up to accept the audio; the job will be retried"
-    )
+    assert row["error_message"] == MESSAGES["service_unavailable"]
     assert double.call_count == 0
 
 
@@ -431,6 +425,8 @@ def test_a_claim_whose_answer_was_lost_keeps_its_lease_and_the_job_completes(
     assert (body["outcome"], body["status"], body["attempt"]) == ("completed", "completed", 1)
     assert job_row(db_url, job_id)["attempts"] == 1
     assert double.paid_generations == 1
+
+
 @pytest.mark.parametrize("kind", ["publishable_key", "anon_key"])
 def test_the_first_request_with_an_anon_or_publishable_key_claims_nothing_and_says_why(
     client: FlaskClient,

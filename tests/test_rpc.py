@@ -128,4 +128,3 @@ def test_no_call_starts_when_the_deadline_is_spent(answers: tuple[Answers, RpcCl
     with Deadline(0.0).applies(), pytest.raises(DeadlineExceeded):
         client.call("f", {})
     assert app.seen == []
-

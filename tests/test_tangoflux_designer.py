@@ -50,7 +50,7 @@ def test_the_other_modes_stay_on_stable_audio(stack: LocalStack) -> None:
 def test_demo_runs_a_designer_job_on_tangoflux(tmp_path: Path) -> None:
     demo = [sys.executable, "-m", "devstack", "demo"]
     result = subprocess.run(
-        [*demo, "metal door slam", "--mode", "designer", "--duration", "4"],
+        [*demo, "metal door slam", "--mode", "designer", "--duration", "4", "--json"],
         cwd=Path(__file__).resolve().parents[1],
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DESIGNER_MODEL": "tangoflux"},
         capture_output=True,

@@ -1,8 +1,10 @@
-"""The local Supabase gateway: PostgREST's RPC endpoint and the Storage endpoints the function uses.
+"""The local Supabase gateway: PostgREST's tables and RPC, the Storage endpoints, GoTrue's user and
+password grant, and /functions/v1/* forwarded to a developer's own Edge Functions server.
 
-Backed by a real PostgreSQL (RPC, bucket and object metadata) and a folder (object bytes). It answers
-with the real services' status codes and error bodies, so supabase-py cannot tell the difference for
-the calls this project makes. Tests can inject faults per route.
+Backed by a real PostgreSQL (tables, RPC, users, bucket and object metadata) and a folder (object
+bytes). It answers with the real services' status codes and error bodies, so supabase-js and
+supabase-py cannot tell the difference for the calls the function and the plug-in make. Tests can
+inject faults per route.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from psycopg_pool import ConnectionPool
 from werkzeug.serving import BaseWSGIServer
 from werkzeug.wrappers import Request, Response
 
+from devstack.emulators.auth_api import AuthApi
 from devstack.emulators.postgrest_rpc import PostgrestRpc
+from devstack.emulators.postgrest_tables import PostgrestTables
+from devstack.emulators.postgrest_wire import PostgrestError
 from devstack.emulators.storage_api import StorageApi, access_denied
 from devstack.emulators.user_jwt import check_jwt
 from devstack.serving import json_response, serve_wsgi, stop_server
@@ -33,7 +39,9 @@ from sona.store.supabase_keys import PUBLISHABLE_PREFIX, SECRET_PREFIX
 
 _BEARER = re.compile(r"^Bearer\s+", re.IGNORECASE)
 # PostgREST's answer to a Bearer token that is not a JWT (e.g. an sb_secret_ key): supabase-py#1230.
-NOT_A_JWT = {"code": "PGRST301", "details": None, "hint": None, "message": "Expected 3 parts in JWT; got 1"}
+NOT_A_JWT = PostgrestError(401, "PGRST301", "Expected 3 parts in JWT; got 1")
+# Hop-by-hop headers a proxy does not pass on (RFC 9110), and what the HTTP client recomputes.
+_NOT_FORWARDED = {"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
 
 
 def _b64(raw: bytes) -> str:
@@ -54,8 +62,8 @@ def make_jwt(secret: str, role: str, ttl_s: int = 10 * 365 * 24 * 3600) -> str:
 
 
 # PostgREST's answers to a Bearer JWT it cannot accept (v12 codes).
-BAD_SIGNATURE = {"code": "PGRST301", "details": None, "hint": None, "message": "JWSError JWSInvalidSignature"}
-JWT_EXPIRED = {"code": "PGRST303", "details": None, "hint": None, "message": "JWT expired"}
+BAD_SIGNATURE = PostgrestError(401, "PGRST301", "JWSError JWSInvalidSignature")
+JWT_EXPIRED = PostgrestError(401, "PGRST303", "JWT expired")
 
 
 # The API gateway's (Kong's) own error answers when PostgREST or Storage behind it fails: the message
@@ -166,6 +174,8 @@ class Gateway:
         secret_key: str | None = None,
         publishable_key: str | None = None,
         schema: str = "public",
+        functions_url: str | None = None,
+        local_password: str | None = None,
     ) -> None:
         self.database_url = database_url
         self.storage_dir = storage_dir
@@ -185,6 +195,12 @@ class Gateway:
             database_url, min_size=1, max_size=20, open=False, kwargs={"autocommit": False}
         )
         self.rpc = PostgrestRpc(self._pool, schema)
+        self.tables = PostgrestTables(self._pool, schema)
+        # The one password every local user signs in with (auth_api.py says why).
+        self.local_password = local_password or secrets.token_urlsafe(12)
+        self.auth = AuthApi(self._pool, jwt_secret, self.local_password)
+        # The developer's own Edge Functions server, which /functions/v1/* is forwarded to.
+        self.functions_url = functions_url.rstrip("/") if functions_url else None
         self.storage = StorageApi(self._pool, storage_dir, jwt_secret)
         self._server: BaseWSGIServer | None = None
         self.url = ""
@@ -219,6 +235,10 @@ class Gateway:
             route = StorageApi.route(request)
         elif re.fullmatch(r"/rest/v1/\w+", path):
             route = f"table:{path.removeprefix('/rest/v1/')}"
+        elif path in ("/auth/v1/user", "/auth/v1/token"):
+            route = f"auth:{path.removeprefix('/auth/v1/')}"
+        elif path.startswith("/functions/v1/"):
+            route = f"functions:{path.removeprefix('/functions/v1/')}"
         else:
             return json_response({"message": "no Route matched with those values"}, 404)
         self._count(route)
@@ -235,6 +255,8 @@ class Gateway:
     def _serve_route(self, route: str, request: Request) -> Response:
         if route in ("storage:public", "storage:signed_get"):  # public reads need no key
             return self.storage.handle(route, request, "anon")
+        if route.startswith("functions:"):  # the Edge Functions runtime checks its own callers
+            return self._forward_function(route.removeprefix("functions:"), request)
         key = request.headers.get("apikey", "")
         role = self._key_role(key)
         if role is None:
@@ -245,15 +267,23 @@ class Gateway:
                 },
                 401,
             )
+        if route.startswith("auth:"):  # GoTrue reads the user's token itself
+            return self.auth.handle(route, request)
         bearer = request.headers.get("Authorization")
         claims: dict[str, Any] | None = None
         if bearer is not None:
-            # What reaches PostgREST and Storage is the caller's own Authorization: they take only
-            # a JWT there, so a new key (or anything else with no three parts) is refused.
             token = _BEARER.sub("", bearer, count=1)
             if len(token.split(".")) != 3:
+                # Supabase's gateway resolves a new key sent as Bearer when it is the request's own
+                # apikey (supabase-js does so when nobody is signed in): the key's role, as if no
+                # Bearer were sent. Anything else with no three parts reaches PostgREST and Storage
+                # as it is, and they take only a JWT there.
+                if token.startswith((SECRET_PREFIX, PUBLISHABLE_PREFIX)) and hmac.compare_digest(
+                    token.encode(), key.encode()
+                ):
+                    return self._serve_as(route, request, role, None)
                 if route.startswith(("rpc:", "table:")):
-                    return json_response(NOT_A_JWT, 401)
+                    return NOT_A_JWT.response()
                 return access_denied("Invalid Compact JWS")
             known = self._jwt_role(token)
             if known is None:
@@ -263,18 +293,51 @@ class Gateway:
                 claims, problem = check_jwt(token, self.jwt_secret)
                 if claims is None or not isinstance(claims.get("role"), str):
                     if route.startswith(("rpc:", "table:")):
-                        return json_response(JWT_EXPIRED if problem == "expired" else BAD_SIGNATURE, 401)
+                        return (JWT_EXPIRED if problem == "expired" else BAD_SIGNATURE).response()
                     return access_denied("jwt expired" if problem == "expired" else "invalid signature")
                 role = claims["role"]
             else:
                 role = known
+        return self._serve_as(route, request, role, claims)
+
+    def _serve_as(self, route: str, request: Request, role: str, claims: dict[str, Any] | None) -> Response:
         if route.startswith("rpc:"):
             return self.rpc.handle(route.removeprefix("rpc:"), request, role, claims)
         if route.startswith("table:"):
-            if request.method != "POST":
-                return json_response({"message": "only inserts are served locally"}, 405)
-            return self.rpc.insert(route.removeprefix("table:"), request, role, claims or {"role": role})
+            return self.tables.handle(route.removeprefix("table:"), request, role, claims or {"role": role})
         return self.storage.handle(route, request, role, claims)
+
+    def _forward_function(self, name: str, request: Request) -> Response:
+        """/functions/v1/<name> to the developer's Edge Functions server (`dev --functions-url`),
+        method, path, query, headers and body as they came; its answer as it is."""
+        if self.functions_url is None:
+            return json_response(
+                {
+                    "code": "NOT_FOUND",
+                    "message": "Requested function was not found",
+                    "hint": "the local stack serves no Edge Functions: start dev with --functions-url",
+                },
+                404,
+            )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+        url = f"{self.functions_url}/{name}"
+        try:
+            answer = httpx.request(
+                request.method,
+                url,
+                params=list(request.args.items(multi=True)),
+                headers=headers,
+                content=request.get_data(),
+                timeout=150,  # the platform's idle timeout for functions
+            )
+        except httpx.HTTPError:
+            return json_response({"message": GATEWAY_MESSAGES[502], "request_id": uuid.uuid4().hex}, 502)
+        passed = [
+            (k, v)
+            for k, v in answer.headers.items()
+            if k.lower() not in _NOT_FORWARDED | {"content-encoding"}
+        ]
+        return Response(answer.content, status=answer.status_code, headers=passed)
 
     def _key_role(self, key: str) -> str | None:
         """The role the gateway maps an `apikey` to: the legacy JWTs and the new keys alike."""

@@ -1,6 +1,7 @@
 """PostgREST's RPC endpoint, as the local gateway serves it: POST /rest/v1/rpc/<function> with named
 JSON arguments, answered the way PostgREST answers (a set-returning function gives an array, errors
-give {"code","details","hint","message"} with PostgREST's status for the SQLSTATE)."""
+give {"code","details","hint","message"} with PostgREST's status for the SQLSTATE; a singular
+Accept takes one row of a set-returning function, PGRST116 otherwise)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 from werkzeug.wrappers import Request, Response
 
-from devstack.serving import json_response
+from devstack.emulators.postgrest_wire import (
+    PostgrestError,
+    Shape,
+    from_database,
+    json_answer,
+    run_as,
+    singular_error,
+    wanted_shape,
+)
 
 
 @dataclass
@@ -52,19 +61,28 @@ class PostgrestRpc:
     def handle(
         self, name: str, request: Request, role: str, claims: dict[str, Any] | None = None
     ) -> Response:
+        try:
+            return self._handle(name, request, role, claims or {"role": role})
+        except PostgrestError as error:
+            return error.response()
+        except psycopg.Error as exc:
+            return from_database(exc, role).response()
+
+    def _handle(self, name: str, request: Request, role: str, claims: dict[str, Any]) -> Response:
         if request.method not in ("POST", "GET"):
-            return _pgrst_error(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
+            raise PostgrestError(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
+        shape = wanted_shape(request)
         try:
             params = request.get_json(force=True, silent=False) if request.data else {}
         except Exception:
-            return _pgrst_error(400, "PGRST102", "Empty or invalid json")
+            params = None
         if not isinstance(params, dict):
-            return _pgrst_error(400, "PGRST102", "Empty or invalid json")
+            raise PostgrestError(400, "PGRST102", "Empty or invalid json")
         given = set(params)
         match = next((f for f in self._lookup(name) if {a for a, _ in f.args} == given), None)
         if match is None:
             names = ", ".join(sorted(given))
-            return _pgrst_error(
+            raise PostgrestError(
                 404,
                 "PGRST202",
                 f"Could not find the function {self.schema}.{name}({names}) in the schema cache",
@@ -72,10 +90,16 @@ class PostgrestRpc:
                 "a single unnamed json/jsonb parameter, but no matches were found in the schema cache.",
                 None,
             )
-        return self._call(name, match, params, role, claims or {"role": role})
+        return self._call(name, match, params, role, claims, shape)
 
     def _call(
-        self, name: str, fn: _Function, params: dict[str, Any], role: str, claims: dict[str, Any]
+        self,
+        name: str,
+        fn: _Function,
+        params: dict[str, Any],
+        role: str,
+        claims: dict[str, Any],
+        shape: Shape,
     ) -> Response:
         record = sql.SQL(", ").join(
             sql.SQL("{} {}").format(sql.Identifier(a), sql.SQL(t)) for a, t in fn.args
@@ -85,112 +109,26 @@ class PostgrestRpc:
         )
         call = sql.SQL("{}.{}({})").format(sql.Identifier(self.schema), sql.Identifier(name), named)
         source = sql.SQL("from json_to_record(%s::json) as _a({})").format(record) if fn.args else sql.SQL("")
-        if fn.returns_set or fn.returns_composite:
-            agg = "coalesce(json_agg(_r), '[]'::json)" if fn.returns_set else "row_to_json(_r)"
-            joiner = ", lateral" if fn.args else "from"
-            query = sql.SQL("select " + agg + " {} " + joiner + " {} as _r").format(source, call)
+        joiner = sql.SQL(", lateral" if fn.args else "from")
+        if fn.returns_set:
+            # The rows, the first of them, and how many: a singular Accept takes exactly one.
+            query = sql.SQL(
+                "select coalesce(json_agg(_r), '[]'::json), json_agg(_r) -> 0, count(*) {} {} {} as _r"
+            ).format(source, joiner, call)
+        elif fn.returns_composite:
+            query = sql.SQL("select row_to_json(_r), null, 1 {} {} {} as _r").format(source, joiner, call)
         else:
-            query = sql.SQL("select to_json({}) {}").format(call, source)
-        try:
-            row = self._run_as(role, claims, query, (json.dumps(params),) if fn.args else None)
-        except psycopg.Error as exc:
-            return _database_error(exc, role)
-        if fn.returns_void:
-            return Response(status=204)
-        return json_response(row[0] if row else None)
+            query = sql.SQL("select to_json({}), null, 1 {}").format(call, source)
+        values = (json.dumps(params),) if fn.args else None
 
-    def insert(self, table: str, request: Request, role: str, claims: dict[str, Any]) -> Response:
-        """POST /rest/v1/<table>: PostgREST's insert of one object or an array of objects (the
-        columns are the keys of the first), as the request's role with its JWT claims. Answers
-        201, with the rows when the request says Prefer: return=representation."""
-        try:
-            body = request.get_json(force=True, silent=False)
-        except Exception:
-            return _pgrst_error(400, "PGRST102", "Empty or invalid json")
-        rows = body if isinstance(body, list) else [body]
-        if not rows or not all(isinstance(r, dict) for r in rows):
-            return _pgrst_error(400, "PGRST102", "Empty or invalid json")
-        columns = list(rows[0])
-        target = sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(table))
-        names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
-        query = sql.SQL(
-            "with ins as (insert into {t} ({n}) select {n} from json_populate_recordset(null::{t}, %s::json)"
-            " returning *) select coalesce(json_agg(ins), '[]'::json) from ins"
-        ).format(t=target, n=names)
-        try:
-            row = self._run_as(role, claims, query, (json.dumps(rows),))
-        except psycopg.Error as exc:
-            return _database_error(exc, role)
-        if "return=representation" in request.headers.get("Prefer", ""):
-            return json_response(row[0] if row else [], 201)
-        return Response(status=201)
-
-    def _run_as(
-        self, role: str, claims: dict[str, Any], query: sql.Composed, params: tuple[Any, ...] | None
-    ) -> tuple[Any, ...] | None:
-        """One transaction as PostgREST runs a request: the role, then the JWT's claims."""
-        with self._pool.connection() as conn, conn.transaction():
-            conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-            conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
-            row: tuple[Any, ...] | None = conn.execute(query, params).fetchone()
+        def work(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(query, values).fetchone()
+            if row is not None and fn.returns_set and shape == "object" and row[2] != 1:
+                raise singular_error(row[2])  # rolls the call back, as PostgREST does
             return row
 
-
-def _database_error(exc: psycopg.Error, role: str) -> Response:
-    diag = exc.diag
-    return _pgrst_error(
-        http_status(exc.sqlstate, anonymous=role == "anon"),
-        exc.sqlstate or "XX000",
-        diag.message_primary or str(exc),
-        diag.message_detail,
-        diag.message_hint,
-    )
-
-
-def _pgrst_error(
-    status: int, code: str, message: str, details: str | None = None, hint: str | None = None
-) -> Response:
-    return json_response({"code": code, "details": details, "hint": hint, "message": message}, status)
-
-
-def http_status(sqlstate: str | None, *, anonymous: bool = False) -> int:
-    code = sqlstate or ""
-    exact = {
-        "P0001": 400,
-        "23503": 409,
-        "23505": 409,
-        "25006": 405,
-        "42883": 404,
-        "42P01": 404,
-        "42P17": 500,
-        "42501": 401 if anonymous else 403,
-        "40001": 409,
-        "40P01": 409,
-        "57014": 500,
-    }
-    if code in exact:
-        return exact[code]
-    by_class = {
-        "08": 503,
-        "09": 500,
-        "0L": 403,
-        "0P": 403,
-        # no "23" class: only 23503 and 23505 are 409; a check or not-null violation is 400
-        "25": 500,
-        "28": 403,
-        "2D": 500,
-        "38": 500,
-        "39": 500,
-        "3B": 500,
-        "40": 500,
-        "53": 503,
-        "54": 500,
-        "55": 500,
-        "57": 500,
-        "58": 500,
-        "F0": 500,
-        "HV": 500,
-        "P0": 500,
-        "XX": 500,
-    }
-    return by_class.get(code[:2], 400)
+        row = run_as(self._pool, role, claims, work)
+        if fn.returns_void:
+            return Response(status=204)
+        body = row[1] if row and fn.returns_set and shape == "object" else (row[0] if row else None)
+        return json_answer(json.dumps(body), 200, shape if fn.returns_set else "array")

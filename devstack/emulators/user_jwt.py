@@ -32,10 +32,10 @@ def sign_jwt(secret: str, claims: dict[str, Any]) -> str:
     return f"{header}.{payload}.{_b64(signature)}"
 
 
-def make_user_jwt(secret: str, user_id: uuid.UUID | str, ttl_s: int = 3600) -> str:
+def make_user_jwt(secret: str, user_id: uuid.UUID | str, ttl_s: int = 3600, email: str | None = None) -> str:
     """An access token for `user_id` (the claims Supabase Auth puts in one that matter here)."""
     now = int(time.time())
-    claims = {
+    claims: dict[str, Any] = {
         "iss": "sona-local/auth/v1",
         "sub": str(user_id),
         "role": USER_ROLE,
@@ -43,6 +43,8 @@ def make_user_jwt(secret: str, user_id: uuid.UUID | str, ttl_s: int = 3600) -> s
         "iat": now,
         "exp": now + ttl_s,
     }
+    if email:
+        claims["email"] = email
     return sign_jwt(secret, claims)
 
 

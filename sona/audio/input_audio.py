@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sona.audio.master import decoded_seconds
 from sona.deadline import Deadline
-from sona.errors import PermanentError
+from sona.errors import BadRequest
 from sona.store import storage_rules
 
 MIN_SECONDS, MAX_SECONDS = 6.0, 190.0
@@ -43,27 +43,27 @@ def input_object(path: str | None, user_id: uuid.UUID | None, bucket: str) -> st
     """The object's name inside the inputs bucket, or PermanentError when the row names anything
     but a file in its owner's folder there (another user's folder, `..`, another bucket)."""
     if not path or not path.strip():
-        raise PermanentError("Audio-to-audio needs an input file; upload one and try again.")
+        raise BadRequest("Audio-to-audio needs an input file; upload one and try again.")
     if user_id is None:
-        raise PermanentError("The job has no owner, so its input file cannot be checked.")
+        raise BadRequest("The job has no owner, so its input file cannot be checked.")
     parts = path.split("/")
     if parts[0] == bucket and len(parts) > 1:  # the upload's `fullPath` form: bucket/user/file
         parts = parts[1:]
     if any(part in ("", ".", "..") for part in parts) or not storage_rules.is_valid_key("/".join(parts)):
-        raise PermanentError("The input file's path is not valid.", detail=f"input_path {path!r}")
+        raise BadRequest("The input file's path is not valid.", detail=f"input_path {path!r}")
     if parts[0] != str(user_id):
         where = "another user's folder" if _is_uuid(parts[0]) else "outside the inputs bucket"
-        raise PermanentError(
+        raise BadRequest(
             f"The input file is in {where}; upload it to your own folder.", detail=f"input_path {path!r}"
         )
     if len(parts) < 2:
-        raise PermanentError("The input path names a folder, not a file.", detail=f"input_path {path!r}")
+        raise BadRequest("The input path names a folder, not a file.", detail=f"input_path {path!r}")
     return "/".join(parts)
 
 
 def check_size(size: int | None, max_bytes: int = MAX_BYTES) -> None:
     if size is not None and size > max_bytes:
-        raise PermanentError(
+        raise BadRequest(
             f"The input file is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB.",
             detail=f"{size} bytes",
         )
@@ -82,15 +82,15 @@ def inspect(
     check_size(len(data), max_bytes)
     fmt = sniff(data)
     if fmt is None:
-        raise PermanentError(_NOT_AUDIO, detail="neither a RIFF/WAVE header nor an MPEG audio frame")
+        raise BadRequest(_NOT_AUDIO, detail="neither a RIFF/WAVE header nor an MPEG audio frame")
     try:
         seconds = decoded_seconds(data, fmt, ffmpeg, deadline)
     except subprocess.CalledProcessError:
-        raise PermanentError(_NOT_AUDIO, detail=f"ffmpeg could not decode it as {fmt}") from None
+        raise BadRequest(_NOT_AUDIO, detail=f"ffmpeg could not decode it as {fmt}") from None
     if seconds <= 0:
-        raise PermanentError(_NOT_AUDIO, detail="no samples")
+        raise BadRequest(_NOT_AUDIO, detail="no samples")
     if not MIN_SECONDS <= seconds <= max_seconds:
-        raise PermanentError(
+        raise BadRequest(
             f"The input audio is {seconds:.1f} s long; it must be {MIN_SECONDS:.0f} to "
             f"{max_seconds:.0f} seconds.",
             detail=f"{seconds:.3f} s",

@@ -197,6 +197,7 @@ def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[
         )
     message = _PERMANENT.get(status, f"The audio service refused the request (HTTP {status})")
     if status in (400, 422) and detail:
+        # For the operator's record: the musician reads sona/job/messages.py, never this.
         message = f"{message}: {readable(detail)}"
     return PermanentError(message, detail=said)
 

@@ -22,7 +22,8 @@ from sona import __version__
 from sona.audio.input_audio import InputAudio, input_object
 from sona.config import Settings
 from sona.deadline import SLACK_S, Deadline
-from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
+from sona.errors import BadRequest, DeadlineExceeded, PermanentError, ServiceOutage, TransientError
+from sona.job.messages import Said
 from sona.job.modes import JobPlan, plan_job
 from sona.models import GeneratedAudio, Job
 from sona.retrying import provider_retrying
@@ -88,7 +89,7 @@ class GenerationRequest(BaseModel):
         strength = DEFAULT_STRENGTH if job.strength is None else job.strength
         least = MIN_STRENGTH[self.model]
         if not least <= strength <= 1:
-            raise PermanentError(f"The strength must be {least:g} to 1 with {self.model}, not {strength:g}.")
+            raise BadRequest(f"The strength must be {least:g} to 1 with {self.model}, not {strength:g}.")
         name = input_object(job.input_path, job.user_id, settings.supabase_input_bucket)
         update = {"endpoint": AUDIO_TO_AUDIO, "input_object": name, "strength": strength}
         return self.model_copy(update=update)
@@ -123,7 +124,7 @@ def client_user_id(user_id: object) -> str | None:
     return hashlib.sha256(f"sona-user:{user_id}".encode()).hexdigest()
 
 
-# What each documented error status means for the job, in words a musician can act on.
+# What each documented error status means for the job (the provider's own words go to `detail`).
 _PERMANENT = {
     400: "The audio service rejected the request",
     403: "The prompt was flagged by the audio service's content moderation; please rephrase it",
@@ -131,11 +132,12 @@ _PERMANENT = {
     413: "The request was too large for the audio service",
     422: "The audio service could not accept the prompt; prompts must be in English",
 }
+# The refusals a musician acts on in their own way (sona/job/messages.py); the rest could not generate.
+_SAYS: dict[int, Said] = {403: "moderation", 422: "english_only"}
 
 
 _EDGE_REFUSED = (
-    "The audio service refused the request; this is not a problem with your prompt. "
-    "The job will be retried."
+    "The audio service refused the request; this is not a problem with your prompt. The job will be retried."
 )
 _UNAVAILABLE = (
     "The audio service is unavailable right now; this is not a problem with your prompt. "
@@ -176,9 +178,7 @@ def classify(status: int, body: bytes | bytearray, headers: CaseInsensitiveDict[
             retry_after_s=_retry_after(headers),
         )
     message = _PERMANENT.get(status, f"The audio service refused the request (HTTP {status})")
-    if status == 400 and errors:
-        message = f"{message}: {'; '.join(errors)[:300]}"
-    return PermanentError(message, detail=detail)
+    return PermanentError(message, detail=detail, says=_SAYS.get(status))
 
 
 def _error_body(body: bytes | bytearray) -> tuple[str | None, list[str]]:
@@ -295,7 +295,7 @@ def _generated(response: requests.Response, body: bytes | bytearray, model: str)
         seed = data.get("seed", seed)
         content_type = "audio/wav" if body[:4] == b"RIFF" else "audio/mpeg"
     if finish_reason == "CONTENT_FILTERED":
-        raise PermanentError(_PERMANENT[403], detail="finish_reason CONTENT_FILTERED")
+        raise PermanentError(_PERMANENT[403], detail="finish_reason CONTENT_FILTERED", says="moderation")
     return GeneratedAudio(
         data=body,
         content_type=content_type,

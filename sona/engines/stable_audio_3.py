@@ -46,7 +46,15 @@ _MODEL_ACCESS = (
 
 
 # The settings that may choose a model (sona/job/modes.py MODES names one per mode).
-MODEL_SETTINGS = ("designer_model", "producer_model", "creator_model", "stable_audio_model")
+MODEL_SETTINGS = (
+    "designer_model",
+    "producer_model",
+    "creator_model",
+    "stable_audio_model",
+    "designer_fallback_model",
+    "producer_fallback_model",
+    "creator_fallback_model",
+)
 
 
 def access_refused(

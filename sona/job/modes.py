@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sona.config import Settings
-from sona.errors import PermanentError
+from sona.errors import BadRequest
 from sona.job.naming import download_name, number_text
 from sona.models import Job, json_column
 
@@ -42,13 +42,18 @@ QUALITIES = {"low": "low", "draft": "low", "medium": "medium", "standard": "medi
 @dataclass(frozen=True)
 class Model:
     engine: Engine
-    max_duration_s: int  # longer rows are cut to this, as the plug-in's worker clamped them
+    max_duration_s: int  # the longest audio the provider makes
     label: str  # the engine's name in a file name (the naming convention's `source`)
     # Audio-to-audio: the longest input the model takes, and the most input bytes a request has room
     # for beside the other fields (the provider's request limit less 100 kB).
     max_input_s: float = 190.0
     max_input_bytes: int = 50_000_000 - 100_000
     max_row_s: int = MAX_JOB_DURATION_S  # the longest row it serves (else the job fails, unpaid)
+
+    @property
+    def longest_s(self) -> int:
+        """The longest row this model makes whole: a longer one goes to the mode's fallback."""
+        return min(self.max_duration_s, self.max_row_s)
 
 
 MODELS: dict[str, Model] = {
@@ -58,9 +63,9 @@ MODELS: dict[str, Model] = {
     "stable-audio-3": Model(
         "stable-audio-3", 380, "StableAudio", 380.0, 100_000_000 - 100_000, MAX_SA3_JOB_DURATION_S
     ),
-    # TangoFlux on Replicate (sona/engines/replicate.py): sound effects up to 30 s; a longer designer
-    # row is cut to 30 s, as the plug-in's own worker cut it (worker.ts at 34648b7: min(duration,
-    # the API's max)).
+    # TangoFlux on Replicate (sona/engines/replicate.py): sound effects up to 30 s. The plug-in's own
+    # worker cut a longer row to 30 s (worker.ts at 34648b7) and charged for the length asked; here a
+    # longer row goes to the mode's fallback model instead (issue 35).
     "tangoflux": Model("tangoflux", 30, "TangoFlux"),
 }
 
@@ -85,6 +90,8 @@ class Mode:
     model_setting: str  # the Settings field naming the model that serves the mode
     # (musical key, producer config, duration) -> the phrases after the prompt; None: as written
     phrases: Callable[[MusicalKey | None, ProducerConfig | None, int], list[str]] | None = None
+    # The Settings field naming the model for a row longer than the first makes (None: no fallback).
+    fallback_setting: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,29 +115,27 @@ def plan_job(job: Job, settings: Settings) -> JobPlan:
     the job with a reason the plug-in shows."""
     mode = MODES.get(job.mode)
     if mode is None:
-        raise PermanentError(
+        raise BadRequest(
             f"The '{job.mode}' mode is not supported; choose designer, producer or creator "
             "(or text-to-audio, audio-to-audio)."
         )
-    model_name = str(getattr(settings, mode.model_setting))
+    model_name = model_for(job.duration, mode, settings)
     model = MODELS[model_name]
-    if not 1 <= job.duration <= model.max_row_s:
-        raise PermanentError(f"The duration must be 1 to {model.max_row_s} seconds, not {job.duration}.")
     quality = QUALITIES.get(job.quality)
     if quality is None:
-        raise PermanentError(
+        raise BadRequest(
             f"The quality '{job.quality}' is unknown; choose low (draft), medium (standard) or high."
         )
-    duration = min(job.duration, model.max_duration_s)
+    duration = job.duration  # the length asked for is the length made: never cut
     _fits_storage(duration, settings)
     prompt = clean_prompt(job.prompt)
     if not prompt:
-        raise PermanentError("The prompt is empty. Describe the sound you want.")
+        raise BadRequest("The prompt is empty. Describe the sound you want.")
     key, config = musical_key(job), producer_config(job)  # read once: the phrases and the name use them
     if mode.phrases is not None:
         prompt = f"{prompt}. {', '.join(mode.phrases(key, config, duration))}"
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise PermanentError(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+        raise BadRequest(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
     filename = None
     if job.mode in PLUGIN_MODES:
         filename = download_name(job, key, config, model.label)
@@ -146,12 +151,28 @@ def plan_job(job: Job, settings: Settings) -> JobPlan:
     )
 
 
+def model_for(duration: int, mode: Mode, settings: Settings) -> str:
+    """The mode's model, or its fallback when the row is longer than the model makes (TangoFlux past
+    30 s): chosen here, before anything is paid for, so the row, the prompt and the audio all say the
+    length asked for. A length no configured model makes fails the job unpaid (its tokens come back)."""
+    chosen = [str(getattr(settings, mode.model_setting))]
+    fallback = getattr(settings, mode.fallback_setting) if mode.fallback_setting else None
+    if fallback is not None:
+        chosen.append(str(fallback))
+    if duration >= 1:
+        for name in chosen:
+            if duration <= MODELS[name].longest_s:
+                return name
+    longest = max(MODELS[name].longest_s for name in chosen)
+    raise BadRequest(f"The duration must be 1 to {longest} seconds, not {duration}.")
+
+
 def _fits_storage(duration: int, settings: Settings) -> None:
     """A clip whose master cannot be stored would be paid for and lost: refuse it before paying."""
     limit = settings.stored_file_limit_bytes
     if duration * MASTER_BYTES_PER_S + 44 > limit:
         longest = (limit - 44) // MASTER_BYTES_PER_S
-        raise PermanentError(
+        raise BadRequest(
             f"A {duration} s clip is larger than the storage allows ({limit / 1e6:g} MB); "
             f"choose {longest} seconds or less.",
             detail="STORAGE_UPLOAD_LIMIT / STORAGE_FILE_SIZE_LIMIT",
@@ -233,9 +254,9 @@ def creator_phrases(key: MusicalKey | None, config: ProducerConfig | None, durat
 
 MODES: dict[str, Mode] = {
     # The plug-in's modes (its mode switch): one model setting each.
-    "designer": Mode("text-to-audio", "designer_model", designer_phrases),
-    "producer": Mode("text-to-audio", "producer_model", producer_phrases),
-    "creator": Mode("text-to-audio", "creator_model", creator_phrases),
+    "designer": Mode("text-to-audio", "designer_model", designer_phrases, "designer_fallback_model"),
+    "producer": Mode("text-to-audio", "producer_model", producer_phrases, "producer_fallback_model"),
+    "creator": Mode("text-to-audio", "creator_model", creator_phrases, "creator_fallback_model"),
     # The earlier worker's guide: the prompt as written.
     "default": Mode("text-to-audio", "stable_audio_model"),
     "text-to-audio": Mode("text-to-audio", "stable_audio_model"),

@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from sona.models import Job
 
 _DIGITS36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+# A download name, never a path: the separator keeps only these characters (the plug-in's UI offers
+# `_`, `-`, `.` and a space), at most MAX_SEPARATOR of them, and the whole name is cut to MAX_NAME
+# (the table's jobs_filename_safe check allows 200).
+_SEPARATOR_CHARS = re.compile(r"[^a-zA-Z0-9 _.\-]")
+MAX_SEPARATOR = 3
+MAX_NAME = 120
 
 
 class NamingParameter(BaseModel):
@@ -49,14 +55,12 @@ DEFAULT_CONVENTION = NamingConvention(
 )
 
 
-def download_name(
-    job: Job, key: MusicalKey | None, config: ProducerConfig | None, engine_label: str
-) -> str:
+def download_name(job: Job, key: MusicalKey | None, config: ProducerConfig | None, engine_label: str) -> str:
     words = _name_words(job.prompt)
     created = job.created_at or datetime.fromtimestamp(0, UTC)
     if job.skip_naming:
         millis = round(created.timestamp() * 1000)
-        return f"{job.mode[:1].upper()}{job.mode[1:]}_{words or 'Sound'}_{_base36(millis)}"
+        return _bounded(f"{_part(job.mode)}_{words or 'Sound'}_{_base36(millis)}")
     values = {
         "category": "GEN",
         "fxName": words or "GeneratedSound",
@@ -75,7 +79,7 @@ def download_name(
     convention = naming_convention(job.naming_convention)
     parts = [_part(_value(p, values, created)) for p in convention.parameters]
     parts = [p for p in parts if p] or ["GEN", _part(values["fxName"])]
-    return convention.separator.join(parts)
+    return _bounded(_separator(convention.separator).join(parts))
 
 
 def naming_convention(value: Any) -> NamingConvention:
@@ -98,6 +102,17 @@ def _value(parameter: NamingParameter, values: dict[str, str], created: datetime
             .replace("DD", f"{created.day:02d}", 1)
         )
     return values.get(parameter.type, "")
+
+
+def _separator(sent: str) -> str:
+    """The user's separator without path separators or control characters, and short: a convention
+    is the user's own JSON, so `/../` or 100 KB of it must not reach the name."""
+    return _SEPARATOR_CHARS.sub("", sent)[:MAX_SEPARATOR]
+
+
+def _bounded(name: str) -> str:
+    """At most MAX_NAME characters, never starting or ending with a separator character."""
+    return name[:MAX_NAME].strip(" _.-") or "Sound"
 
 
 def _name_words(prompt: str) -> str:

@@ -29,6 +29,7 @@ from sona.errors import (
     StaleLease,
 )
 from sona.job.generations import ById
+from sona.job.messages import musician_message
 from sona.job.modes import MODELS, JobPlan, plan_job
 from sona.job.outcomes import OutcomeClass, outcome_class
 from sona.models import CLAIMABLE, AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, Output
@@ -63,6 +64,7 @@ class Store(Protocol):
         retryable: bool,
         outcome_class: OutcomeClass,
         timings_ms: dict[str, int],
+        detail: str | None = None,
     ) -> Job: ...
     def pause(self, job: ClaimedJob, outage: ServiceOutage) -> PauseRecord: ...
     def record_generation(self, job: ClaimedJob, generation_id: str, model: str) -> Job: ...
@@ -135,10 +137,10 @@ class Pipeline:
             result.outcome, result.error = "interrupted", exc.public_message
             result.outcome_class = "database"
         except SonaError as exc:
-            self._fail(job, result, exc, exc.public_message, exc.retryable, str(exc), deadline)
+            self._fail(job, result, exc, exc.retryable, str(exc), deadline)
         except Exception as exc:
             log.exception("unexpected error")
-            self._fail(job, result, exc, "An unexpected error occurred", True, "unexpected error", deadline)
+            self._fail(job, result, exc, True, f"unexpected error: {type(exc).__name__}", deadline)
         result.timings_ms["total"] = round(deadline.elapsed() * 1000)
         _log_attempt(result)
         return result
@@ -153,7 +155,7 @@ class Pipeline:
             files = stored
         elif job.reuse_only and job.generation_id is None:
             # Every paid attempt is spent and none stored its files: fail, never pay again.
-            raise PermanentError(f"The job timed out after {self.settings.max_attempts} attempts.")
+            raise self._out_of_attempts()
         else:
             files = self._generate_and_store(job, plan, request, deadline, timings)
         output = Output(
@@ -251,7 +253,7 @@ class Pipeline:
             if audio is not None:
                 return audio
         if job.reuse_only:  # a finishing attempt never pays
-            raise PermanentError(f"The job timed out after {self.settings.max_attempts} attempts.")
+            raise self._out_of_attempts()
         if request.input_object is not None:
             request = self._with_input(plan, request, request.input_object, deadline, timings)
         # The last moment a reclaimed lease or a cancellation can save the payment: this write is
@@ -270,6 +272,15 @@ class Pipeline:
                 timings, "generate", lambda: self.by_id.pay_and_fetch(job, engine, request, deadline)
             )
         return _timed(timings, "generate", lambda: engine.generate(request, deadline))
+
+    def _out_of_attempts(self) -> PermanentError:
+        attempts = self.settings.max_attempts
+        return PermanentError(
+            f"The job timed out after {attempts} attempts.",
+            detail="reuse only: no stored output and no generation to fetch",
+            says="out_of_attempts",
+            facts={"attempts": attempts},
+        )
 
     def _engine_of_paid(self, job: ClaimedJob) -> EngineById | None:
         """The engine that answers the generation named on the row (whatever the settings say now)."""
@@ -349,12 +360,14 @@ class Pipeline:
         job: ClaimedJob,
         result: Result,
         error: BaseException,
-        message: str,
         retryable: bool,
         detail: str,
         deadline: Deadline,
     ) -> None:
+        """The row gets the musician's message for the error's kind (sona/job/messages.py); the
+        attempt's record and this log line get `detail`, the provider's own words included."""
         kind = result.outcome_class = outcome_class(error)
+        message = musician_message(error)
         log.warning("attempt failed (%s, %s): %s", "transient" if retryable else "permanent", kind, detail)
         timings = _so_far(result.timings_ms, deadline)
         # The job's budget may be spent; recording its end gets the margin kept for exactly this.
@@ -365,7 +378,12 @@ class Pipeline:
                     "fail",
                     margin,
                     lambda: self.store.fail(
-                        job, message=message, retryable=retryable, outcome_class=kind, timings_ms=timings
+                        job,
+                        message=message,
+                        retryable=retryable,
+                        outcome_class=kind,
+                        timings_ms=timings,
+                        detail=detail,
                     ),
                 )
         except StaleLease as exc:
@@ -402,7 +420,7 @@ class Pipeline:
             log.warning("service already paused (%s): %s", outage.code, outage)
         result.outcome = "paused" if pause.released else "stale"
         result.status = pause.released_status if pause.released else None
-        result.error, result.retry_at = outage.public_message, pause.paused_until
+        result.error, result.retry_at = musician_message(outage), pause.paused_until
 
     @staticmethod
     def _stale(result: Result, exc: StaleLease) -> Result:

@@ -66,4 +66,3 @@ def _spent_or(exc: httpx.TransportError, deadline: Deadline, step: str) -> Excep
     if deadline.remaining() <= SLACK_S:
         return deadline.exceeded(step)
     return exc
-

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import Cancelled, DatabaseUnavailable, ServiceOutage, SonaError, StaleLease
+from sona.job.messages import musician_message
 from sona.job.outcomes import OutcomeClass
 from sona.models import ClaimedJob, Job, JobStage, Output
 from sona.retrying import retrying
@@ -175,9 +176,12 @@ class JobsStore:
         retryable: bool,
         outcome_class: OutcomeClass | None = None,
         timings_ms: dict[str, int] | None = None,
+        detail: str | None = None,
     ) -> Job:
         """Fail the job, or release it for a retry with backoff when retryable and attempts remain.
-        The attempt's row keeps the class of the failure and its step timings (same statement)."""
+        The row gets `message` (what the musician reads); the attempt's row keeps `detail` (what
+        went wrong, the provider's words included; `message` when None), the class of the failure
+        and its step timings (same statement)."""
         rows = self._rpc(
             "fail_job",
             {
@@ -190,6 +194,7 @@ class JobsStore:
                 "p_max_delay_ms": self._settings.retry_backoff_cap_ms,
                 "p_outcome_class": outcome_class,
                 "p_timings_ms": timings_ms,
+                "p_detail": detail,
             },
         )
         return self._fenced(rows, job, "fail")
@@ -204,7 +209,7 @@ class JobsStore:
                 "p_lease_token": str(job.lease_token),
                 "p_code": outage.code,
                 "p_reason": outage.detail or outage.code,
-                "p_message": outage.public_message,
+                "p_message": musician_message(outage),
                 "p_seconds": None if outage.retry_after_s is None else max(1, round(outage.retry_after_s)),
             },
         )
@@ -273,7 +278,9 @@ def _translated_errors(name: str) -> Iterator[None]:
                 "The job database is unavailable", detail=f"{name}: {exc.code}"
             ) from None
         raise StoreError(
-            "The job database rejected a request", detail=f"{name}: {exc.code} {exc.message}"
+            "The job database rejected a request",
+            detail=f"{name}: {exc.code} {exc.message}",
+            says="unexpected",
         ) from None
     except GatewayFailure as exc:
         raise DatabaseUnavailable("The job database is unavailable", detail=f"{name}: {exc}") from None

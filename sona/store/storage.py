@@ -16,7 +16,7 @@ from storage3.exceptions import StorageApiError
 from sona.audio.input_audio import MAX_BYTES, check_size
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import PermanentError, ServiceOutage, StorageRefused, StorageUnavailable, TransientError
+from sona.errors import BadRequest, ServiceOutage, StorageRefused, StorageUnavailable, TransientError
 from sona.retrying import retrying
 from sona.store.bounded_http import DeadlineTransport
 from sona.store.supabase_keys import request_headers
@@ -276,10 +276,10 @@ def _input_refused(exc: StorageApiError) -> Exception:
     status = str(exc.status)
     detail = f"storage {status} {exc.code}"
     if status == "404":
-        return PermanentError("The input file was not found; upload it again.", detail=detail)
+        return BadRequest("The input file was not found; upload it again.", detail=detail)
     if _temporary(status) or status in ("401", "403"):
         return _translate(exc)
-    return PermanentError("The input file could not be read", detail=detail)
+    return BadRequest("The input file could not be read.", detail=detail)
 
 
 def _temporary(status: str) -> bool:

@@ -54,7 +54,11 @@ create table public.jobs (
   user_email text,
   -- what the plug-in's player reads: the exact prompt sent, the download name, the object names
   enhanced_prompt text,
-  filename text,
+  -- a download name, never a path (sona/job/naming.py builds it so)
+  filename text constraint jobs_filename_safe check (
+    filename is null
+    or (char_length(filename) between 1 and 200 and filename !~ '[/\\[:cntrl:]]' and filename !~ '^\.')
+  ),
   master_path text,        -- the WAV in the output bucket
   preview_path text,       -- the MP3 (the player signs it)
   public boolean default false,
@@ -93,7 +97,11 @@ create table public.job_attempts (
   timings_ms jsonb,
   outcome_class text constraint job_attempts_outcome_class_check check (outcome_class in
     ('provider_permanent', 'provider_transient', 'storage', 'timeout', 'account', 'database', 'internal')),
-  primary key (job_id, attempt)
+  primary key (job_id, attempt),
+  -- The worker's own record of what it spent (a refund follows it): the attempt passed the last
+  -- fence before the provider (advance_stage 'generating'), and a call came back paid for.
+  provider_called_at timestamptz,
+  provider_paid_at timestamptz
 );
 -- job_stats reads attempts by start; the ones still running keep an hour from settling.
 create index job_attempts_started_idx on public.job_attempts (started_at);

@@ -4,7 +4,7 @@
 create table public.sona_settings (
   key text primary key constraint sona_settings_key_check check (key in (
     'max_active_jobs', 'max_jobs_per_day', 'pause_seconds', 'pause_max_wait_seconds',
-    'keep_outputs_per_user', 'legacy_processing_timeout_seconds')),
+    'keep_outputs_per_user', 'legacy_processing_timeout_seconds', 'storage_delete_delay_seconds')),
   value integer not null check (value >= 0),
   updated_at timestamptz not null default now()
 );
@@ -26,6 +26,7 @@ language sql stable security invoker set search_path = '' as $$
       when 'pause_max_wait_seconds' then 86400
       when 'keep_outputs_per_user' then 7            -- 0 keeps every output
       when 'legacy_processing_timeout_seconds' then 3600
+      when 'storage_delete_delay_seconds' then 86400 -- time to undo a mistaken clearing
     end)
 $$;
 -- Read by the quota trigger, which runs as the inserting user.

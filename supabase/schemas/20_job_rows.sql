@@ -113,6 +113,75 @@ end $$;
 create trigger jobs_guard before insert or update on public.jobs
   for each row execute function public.jobs_guard();
 
+-- Who is asking: a user (or anon) when either the role the request set or the role running the
+-- statement says so. A SECURITY DEFINER function runs as its owner, but the request's role stays in
+-- the `role` setting (PostgREST runs `set local role`), so a definer function called by anon still
+-- counts as anon here.
+create or replace function public.sona_caller_is_user() returns boolean
+language sql stable set search_path = '' as $$
+  select current_user in ('anon', 'authenticated')
+      or coalesce(nullif(current_setting('role', true), ''), 'none') in ('anon', 'authenticated')
+$$;
+
+-- A user's own insert (issue 29): where the plug-in's token tables exist it is refused (SQ004), since
+-- jobs come from `generate`, which charges first and inserts with the service role; a prompt outside
+-- generate's 5 to 800 characters is refused first, with its own message. Scheduling and bookkeeping
+-- columns are the server's everywhere. Fires after jobs_guard and jobs_derive_stage (name order).
+create or replace function public.jobs_guard_user_insert() returns trigger
+language plpgsql set search_path = '' as $$
+declare
+  v_prompt integer := char_length(new.prompt);
+begin
+  if current_user not in ('anon', 'authenticated') then
+    return new;
+  end if;
+  if public.sona_tokens_present() and (v_prompt < 5 or v_prompt > 800) then
+    raise exception using errcode = '23514',
+      message = format('A prompt is 5 to 800 characters long; this one has %s.', v_prompt),
+      hint = 'sona_prompt_length';
+  end if;
+  if new.created_at is distinct from now() or new.updated_at is distinct from now()
+     or num_nonnulls(new.run_after, new.dispatched_at, new.waiting_since) > 0
+     or new.dispatches <> 0 or new.reuse_only or new.stage <> 'queued' then
+    raise exception using errcode = '42501',
+      message = 'When a job was made and when it runs are set by the server, not by the request.',
+      hint = 'sona_schedule_protected';
+  end if;
+  if public.sona_tokens_present() then
+    raise exception using errcode = 'SQ004',
+      message = 'Jobs are started through Sona''s generate function, which charges their tokens; '
+                'a job inserted directly is never generated.',
+      hint = 'sona_unpaid_insert';
+  end if;
+  return new;
+end $$;
+create trigger jobs_guard_user_insert before insert on public.jobs
+  for each row execute function public.jobs_guard_user_insert();
+
+-- What a user may change on their own row (the plug-in's "Users can update own jobs" policy lets
+-- them write any column): only whether it is shared. updated_at is the trigger's. Everything else
+-- (what the job asks for, created_at, run_after, stage, results) is the service functions'.
+create or replace function public.sona_user_writable_columns() returns text[]
+language sql immutable set search_path = '' as $$ select array['public', 'updated_at'] $$;
+
+create or replace function public.jobs_guard_request() returns trigger
+language plpgsql set search_path = '' as $$
+begin
+  if current_user not in ('anon', 'authenticated') then
+    return new;
+  end if;
+  if to_jsonb(new) - public.sona_user_writable_columns()
+     is distinct from to_jsonb(old) - public.sona_user_writable_columns() then
+    raise exception using errcode = '42501',
+      message = 'A job''s request, schedule and progress are fixed once it is made; only whether it '
+                'is public can change.',
+      hint = 'sona_request_frozen';
+  end if;
+  return new;
+end $$;
+create trigger jobs_guard_request before update on public.jobs
+  for each row execute function public.jobs_guard_request();
+
 -- The stage: queued -> claimed -> generating -> encoding -> uploading -> done (or failed,
 -- cancelled). A status (or a new lease, which is a new attempt) sets it; advance_stage() writes the
 -- three stages inside an attempt. Each is its own committed UPDATE, so Realtime pushes each.

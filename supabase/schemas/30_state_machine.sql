@@ -148,7 +148,15 @@ begin
    where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
      and public.sona_stage_rank(j.stage) <= public.sona_stage_rank(p_stage)
   returning j.*;
-  if not found and exists (select from public.jobs j where j.id = p_job_id and j.status = 'cancelled') then
+  if found then
+    update public.job_attempts a
+       set provider_called_at = coalesce(a.provider_called_at, now()),
+           provider_paid_at = case when p_stage = 'generating' then a.provider_paid_at
+                                   else coalesce(a.provider_paid_at, now()) end
+     where a.job_id = p_job_id and a.lease_token = p_lease_token;
+    return;
+  end if;
+  if exists (select from public.jobs j where j.id = p_job_id and j.status = 'cancelled') then
     raise exception 'job % was cancelled by its owner', p_job_id using errcode = 'SQ003';
   end if;
 end $$;
@@ -161,15 +169,23 @@ grant execute on function public.advance_stage(uuid, uuid, text) to service_role
 create or replace function public.record_generation(
   p_job_id uuid, p_lease_token uuid, p_generation_id text, p_model text)
 returns setof public.jobs
-language sql volatile security invoker set search_path = '' as $$
+language plpgsql volatile security invoker set search_path = '' as $$
+begin
+  return query
   update public.jobs j
      set generation_id = p_generation_id,
          generation_model = p_model,
          generation_posted_at = coalesce(j.generation_posted_at, now())
    where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
      and (j.generation_id is null or j.generation_id = p_generation_id)
-  returning j.*
-$$;
+  returning j.*;
+  if found then
+    update public.job_attempts a
+       set provider_called_at = coalesce(a.provider_called_at, now()),
+           provider_paid_at = coalesce(a.provider_paid_at, now())
+     where a.job_id = p_job_id and a.lease_token = p_lease_token;
+  end if;
+end $$;
 revoke all on function public.record_generation(uuid, uuid, text, text) from public, anon, authenticated;
 grant execute on function public.record_generation(uuid, uuid, text, text) to service_role;
 
@@ -222,6 +238,13 @@ begin
    where j.id = p_job_id and j.status = 'processing' and j.lease_token = p_lease_token
   returning j.* into v_done;
   if v_done.id is null then
+    if exists (select from public.jobs j where j.id = p_job_id and j.status = 'cancelled')
+       and exists (select from public.job_attempts a where a.job_id = p_job_id and a.lease_token = p_lease_token) then
+      insert into public.sona_storage_garbage (name, due_at)
+      select n, now() from unnest(public.sona_output_names(p_master_path, p_preview_path)) n
+       where strpos(n, p_job_id::text) > 0
+      on conflict (name) do nothing;
+    end if;
     return;
   end if;
   update public.job_attempts a
@@ -243,11 +266,13 @@ grant execute on function public.complete_job(uuid, uuid, text, text, jsonb, jso
 
 -- fail: fenced like complete. A retryable failure goes back to wait (as the status the job was
 -- inserted with) with backoff while attempts remain; otherwise the job fails with the message the
--- plug-in shows. The attempt keeps its timings and the class of its failure.
+-- plug-in shows (p_error: one of README's "What the musician reads"). The attempt keeps what went
+-- wrong (p_detail, the provider's own words included; p_error when null), its timings and the
+-- class of its failure.
 create or replace function public.fail_job(
   p_job_id uuid, p_lease_token uuid, p_error text, p_retryable boolean,
   p_max_attempts integer, p_base_delay_ms integer, p_max_delay_ms integer,
-  p_outcome_class text default null, p_timings_ms jsonb default null)
+  p_outcome_class text default null, p_timings_ms jsonb default null, p_detail text default null)
 returns setof public.jobs
 language sql volatile security invoker set search_path = '' as $$
   with ended as (
@@ -271,7 +296,7 @@ language sql volatile security invoker set search_path = '' as $$
     update public.job_attempts a
        set finished_at = now(),
            outcome = case when e.status in ('pending', 'queued') then 'released' else 'failed' end,
-           error = p_error,
+           error = coalesce(p_detail, p_error),
            outcome_class = p_outcome_class,
            timings_ms = p_timings_ms
       from ended e
@@ -279,8 +304,8 @@ language sql volatile security invoker set search_path = '' as $$
   )
   select * from ended
 $$;
-revoke all on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb) from public, anon, authenticated;
-grant execute on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb) to service_role;
+revoke all on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb, text) from public, anon, authenticated;
+grant execute on function public.fail_job(uuid, uuid, text, boolean, integer, integer, integer, text, jsonb, text) to service_role;
 
 -- pause: record the outage (once) and release the job for after the pause without using up its
 -- attempt. A pause whose end has passed (its probe met the outage again) is re-armed. The release
@@ -471,8 +496,8 @@ begin
   return query
   update public.jobs j
      set status = 'failed',
-         error_message = coalesce(j.error_message, 'The job could not be processed')
-                         || ' (no attempts left after ' || j.attempts || ')',
+         error_message = 'The job could not be finished after ' || j.attempts || ' attempts; '
+                         || 'please try again.',
          completed_at = now()
    where j.status in ('pending', 'queued')
      and not public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)

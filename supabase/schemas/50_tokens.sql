@@ -4,20 +4,22 @@
 -- 'usage' row in token_transactions, the balance in user_tokens lowered) and then inserts the job
 -- with the service role. Nothing of the charge is written on the job. So:
 --
--- 1. The charge belongs to its job (public.sona_job_charges, one row per job inserted while the
---    plug-in's token tables exist). At insert, under the user's lock, the job takes the same user's
---    newest 'usage' transaction not yet taken by another job whose description is exactly what
---    generate writes for this row (tier, duration, quality as sent, the prompt's first 30
---    characters) and which was written at most sona_charge_window() before the job. Two jobs of
+-- 1. The charge belongs to its job (public.sona_job_charges, one row per job the service role inserts
+--    while the plug-in's token tables exist; a user's own insert is refused there, issue 29). At
+--    insert, under the user's lock, the job takes the same user's newest 'usage' transaction not yet
+--    taken by another job whose description is exactly what generate writes for this row (tier,
+--    duration, quality as sent, the prompt's first 30 characters) and which was written at most
+--    sona_charge_window() before the insert, on the server's clock (never the row's created_at). Two jobs of
 --    different prices have different descriptions, so they cannot swap charges; two identical
 --    requests cost the same, so which of the two charges each takes does not matter. A job whose
 --    charge is not found keeps a row with no transaction: it is refunded nothing, logged and counted
 --    (sona token_stats), never guessed.
--- 2. Settlement, once, in the transaction of the job's final write: failed (whatever the cause) or
---    cancelled before its attempt reached the `generating` stage -> one 'refund' transaction naming
---    the job and the balance raised by what was charged; completed, or cancelled once generation had
---    begun -> the tokens are kept (a user marking their own job failed counts as a cancel). A row
---    lock on the charge makes concurrent finishes settle once.
+-- 2. Settlement, once, in the transaction of the job's final write, by the worker's own records
+--    (sona_provider_spend: job_attempts, which no user reaches): failed with no paid call on record,
+--    or cancelled before any call was made -> one 'refund' transaction naming the job and the
+--    balance raised by what was charged; completed, failed after a paid call, or cancelled once a
+--    call was made -> the tokens are kept (a user marking their own job failed counts as a cancel).
+--    A row lock on the charge makes concurrent finishes settle once.
 -- 3. Quotas on the service-role path (generate's): a charged job over the user's quota is not
 --    refused (its tokens are already spent) but inserted `failed` with the quota's message, and
 --    refunded at once. Service-role inserts with no charge (the worker, an operator) stay exempt.
@@ -94,6 +96,7 @@ begin
        from public.token_transactions t
       where t.user_id = $1 and t.type = ''usage'' and t.amount < 0 and t.description = $2
         and t.created_at <= $3 and t.created_at >= $3 - public.sona_charge_window()
+        and t.created_at <= now() and t.created_at >= now() - public.sona_charge_window()
         and not exists (select from public.sona_job_charges c where c.transaction_id = t.id)
       order by t.created_at desc, t.id
       limit 1'
@@ -179,33 +182,44 @@ end $$;
 revoke all on function public.sona_settle_charge(uuid, boolean, text) from public, anon, authenticated;
 grant execute on function public.sona_settle_charge(uuid, boolean, text) to service_role;
 
--- Was anything generated (paid for) before the cancel? The stage the attempt had reached says so;
--- without a stage column, only a job that never started counts as untouched.
-create or replace function public.sona_generation_began(p_old jsonb) returns boolean
-language sql immutable set search_path = '' as $$
-  select case when p_old ? 'stage' then coalesce(p_old ->> 'stage', '') in ('generating', 'encoding', 'uploading', 'done')
-              else coalesce(p_old ->> 'status', '') not in ('pending', 'queued') end
+-- What the worker's records say was spent on a job (job_attempts, which no user reaches): 'paid' (a
+-- call came back paid, or a generation id was ever held), 'called' (a call was made, its outcome
+-- unknown), or 'none'. A refund follows it, never the stage a row says it reached.
+create or replace function public.sona_provider_spend(p_job_id uuid) returns text
+language sql stable security definer set search_path = '' as $$
+  select case
+    when exists (select from public.job_attempts a where a.job_id = p_job_id and a.provider_paid_at is not null)
+      or exists (select from public.jobs j where j.id = p_job_id
+                   and (j.generation_id is not null or j.generations_lost > 0)) then 'paid'
+    when exists (select from public.job_attempts a where a.job_id = p_job_id and a.provider_called_at is not null)
+      then 'called'
+    else 'none' end
 $$;
+revoke all on function public.sona_provider_spend(uuid) from public, anon, authenticated;
+grant execute on function public.sona_provider_spend(uuid) to service_role;
 
 -- The job's final write settles its charge.
 create or replace function public.jobs_settle_charge() returns trigger
 language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_spend text;
 begin
   if not public.sona_tokens_present() then
     return null;
   end if;
-  -- A user's own write of 'failed' (the plug-in's "Users can update own jobs" policy allows it) is
-  -- a cancel in all but name: it refunds only what was not yet paid for.
-  if new.status = 'failed' and coalesce(current_setting('role', true), '') not in ('anon', 'authenticated') then
-    perform public.sona_settle_charge(new.id, true, 'failed');
-  elsif new.status in ('cancelled', 'failed') then
-    if public.sona_generation_began(to_jsonb(old)) then
-      perform public.sona_settle_charge(new.id, false, 'cancelled after generation began');
-    else
-      perform public.sona_settle_charge(new.id, true, 'cancelled before generation');
-    end if;
-  elsif new.status = 'completed' then
+  v_spend := public.sona_provider_spend(new.id);
+  if new.status = 'completed' then
     perform public.sona_settle_charge(new.id, false, 'completed');
+  elsif new.status = 'cancelled' or public.sona_caller_is_user() then
+    if v_spend = 'none' then
+      perform public.sona_settle_charge(new.id, true, 'cancelled before generation');
+    else
+      perform public.sona_settle_charge(new.id, false, 'cancelled after generation began');
+    end if;
+  elsif v_spend = 'paid' then
+    perform public.sona_settle_charge(new.id, false, 'failed after a paid generation');
+  else
+    perform public.sona_settle_charge(new.id, true, 'failed');
   end if;
   return null;
 end $$;
@@ -224,21 +238,17 @@ create or replace function public.jobs_charge_link() returns trigger
 language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_tokens integer;
-  v_caller text := coalesce(nullif(current_setting('role', true), ''), 'none');
   v_active integer;
   v_day integer;
   v_message text;
 begin
-  if not public.sona_tokens_present() then
+  if not public.sona_tokens_present() or public.sona_caller_is_user() then
     return new;
   end if;
   perform pg_advisory_xact_lock(hashtextextended('sona.quota:' || new.user_id::text, 0));
   v_tokens := public.sona_link_charge(new.id, new.user_id, new.mode, new.duration, new.quality, new.prompt,
-                                      new.created_at);
-  -- Users' own inserts meet sona_enforce_quota (refused before anything is charged); a charged
-  -- insert from the service role must not be refused, so over quota it is failed instead.
-  if v_tokens is not null and v_caller not in ('anon', 'authenticated')
-     and new.status in ('pending', 'queued')
+                                      now());
+  if v_tokens is not null and new.status in ('pending', 'queued')
      and to_regprocedure('public.sona_setting(text)') is not null then
     select count(*) filter (where j.status in ('pending', 'queued', 'processing')),
            count(*) filter (where j.created_at > now() - interval '24 hours')
@@ -259,7 +269,6 @@ begin
       new.completed_at := now();
     end if;
   end if;
-  -- A row that arrives already finished is settled now, as its final write.
   if new.status in ('failed', 'cancelled') then
     perform public.sona_settle_charge(new.id, true, coalesce(v_message, new.status));
   elsif new.status = 'completed' then

@@ -79,7 +79,7 @@ PROCESSED: list[tuple[str, dict[str, Any], str, str | None, int]] = [
     # once legacy_processing_timeout_seconds (0 in this test) has passed.
     ("inserted as processing", {"status": "processing"}, "failed", "did not finish", 0),
     ("inserted as failed", {"status": "failed", "error_message": "by hand"}, "failed", "by hand", 0),
-    ("inserted with no attempts left", {"attempts": 3}, "failed", "no attempts left after 3", 0),
+    ("inserted with no attempts left", {"attempts": 3}, "failed", "finished after 3 attempts", 0),
 ]
 
 

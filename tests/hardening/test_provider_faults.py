@@ -24,19 +24,22 @@ from tests.support import sql
 
 B = Behaviour
 RETRY_AFTER_60 = {"retry-after": "60"}
+# What the musician reads when the provider refused the request or sent nothing usable (the provider's
+# own reason is in job_attempts.error; README "What the musician reads").
+MADE_NOTHING = "could not make this sound"
 
 # (name, script, final status, error fragment, provider calls, attempts)
 # MAX_RETRIES=2: an attempt makes at most 3 calls; MAX_ATTEMPTS=3.
 CASES: list[tuple[str, list[Behaviour], str, str | None, int, int]] = [
-    ("400 bad request", [B("error", 400)], "failed", "rejected the request", 1, 1),
+    ("400 bad request", [B("error", 400)], "failed", MADE_NOTHING, 1, 1),
     # Account-level refusals are not the job's fault: the service pauses, the job waits without
     # using up its attempt, and (the account fixed) it is the probe that lifts the pause.
     ("401 unauthorized", [B("error", 401)], "completed", None, 2, 1),
     ("402 payment required", [B("error", 402)], "completed", None, 2, 1),
     ("403 moderation (JSON)", [B("error", 403)], "failed", "content moderation", 1, 1),
     ("403 from the CDN (HTML)", [B("html403")], "completed", None, 2, 1),
-    ("404 wrong route", [B("error", 404)], "failed", "misconfigured", 1, 1),
-    ("413 payload too large", [B("error", 413)], "failed", "too large", 1, 1),
+    ("404 wrong route", [B("error", 404)], "failed", MADE_NOTHING, 1, 1),
+    ("413 payload too large", [B("error", 413)], "failed", MADE_NOTHING, 1, 1),
     ("422 not English", [B("error", 422)], "failed", "must be in English", 1, 1),
     ("finish reason CONTENT_FILTERED", [B("filtered")], "failed", "content moderation", 1, 1),
     ("429 once", [B("error", 429)], "completed", None, 2, 1),
@@ -49,8 +52,8 @@ CASES: list[tuple[str, list[Behaviour], str, str | None, int, int]] = [
     ("slow but inside the deadline", [B("ok", delay_s=1.0)], "completed", None, 1, 1),
     ("answer still trickling in at the deadline", [B("trickle")], "completed", None, 2, 2),
     ("slow first byte past the deadline", [B("ok", delay_s=JOB_BUDGET_S + 2)], "completed", None, 2, 2),
-    ("corrupt audio", [B("corrupt")], "failed", "could not be read", 1, 1),
-    ("empty audio", [B("empty")], "failed", "returned no audio", 1, 1),
+    ("corrupt audio", [B("corrupt")], "failed", MADE_NOTHING, 1, 1),
+    ("empty audio", [B("empty")], "failed", MADE_NOTHING, 1, 1),
     ("503 storm", [B("error", 503)] * 20, "failed", "temporary problem (gave up after 3 attempts)", 9, 3),
     # The lockout outlasts two probes: each re-arms the one pause; no attempt is ever used up.
     (
@@ -65,7 +68,7 @@ CASES: list[tuple[str, list[Behaviour], str, str | None, int, int]] = [
         "429 throttle storm (Retry-After 8)",
         [B("error", 429, headers={"retry-after": "8"})] * 20,
         "failed",
-        "busy (rate limited) (gave up after 3 attempts)",
+        "temporary problem (gave up after 3 attempts)",
         3,
         3,
     ),

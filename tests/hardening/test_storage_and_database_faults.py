@@ -91,7 +91,7 @@ CASES: list[tuple[str, str, dict[str, Any], list[Behaviour], str, str | None, in
         },
         [],
         "failed",
-        "larger than the storage allows",
+        "could not be stored",
         1,
         1,
     ),

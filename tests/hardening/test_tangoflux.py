@@ -47,11 +47,11 @@ def finish(
 def test_a_job_from_generate_is_made_by_one_prediction(
     stack: LocalStack, replicate: ReplicateDouble, ledger: Ledger
 ) -> None:
-    job_id, prompt = start_job(stack, ledger, "plain", duration=45)
+    job_id, prompt = start_job(stack, ledger, "plain", duration=30)
     row = finish(stack, ledger, job_id, prompt, "a job from generate")
     assert ledger.paid[job_id] == 1
     (made,) = [r for r in replicate.made if r.input["prompt"].startswith(f"{prompt}. ")]
-    # TangoFlux makes up to 30 s: a longer row is cut to it, as the plug-in's worker cut it.
+    # The longest TangoFlux makes (a longer row goes to the fallback: tests/plugin/test_length_made.py).
     assert (made.input["duration"], made.input["steps"], made.input["guidance_scale"]) == (30, 100, 3.5)
     assert row["audio"]["duration_s"] == pytest.approx(30, abs=0.05)
     assert row["enhanced_prompt"] == made.input["prompt"] == f"{prompt}. 30 seconds"

@@ -22,6 +22,7 @@ PLUGIN_EMPTY_TEMPLATE = "plugin_empty_template"
 PLUGIN_MIGRATED_TEMPLATE = "plugin_migrated_template"
 PLUGIN_REFUNDS_TEMPLATE = "plugin_refunds_template"
 
+
 def _template(pg_server: str, name: str, build: object) -> str:
     with psycopg.connect(pg_server, autocommit=True) as conn:
         conn.execute(f"drop database if exists {name} with (force)")  # type: ignore[arg-type]

@@ -9,6 +9,8 @@ the user's own token, as supabase-js's createSignedUrl does.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ import requests
 from devstack.database import apply_sql, stand_ins_sql
 from devstack.emulators.gateway import Gateway
 from devstack.emulators.user_jwt import make_user_jwt
-from tests.support import connect
+from devstack.stack import LocalStack
+from tests.support import connect, sql
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_SQL = HERE / "plugin_schema.sql"
@@ -62,6 +65,17 @@ def build_plugin_database(url: str, *, rows: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------------ reads
+@contextmanager
+def plugin_stack(root: Path, pg_server: str, env: Mapping[str, str]) -> Iterator[LocalStack]:
+    """The whole local stack on the plug-in's database (its schema and rows, then the migrations),
+    with room for ten live jobs per musician (its rows already hold three, the default quota)."""
+    with LocalStack(
+        root, env=env, before_migrations=build_plugin_database, database_server=pg_server
+    ) as running:
+        sql(running.database_url, "insert into sona_settings values ('max_active_jobs', 10)", role=None)
+        yield running
+
+
 def owner_reads_job(url: str, user_id: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any] | None:
     """The UI's poll: `from('jobs').select('*').eq('id', jobId)` with the user's token."""
     with connect(url, "authenticated", user_id) as conn:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -27,11 +26,11 @@ from tests.plugin.plugin_db import (
     PROCESSING_PRODUCER,
     QUEUED_DESIGNER,
     admin_reads_jobs,
-    build_plugin_database,
     cleanup_selection,
     fetch_signed,
     my_sounds,
     owner_reads_job,
+    plugin_stack,
     showcase,
     sign_preview,
 )
@@ -79,10 +78,7 @@ GENERATED: dict[str, uuid.UUID] = {}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
-    root: Path = tmp_path_factory.mktemp("plugin-stack")
-    with LocalStack(root, before_migrations=build_plugin_database, database_server=pg_server) as running:
-        # The musician's rows hold three live jobs (the default quota); room for these.
-        sql(running.database_url, "insert into sona_settings values ('max_active_jobs', 10)", role=None)
+    with plugin_stack(tmp_path_factory.mktemp("plugin-stack"), pg_server, {}) as running:
         yield running
 
 
@@ -216,6 +212,12 @@ def test_after_the_plugins_daily_cleanup_reclaim_deletes_every_file_peaks_includ
         "update jobs set master_path = null, preview_path = null, updated_at = now() where id = %s",
         job_id,
     )
+    # A cleared path's files wait a day (storage_delete_delay_seconds), in case it was a mistake.
+    assert reclaim(stack) is not None
+    assert (
+        sql(url, "select name from storage.objects where name like %s", f"%{job_id}%.json", role=None) != []
+    )
+    sql(url, "update sona_storage_garbage set due_at = now() where name like %s", f"%{job_id}%", role=None)
 
     reclaim(stack)
 

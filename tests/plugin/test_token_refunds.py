@@ -341,38 +341,65 @@ def test_live_plugin_jobs_take_their_charges_when_the_migration_runs(plugin_db_u
 
 
 @pytest.mark.parametrize(
-    ("status", "stage", "refunded"),
-    [("queued", "queued", True), ("processing", "claimed", True), ("processing", "generating", False)],
+    ("status", "record", "refunded"),
+    [
+        ("queued", None, True),
+        ("processing", None, True),
+        ("processing", "provider_called_at", False),
+        ("processing", "provider_paid_at", False),
+    ],
 )
 def test_a_user_marking_their_own_job_failed_counts_as_a_cancel(
-    plugin_db_url: str, status: str, stage: str, refunded: bool
+    plugin_db_url: str, status: str, record: str | None, refunded: bool
 ) -> None:
-    """The plug-in lets an owner update their job: a 'failed' they write refunds only a job whose
-    generation had not begun. jobs_guard refuses that write first; this is the wall behind it, so
-    the guard is held off here as if a policy of the plug-in's let the write through."""
+    """The plug-in lets an owner update their job: a 'failed' they write refunds only a job for which
+    the worker's records show no provider call. jobs_guard and jobs_guard_request refuse that write
+    first; this is the wall behind them, so they are held off here as if a policy of the plug-in's
+    let the write through."""
     url = plugin_db_url
     migrate(url)
     job = QUEUED_DESIGNER if status == "queued" else PROCESSING_PRODUCER
-    if stage == "generating":
-        sql(url, "update public.jobs set stage = 'generating' where id = %s", job, role=None)
-    apply_sql(url, "alter table public.jobs disable trigger jobs_guard")
+    if record is not None:  # what advance_stage / record_generation write on the attempt
+        attempt = f"insert into public.job_attempts (job_id, attempt, lease_token, {record})"
+        sql(url, attempt + " values (%s, 1, gen_random_uuid(), now())", job, role=None)
+    apply_sql(url, "alter table public.jobs disable trigger jobs_guard, disable trigger jobs_guard_request")
     with connect(url, "authenticated", MUSICIAN) as conn:
         conn.execute("update public.jobs set status = 'failed' where id = %s", (job,))
     tokens = 14 if status == "queued" else 21
     assert balance(url, MUSICIAN) == START_BALANCE[MUSICIAN] + (tokens if refunded else 0)
 
 
+def test_the_stage_a_row_says_it_reached_refunds_nothing_by_itself(plugin_db_url: str) -> None:
+    """Issue 29: the owner could write the stage; only the worker's records decide a refund."""
+    url = plugin_db_url
+    migrate(url)
+    sql(url, "update public.jobs set stage = 'claimed' where id = %s", PROCESSING_PRODUCER, role=None)
+    sql(url, "insert into public.job_attempts (job_id, attempt, lease_token, provider_called_at)"
+             " values (%s, 1, gen_random_uuid(), now())", PROCESSING_PRODUCER, role=None)  # fmt: skip
+    with connect(url, "authenticated", MUSICIAN) as conn:
+        assert conn.execute("select id from public.cancel_job(%s)", (PROCESSING_PRODUCER,)).fetchall()
+    assert balance(url, MUSICIAN) == START_BALANCE[MUSICIAN]
+
+
 @pytest.mark.parametrize(
-    ("old_row", "began"),
+    ("attempt", "row", "spend"),
     [
-        ({"status": "queued"}, False),
-        ({"status": "processing"}, True),
-        ({"status": "processing", "stage": "claimed"}, False),
-        ({"status": "processing", "stage": "generating"}, True),
+        (None, "", "none"),
+        ("provider_called_at", "", "called"),
+        ("provider_paid_at", "", "paid"),
+        (None, "generation_id = 'g1'", "paid"),
+        (None, "generations_lost = 1", "paid"),
     ],
 )
-def test_without_a_stage_only_a_job_that_never_started_counts_as_untouched(
-    db_url: str, old_row: dict[str, str], began: bool
+def test_the_workers_records_say_what_was_spent_on_a_job(
+    db_url: str, attempt: str | None, row: str, spend: str
 ) -> None:
-    rows = sql(db_url, "select public.sona_generation_began(%s::jsonb) as began", json.dumps(old_row))
-    assert rows == [{"began": began}]
+    """What replaced the stage-based sona_generation_began: job_attempts (no user reaches it) and the
+    generation the worker recorded on the row (jobs_guard keeps users off those columns)."""
+    job = insert_job(db_url, status="processing", lease_token=uuid.uuid4())
+    if attempt is not None:
+        record = f"insert into public.job_attempts (job_id, attempt, lease_token, {attempt})"
+        sql(db_url, record + " values (%s, 1, gen_random_uuid(), now())", job)
+    if row:
+        sql(db_url, f"update public.jobs set {row} where id = %s", job, role=None)
+    assert sql(db_url, "select public.sona_provider_spend(%s) as spend", job) == [{"spend": spend}]
