@@ -480,13 +480,12 @@ class LocalStack:
         # The stack's own key, so a test can hand the functions a key they must refuse.
         settings = self.settings(supabase_service_role_key=self.service_role_key)
         config = WebhookConfig(
-            webhook_secret=settings.webhook_secret,
             job_timeout_ms=settings.job_timeout_ms,
             dispatch=settings.dispatch,
             jobs_schema=settings.jobs_schema,
             jobs_table=settings.jobs_table,
         )
-        apply_sql(self.database_url, webhook_sql(config, url))
+        apply_sql(self.database_url, webhook_sql(config, url, secret=settings.webhook_secret))
 
     @property
     def keys(self) -> dict[FunctionKey, str]:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Deploy process_job and reclaim_jobs (Cloud Functions 2nd gen) and the Cloud Scheduler job, with
-# plain gcloud. Settings come from the environment and ./.env, under the function's own names plus
-# GOOGLE_CLOUD_PROJECT and REGION. The commands come from `python -m sona deploy-plan`, the same
-# source Cloud Build uses, so the two paths cannot drift.
+# Deploy the Cloud Tasks queue, run_job, process_job, reclaim_jobs and the Cloud Scheduler job
+# (Cloud Functions 2nd gen), with plain gcloud. Settings come from deploy.env (DEPLOY_SETTINGS names
+# another file), the one file Cloud Build reads too; .env is the local stack's and is not deployed
+# (the plan names any function setting there that deploy.env does not carry). The commands come
+# from `python -m sona deploy-plan`, the same source Cloud Build uses, so the two paths cannot drift.
 #
 #   scripts/deploy.sh --dry-run    # print the exact commands
 #   scripts/deploy.sh              # run them (twice is fine: everything updates in place)
@@ -15,10 +16,6 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: scripts/deploy.sh [--dry-run]" >&2; exit 2 ;;
 esac
-
-if [[ -f .env ]]; then
-  set -a; . ./.env; set +a
-fi
 
 if [[ -n "${PYTHON:-}" ]]; then
   plan=("$PYTHON" -m sona deploy-plan)

@@ -24,7 +24,11 @@ def _validate(_: argparse.Namespace) -> int:
     except FfmpegMissing as exc:
         print(f"Invalid configuration:\n  - {exc}", file=sys.stderr)
         return 1
-    for warning in settings.warnings():
+    import os
+
+    from sona.config import ignored_settings
+
+    for warning in [*settings.warnings(), *ignored_settings(os.environ)]:
         print(f"warning: {warning}", file=sys.stderr)
     print(
         f"Configuration is valid (function timeout {settings.function_timeout_s} s, "
@@ -62,24 +66,27 @@ def _reclaim(_: argparse.Namespace) -> int:
 
 
 def _deploy_plan(_: argparse.Namespace) -> int:
-    import os
-
-    from sona.ops.deploy import DeployConfig, render
+    from sona.ops.deploy import not_deployed, plan_from_file, render
 
     try:
-        config = load(DeployConfig)
+        plan = plan_from_file()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    sys.stdout.write(render(config, dict(os.environ)))
+    for note in not_deployed(plan.env):
+        print(f"note: {note}", file=sys.stderr)
+    sys.stdout.write(render(plan))
     return 0
 
 
 def _webhook_sql(args: argparse.Namespace) -> int:
+    from sona.config import WebhookSecret
     from sona.ops.webhook_sql import WebhookConfig, webhook_sql
 
     try:
-        print(webhook_sql(load(WebhookConfig), args.url, vault_secret=args.vault))
+        config = load(WebhookConfig)
+        secret = None if args.vault else load(WebhookSecret).webhook_secret
+        print(webhook_sql(config, args.url, secret=secret, vault_secret=args.vault))
     except (ConfigError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from sona.environment import ConfigError, EnvironmentSettings, load
+from sona.environment import ENV_FILE, ConfigError, EnvironmentSettings, environment_names, load
 from sona.store import storage_rules
 from sona.store.supabase_keys import key_problem, key_warning
 
@@ -29,8 +32,12 @@ SECRET_FIELDS = (
     "stable_audio_api_key",
     "webhook_secret",
     "replicate_api_token",
-    "replicate_webhook_secret",
 )
+# The earlier worker's .env names the README still accepts: read by nothing, named once when set.
+IGNORED_SETTINGS = {
+    "POLL_INTERVAL_MS": "the webhook replaced polling",
+    "REPLICATE_WEBHOOK_SECRET": "Replicate's webhook is not received: a TangoFlux job polls its prediction",
+}
 # Cloud Tasks allows a task's dispatch deadline between 15 s and 30 minutes.
 MIN_DISPATCH_DEADLINE_S, MAX_DISPATCH_DEADLINE_S = 15, 1800
 # A task's deadline covers more than the function's run: at max instances Cloud Run holds a request
@@ -100,30 +107,46 @@ def replicate_token_problem(token: str) -> str | None:
     return None
 
 
-def webhook_secret_problem(secret: str) -> str | None:
-    """Why a REPLICATE_WEBHOOK_SECRET cannot verify signatures (the standard-webhooks whsec_ form)."""
-    import base64
-    import binascii
-
-    try:
-        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except (ValueError, binascii.Error):
-        key = b""
-    if not secret.startswith("whsec_") or not key:
-        return "must be the whsec_... key that GET /v1/webhooks/default/secret answers"
-    return None
+Dispatch = Literal["cloud_tasks", "direct"]
 
 
-class Settings(EnvironmentSettings):
-    """The functions' settings: environment variables named for the fields (sona.environment)."""
+class JobShape(EnvironmentSettings):
+    """What the functions and the webhook's trigger must agree on: the table, the job's timeout and
+    how a webhook becomes a run. Declared once, read by Settings and by sona/webhook_sql.py."""
 
-    # Required.
-    supabase_url: str = Field(description="Supabase project URL, e.g. https://abc.supabase.co")
-    supabase_service_role_key: SecretStr = Field(description="Supabase service role key")
-    stable_audio_api_key: SecretStr = Field(description="Stability AI API key")
+    jobs_schema: str = "public"
+    jobs_table: str = "jobs"
+    job_timeout_ms: int = Field(default=300_000, ge=10_000)
+    # Dispatch: the webhook enqueues a Cloud Tasks task that runs the job (cloud_tasks), or the
+    # webhook's own call runs it (direct, for setups without Cloud Tasks).
+    dispatch: Dispatch = "cloud_tasks"
+
+    @property
+    def function_timeout_s(self) -> int:
+        return function_timeout_s(self.job_timeout_ms)
+
+
+class WebhookSecret(EnvironmentSettings):
+    """The secret the webhook's trigger sends and the door checks (webhook-sql reads it alone)."""
+
     webhook_secret: SecretStr = Field(
         description="Shared secret the database webhook sends in X-Webhook-Secret"
     )
+
+
+# What a deployed function serves: every entry point (the default), or only the public door, which
+# in cloud_tasks mode authenticates, validates and enqueues, and so is given only the webhook secret.
+FunctionRole = Literal["all", "door"]
+# The keys only the code that runs jobs (or reclaims them) reads.
+JOB_KEYS = ("supabase_service_role_key", "stable_audio_api_key")
+
+
+class FunctionOptions(JobShape):
+    """Everything a function reads from its environment but its secrets: what the deploy plan sets
+    as environment variables, and checks before anything deploys (sona/deploy.py)."""
+
+    supabase_url: str = Field(description="Supabase project URL, e.g. https://abc.supabase.co")
+    function_role: FunctionRole = "all"
 
     # Provider.
     stable_audio_api_url: str = DEFAULT_STABLE_AUDIO_API_URL
@@ -151,38 +174,14 @@ class Settings(EnvironmentSettings):
     max_retries: int = Field(default=3, ge=0, le=10)
     retry_delay_ms: int = Field(default=2000, ge=0)
 
-    # TangoFlux on Replicate (sona/engines/replicate.py; README "TangoFlux on Replicate (designer)"). The
-    # token is needed only where an engine setting names TangoFlux; the webhook secret (whsec_...,
-    # from GET /v1/webhooks/default/secret) only where Replicate's webhook is received.
-    replicate_api_token: SecretStr | None = None
+    # TangoFlux on Replicate (sona/engines/replicate.py; README "TangoFlux on Replicate (designer)"); its
+    # token (a secret, in Settings) is needed only where an engine setting names TangoFlux.
     replicate_api_url: str = DEFAULT_REPLICATE_API_URL
-    replicate_webhook_secret: SecretStr | None = None
-
-    @field_validator("replicate_api_token", "replicate_webhook_secret", mode="before")
-    @classmethod
-    def _unset_when_empty(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator(*FALLBACK_MODELS, mode="before")
     @classmethod
     def _no_fallback(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
-
-    @field_validator("replicate_api_token")
-    @classmethod
-    def _replicate_token(cls, value: SecretStr | None) -> SecretStr | None:
-        problem = value and replicate_token_problem(value.get_secret_value())
-        if problem:
-            raise ValueError(problem)
-        return value
-
-    @field_validator("replicate_webhook_secret")
-    @classmethod
-    def _replicate_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        problem = value and webhook_secret_problem(value.get_secret_value())
-        if problem:
-            raise ValueError(problem)
-        return value
 
     @field_validator("replicate_api_url")
     @classmethod
@@ -191,14 +190,9 @@ class Settings(EnvironmentSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    # Jobs.
-    jobs_schema: str = "public"
-    jobs_table: str = "jobs"
-    job_timeout_ms: int = Field(default=300_000, ge=10_000)
+    # Jobs (the table, JOB_TIMEOUT_MS and DISPATCH are JobShape's).
     deadline_margin_ms: int = Field(default=5_000, ge=1_000)
     max_attempts: int = Field(default=3, ge=1, le=20)
-    max_concurrent_jobs: int = Field(default=2, ge=1, le=1000)
-    poll_interval_ms: int = Field(default=5000, ge=100)  # kept for the earlier worker's .env files
     retry_backoff_cap_ms: int = Field(default=300_000, ge=0)
 
     # Audio and storage.
@@ -224,9 +218,7 @@ class Settings(EnvironmentSettings):
     # stable-audio-3 makes.
     storage_upload_limit: str = "50MB"
 
-    # Dispatch: the webhook enqueues a Cloud Tasks task that runs the job (cloud_tasks), or the
-    # webhook's own call runs it (direct, for setups without Cloud Tasks).
-    dispatch: Literal["cloud_tasks", "direct"] = "cloud_tasks"
+    # The Cloud Tasks queue (DISPATCH=cloud_tasks) and the worker its tasks call.
     cloud_tasks_queue: str | None = Field(
         default=None, pattern=r"^projects/[^/]+/locations/[^/]+/queues/[A-Za-z0-9-]{1,100}$"
     )
@@ -281,12 +273,14 @@ class Settings(EnvironmentSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("supabase_service_role_key")
+    @field_validator("supabase_url")
     @classmethod
-    def _service_role(cls, value: SecretStr) -> SecretStr:
-        problem = key_problem(value.get_secret_value())
-        if problem:
-            raise ValueError(problem)
+    def _project_url(cls, value: str) -> str:
+        """The project's address alone (https://<ref>.supabase.co, or a local gateway): a path,
+        query or missing host would make every request of every job go astray."""
+        parts = urlsplit(value)
+        if not parts.hostname or parts.path or parts.query or parts.fragment:
+            raise ValueError("must be the project's address alone, e.g. https://<ref>.supabase.co")
         return value
 
     @field_validator("storage_path_prefix")
@@ -330,7 +324,7 @@ class Settings(EnvironmentSettings):
         return value
 
     @model_validator(mode="after")
-    def _within_platform_limits(self) -> Settings:
+    def _within_platform_limits(self) -> FunctionOptions:
         if self.function_timeout_s > MAX_FUNCTION_TIMEOUT_S:
             raise ValueError(
                 f"JOB_TIMEOUT_MS={self.job_timeout_ms} needs a function timeout of "
@@ -340,10 +334,15 @@ class Settings(EnvironmentSettings):
             raise ValueError("DEADLINE_MARGIN_MS must be less than half of JOB_TIMEOUT_MS")
         if self.dispatch == "cloud_tasks":
             self._check_cloud_tasks()
-        tango = [m.upper() for m in PLUGIN_MODE_MODELS if getattr(self, m) == "tangoflux"]
-        if tango and self.replicate_api_token is None:
-            raise ValueError(f"{', '.join(tango)}=tangoflux needs REPLICATE_API_TOKEN")
+        elif self.function_role == "door":
+            raise ValueError(
+                "FUNCTION_ROLE=door needs DISPATCH=cloud_tasks (in direct mode the door runs jobs)"
+            )
         return self
+
+    @property
+    def tangoflux_modes(self) -> list[str]:
+        return [m.upper() for m in PLUGIN_MODE_MODELS if getattr(self, m) == "tangoflux"]
 
     def _check_cloud_tasks(self) -> None:
         missing = [
@@ -379,10 +378,6 @@ class Settings(EnvironmentSettings):
 
     # Everything below follows from JOB_TIMEOUT_MS, the one knob (DESIGN.md, Timeouts).
     @property
-    def function_timeout_s(self) -> int:
-        return function_timeout_s(self.job_timeout_ms)
-
-    @property
     def dispatch_deadline_s(self) -> int:
         return dispatch_deadline_s(self.job_timeout_ms)
 
@@ -409,6 +404,51 @@ class Settings(EnvironmentSettings):
         those recover in moments and the job's budget is better spent waiting on the provider."""
         return self.retry_delay_ms / 4000
 
+
+class Settings(FunctionOptions, WebhookSecret):
+    """The functions' settings: environment variables named for the fields (sona.environment),
+    the options the deploy passes in the clear plus the secrets Secret Manager mounts."""
+
+    # Required wherever jobs run (every role but the door); an empty default so a door is not
+    # refused for keys it never reads, and one message per missing key otherwise.
+    supabase_service_role_key: SecretStr = Field(
+        default=SecretStr(""), description="Supabase service role key"
+    )
+    stable_audio_api_key: SecretStr = Field(default=SecretStr(""), description="Stability AI API key")
+    replicate_api_token: SecretStr | None = None
+
+    @field_validator(*JOB_KEYS)
+    @classmethod
+    def _job_key(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        if not value.get_secret_value():
+            if info.data.get("function_role") == "door":
+                return value
+            raise ValueError("is required but not set")
+        problem = info.field_name == "supabase_service_role_key" and key_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("replicate_api_token", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("replicate_api_token")
+    @classmethod
+    def _replicate_token(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = value and replicate_token_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _engine_secrets(self) -> Settings:
+        tango = self.tangoflux_modes
+        if tango and self.replicate_api_token is None and self.function_role != "door":
+            raise ValueError(f"{', '.join(tango)}=tangoflux needs REPLICATE_API_TOKEN")
+        return self
+
     @cached_property
     def secret_values(self) -> tuple[str, ...]:
         secrets = (getattr(self, name) for name in SECRET_FIELDS)
@@ -428,6 +468,12 @@ class Settings(EnvironmentSettings):
         return notes
 
 
+def ignored_settings(environ: Mapping[str, str], env_file: Path | None = ENV_FILE) -> list[str]:
+    """One line per earlier-worker setting that is set but read by nothing (IGNORED_SETTINGS)."""
+    given = set(environment_names(environ, env_file))
+    return [f"{name} is ignored: {why}" for name, why in IGNORED_SETTINGS.items() if name.lower() in given]
+
+
 # Storage's key characters (sona/store/storage_rules.py), for messages.
 _ALLOWED = "ASCII letters, digits, space and _ ! - . * ' ( ) & $ = @ ; : + ,"
 
@@ -444,4 +490,4 @@ def load_settings(**overrides: Any) -> Settings:
     return load(Settings, **overrides)
 
 
-__all__ = ["ConfigError", "Settings", "load", "load_settings"]
+__all__ = ["ConfigError", "FunctionOptions", "Settings", "load", "load_settings"]

@@ -57,16 +57,28 @@ def load(
         raise ConfigError([_describe(dict(e)) for e in exc.errors(include_input=False)]) from None
 
 
+def environment_names(environ: Mapping[str, str], env_file: Path | None) -> dict[str, str]:
+    """Every variable the environment and .env give, by its lower-case name (the environment wins)."""
+    given: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        given = read_env_file(env_file)
+    given.update((k.lower(), v) for k, v in environ.items())
+    return given
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """A .env-style file's variables by lower-case name (python-dotenv's syntax: quotes, comments,
+    `export`)."""
+    from dotenv import dotenv_values  # only where there is such a file (never on Cloud Functions)
+
+    return {k.lower(): v for k, v in dotenv_values(path, encoding="utf-8").items() if v is not None}
+
+
 def environment_values(
     model: type[BaseModel], environ: Mapping[str, str], env_file: Path | None
 ) -> dict[str, object]:
     """The model's fields as the environment and .env give them (names matched in any case)."""
-    given: dict[str, str] = {}
-    if env_file is not None and env_file.is_file():
-        from dotenv import dotenv_values  # only where there is a .env (never on Cloud Functions)
-
-        given = {k.lower(): v for k, v in dotenv_values(env_file, encoding="utf-8").items() if v is not None}
-    given.update((k.lower(), v) for k, v in environ.items())
+    given = environment_names(environ, env_file)
     return {
         name: _decoded(field.annotation, given[name])
         for name, field in model.model_fields.items()

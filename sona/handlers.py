@@ -246,4 +246,5 @@ def reclaim_jobs(request: Request) -> Response:
     except DatabaseUnavailable as exc:
         log.error("reclaim failed: %s", exc)
         return error(503, "database_unavailable", "The job database is unavailable.")
-    return reply(200, summary)
+    # A queue that refuses its listing is a setup fault: the run fails, so Cloud Scheduler shows it.
+    return reply(500 if summary.get("queue_refused") else 200, summary)

@@ -6,11 +6,12 @@ Adapters are imported on first use, so a cold start pays only for what its first
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from sona.config import Settings, load_settings
+from sona.config import Settings, ignored_settings, load_settings
 from sona.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         setup_logging(settings.log_level, settings.secret_values)
-        for warning in settings.warnings():  # what `validate` would print, once per instance
+        # What `validate` would print, once per instance.
+        for warning in [*settings.warnings(), *ignored_settings(os.environ)]:
             log.warning("%s", warning)
 
     @cached_property

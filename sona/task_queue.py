@@ -60,11 +60,12 @@ class QueueLimits:
       queue stops after MAX_ATTEMPTS leases' worth of time; reclaim_jobs owns a job after that.
 
     Cloud Tasks stops retrying only when BOTH max_attempts and max_retry_duration are satisfied
-    (Cloud Tasks RetryConfig reference), so a large max_attempts (the API's default is 100) keeps a
-    failing task going for hours whatever max_retry_duration says. max_attempts is therefore the
-    number of attempts the backoff schedule fits in max_retry_duration: for a task that fails fast
-    (a 500, a refused token) both limits are met together, about max_retry_duration after the first
-    attempt."""
+    (Cloud Tasks RetryConfig reference: "When the task has been attempted max_attempts times and
+    when the max_retry_duration time has passed, no further attempts are made"), so a large
+    max_attempts (the API's default is 100) keeps a failing task going for hours, and a
+    max_retry_duration past the last of max_attempts attempts buys one more attempt after it. So
+    the window (MAX_ATTEMPTS leases) decides how many attempts the backoff schedule fits, and
+    max_retry_duration is the time of the last of them: both limits are met at that attempt."""
 
     max_dispatches_per_second: float
     max_concurrent_dispatches: int
@@ -78,7 +79,7 @@ class QueueLimits:
         return self.lease_s
 
     @property
-    def max_retry_duration_s(self) -> int:
+    def retry_window_s(self) -> int:
         return self.lease_s * self.max_attempts_per_job
 
     def backoff_s(self, failures: int) -> int:
@@ -90,14 +91,22 @@ class QueueLimits:
             delay *= 1 + step - self.max_doublings
         return min(self.max_backoff_s, delay)
 
+    def attempt_times(self) -> list[int]:
+        """When each attempt starts, in seconds after the first, while it fits in the window."""
+        times = [0]
+        while times[-1] + self.backoff_s(len(times)) <= self.retry_window_s:
+            times.append(times[-1] + self.backoff_s(len(times)))
+        return times
+
     @property
     def max_attempts(self) -> int:
-        """Attempts whose backoffs fit in max_retry_duration (the first attempt at time 0)."""
-        attempts, elapsed = 1, 0
-        while elapsed + self.backoff_s(attempts) <= self.max_retry_duration_s:
-            elapsed += self.backoff_s(attempts)
-            attempts += 1
-        return attempts
+        return len(self.attempt_times())
+
+    @property
+    def max_retry_duration_s(self) -> int:
+        """The last attempt's start: once it has failed, both limits are met and the task is gone.
+        At least 1 s, since 0 would mean no age limit at all."""
+        return max(1, self.attempt_times()[-1])
 
     def as_queue(self, name: str) -> dict[str, object]:
         """The Queue resource of the Cloud Tasks v2 REST API."""

@@ -16,7 +16,14 @@ the way the real CLI was documented or reported to answer where a first deploy m
 - creating what exists answers ALREADY_EXISTS, describing what does not answers NOT_FOUND;
 - queue limits are Cloud Tasks' (500 dispatches/s, 5,000 concurrent), and --set-env-vars is split
   on its delimiter the way gcloud splits it (`gcloud topic escaping`), so a value that holds the
-  delimiter breaks the variable.
+  delimiter breaks the variable;
+- a function's traffic stays where `run services update-traffic --to-revisions` pinned it (a
+  rollback) until a deploy passes --serve-all-traffic-latest-revision (Cloud Functions, "Traffic
+  splitting": by default traffic goes to the latest revision; a custom split overrides that);
+- a dashboard naming a log-based metric younger than METRIC_DELAY_S is refused like the alert
+  policy (the strict side: Monitoring's docs promise nothing sooner);
+- `artifacts repositories set-cleanup-policies` needs the repository, which the first function
+  build creates (gcf-artifacts), and a policy file Artifact Registry can read.
 Time is virtual: `fake_gcloud.py --sleep N` (installed as `sleep`) advances the clock, so waiting
 ten minutes for Monitoring takes none.
 """
@@ -63,6 +70,7 @@ def new_state(*, drs: bool = False, new_project: bool = False) -> State:
         "dashboards": {},
         "policies": {},
         "account_bindings": [],
+        "repositories": {},
         "calls": [],
     }
 
@@ -110,7 +118,9 @@ def functions(state: State, verb: str, words: list[str], flags: dict[str, str]) 
     if verb == "deploy":
         if state["new_project"] and "build-service-account" not in flags:
             raise Refused(BUILD_SA_MESSAGE)
-        existing = table.get(name, {"members": [], "invoker_iam_check": True, "revision": 0})
+        existing = table.get(
+            name, {"members": [], "invoker_iam_check": True, "revision": 0, "traffic": "latest"}
+        )
         if "allow-unauthenticated" in flags:  # gcloud binds allUsers after the deploy: the strict side
             if state["drs"]:
                 raise Refused(DRS_MESSAGE)
@@ -123,8 +133,14 @@ def functions(state: State, verb: str, words: list[str], flags: dict[str, str]) 
             "env": env_vars(flags.get("set-env-vars", "")),
             "service_account": flags.get("service-account"),
             "build_service_account": flags.get("build-service-account"),
+            "secrets": sorted(i.split("=", 1)[0] for i in flags.get("set-secrets", "").split(",") if i),
+            "size": {k: flags.get(k) for k in ("timeout", "memory", "cpu", "concurrency", "max-instances")},
             "revision": existing["revision"] + 1,
         }
+        if "serve-all-traffic-latest-revision" in flags:
+            table[name]["traffic"] = "latest"
+        location = flags.get("region", "")
+        state["repositories"].setdefault(f"{location}/gcf-artifacts", {"cleanup": None})
         return ""
     function = _need(table, name, "Function")
     if verb == "describe":
@@ -144,7 +160,24 @@ def run_services(state: State, verb: str, words: list[str], flags: dict[str, str
     if verb == "update" and "no-invoker-iam-check" in flags:
         function["invoker_iam_check"] = False
         return ""
+    if verb == "update-traffic" and "to-revisions" in flags:
+        function["traffic"] = flags["to-revisions"]
+        return ""
     raise Refused(f"Invalid choice: {verb}")
+
+
+def artifacts_repositories(state: State, verb: str, words: list[str], flags: dict[str, str]) -> str:
+    if verb != "set-cleanup-policies":
+        raise Refused(f"Invalid choice: {verb}")
+    repository = _need(state["repositories"], f"{flags.get('location')}/{words[0]}", "Repository")
+    try:
+        policies = json.loads(Path(flags["policy"]).read_text())
+    except (OSError, ValueError, KeyError) as exc:
+        raise Refused(f"INVALID_ARGUMENT: the cleanup policy could not be read: {exc}") from None
+    if not isinstance(policies, list) or not all({"name", "action"} <= set(p) for p in policies):
+        raise Refused("INVALID_ARGUMENT: a cleanup policy file is a list of policies with a name and action")
+    repository["cleanup"] = policies if "dry-run" not in flags else repository["cleanup"]
+    return ""
 
 
 def tasks_queues(state: State, verb: str, words: list[str], flags: dict[str, str]) -> str:
@@ -152,7 +185,9 @@ def tasks_queues(state: State, verb: str, words: list[str], flags: dict[str, str
     if verb == "describe":
         return json.dumps(_need(table, name, "Queue"))
     if verb == "add-iam-policy-binding":
-        _need(table, name, "Queue").setdefault("members", []).append([flags["member"], flags["role"]])
+        members = _need(table, name, "Queue").setdefault("members", [])
+        if [flags["member"], flags["role"]] not in members:  # IAM bindings are a set
+            members.append([flags["member"], flags["role"]])
         return ""
     if verb == "create":
         _fresh(table, name, "Queue")
@@ -222,6 +257,7 @@ def monitoring_dashboards(state: State, verb: str, words: list[str], flags: dict
         return "\n".join(n for n, d in table.items() if d["config"]["displayName"] == wanted)
     if verb == "create":
         dashboard = _dashboard_file(flags)
+        _known_metrics(state, dashboard)
         if "validate-only" not in flags:
             name = f"projects/{flags['project']}/dashboards/{uuid.uuid4()}"
             table[name] = {"config": dashboard, "etag": uuid.uuid4().hex, "updates": 0}
@@ -233,6 +269,7 @@ def monitoring_dashboards(state: State, verb: str, words: list[str], flags: dict
         dashboard = _dashboard_file(flags)
         if not dashboard.get("etag"):
             raise Refused(ETAG_MESSAGE)
+        _known_metrics(state, dashboard)
         if dashboard["etag"] != current["etag"]:
             raise Refused("ABORTED: The dashboard was modified concurrently (etag mismatch).")
         current.update(config=dashboard, etag=uuid.uuid4().hex, updates=current["updates"] + 1)
@@ -241,6 +278,7 @@ def monitoring_dashboards(state: State, verb: str, words: list[str], flags: dict
 
 
 def _known_metrics(state: State, policy: dict[str, Any]) -> None:
+    """Refuse, as Monitoring does for a while, a definition naming a metric type still new."""
     for metric in re.findall(r"logging\.googleapis\.com/user/(\w+)", json.dumps(policy)):
         known = state["metrics"].get(metric)
         if known is None or state["clock"] < known["created_at"] + METRIC_DELAY_S:
@@ -289,6 +327,7 @@ GROUPS = {
     ("monitoring", "dashboards"): monitoring_dashboards,
     ("monitoring", "policies"): monitoring_policies,
     ("iam", "service-accounts"): iam_service_accounts,
+    ("artifacts", "repositories"): artifacts_repositories,
 }
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from devstack.emulators.gateway import make_jwt
-from sona.config import DEFAULT_STABLE_AUDIO_API_URL, OLD_STABLE_AUDIO_API_URL, ConfigError, load_settings
+from sona.config import (
+    DEFAULT_STABLE_AUDIO_API_URL,
+    OLD_STABLE_AUDIO_API_URL,
+    ConfigError,
+    Settings,
+    load_settings,
+)
 from sona.ops.webhook_sql import WebhookConfig
 from tests.support import SECRETS, make_settings
 
@@ -19,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_keep_the_earlier_workers_names_and_values() -> None:
     s = make_settings()
-    assert (s.max_concurrent_jobs, s.poll_interval_ms, s.job_timeout_ms) == (2, 5000, 300_000)
+    assert s.job_timeout_ms == 300_000
     assert (s.supabase_storage_bucket, s.storage_path_prefix) == ("audio-files", "generated")
     assert (s.max_retries, s.retry_delay_ms, s.log_level) == (3, 2000, "info")
     assert s.stable_audio_api_url == DEFAULT_STABLE_AUDIO_API_URL
@@ -124,6 +130,51 @@ def test_validate_command_passes_a_good_environment_and_reads_dotenv(tmp_path: P
     assert result.returncode == 0, result.stderr
     assert "Configuration is valid" in result.stdout
     assert "not a real route" in result.stderr
+
+
+def test_the_earlier_workers_dead_settings_still_validate_and_are_named_as_ignored(tmp_path: Path) -> None:
+    """POLL_INTERVAL_MS (the README promises the earlier worker's .env still validates) and
+    REPLICATE_WEBHOOK_SECRET (whose whsec_ check went with it) are read by nothing: validate says so
+    once each, and still passes, whatever their value."""
+    result = run_validate(
+        {
+            "SUPABASE_URL": "https://abc.supabase.co",
+            "SUPABASE_SERVICE_ROLE_KEY": SECRETS["supabase_service_role_key"],
+            "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
+            "WEBHOOK_SECRET": SECRETS["webhook_secret"],
+            "DISPATCH": "direct",
+            "POLL_INTERVAL_MS": "5000",
+            "REPLICATE_WEBHOOK_SECRET": "not-a-whsec-key",
+        },
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning: POLL_INTERVAL_MS is ignored: the webhook replaced polling" in result.stderr
+    assert "warning: REPLICATE_WEBHOOK_SECRET is ignored" in result.stderr
+    assert "not-a-whsec-key" not in result.stderr
+
+
+def test_each_setting_is_declared_once() -> None:
+    """The functions, the deploy plan and the webhook's trigger read one declaration of each
+    variable: Settings from JobShape, FunctionOptions and WebhookSecret; the plan and the trigger
+    from the same classes, never a copy."""
+    from sona.config import FunctionOptions, JobShape, WebhookSecret
+    from sona.ops.deploy import DeployConfig
+
+    declared: dict[str, list[str]] = {}
+    for model in (JobShape, WebhookSecret, FunctionOptions, Settings, DeployConfig, WebhookConfig):
+        own = set(model.model_fields) - {
+            n for base in model.__mro__[1:] for n in getattr(base, "model_fields", {})
+        }
+        for name in own:
+            declared.setdefault(name, []).append(model.__name__)
+    assert {name: models for name, models in declared.items() if len(models) > 1} == {}
+
+
+def test_dead_settings_are_gone() -> None:
+    assert not {"poll_interval_ms", "replicate_webhook_secret", "max_concurrent_jobs"} & set(
+        Settings.model_fields
+    )
 
 
 def test_validate_command_reports_an_ffmpeg_that_does_not_exist(tmp_path: Path) -> None:

@@ -9,15 +9,17 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import SecretStr
 
 from devstack.database import apply_sql
-from sona.config import ConfigError, load
-from sona.ops.deploy import RUNTIME, DeployConfig, render
+from sona.config import ConfigError
+from sona.ops.deploy import DEPLOYER_ROLES, RUNTIME, Plan, make_plan, not_deployed, render
 from sona.ops.webhook_sql import WebhookConfig, webhook_sql
 from tests import fake_gcloud
 from tests.support import SECRETS, insert_job, sql
@@ -30,36 +32,51 @@ def cloudbuild() -> dict[str, Any]:
     return dict(yaml.safe_load((REPO / "cloudbuild.yaml").read_text()))
 
 
-def cloudbuild_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The plan step's environment, with Cloud Build's substitutions applied."""
-    build = cloudbuild()
-    values = {**build["substitutions"], "_SUPABASE_URL": "https://abc.supabase.co", **(overrides or {})}
-    (plan,) = [s for s in build["steps"] if s["id"] == "plan"]
-    env = {}
-    for item in plan["env"]:
-        name, _, value = item.partition("=")
-        value = value.replace("$PROJECT_ID", PROJECT)
-        env[name] = re.sub(r"\$(_[A-Z_]+)", lambda m: str(values[m.group(1)]), value)
-    return env
+# A deploy.env as an operator fills it in (deploy.env.example), for the test project.
+SETTINGS = {"GOOGLE_CLOUD_PROJECT": PROJECT, "SUPABASE_URL": "https://abc.supabase.co"}
 
 
-def dry_run(env: dict[str, str]) -> str:
-    base = {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "PYTHON": sys.executable,
-        "PYTHONPATH": str(REPO),
-    }
-    result = subprocess.run(
-        [str(REPO / "scripts" / "deploy.sh"), "--dry-run"],
-        cwd=REPO,
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def deploy_settings(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The settings deploy.env holds: the example's, with a test's changes."""
+    return {**SETTINGS, **(overrides or {})}
+
+
+def write_settings(settings: dict[str, str], directory: Path) -> Path:
+    path = directory / "deploy.env"
+    path.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items()))
+    return path
+
+
+def plan_of(settings: dict[str, str]) -> Plan:
+    return make_plan(settings)
+
+
+def dry_run(settings: dict[str, str], environ: dict[str, str] | None = None) -> str:
+    """scripts/deploy.sh --dry-run with these settings in its deploy.env."""
+    result = run_dry(settings, environ)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def run_dry(
+    settings: dict[str, str], environ: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory() as directory:
+        base = {
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "PYTHON": sys.executable,
+            "PYTHONPATH": str(REPO),
+            "DEPLOY_SETTINGS": str(write_settings(settings, Path(directory))),
+        }
+        return subprocess.run(
+            [str(REPO / "scripts" / "deploy.sh"), "--dry-run"],
+            cwd=REPO,
+            env={**base, **(environ or {})},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
 
 
 def deploys(script: str) -> dict[str, list[str]]:
@@ -84,11 +101,9 @@ def env_vars(argv: list[str]) -> dict[str, str]:
     return fake_gcloud.env_vars(flag(argv, "set-env-vars") or "")
 
 
-def test_cloud_build_and_deploy_sh_give_the_same_commands() -> None:
-    env = cloudbuild_env()
-    assert dry_run(env) == render(
-        load(DeployConfig, env_file=None, **{k.lower(): v for k, v in env.items()}), env
-    )
+def test_deploy_sh_prints_the_plan_its_settings_file_makes() -> None:
+    settings = deploy_settings()
+    assert dry_run(settings) == render(plan_of(settings))
 
 
 def must_finish_before(step_id: str) -> set[str]:
@@ -130,48 +145,51 @@ def test_the_audit_reads_the_lock_as_the_deployed_python_installs_it() -> None:
     [("300000", "cloud_tasks", "310s"), ("60500", "cloud_tasks", "71s"), ("3590000", "direct", "3600s")],
 )
 def test_timeout_follows_job_timeout_ms(job_timeout_ms: str, dispatch: str, timeout: str) -> None:
-    functions = deploys(dry_run(cloudbuild_env({"_JOB_TIMEOUT_MS": job_timeout_ms, "_DISPATCH": dispatch})))
-    assert flag(functions["process-job"], "timeout") == timeout
+    functions = deploys(dry_run(deploy_settings({"JOB_TIMEOUT_MS": job_timeout_ms, "DISPATCH": dispatch})))
+    runs_jobs = "run-job" if dispatch == "cloud_tasks" else "process-job"
+    assert flag(functions[runs_jobs], "timeout") == timeout
 
 
 def test_a_timeout_above_3600_s_is_a_clear_error() -> None:
-    env = cloudbuild_env({"_JOB_TIMEOUT_MS": "3600000"})
-    with pytest.raises(ConfigError, match="above Cloud Functions' 3600 s limit"):
-        load(DeployConfig, env_file=None, **{k.lower(): v for k, v in env.items()})
+    with pytest.raises(ConfigError, match="above Cloud Functions' 3600 s"):
+        plan_of(deploy_settings({"JOB_TIMEOUT_MS": "3600000"}))
+
+
+ALL_SECRETS = (
+    "SUPABASE_SERVICE_ROLE_KEY=sona-supabase-service-role-key:latest,"
+    "STABLE_AUDIO_API_KEY=sona-stable-audio-api-key:latest,"
+    "WEBHOOK_SECRET=sona-webhook-secret:latest"
+)
 
 
 def test_secrets_come_only_from_secret_manager() -> None:
-    env = {
-        **cloudbuild_env(),
-        "SUPABASE_SERVICE_ROLE_KEY": SECRETS["supabase_service_role_key"],
-        "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
-        "WEBHOOK_SECRET": SECRETS["webhook_secret"],
-    }
-    script = dry_run(env)
-    assert not any(secret in script for secret in SECRETS.values())
-    for argv in deploys(script).values():
-        assert flag(argv, "set-secrets") == (
-            "SUPABASE_SERVICE_ROLE_KEY=sona-supabase-service-role-key:latest,"
-            "STABLE_AUDIO_API_KEY=sona-stable-audio-api-key:latest,"
-            "WEBHOOK_SECRET=sona-webhook-secret:latest"
-        )
+    functions = deploys(dry_run(deploy_settings()))
+    for name, argv in functions.items():
+        expected = "WEBHOOK_SECRET=sona-webhook-secret:latest" if name == "process-job" else ALL_SECRETS
+        assert flag(argv, "set-secrets") == expected
         assert not [name for name in env_vars(argv) if re.search(r"KEY|SECRET", name)]
 
 
+def test_a_settings_file_holding_a_secret_is_refused_without_echoing_it() -> None:
+    """deploy.env travels in the build's upload: a secret there would travel with it."""
+    result = run_dry({**deploy_settings(), "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"]})
+    assert result.returncode == 1
+    assert "STABLE_AUDIO_API_KEY is a secret" in result.stderr
+    assert SECRETS["stable_audio_api_key"] not in result.stdout + result.stderr
+
+
 def test_a_mode_served_by_tangoflux_gets_its_token_from_secret_manager_too() -> None:
-    script = dry_run(
-        {**cloudbuild_env(), "DESIGNER_MODEL": "tangoflux", "REPLICATE_API_TOKEN": "r8_sentinel"}
-    )
-    assert "r8_sentinel" not in script
-    for argv in deploys(script).values():
-        assert str(flag(argv, "set-secrets")).endswith(",REPLICATE_API_TOKEN=sona-replicate-api-token:latest")
+    functions = deploys(dry_run({**deploy_settings(), "DESIGNER_MODEL": "tangoflux"}))
+    for name, argv in functions.items():
+        token = ",REPLICATE_API_TOKEN=sona-replicate-api-token:latest"
+        assert str(flag(argv, "set-secrets")).endswith(token) == (name != "process-job")  # the door never
         assert env_vars(argv)["DESIGNER_MODEL"] == "tangoflux"
 
 
 def test_only_process_job_is_opened_to_the_public() -> None:
     """The door is deployed leaving its access as it is, then opened (allUsers, or the invoker check
     off where that is refused: tests/test_deploy_script.py runs both); the rest are private."""
-    script = dry_run(cloudbuild_env())
+    script = dry_run(deploy_settings())
     functions = deploys(script)
     assert "--allow-unauthenticated" not in functions["process-job"]
     assert "--no-allow-unauthenticated" not in functions["process-job"]
@@ -182,36 +200,35 @@ def test_only_process_job_is_opened_to_the_public() -> None:
 
 @pytest.mark.parametrize("concurrency", ["1", "2", "8"])
 def test_concurrency_and_threads_follow_max_concurrent_jobs(concurrency: str) -> None:
-    argv = deploys(dry_run(cloudbuild_env({"_MAX_CONCURRENT_JOBS": concurrency})))["process-job"]
+    argv = deploys(dry_run(deploy_settings({"MAX_CONCURRENT_JOBS": concurrency})))["run-job"]
     assert flag(argv, "concurrency") == concurrency
     assert env_vars(argv)["THREADS"] == concurrency
     assert float(flag(argv, "cpu") or 0) >= 1
 
 
 def test_concurrency_above_one_with_less_than_a_vcpu_is_refused() -> None:
-    env = cloudbuild_env({"_FUNCTION_CPU": "0.5", "_MAX_CONCURRENT_JOBS": "2"})
     with pytest.raises(ConfigError, match="at least 1"):
-        load(DeployConfig, env_file=None, **{k.lower(): v for k, v in env.items()})
+        plan_of(deploy_settings({"FUNCTION_CPU": "0.5", "MAX_CONCURRENT_JOBS": "2"}))
 
 
-def test_every_value_an_operator_changes_is_a_substitution() -> None:
+def test_every_value_an_operator_changes_is_a_setting() -> None:
     functions = deploys(
         dry_run(
-            cloudbuild_env(
+            deploy_settings(
                 {
-                    "_REGION": "europe-west1",
-                    "_PROCESS_JOB_FUNCTION": "pj",
-                    "_RUN_JOB_FUNCTION": "wj",
-                    "_RECLAIM_JOBS_FUNCTION": "rj",
-                    "_FUNCTION_MEMORY": "2Gi",
-                    "_MAX_INSTANCES": "3",
-                    "_FUNCTION_SERVICE_ACCOUNT": "run@p.iam",
+                    "REGION": "europe-west1",
+                    "PROCESS_JOB_FUNCTION": "pj",
+                    "RUN_JOB_FUNCTION": "wj",
+                    "RECLAIM_JOBS_FUNCTION": "rj",
+                    "FUNCTION_MEMORY": "2Gi",
+                    "MAX_INSTANCES": "3",
+                    "FUNCTION_SERVICE_ACCOUNT": "run@p.iam",
                 }
             )
         )
     )
     assert set(functions) == {"pj", "wj", "rj"}
-    argv = functions["pj"]
+    argv = functions["wj"]
     assert (
         flag(argv, "region"),
         flag(argv, "memory"),
@@ -219,13 +236,14 @@ def test_every_value_an_operator_changes_is_a_substitution() -> None:
         flag(argv, "service-account"),
         flag(argv, "runtime"),
         flag(argv, "entry-point"),
-    ) == ("europe-west1", "2Gi", "3", "run@p.iam", "python312", "process_job")
+    ) == ("europe-west1", "2Gi", "3", "run@p.iam", "python312", "run_job")
+    assert flag(functions["pj"], "entry-point") == "process_job"
     assert flag(functions["rj"], "entry-point") == "reclaim_jobs"
     assert env_vars(argv)["GOOGLE_CLOUD_PROJECT"] == PROJECT
 
 
 def test_the_scheduler_job_is_created_or_updated_with_an_oidc_token() -> None:
-    script = dry_run(cloudbuild_env({"_RECLAIM_SCHEDULE": "*/5 * * * *"}))
+    script = dry_run(deploy_settings({"RECLAIM_SCHEDULE": "*/5 * * * *"}))
     assert "gcloud scheduler jobs describe sona-reclaim-jobs" in script
     for verb in ("update", "create"):
         line = next(li for li in script.splitlines() if f"gcloud scheduler jobs {verb} http" in li)
@@ -243,12 +261,8 @@ QUEUED = """select url, method, headers, timeout_milliseconds, convert_from(body
 
 
 def test_the_webhook_fires_on_insert_with_url_method_secret_and_timeout(db_url: str) -> None:
-    config = WebhookConfig(
-        webhook_secret=SECRETS["webhook_secret"],  # type: ignore[call-arg]
-        job_timeout_ms=120_000,
-        dispatch="direct",
-    )
-    apply_sql(db_url, webhook_sql(config, URL))
+    config = WebhookConfig(job_timeout_ms=120_000, dispatch="direct")
+    apply_sql(db_url, webhook_sql(config, URL, secret=SecretStr(SECRETS["webhook_secret"])))
     job_id = insert_job(db_url)
     (call,) = sql(db_url, QUEUED, role=None)
     assert (call["url"], call["method"]) == (URL, "POST")
@@ -262,8 +276,10 @@ def test_the_webhook_fires_on_insert_with_url_method_secret_and_timeout(db_url: 
 
 
 def test_installing_the_webhook_twice_leaves_one_trigger(db_url: str) -> None:
-    config = WebhookConfig(webhook_secret="s3cret-value")
-    apply_sql(db_url, webhook_sql(config, URL), webhook_sql(config, URL + "?v=2"))
+    config, secret = WebhookConfig(), SecretStr("s3cret-value")
+    apply_sql(
+        db_url, webhook_sql(config, URL, secret=secret), webhook_sql(config, URL + "?v=2", secret=secret)
+    )
     insert_job(db_url)
     calls = sql(db_url, QUEUED, role=None)
     assert [c["url"] for c in calls] == [URL + "?v=2"]
@@ -315,7 +331,7 @@ def test_the_webhook_sql_command_prints_the_trigger(tmp_path: Path) -> None:
 
 
 def test_the_plan_counts_pauses_in_a_log_based_metric_and_alerts_on_it_once() -> None:
-    script = dry_run(cloudbuild_env())
+    script = dry_run(deploy_settings())
     lines = script.splitlines()
     assert "gcloud logging metrics describe sona_service_paused" in script
     for verb in ("update", "create"):
@@ -334,3 +350,155 @@ def test_the_plan_counts_pauses_in_a_log_based_metric_and_alerts_on_it_once() ->
         in condition["conditionThreshold"]["filter"]
     )
     assert policy["displayName"] == "Sona service paused"
+
+
+# -- issue 31: one source of settings, checked before anything deploys ----------------------------
+
+
+def test_the_plan_refuses_to_run_without_its_settings_file(tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+        "DEPLOY_SETTINGS": str(tmp_path / "deploy.env"),
+    }
+    result = subprocess.run(
+        [str(REPO / "scripts" / "deploy.sh"), "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "deploy.env not found" in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("environ", "says"),
+    [
+        ({"JOB_TIMEOUT_MS": "60000"}, "JOB_TIMEOUT_MS is set in the environment but"),
+        ({"GOOGLE_CLOUD_PROJECT": "another-project"}, "GOOGLE_CLOUD_PROJECT is set in the environment but"),
+        ({"DESIGNER_MODEL": "tangoflux"}, "DESIGNER_MODEL is set in the environment but"),
+    ],
+    ids=["a shell export", "the build's own project", "a mode's engine"],
+)
+def test_a_setting_only_the_environment_gives_is_refused(environ: dict[str, str], says: str) -> None:
+    """Cloud Build reads only deploy.env: a setting from a shell export would be dropped by the next
+    build (--set-env-vars replaces everything), so neither path takes it."""
+    result = run_dry(deploy_settings(), environ)
+    assert result.returncode == 1
+    assert says in result.stderr
+
+
+def test_the_same_value_in_the_environment_and_the_file_is_fine() -> None:
+    assert run_dry(deploy_settings(), {"GOOGLE_CLOUD_PROJECT": PROJECT}).returncode == 0
+
+
+def test_a_local_env_setting_the_deploy_lacks_is_named(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "DESIGNER_MODEL=tangoflux\nREGION=europe-west1\nSUPABASE_URL=https://abc.supabase.co\n"
+    )
+    notes = not_deployed(plan_of(deploy_settings()).env, tmp_path / ".env")
+    assert notes == [
+        "DESIGNER_MODEL from " + str(tmp_path / ".env") + " is not deployed: deploy.env does not set it"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("SUPABASE_URL", "", "SUPABASE_URL is required but not set"),
+        ("SUPABASE_URL", "abc.supabase.co", "SUPABASE_URL must start with http"),
+        ("SUPABASE_URL", "https://", "SUPABASE_URL must be the project's address alone"),
+        (
+            "SUPABASE_URL",
+            "https://abc.supabase.co/rest/v1",
+            "SUPABASE_URL must be the project's address alone",
+        ),
+        ("GOOGLE_CLOUD_PROJECT", "", "GOOGLE_CLOUD_PROJECT must be a project id"),
+        ("MP3_BITRATE", "loud", "MP3_BITRATE"),
+        ("DESIGNER_MODEL", "stable-audio-9", "DESIGNER_MODEL"),
+        ("STORAGE_PATH_PREFIX", "a/../b", "STORAGE_PATH_PREFIX must not contain '.' or '..'"),
+        ("DEADLINE_MARGIN_MS", "200000", "DEADLINE_MARGIN_MS must be less than half"),
+        ("DOOR_MAX_INSTANCES", "1", "cannot take a pg_net batch of 200"),
+    ],
+)
+def test_the_plan_refuses_what_a_function_would_refuse_at_start(setting: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        plan_of(deploy_settings({setting: value}))
+
+
+def test_every_problem_of_the_plan_and_the_functions_is_listed_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        plan_of(deploy_settings({"SUPABASE_URL": "", "GOOGLE_CLOUD_PROJECT": "", "MP3_BITRATE": "loud"}))
+    assert len(caught.value.problems) == 3
+
+
+# -- the door and the worker ----------------------------------------------------------------------
+
+
+def sizes(argv: list[str]) -> dict[str, str | None]:
+    return {f: flag(argv, f) for f in ("timeout", "memory", "concurrency", "max-instances")}
+
+
+def test_the_door_is_sized_for_pg_nets_batch_and_the_worker_for_its_jobs() -> None:
+    functions = deploys(dry_run(deploy_settings()))
+    door, worker = functions["process-job"], functions["run-job"]
+    assert sizes(door) == {"timeout": "30s", "memory": "512Mi", "concurrency": "80", "max-instances": "5"}
+    assert sizes(worker) == {"timeout": "310s", "memory": "1Gi", "concurrency": "2", "max-instances": "10"}
+    assert int(flag(door, "concurrency") or 0) * int(flag(door, "max-instances") or 0) >= 200
+    assert env_vars(door)["THREADS"] == "80"
+    assert env_vars(door)["FUNCTION_ROLE"] == "door" and "FUNCTION_ROLE" not in env_vars(worker)
+
+
+def test_in_direct_mode_the_door_runs_jobs_and_is_sized_and_armed_like_the_worker() -> None:
+    door = deploys(dry_run(deploy_settings({"DISPATCH": "direct"})))["process-job"]
+    assert sizes(door) == {"timeout": "310s", "memory": "1Gi", "concurrency": "2", "max-instances": "10"}
+    assert flag(door, "set-secrets") == ALL_SECRETS and "FUNCTION_ROLE" not in env_vars(door)
+
+
+def test_every_deploy_serves_its_new_revision() -> None:
+    for argv in deploys(dry_run(deploy_settings())).values():
+        assert "--serve-all-traffic-latest-revision" in argv
+
+
+def test_a_dollar_in_a_setting_reaches_every_function_as_written() -> None:
+    functions = deploys(dry_run(deploy_settings({"STORAGE_PATH_PREFIX": "gen$HOME"})))
+    assert {env_vars(argv)["STORAGE_PATH_PREFIX"] for argv in functions.values()} == {"gen$HOME"}
+    reclaim = env_vars(functions["reclaim-jobs"])
+    assert reclaim["PROCESS_JOB_URL"] == "${PROCESS_JOB_URL}"  # the one the shell expands
+
+
+def test_the_functions_account_may_list_the_queue_it_enqueues_into() -> None:
+    script = dry_run(deploy_settings())
+    roles = re.findall(r"gcloud tasks queues add-iam-policy-binding sona-jobs .*--role=(\S+)", script)
+    assert sorted(roles) == ["roles/cloudtasks.enqueuer", "roles/cloudtasks.viewer"]
+
+
+# -- who deploys ----------------------------------------------------------------------------------
+
+
+def gcloud_groups(script: str) -> set[tuple[str, ...]]:
+    """Each gcloud command of the plan, by the group DEPLOYER_ROLES keys it under."""
+    groups = set()
+    for argv in (shlex.split(m) for m in re.findall(r"gcloud ((?:[a-z-]+ ?)+)", script)):
+        key = next(k for k in [tuple(argv[:2]), tuple(argv[:1])] if k in DEPLOYER_ROLES or len(k) == 1)
+        groups.add(key)
+    return groups
+
+
+def test_every_command_of_the_plan_has_its_role_for_the_deploy_account() -> None:
+    for dispatch in ("cloud_tasks", "direct"):
+        assert gcloud_groups(dry_run(deploy_settings({"DISPATCH": dispatch}))) <= set(DEPLOYER_ROLES)
+
+
+def test_the_build_deploys_as_its_own_account_with_its_logs_in_cloud_logging() -> None:
+    build = cloudbuild()
+    assert build["serviceAccount"] == (
+        "projects/$PROJECT_ID/serviceAccounts/sona-deployer@$PROJECT_ID.iam.gserviceaccount.com"
+    )
+    assert build["options"]["logging"] == "CLOUD_LOGGING_ONLY"  # required with a user-named account
+
+
+def test_deployment_md_grants_the_deploy_account_exactly_the_roles_the_plan_uses() -> None:
+    text = (REPO / "DEPLOYMENT.md").read_text()
+    block = text[text.index("<!-- deployer roles") : text.index("<!-- end of deployer roles -->")]
+    granted = set(re.findall(r"roles/[\w.]+", block))
+    needed = set(DEPLOYER_ROLES.values()) | {"roles/logging.logWriter", "roles/iam.serviceAccountUser"}
+    assert granted == needed

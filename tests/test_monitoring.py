@@ -17,8 +17,8 @@ import pytest
 from sona.errors import TransientError
 from sona.job.pipeline import ATTEMPT_EVENT
 from sona.logs import setup_logging
-from sona.ops.monitoring import DASHBOARD_FILE, DASHBOARD_NAME, metric_files
-from tests.test_deploy import cloudbuild_env, dry_run
+from sona.ops.monitoring import DASHBOARD_FILE, DASHBOARD_NAME, RETRY_NEW_METRIC, metric_files
+from tests.test_deploy import deploy_settings, dry_run
 from tests.test_pipeline import FakeProvider, claimed, run
 
 EXTRACT = re.compile(r"^EXTRACT\(jsonPayload\.([\w.]+)\)$")
@@ -101,7 +101,7 @@ def test_the_dashboard_charts_the_four_figures_from_defined_metrics() -> None:
 
 
 def plan_lines() -> list[str]:
-    return dry_run(cloudbuild_env()).splitlines()
+    return dry_run(deploy_settings()).splitlines()
 
 
 def test_the_deploy_plan_creates_each_metric_once_and_updates_it_in_place_after() -> None:
@@ -122,10 +122,18 @@ def test_the_deploy_plan_creates_the_dashboard_once_and_updates_it_in_place_afte
     branch = lines[found + 1 : lines.index("fi", found)]
     update = next(shlex.split(li) for li in branch if "dashboards update" in li)
     create = next(shlex.split(li) for li in branch if "dashboards create" in li)
-    assert update[:5] == ["gcloud", "monitoring", "dashboards", "update", "${SONA_DASHBOARD}"]
+    # each write waits while its new metric types are unknown to Monitoring
+    assert update[:6] == [
+        RETRY_NEW_METRIC,
+        "gcloud",
+        "monitoring",
+        "dashboards",
+        "update",
+        "${SONA_DASHBOARD}",
+    ]
     assert "--config-from-file=${SONA_DASHBOARD_FILE}" in update  # the file plus the current etag
     assert any('dashboards describe "${SONA_DASHBOARD}"' in li and "value(etag)" in li for li in branch)
-    assert create[:4] == ["gcloud", "monitoring", "dashboards", "create"]
+    assert create[:5] == [RETRY_NEW_METRIC, "gcloud", "monitoring", "dashboards", "create"]
     assert "--config-from-file=monitoring/dashboard.json" in create
     # validated before anything is written, and the metrics the dashboard charts exist before it
     validate = next(i for i, line in enumerate(lines) if "dashboards create --validate-only" in line)

@@ -4,7 +4,10 @@ the queue's limits stay within Cloud Tasks', and reclaim re-dispatches only jobs
 
 from __future__ import annotations
 
+import http.server
+import json
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -12,28 +15,27 @@ import pytest
 import requests
 
 from devstack.emulators.cloud_tasks import CloudTasksEmulator, RetryPolicy
-from sona.config import ConfigError, load
+from sona.config import ConfigError
 from sona.deadline import Deadline
 from sona.job.reclaim import _enqueue_all
-from sona.ops.deploy import DeployConfig, env_flag, queue_limits
+from sona.ops.deploy import Plan, env_flag, make_plan, queue_limits
 from sona.services import Services
 from sona.store.jobs import ReclaimAction
 from sona.task_queue import OneShotHttp, QueueLimits, TaskQueue
 from tests import fake_gcloud
 from tests.support import make_settings
-from tests.test_deploy import cloudbuild_env
+from tests.test_deploy import REPO, deploy_settings
 
 QUEUE = "projects/sona-test/locations/local/queues/sona-jobs"
 
 
-def deploy_config(**overrides: str) -> DeployConfig:
-    env = cloudbuild_env(overrides)
-    return load(DeployConfig, env_file=None, **{k.lower(): v for k, v in env.items()})
+def deploy_config(**overrides: str) -> Plan:
+    return make_plan(deploy_settings(overrides))
 
 
-def retries_end_after(limits: QueueLimits) -> float:
-    """Seconds from a task's first attempt to its deletion when every attempt fails at once, as
-    the local Cloud Tasks models RetryConfig (both limits must be met)."""
+def retries_end_after(limits: QueueLimits) -> tuple[int, float]:
+    """The attempts a task gets, and the seconds from its first attempt to its last, when every
+    attempt fails at once, as the local Cloud Tasks models RetryConfig (both limits must be met)."""
     policy = RetryPolicy(
         max_attempts=limits.max_attempts,
         max_retry_duration=limits.max_retry_duration_s,
@@ -45,23 +47,26 @@ def retries_end_after(limits: QueueLimits) -> float:
     while not policy.exhausted(attempts, now):
         now += policy.backoff(attempts)
         attempts += 1
-    return now
+    return attempts, now
 
 
 @pytest.mark.parametrize("job_timeout_ms", ["60000", "300000", "1700000"])
 @pytest.mark.parametrize("max_attempts", ["1", "3", "5"])
-def test_a_failing_task_stops_about_its_max_retry_duration_after_the_first_attempt(
+def test_a_failing_task_gets_exactly_its_max_attempts_and_stops_at_its_max_retry_duration(
     job_timeout_ms: str, max_attempts: str
 ) -> None:
-    limits = queue_limits(deploy_config(_JOB_TIMEOUT_MS=job_timeout_ms, _MAX_ATTEMPTS=max_attempts))
-    ended = retries_end_after(limits)
-    assert limits.max_retry_duration_s <= ended <= limits.max_retry_duration_s + limits.max_backoff_s
+    """Both limits are met at the same attempt: no extra attempt after max_attempts."""
+    limits = queue_limits(deploy_config(JOB_TIMEOUT_MS=job_timeout_ms, MAX_ATTEMPTS=max_attempts))
+    assert retries_end_after(limits) == (limits.max_attempts, limits.max_retry_duration_s)
+    assert limits.max_retry_duration_s <= limits.retry_window_s
 
 
-def test_the_default_queue_retries_for_about_seventeen_minutes_not_hours() -> None:
+def test_the_default_queue_retries_thirteen_times_over_about_fifteen_minutes_not_hours() -> None:
+    """What DEPLOYMENT.md says: 13 attempts, the last 927 s (about 15.5 minutes) after the first."""
     limits = queue_limits(deploy_config())
-    assert (limits.max_retry_duration_s, limits.max_attempts) == (1020, 13)
-    assert retries_end_after(limits) < 30 * 60
+    assert retries_end_after(limits) == (13, 927)
+    deployment = (REPO / "DEPLOYMENT.md").read_text().replace("\n", " ")
+    assert "13 attempts" in deployment and "927 s" in deployment
 
 
 @pytest.mark.parametrize(("job_timeout_ms", "deadline"), [(60_000, 100), (300_000, 340), (1_760_000, 1800)])
@@ -81,17 +86,14 @@ def test_a_tasks_deadline_leaves_room_for_cloud_runs_hold_and_a_cold_start(
 
 def test_a_deadline_past_thirty_minutes_is_refused() -> None:
     with pytest.raises(ConfigError, match="dispatch deadline of 1810 s"):
-        deploy_config(_JOB_TIMEOUT_MS="1770000")
+        deploy_config(JOB_TIMEOUT_MS="1770000")
 
 
 def test_more_slots_than_cloud_tasks_dispatches_at_once_are_refused() -> None:
     with pytest.raises(ConfigError, match="above Cloud Tasks' 5000"):
-        deploy_config(_MAX_INSTANCES="1000", _MAX_CONCURRENT_JOBS="6")
-    assert deploy_config(_MAX_INSTANCES="1000", _MAX_CONCURRENT_JOBS="5").max_instances == 1000
-    assert (
-        deploy_config(_MAX_INSTANCES="1000", _MAX_CONCURRENT_JOBS="6", _DISPATCH="direct").dispatch
-        == "direct"
-    )
+        deploy_config(MAX_INSTANCES="1000", MAX_CONCURRENT_JOBS="6")
+    assert deploy_config(MAX_INSTANCES="1000", MAX_CONCURRENT_JOBS="5").config.max_instances == 1000
+    assert not deploy_config(MAX_INSTANCES="1000", MAX_CONCURRENT_JOBS="6", DISPATCH="direct").cloud_tasks
 
 
 @pytest.mark.parametrize(
@@ -201,3 +203,77 @@ def test_the_list_of_waiting_jobs_spans_every_page(tasks: CloudTasksEmulator, se
         requests.get(f"{tasks.url}/v2/{QUEUE}/tasks", params={"pageSize": 1001}, timeout=10).status_code
         == 400
     )
+
+
+class RefusingQueue:
+    """Cloud Tasks on loopback for a caller whose account lacks cloudtasks.tasks.list: ListTasks
+    answers as Google does (403 PERMISSION_DENIED in its error JSON), or a passing 503; every
+    CreateTask that gets through is counted."""
+
+    DENIED = (
+        'The principal (user or service account) lacks IAM permission "cloudtasks.tasks.list" for '
+        "the resource (or the resource may not exist)."
+    )
+
+    def __init__(self, list_status: int) -> None:
+        self.created: list[bytes] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # ListTasks
+                status = "PERMISSION_DENIED" if list_status == 403 else "UNAVAILABLE"
+                self._answer(
+                    list_status, {"error": {"code": list_status, "message": owner.DENIED, "status": status}}
+                )
+
+            def do_POST(self) -> None:  # CreateTask
+                owner.created.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self._answer(200, {"name": "created"})
+
+            def _answer(self, status: int, body: dict[str, object]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(("list_status", "refused"), [(403, 1), (503, 0)], ids=["refused", "unavailable"])
+def test_a_queue_that_cannot_be_listed_gets_no_task_and_a_refusal_fails_loudly(
+    list_status: int, refused: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = RefusingQueue(list_status)
+    try:
+        services = Services(
+            make_settings(
+                dispatch="cloud_tasks",
+                cloud_tasks_queue=QUEUE,
+                cloud_tasks_api_url=queue.url,
+                run_job_url="http://127.0.0.1:9/run_job",
+                tasks_service_account="sona-tasks@sona-test.iam.gserviceaccount.com",
+            )
+        )
+        due = [
+            ReclaimAction(job_id=uuid.uuid4(), action="dispatch", attempt=0, dispatch_round=1)
+            for _ in range(3)
+        ]
+        with caplog.at_level(logging.WARNING):
+            summary = _enqueue_all(due, services, Deadline(60))
+    finally:
+        queue.close()
+    assert queue.created == []  # no duplicate task for jobs whose task may well be waiting
+    assert (summary["errors"], summary.get("queue_refused", 0)) == (3, refused)
+    level = logging.ERROR if refused else logging.WARNING
+    assert [r.levelno for r in caplog.records if "queue" in r.getMessage()] == [level]

@@ -12,7 +12,7 @@ from typing import Any
 import requests
 
 from sona.deadline import Deadline
-from sona.errors import SonaError, TransientError
+from sona.errors import ServiceOutage, SonaError, TransientError
 from sona.handlers import SECRET_HEADER
 from sona.models import webhook_payload
 from sona.services import Services
@@ -48,6 +48,7 @@ def run_reclaim(services: Services) -> dict[str, Any]:
         "paused": 0,
         "cancelled": 0,
         "errors": 0,
+        "queue_refused": 0,
     }
     if due and settings.dispatch == "cloud_tasks":
         summary.update(_enqueue_all(due, services, deadline))
@@ -116,16 +117,23 @@ def _enqueue_all(due: list[ReclaimAction], services: Services, deadline: Deadlin
     A job still pending may well have its task in the queue: created by the webhook, or by an earlier
     reclaim, and waiting its turn in a backlog, its schedule or its retries. A task of a new round
     has a new name, which de-duplication cannot catch, so sending one anyway would add a task per
-    waiting job at every reclaim. The jobs with a task are listed first and left alone; if the queue
-    cannot be listed, every due job is sent (the claim still runs each at most once). A job whose
-    task could not be created keeps its dispatched_at and goes out again after the grace period."""
+    waiting job at every reclaim. The jobs with a task are listed first and left alone. If the queue
+    cannot be listed, nothing is sent this round, for the same reason. A refused listing (403: the
+    account lacks cloudtasks.tasks.list) is a setup fault that fails the run, so Cloud Scheduler
+    records it; a passing fault waits for the next run. A job whose task could not be created keeps
+    its dispatched_at and goes out again after the grace period."""
     http = PooledHttp(ENQUEUE_CONCURRENCY)
     queue = TaskQueue(services.settings, http)
     try:
         waiting = queue.jobs_with_a_task(timeout_s=min(30.0, deadline.remaining()))
+    except ServiceOutage as exc:
+        http.close()
+        log.error("the queue refused its listing, so no job was dispatched: %s", exc)
+        return {"errors": len(due), "queue_refused": 1}
     except TransientError as exc:
-        log.warning("could not list the queue, dispatching every due job: %s", exc)
-        waiting = set()
+        http.close()
+        log.warning("could not list the queue; the next reclaim dispatches: %s", exc)
+        return {"errors": len(due)}
     still_queued = [a for a in due if a.job_id in waiting]
     due = [a for a in due if a.job_id not in waiting]
 

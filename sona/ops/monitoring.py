@@ -5,7 +5,8 @@ files in monitoring/; everything is created the first time and updated in place 
 
 The order follows what Monitoring accepts (DESIGN.md, Cloud Functions 2nd gen):
 - metrics first: the dashboard charts them and the alert policy names one;
-- the dashboard is checked with `dashboards create --validate-only` before it is written, and an
+- the dashboard is checked with `dashboards create --validate-only` before it is written (each
+  retried, as the alert policy is, while its metric types are new), and an
   update carries the dashboard's current etag: without one Monitoring refuses it ("Update Dashboard
   should specify a non empty etag", pulumi/pulumi-google-native#760);
 - the alert policy last, retried while Monitoring still answers 404 for its metric type: a new
@@ -54,7 +55,8 @@ HELPERS = [
 
 
 class Project(Protocol):
-    google_cloud_project: str
+    @property
+    def google_cloud_project(self) -> str: ...
 
     @property
     def alert_channels(self) -> list[str]: ...
@@ -144,8 +146,10 @@ def dashboard_commands(config: Project, line: Line) -> list[str]:
         "${SONA_DASHBOARD_ETAG}",
         "${SONA_DASHBOARD_FILE}",
     ]
+    # Each write is retried while its new metric types are still unknown, as the alert's is: the
+    # dashboard comes seconds after the metrics it charts.
     return [
-        line([*dashboards, "create", "--validate-only", config_file, project]),
+        line([RETRY_NEW_METRIC, *dashboards, "create", "--validate-only", config_file, project]),
         f'SONA_DASHBOARD="$({line(find)})"',
         'if [[ -n "${SONA_DASHBOARD}" ]]; then',
         f'  SONA_DASHBOARD_ETAG="$({line(etag)})"',
@@ -153,11 +157,18 @@ def dashboard_commands(config: Project, line: Line) -> list[str]:
         "  " + line(with_etag),
         "  "
         + line(
-            [*dashboards, "update", "${SONA_DASHBOARD}", "--config-from-file=${SONA_DASHBOARD_FILE}", project]
+            [
+                RETRY_NEW_METRIC,
+                *dashboards,
+                "update",
+                "${SONA_DASHBOARD}",
+                "--config-from-file=${SONA_DASHBOARD_FILE}",
+                project,
+            ]
         ),
         '  rm -f "${SONA_DASHBOARD_FILE}"',
         "else",
-        "  " + line([*dashboards, "create", config_file, project]),
+        "  " + line([RETRY_NEW_METRIC, *dashboards, "create", config_file, project]),
         "fi",
     ]
 
