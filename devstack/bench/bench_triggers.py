@@ -1,10 +1,9 @@
 """`python -m devstack bench --only triggers`: what the triggers on jobs cost a job's insert and claim.
 
 A job's insert and its claim are the hot path: the plug-in's `generate` inserts with the service role
-(its charge found and linked), a signed-in user may insert through the plug-in's policies (quotas,
-the guard), and every attempt starts with claim_job. Each is timed here on one database with the
-migrations and the plug-in's token tables (so the charge link does its real work), one statement per
-transaction as PostgREST runs them, in these shapes:
+(its charge found and linked; a user's own insert is refused there), and every attempt starts with
+claim_job. Each is timed here on one database with the migrations and the plug-in's token tables
+(so the charge link does its real work), each insert and claim its own statement, in these shapes:
 
 - after: the schema as it is;
 - before: as it was before issue 30 folded the generation columns' guard into jobs_guard (a second
@@ -30,8 +29,7 @@ BEFORE_FOLD = "sql/bench_jobs_guard_generation_before_fold.sql"
 USERS = 50  # jobs spread over users as in production: a user has a few live jobs, not thousands
 PRICE = 9  # what generate charges a 10 s designer job at its standard quality (stored as medium)
 
-# The plug-in's token tables in the shape its code uses (docs/plugin-client.md); only what the
-# charge link reads.
+# The plug-in's token tables in the shape its code uses (PLUGIN.md); only what the charge link reads.
 PLUGIN_CREDIT_TABLES = """
 create table public.user_tokens (
   user_id uuid primary key, balance integer not null default 0, lifetime_used integer not null default 0,
@@ -44,34 +42,17 @@ insert into public.sona_settings (key, value)
   values ('max_active_jobs', 1000000), ('max_jobs_per_day', 1000000);
 """
 
-OPERATIONS = (
-    "service-role insert (generate, charged)",
-    "signed-in user's insert (no token tables: the earlier worker's clients)",
-    "claim_job",
-)
-HIDE_CREDIT_TABLES = (
-    "alter table public.user_tokens rename to bench_user_tokens;"
-    " alter table public.token_transactions rename to bench_token_transactions"
-)
-SHOW_CREDIT_TABLES = (
-    "alter table public.bench_user_tokens rename to user_tokens;"
-    " alter table public.bench_token_transactions rename to token_transactions"
-)
+# A signed-in user's own insert is refused where the plug-in's token tables exist (jobs come from
+# generate, issue 29), so the hot path is generate's insert and the claim.
+OPERATIONS = ("service-role insert (generate, charged)", "claim_job")
 AFTER = "after (issue 30: one guard)"
 BEFORE = "before (guard and generation guard)"
-# The trigger functions a job's insert and claim run, in the order they fire.
-TRIGGER_FUNCTIONS = (
-    "jobs_charge_link",
-    "jobs_derive_stage",
-    "jobs_guard",
-    "jobs_guard_generation",
-    "jobs_normalize_quality",
-    "jobs_remember_wait_status",
-    "sona_enforce_quota",
-    "jobs_set_updated_at",
-    "sona_stats_unfold",
-    "job_attempts_outcome_class",
-)
+# The calls and time of every function a trigger on jobs or job_attempts runs, this transaction.
+TRIGGER_FUNCTION_CALLS = """
+select f.funcname, f.calls, f.total_time from pg_stat_xact_user_functions f
+ where f.funcid in (select t.tgfoid from pg_trigger t where not t.tgisinternal
+                     and t.tgrelid in ('public.jobs'::regclass, 'public.job_attempts'::regclass))
+"""
 
 
 @contextmanager
@@ -106,19 +87,6 @@ begin
   end loop;
   return extract(epoch from spent) * 1e6 / p_n;
 end $$;
-create function pg_temp.bench_user_inserts(p_users uuid[], p_n integer)
-returns double precision language plpgsql as $$
-declare t0 timestamptz; spent interval := '0'; u uuid;
-begin
-  for i in 1..p_n loop
-    u := p_users[1 + i % array_length(p_users, 1)];
-    perform set_config('request.jwt.claims', json_build_object('sub', u)::text, true);
-    t0 := clock_timestamp();
-    insert into public.jobs (user_id, prompt, duration) values (u, 'rain on a tin roof', 10);
-    spent := spent + (clock_timestamp() - t0);
-  end loop;
-  return extract(epoch from spent) * 1e6 / p_n;
-end $$;
 create function pg_temp.bench_claims(p_ids uuid[])
 returns double precision language plpgsql as $$
 declare t0 timestamptz; spent interval := '0'; j uuid;
@@ -134,13 +102,13 @@ end $$;
 
 
 class Round(NamedTuple):
-    per_op_us: list[float]  # service-role insert, user insert, claim
+    per_op_us: list[float]  # service-role insert, claim
     functions: dict[str, tuple[int, float]]  # each function called: calls, total microseconds
 
 
 def _round(url: str, n: int) -> Round:
-    """One transaction: n charged service-role inserts, n user inserts, n claims of the first, with
-    every PL/pgSQL function's calls and time counted by the server (track_functions)."""
+    """One transaction: n charged service-role inserts and n claims of them, with every trigger
+    function's calls and time counted by the server (track_functions)."""
     with psycopg.connect(url) as conn:
         conn.execute("set local track_functions = 'pl'")
         conn.execute("truncate public.jobs, public.token_transactions, auth.users cascade")
@@ -152,28 +120,17 @@ def _round(url: str, n: int) -> Round:
         service = conn.execute(
             "select pg_temp.bench_service_inserts(%s, %s, %s)", (users, n, PRICE)
         ).fetchone()
-        # Where the plug-in's token tables exist a user's own insert is refused (it is unpaid), so a
-        # user's insert is the earlier worker's clients' path: timed with the token tables out of
-        # sight, renamed inside this transaction and back before it ends.
         conn.execute("reset role")
-        conn.execute(HIDE_CREDIT_TABLES)  # type: ignore[arg-type]  # a constant script
-        conn.execute("set local role authenticated")
-        user = conn.execute("select pg_temp.bench_user_inserts(%s, %s)", (users, n)).fetchone()
-        conn.execute("reset role")
-        conn.execute(SHOW_CREDIT_TABLES)  # type: ignore[arg-type]  # a constant script
         ids = [r[0] for r in conn.execute("select id from public.jobs where status = 'queued'").fetchall()]
         conn.execute("set local role service_role")
         claim = conn.execute("select pg_temp.bench_claims(%s)", (ids,)).fetchone()
         conn.execute("reset role")
         functions = {
             name: (calls, total_ms * 1000)
-            for name, calls, total_ms in conn.execute(
-                "select funcname, calls, total_time from pg_stat_xact_user_functions"
-                " where schemaname = 'public'"
-            ).fetchall()
+            for name, calls, total_ms in conn.execute(TRIGGER_FUNCTION_CALLS).fetchall()
         }
-    assert service is not None and user is not None and claim is not None
-    return Round([service[0], user[0], claim[0]], functions)
+    assert service is not None and claim is not None
+    return Round([service[0], claim[0]], functions)
 
 
 def _shapes() -> dict[str, tuple[str, str]]:
@@ -212,13 +169,12 @@ def run(work: Path, n: int = 300, rounds: int = 7) -> dict[str, Any]:
     per_call = {
         name: {
             fn: round(min(r.functions[fn][1] / r.functions[fn][0] for r in runs if fn in r.functions), 1)
-            for fn in TRIGGER_FUNCTIONS
-            if any(fn in r.functions for r in runs)
+            for fn in {fn for r in runs for fn in r.functions}
         }
         for name, runs in seen.items()
         if name != "without triggers"
     }
-    calls = {fn: seen[BEFORE][0].functions.get(fn, (0, 0.0))[0] for fn in TRIGGER_FUNCTIONS}
+    calls = {fn: c for r in seen[BEFORE][:1] for fn, (c, _) in r.functions.items()}
     return {
         "operations": list(OPERATIONS),
         "per_op_us": per_op,
@@ -230,7 +186,8 @@ def run(work: Path, n: int = 300, rounds: int = 7) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    """Markdown: each shape's time per operation; then each trigger function's time per call."""
+    """Markdown: each shape's time per operation; then each trigger function's time per call, the
+    slowest first."""
     ops = report["operations"]
     lines = ["| shape | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]
     for shape, figures in report["per_op_us"].items():
@@ -238,7 +195,9 @@ def table(report: dict[str, Any]) -> str:
     shapes = list(report["trigger_us_per_call"])
     lines += ["", "| trigger function | calls per round | " + " | ".join(shapes) + " |",
               "|---|---:" + "|---:" * len(shapes) + "|"]  # fmt: skip
-    for fn in TRIGGER_FUNCTIONS:
+    first = report["trigger_us_per_call"][shapes[0]]
+    slowest = sorted(report["trigger_calls_per_round"], key=lambda fn: -first.get(fn, 0.0))
+    for fn in slowest:
         cells = [report["trigger_us_per_call"][s].get(fn) for s in shapes]
         shown = [f"{c:.0f} µs" if c is not None else "-" for c in cells]
         lines.append(f"| {fn} | {report['trigger_calls_per_round'][fn]} | " + " | ".join(shown) + " |")
