@@ -29,7 +29,8 @@ BEFORE_FOLD = "sql/bench_jobs_guard_generation_before_fold.sql"
 USERS = 50  # jobs spread over users as in production: a user has a few live jobs, not thousands
 PRICE = 9  # what generate charges a 10 s designer job at its standard quality (stored as medium)
 
-# The plug-in's token tables in the shape its code uses (docs/plugin-client.md); only what the charge link reads.
+# The plug-in's token tables in the shape its code uses (docs/plugin-client.md); only what the
+# charge link reads.
 PLUGIN_CREDIT_TABLES = """
 create table public.user_tokens (
   user_id uuid primary key, balance integer not null default 0, lifetime_used integer not null default 0,
