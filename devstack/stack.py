@@ -16,15 +16,17 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import requests
-from psycopg.rows import dict_row
+from psycopg.rows import RowFactory, dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
+from devstack.connections import shared as shared_connections
 from devstack.database import (
     REPO_ROOT,
     EmbeddedPostgres,
@@ -345,6 +347,7 @@ class LocalStack:
         gateway = getattr(self, "gateway", None)
         if gateway is not None:
             gateway.stop()
+        shared_connections(self.database_url).close()
         self._drop_database()
 
     def _new_database(self) -> str:
@@ -525,7 +528,7 @@ class LocalStack:
 
     # -- the plug-in's side --------------------------------------------------------------------
     def create_user(self, email: str | None = None) -> uuid.UUID:
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
+        with self._connection(autocommit=True) as conn:
             # A real auth.users has no default id (Supabase Auth makes it): give one.
             row = conn.execute(
                 "insert into auth.users (id, email) values (gen_random_uuid(), %s) returning id",
@@ -536,7 +539,7 @@ class LocalStack:
 
     def has_token_tables(self) -> bool:
         """Whether the database holds the plug-in's tokens (its balance table and the charge)."""
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
+        with self._connection(autocommit=True) as conn:
             row = conn.execute(
                 "select to_regclass('public.user_tokens') is not null"
                 " and to_regprocedure('public.use_tokens(uuid, integer, text)') is not null"
@@ -572,7 +575,7 @@ class LocalStack:
     ) -> uuid.UUID:
         """Insert as the plug-in's user would: the authenticated role, under row level security."""
         user_id = user_id or self.create_user()
-        with psycopg.connect(self.database_url) as conn:
+        with self._connection() as conn:
             conn.execute("set local role authenticated")
             conn.execute(
                 "select set_config('request.jwt.claims', %s, true)",
@@ -611,7 +614,7 @@ class LocalStack:
         }
         names = ", ".join(values)
         marks = ", ".join(["%s"] * len(values))
-        with psycopg.connect(self.database_url) as conn:
+        with self._connection() as conn:
             conn.execute("set local role service_role")
             row = conn.execute(
                 f"insert into public.jobs ({names}) values ({marks}) returning id",  # type: ignore[arg-type]
@@ -633,12 +636,18 @@ class LocalStack:
         client.from_(bucket).upload(path, data, {"content-type": content_type, "upsert": "true"})
         return path
 
+    def _connection(
+        self, autocommit: bool = False, row_factory: RowFactory[Any] = tuple_row
+    ) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """A reused connection for the helpers below (each new one costs the server a backend start)."""
+        return shared_connections(self.database_url).borrow(autocommit, row_factory)
+
     def postgres_connection(self) -> psycopg.Connection[Any]:
         """A superuser connection in autocommit, for setting up and inspecting."""
         return psycopg.connect(self.database_url, autocommit=True)
 
     def job(self, job_id: uuid.UUID) -> dict[str, Any]:
-        with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
+        with self._connection(row_factory=dict_row) as conn:
             row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
         if row is None:
             raise KeyError(job_id)
@@ -650,7 +659,7 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         # One connection for the whole wait: a new one per look cost the server a backend start
         # (a few ms of CPU) twenty times a second, per waiting test.
-        with psycopg.connect(self.database_url, autocommit=True, row_factory=dict_row) as conn:
+        with self._connection(autocommit=True, row_factory=dict_row) as conn:
             while True:
                 row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
                 if row is None:

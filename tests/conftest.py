@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from devstack.connections import shared as shared_connections
 from devstack.database import (
     DATABASE_URL_ENV,
     EmbeddedPostgres,
@@ -235,7 +236,7 @@ def shared_db_url(pg_server: str, template_url: str) -> str:
 @pytest.fixture
 def db_url(shared_db_url: str) -> str:
     """The migrated database, emptied for this test (cloning one per test costs 0.3 s)."""
-    with psycopg.connect(shared_db_url, autocommit=True) as conn:
+    with shared_connections(shared_db_url).borrow(autocommit=True) as conn:
         conn.execute(RESET)  # type: ignore[arg-type]
         conn.execute("drop trigger if exists sona_process_job on public.jobs")
     return shared_db_url

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
+from devstack.connections import shared as shared_connections
 from sona.config import Settings, load_settings
 from sona.models import AudioInfo
 
@@ -55,8 +55,9 @@ def make_settings(**overrides: Any) -> Settings:
 def connect(
     url: str, role: str | None = None, user_id: uuid.UUID | None = None
 ) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-    """A transaction as a Supabase role (with the JWT subject set), committed on success."""
-    with psycopg.connect(url, row_factory=dict_row) as conn:
+    """A transaction as a Supabase role (with the JWT subject set), committed on success; on a
+    reused connection reset to a new session's state (devstack/connections.py)."""
+    with shared_connections(url).borrow() as conn:
         if role:
             conn.execute(f"set role {role}")
         if user_id:

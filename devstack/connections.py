@@ -1,0 +1,92 @@
+"""Reused database connections for the local stack's and the tests' helpers.
+
+Each new connection costs the server a backend start (a process, about 4 ms of CPU); the helpers
+run a statement or two per call, thousands of times a suite. A `Connections` keeps the idle ones
+and lends them out one at a time, each reset to a new session's state when lent (DISCARD ALL:
+role, settings, locks, LISTENs, temporary tables), so a borrower sees what a fresh connection
+would show. A borrowed connection is never shared: a second borrower (a nested helper call, an
+other thread) gets a connection of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import RowFactory, dict_row
+
+MAX_IDLE = 4  # what one caller nests at most; more would only hold server processes
+
+
+class Connections:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(
+        self, autocommit: bool = False, row_factory: RowFactory[Any] = dict_row
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """A connection as psycopg.connect would give it: without autocommit, one transaction
+        committed when the block ends and rolled back if it raises."""
+        conn = self._take()
+        conn.row_factory = row_factory
+        conn.autocommit = autocommit
+        try:
+            yield conn
+        except BaseException:
+            self._give_back(conn, commit=False)
+            raise
+        self._give_back(conn, commit=True)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _take(self) -> psycopg.Connection[Any]:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                # No prepared statements: DISCARD ALL would drop them under psycopg's cache.
+                return psycopg.connect(self.url, prepare_threshold=None)
+            try:
+                conn.autocommit = True
+                conn.execute("discard all")
+                return conn
+            except psycopg.OperationalError:
+                conn.close()  # its server process ended while idle (a forced drop, a restart)
+
+    def _give_back(self, conn: psycopg.Connection[Any], commit: bool) -> None:
+        if conn.closed or conn.broken:
+            conn.close()
+            return
+        try:
+            conn.commit() if commit else conn.rollback()
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            if len(self._idle) < MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+
+_SHARED: dict[str, Connections] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared(url: str) -> Connections:
+    """This process's reused connections to one database."""
+    with _SHARED_LOCK:
+        found = _SHARED.get(url)
+        if found is None:
+            found = _SHARED[url] = Connections(url)
+        return found
