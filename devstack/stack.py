@@ -189,6 +189,7 @@ class LocalStack:
         relay_pause_s: float = DEFAULT_PAUSE_S,
         database_server: str | None = None,
         functions_url: str | None = None,
+        reclaim_function: bool = True,
     ) -> None:
         """`capacity` (instances, jobs per instance) puts a Cloud Run-like cap in front of the
         function that runs jobs (run_job with Cloud Tasks, process_job in direct mode): requests
@@ -202,7 +203,9 @@ class LocalStack:
         something else may shorten it. `database_server` (a PostgreSQL URL) puts the stack's
         database on that server, dropped on stop, instead of starting an embedded server of its own
         (the test suite shares one). `functions_url` is the developer's own Edge Functions
-        server, which the gateway forwards /functions/v1/* to."""
+        server, which the gateway forwards /functions/v1/* to. `reclaim_function=False` leaves out
+        the reclaim_jobs process (a test that never calls it over HTTP saves a second of CPU)."""
+        self.reclaim_function = reclaim_function
         self.before_migrations = before_migrations
         self.root = root
         self.ports = dict(ports or {})  # gateway, process_job, reclaim_jobs: free ones unless given
@@ -307,7 +310,9 @@ class LocalStack:
         if self.tasks is not None:
             self._create_queue()
         if self.start_functions:
-            ports = {"process_job": self.process_job_port, "reclaim_jobs": self.ports.get("reclaim_jobs", 0)}
+            ports = {"process_job": self.process_job_port}
+            if self.reclaim_function:
+                ports["reclaim_jobs"] = self.ports.get("reclaim_jobs", 0)
             if self.tasks is not None:
                 ports["run_job"] = self.run_job_port
             self.start_functions_together(ports)

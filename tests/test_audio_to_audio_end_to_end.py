@@ -28,6 +28,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
         env={"RETRY_DELAY_MS": "50"},
         process_env={"PATH": "/usr/bin:/bin"},
         database_server=pg_server,
+        reclaim_function=False,  # no test here calls reclaim_jobs
     ) as s:
         yield s
 

@@ -30,6 +30,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
         env={"RETRY_DELAY_MS": "50"},
         process_env={"PATH": "/usr/bin:/bin"},
         database_server=pg_server,
+        reclaim_function=False,  # no test here calls reclaim_jobs
     ) as s:
         yield s
 
@@ -207,7 +208,11 @@ def test_demo_refuses_a_duration_outside_1_to_380_before_starting(tmp_path: Path
 
 def test_a_job_completes_with_a_secret_key_sent_only_as_apikey(tmp_path: Path, pg_server: str) -> None:
     with LocalStack(
-        tmp_path, function_key="secret", process_env={"PATH": "/usr/bin:/bin"}, database_server=pg_server
+        tmp_path,
+        function_key="secret",
+        process_env={"PATH": "/usr/bin:/bin"},
+        database_server=pg_server,
+        reclaim_function=False,
     ) as stack:
         job_id = stack.insert_job("rain on a tin roof", duration=2, quality="low")
         row = stack.wait_for(job_id, timeout_s=60)

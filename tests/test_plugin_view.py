@@ -22,7 +22,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     with LocalStack(
-        tmp_path_factory.mktemp("stack"), process_env={"PATH": "/usr/bin:/bin"}, database_server=pg_server
+        tmp_path_factory.mktemp("stack"),
+        process_env={"PATH": "/usr/bin:/bin"},
+        database_server=pg_server,
+        reclaim_function=False,  # no test here calls reclaim_jobs
     ) as s:
         sql(s.database_url, HISTORY, role=None)
         yield s

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     env = {"DESIGNER_MODEL": "tangoflux", "GENERATION_POLL_MS": "200"}
-    with LocalStack(tmp_path_factory.mktemp("tangoflux"), env=env, database_server=pg_server) as running:
+    with LocalStack(
+        tmp_path_factory.mktemp("tangoflux"), env=env, database_server=pg_server, reclaim_function=False
+    ) as running:
         yield running
 
 

@@ -66,11 +66,18 @@ def build_plugin_database(url: str, *, rows: bool = True) -> None:
 
 # ------------------------------------------------------------------------------------------ reads
 @contextmanager
-def plugin_stack(root: Path, pg_server: str, env: Mapping[str, str]) -> Iterator[LocalStack]:
+def plugin_stack(
+    root: Path, pg_server: str, env: Mapping[str, str], reclaim_function: bool = True
+) -> Iterator[LocalStack]:
     """The whole local stack on the plug-in's database (its schema and rows, then the migrations),
-    with room for ten live jobs per musician (its rows already hold three, the default quota)."""
+    with room for ten live jobs per musician (its rows already hold three, the default quota);
+    without the reclaim_jobs process if the module never calls it."""
     with LocalStack(
-        root, env=env, before_migrations=build_plugin_database, database_server=pg_server
+        root,
+        env=env,
+        before_migrations=build_plugin_database,
+        database_server=pg_server,
+        reclaim_function=reclaim_function,
     ) as running:
         sql(running.database_url, "insert into sona_settings values ('max_active_jobs', 10)", role=None)
         yield running

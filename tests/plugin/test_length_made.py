@@ -29,7 +29,8 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
-    with plugin_stack(tmp_path_factory.mktemp("length-made"), pg_server, ENV) as running:
+    root = tmp_path_factory.mktemp("length-made")
+    with plugin_stack(root, pg_server, ENV, reclaim_function=False) as running:
         yield running
 
 

@@ -37,7 +37,7 @@ MODERATED = ERRORS[403][1]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
-    with plugin_stack(tmp_path_factory.mktemp("messages"), pg_server, ENV) as running:
+    with plugin_stack(tmp_path_factory.mktemp("messages"), pg_server, ENV, reclaim_function=False) as running:
         yield running
 
 
