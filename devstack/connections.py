@@ -3,9 +3,11 @@
 Each new connection costs the server a backend start (a process, about 4 ms of CPU); the helpers
 run a statement or two per call, thousands of times a suite. A `Connections` keeps the idle ones
 and lends them out one at a time, each reset to a new session's state when lent (DISCARD ALL:
-role, settings, locks, LISTENs, temporary tables), so a borrower sees what a fresh connection
-would show. A borrowed connection is never shared: a second borrower (a nested helper call, an
-other thread) gets a connection of its own.
+role, settings, locks, LISTENs, temporary tables; and its pending statistics flushed), so a
+borrower sees what a fresh connection would show, except that a custom setting such as
+request.jwt.claims reads '' instead of NULL (as on Supabase's pooled connections, which its SQL
+reads through nullif). A borrowed connection is never shared: a second borrower (a nested helper
+call, another thread) gets a connection of its own.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ class Connections:
                 return psycopg.connect(self.url, prepare_threshold=None)
             try:
                 conn.autocommit = True
+                # The statistics of the last borrower's transactions are flushed, as a session's
+                # end would: pg_stat_xact_* then counts this borrower's transaction alone.
                 conn.execute("discard all")
+                conn.execute("select pg_stat_force_next_flush()")
                 return conn
             except psycopg.OperationalError:
                 conn.close()  # its server process ended while idle (a forced drop, a restart)
