@@ -12,14 +12,16 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field
+from functools import cache, partial
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 with warnings.catch_warnings():
     # pydub warns at import when ffmpeg is not on PATH; we find and pass ffmpeg ourselves.
@@ -31,6 +33,8 @@ from sona.audio import loudness, mp3gain
 from sona.audio.loudness import Loudness
 from sona.deadline import Deadline
 from sona.errors import DeadlineExceeded, PermanentError
+
+T = TypeVar("T")
 
 FADE_MS = 30  # a short fade at a trimmed end, so the cut does not click
 # At most one encoder per CPU: jobs that finish generating together (a concurrent instance) would
@@ -191,7 +195,8 @@ def _chunk(data: Audio, wanted: bytes) -> int:
 
 def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None = None) -> bytes:
     """The MP3 at a constant bitrate, nothing else measured (the double's MP3 answers use it)."""
-    mp3, _ = _encode(ffmpeg, wav, bitrate, deadline)
+    with _encoder(deadline):
+        mp3, _ = _encode(ffmpeg, wav, bitrate, deadline)
     return mp3
 
 
@@ -205,11 +210,11 @@ def _encode(
     output: tuple[str, ...] = (),
     loglevel: str = "error",
 ) -> tuple[bytes, bytes]:
-    """A constant-bitrate MP3 encode in one of the encoder slots: WAV goes in through a pipe; the
-    MP3 goes to a file in memory-backed temp space, because only a seekable output gets the LAME
+    """A constant-bitrate MP3 encode (the caller holds an encoder slot): WAV goes in through a pipe;
+    the MP3 goes to a file in memory-backed temp space, because only a seekable output gets the LAME
     header that tells players the encoder's padding (through a pipe, the preview decodes about
     20 ms too long). Answers the MP3 and ffmpeg's log."""
-    with _encoder(deadline), tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
+    with tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
         out = Path(tmp) / "preview.mp3"
         args = ["-f", "wav", "-i", "pipe:0", *filters, "-codec:a", "libmp3lame", "-b:a", bitrate, *output]
         _, log = _run_ffmpeg(
@@ -225,19 +230,62 @@ def _encode(
 
 @dataclass(frozen=True)
 class Preview:
-    """The MP3 preview and what was measured of the master in the run that encoded it."""
+    """The MP3 preview and what was measured of the master while it was encoded."""
 
     mp3: bytes
     loudness: Loudness
     gain_db: float  # applied to the preview; 0 when normalisation is off or nothing is needed
+    # Its parts (ms): the encoder's run, the loudness run beside it when there was one, the gain.
+    timings_ms: dict[str, int] = field(default_factory=dict)
 
 
 def encode_preview(
     wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None = None, *, normalize: bool = True
 ) -> Preview:
-    """One ffmpeg run reads the master once: it encodes the MP3 at unity gain and, on a branch of
-    the same input, measures the master's loudness (ebur128); the gain that follows from it is then
-    applied to the encoded frames losslessly (sona.audio.mp3gain). The master is never altered."""
+    """The MP3 at unity gain and the master's loudness (ebur128), then the gain that follows from
+    it applied to the encoded frames losslessly (sona.audio.mp3gain). The master is never altered.
+
+    When a second encoder slot is free (a CPU nobody encodes on), the loudness is measured by its own
+    ffmpeg run beside the encode, so its 4x oversampled true peak (about half the encode's time)
+    does not ride with the encode; otherwise one run reads the master once and measures it on a
+    branch of the encode's filtergraph, which costs the least CPU when every CPU is busy. The
+    second slot is only ever tried, never waited for, so two jobs cannot hold one slot each and wait
+    for the other's."""
+    timings: dict[str, int] = {}
+    with _encoder(deadline):
+        beside = _ENCODERS.acquire(blocking=False)
+        try:
+            if beside:
+                mp3, measured = _encode_beside_loudness(wav, bitrate, ffmpeg, deadline, timings)
+            else:
+                mp3, measured = _timed_ms(
+                    timings, "encode_ffmpeg", lambda: _encode_with_loudness(wav, bitrate, ffmpeg, deadline)
+                )
+        finally:
+            if beside:
+                _ENCODERS.release()
+    if not normalize:
+        return Preview(mp3, measured, 0.0, timings)
+    started = time.monotonic()
+    mp3, steps = mp3gain.apply_gain(mp3, mp3gain.steps_for(*loudness.wanted_gain_db(measured)))
+    timings["gain"] = round((time.monotonic() - started) * 1000)
+    return Preview(mp3, measured, round(steps * mp3gain.STEP_DB, 2), timings)
+
+
+def _encode_beside_loudness(
+    wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None, timings: dict[str, int]
+) -> tuple[bytes, Loudness]:
+    """Two ffmpeg runs at once, in the two slots the caller holds: the encode, and the loudness."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loudness") as pool:
+        measuring = pool.submit(_timed_ms, timings, "loudness", partial(_measure, wav, ffmpeg, deadline))
+        mp3, _ = _timed_ms(timings, "encode_ffmpeg", lambda: _encode(ffmpeg, wav, bitrate, deadline))
+        return mp3, measuring.result()
+
+
+def _encode_with_loudness(
+    wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None
+) -> tuple[bytes, Loudness]:
+    """One ffmpeg run: the encode, and on a branch of the same input the loudness."""
     graph = f"[0:a]asplit=2[enc][m];[m]{loudness.FILTER},anullsink"
     mp3, log = _encode(
         ffmpeg,
@@ -248,18 +296,29 @@ def encode_preview(
         output=("-ar", str(_wav_rate(wav))),
         loglevel="info",  # the ebur128 summary is logged at info
     )
-    measured = loudness.parse_summary(log.decode("utf-8", "replace"))
-    if not normalize:
-        return Preview(mp3, measured, 0.0)
-    mp3, steps = mp3gain.apply_gain(mp3, mp3gain.steps_for(*loudness.wanted_gain_db(measured)))
-    return Preview(mp3, measured, round(steps * mp3gain.STEP_DB, 2))
+    return mp3, loudness.parse_summary(log.decode("utf-8", "replace"))
 
 
 def _wav_rate(wav: bytes) -> int:
-    """The master's rate, pinned on the preview: an ffmpeg whose ebur128 wants 48 kHz (before 7)
-    would otherwise resample the encoder's branch too."""
+    """The master's rate, pinned on the branched encode: an ffmpeg whose ebur128 wants 48 kHz
+    (before 7) would otherwise resample the encoder's branch too."""
     fmt = _chunk(wav, b"fmt ")
     return int.from_bytes(wav[fmt + 4 : fmt + 8], "little")
+
+
+def _measure(wav: bytes, ffmpeg: str, deadline: Deadline | None) -> Loudness:
+    """The master's integrated loudness and true peak: ebur128's summary, logged at info."""
+    args = ["-f", "wav", "-i", "pipe:0", "-filter:a", loudness.FILTER, "-f", "null", "-"]
+    _, log = _run_ffmpeg(ffmpeg, args, wav, expect_stdout=False, deadline=deadline, loglevel="info")
+    return loudness.parse_summary(log.decode("utf-8", "replace"))
+
+
+def _timed_ms(timings: dict[str, int], name: str, step: Callable[[], T]) -> T:
+    started = time.monotonic()
+    try:
+        return step()
+    finally:
+        timings[name] = round((time.monotonic() - started) * 1000)
 
 
 @contextmanager
