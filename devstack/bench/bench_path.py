@@ -72,8 +72,13 @@ select f.funcname, f.calls, f.total_time, f.self_time,
                 and t.tgrelid in ('public.jobs'::regclass, 'public.job_attempts'::regclass)) as is_trigger
   from pg_stat_user_functions f where f.schemaname = 'public'
 """
-# The RPCs a job makes, whose counts tell when every backend has flushed its statistics.
-JOB_RPCS = ("claim_job", "advance_stage", "complete_job")
+# The RPCs a job makes (and how many of each), whose counts tell when every backend has flushed
+# its statistics.
+JOB_RPCS = {"claim_job": 1, "advance_stage": 3, "complete_job": 1}
+
+
+def _rpc_counts(jobs: int) -> dict[str, int]:
+    return {name: calls * jobs for name, calls in JOB_RPCS.items()}
 
 
 # -- what one job's clocks say ----------------------------------------------------------------------
@@ -447,8 +452,8 @@ def run(work: Path, python: str, path: str, runs: int, jobs_per_run: int = 3) ->
             with _functions(stack, work, python) as worker_log:
                 warm = _one_job(stack, completions, worker_log)  # imports, clients, the double's cache
                 wav = _master_wav(stack, uuid.UUID(warm.job_id))
-                before = _settled_stats(stack, {})
-                counted = {name: before.get(name, (0, 0.0, 0.0, False))[0] for name in JOB_RPCS}
+                # The warm-up's calls flushed first, so that none of them lands in the difference.
+                before = _settled_stats(stack, _rpc_counts(1))
                 jobs: list[JobClocks] = []
                 results = []
                 for _ in range(runs):
@@ -462,8 +467,7 @@ def run(work: Path, python: str, path: str, runs: int, jobs_per_run: int = 3) ->
                             encodes,
                         )
                     )
-                expected = {name: counted[name] + len(jobs) for name in ("claim_job", "complete_job")}
-                after = _settled_stats(stack, expected)
+                after = _settled_stats(stack, _rpc_counts(1 + len(jobs)))
         finally:
             completions.close()
     figures = [r.figures() for r in results]
