@@ -29,7 +29,6 @@ WORKER_TIMINGS = {
     "master": 15,
     "encode_mp3": 700,
     "encode_ffmpeg": 680,
-    "loudness": 320,
     "gain": 15,
     "upload_wav": 250,
     "stage_uploading": 8,
@@ -76,7 +75,7 @@ def test_the_steps_add_up_to_insert_to_completed() -> None:
         ("door: webhook -> task created", 9.0),
         ("queue: task created -> dispatched to the worker", 1.0),
         ("dispatch: Cloud Run's front -> the worker's request starts", 8.0),
-        ("MP3 preview: the encode with the loudness, then the gain", 700.0),
+        ("MP3 preview: encoder slot, the encode with the loudness, the gain", 700.0),
         ("complete RPC to its commit (the NOTIFY)", 6.0),
     ],
 )
@@ -98,23 +97,23 @@ def test_request_to_response_is_cloud_tasks_own_dispatch_to_answer() -> None:
 def test_the_breakdown_gives_each_step_its_median_range_and_share_of_the_median_path() -> None:
     jobs = [clocks(0, 600), clocks(10, 700), clocks(20, 900)]
     rows = {row["step"]: row for row in breakdown(jobs)}
-    encode = rows["MP3 preview: the encode with the loudness, then the gain"]
+    encode = rows["MP3 preview: encoder slot, the encode with the loudness, the gain"]
     assert (encode["median_ms"], encode["min_ms"], encode["max_ms"]) == (700.0, 600.0, 900.0)
     assert encode["share"] == pytest.approx(700 / 847, abs=0.001)
 
 
 def test_steps_beside_the_path_are_shown_without_a_share() -> None:
     rows = {row["step"]: row for row in breakdown([clocks()])}
-    loudness = rows["  beside it: the loudness's own ffmpeg run (ebur128), when a CPU was free"]
-    assert loudness["median_ms"] == 320.0
-    assert loudness["share"] is None
+    wav = rows["  beside the encode: upload wav"]
+    assert wav["median_ms"] == 250.0
+    assert wav["share"] is None
 
 
 def test_a_step_the_worker_did_not_time_is_left_out_of_the_rows_beside_the_path() -> None:
     job = clocks()
-    timings = {k: v for k, v in job.timings_ms.items() if k != "loudness"}
+    timings = {k: v for k, v in job.timings_ms.items() if k != "upload_wav"}
     without = dataclasses.replace(job, timings_ms=timings)
-    assert not any("loudness's own" in row["step"] for row in breakdown([without]))
+    assert not any("upload wav" in row["step"] for row in breakdown([without]))
 
 
 def test_a_runs_ratios_are_its_medians_over_its_own_baseline_median() -> None:

@@ -8,12 +8,10 @@ import json
 import math
 import subprocess
 import tempfile
-import threading
 import wave
 
 import pytest
 
-from sona.audio import master
 from sona.audio.ffmpeg import find_ffmpeg
 from sona.audio.loudness import CEILING_DBTP, FILTER, TARGET_LUFS, Loudness, parse_summary
 from sona.audio.master import encode_preview, read_wav
@@ -171,28 +169,3 @@ def test_a_gain_step_on_the_encoded_frames_scales_the_decoded_preview_by_1_5_db(
     # ebur128 prints loudness to 0.1 LU, so two readings differ by up to 0.1 from rounding alone
     assert after.integrated_lufs - before.integrated_lufs == pytest.approx(steps * STEP_DB, abs=0.11)
     assert len(adjusted) == len(plain)
-
-
-@pytest.mark.parametrize("level_dbfs", [-35.0, -1.0], ids=["quiet-master", "loud-master"])
-def test_the_loudness_measured_beside_the_encode_is_the_one_measured_on_its_branch(
-    level_dbfs: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Two free encoder slots: the loudness gets its own ffmpeg run beside the encode; one slot: it
-    # is measured on a branch of the encode's run. The figures, and so the gain, must not differ.
-    wav = tone_wav(6, level_dbfs)
-    previews = {}
-    for slots in (2, 1):
-        monkeypatch.setattr(master, "_ENCODERS", threading.BoundedSemaphore(slots))
-        previews[slots] = encode_preview(wav, "192k", FFMPEG)
-    beside, branch = previews[2], previews[1]
-    assert "loudness" in beside.timings_ms and "loudness" not in branch.timings_ms
-    assert beside.loudness == branch.loudness
-    assert beside.gain_db == branch.gain_db != 0.0
-    assert abs(measured(beside.mp3).integrated_lufs - measured(branch.mp3).integrated_lufs) <= 0.1  # type: ignore[operator]
-
-
-def test_the_preview_gives_back_every_encoder_slot_it_took(monkeypatch: pytest.MonkeyPatch) -> None:
-    slots = threading.BoundedSemaphore(2)
-    monkeypatch.setattr(master, "_ENCODERS", slots)
-    encode_preview(tone_wav(2, -20), "192k", FFMPEG)
-    assert slots.acquire(blocking=False) and slots.acquire(blocking=False)

@@ -110,14 +110,13 @@ WORKER_STEPS = (
     ("stage_generating", "stage generating (RPC advance_stage, the fence before paying)"),
     ("generate", "provider (instant double)"),
     ("master", "master cut"),
-    ("encode_mp3", "MP3 preview: the encode with the loudness, then the gain"),
+    ("encode_mp3", "MP3 preview: encoder slot, the encode with the loudness, the gain"),
     ("upload_mp3", "upload mp3 (last: it marks the output complete)"),
 )
 # What runs beside those steps (or inside one), shown for reading, not added to the path.
 OVERLAPPED = (
-    ("encode_ffmpeg", "  of which the encoder's ffmpeg run"),
-    ("loudness", "  beside it: the loudness's own ffmpeg run (ebur128), when a CPU was free"),
-    ("gain", "  then: the gain on the encoded frames"),
+    ("encode_ffmpeg", "  of which the ffmpeg run (encode, loudness on its branch), after a slot"),
+    ("gain", "  of which the gain on the encoded frames"),
     ("stage_encoding", "  beside the master and the encode: stage encoding (RPC advance_stage)"),
     ("upload_wav", "  beside the encode: upload wav"),
     ("peaks", "  beside the encode: waveform peaks"),

@@ -15,13 +15,12 @@ import threading
 import time
 import warnings
 import wave
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import cast
 
 with warnings.catch_warnings():
     # pydub warns at import when ffmpeg is not on PATH; we find and pass ffmpeg ourselves.
@@ -33,8 +32,6 @@ from sona.audio import loudness, mp3gain
 from sona.audio.loudness import Loudness
 from sona.deadline import Deadline
 from sona.errors import DeadlineExceeded, PermanentError
-
-T = TypeVar("T")
 
 FADE_MS = 30  # a short fade at a trimmed end, so the cut does not click
 # At most one encoder per CPU: jobs that finish generating together (a concurrent instance) would
@@ -235,51 +232,32 @@ class Preview:
     mp3: bytes
     loudness: Loudness
     gain_db: float  # applied to the preview; 0 when normalisation is off or nothing is needed
-    # Its parts (ms): the encoder's run, the loudness run beside it when there was one, the gain.
+    # Its parts (ms): the encoder's run (the loudness on its branch), then the gain on the frames.
     timings_ms: dict[str, int] = field(default_factory=dict)
 
 
 def encode_preview(
     wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None = None, *, normalize: bool = True
 ) -> Preview:
-    """The MP3 at unity gain and the master's loudness (ebur128), then the gain that follows from
-    it applied to the encoded frames losslessly (sona.audio.mp3gain). The master is never altered.
+    """One ffmpeg run reads the master once: it encodes the MP3 at unity gain and, on a branch of
+    the same input, measures the master's loudness (ebur128); the gain that follows from it is then
+    applied to the encoded frames losslessly (sona.audio.mp3gain). The master is never altered.
 
-    When a second encoder slot is free (a CPU nobody encodes on), the loudness is measured by its own
-    ffmpeg run beside the encode, so its 4x oversampled true peak (about half the encode's time)
-    does not ride with the encode; otherwise one run reads the master once and measures it on a
-    branch of the encode's filtergraph, which costs the least CPU when every CPU is busy. The
-    second slot is only ever tried, never waited for, so two jobs cannot hold one slot each and wait
-    for the other's."""
+    ffmpeg (7 and later) runs the filtergraph and the encoder on threads of their own, so the branch
+    rides beside the encode where a CPU is free; a second ffmpeg run for the loudness was measured
+    to cost more CPU (its own read of the master: about 0.12 s more for a 60 s master) for no wall
+    time that could be told apart, which concurrent jobs on two CPUs pay for (PERFORMANCE.md)."""
     timings: dict[str, int] = {}
-    with _encoder(deadline):
-        beside = _ENCODERS.acquire(blocking=False)
-        try:
-            if beside:
-                mp3, measured = _encode_beside_loudness(wav, bitrate, ffmpeg, deadline, timings)
-            else:
-                mp3, measured = _timed_ms(
-                    timings, "encode_ffmpeg", lambda: _encode_with_loudness(wav, bitrate, ffmpeg, deadline)
-                )
-        finally:
-            if beside:
-                _ENCODERS.release()
+    with _encoder(deadline):  # the run's own time, after the wait for a slot
+        started = time.monotonic()
+        mp3, measured = _encode_with_loudness(wav, bitrate, ffmpeg, deadline)
+        timings["encode_ffmpeg"] = round((time.monotonic() - started) * 1000)
     if not normalize:
         return Preview(mp3, measured, 0.0, timings)
     started = time.monotonic()
     mp3, steps = mp3gain.apply_gain(mp3, mp3gain.steps_for(*loudness.wanted_gain_db(measured)))
     timings["gain"] = round((time.monotonic() - started) * 1000)
     return Preview(mp3, measured, round(steps * mp3gain.STEP_DB, 2), timings)
-
-
-def _encode_beside_loudness(
-    wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None, timings: dict[str, int]
-) -> tuple[bytes, Loudness]:
-    """Two ffmpeg runs at once, in the two slots the caller holds: the encode, and the loudness."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loudness") as pool:
-        measuring = pool.submit(_timed_ms, timings, "loudness", partial(_measure, wav, ffmpeg, deadline))
-        mp3, _ = _timed_ms(timings, "encode_ffmpeg", lambda: _encode(ffmpeg, wav, bitrate, deadline))
-        return mp3, measuring.result()
 
 
 def _encode_with_loudness(
@@ -300,25 +278,10 @@ def _encode_with_loudness(
 
 
 def _wav_rate(wav: bytes) -> int:
-    """The master's rate, pinned on the branched encode: an ffmpeg whose ebur128 wants 48 kHz
-    (before 7) would otherwise resample the encoder's branch too."""
+    """The master's rate, pinned on the preview: an ffmpeg whose ebur128 wants 48 kHz (before 7)
+    would otherwise resample the encoder's branch too."""
     fmt = _chunk(wav, b"fmt ")
     return int.from_bytes(wav[fmt + 4 : fmt + 8], "little")
-
-
-def _measure(wav: bytes, ffmpeg: str, deadline: Deadline | None) -> Loudness:
-    """The master's integrated loudness and true peak: ebur128's summary, logged at info."""
-    args = ["-f", "wav", "-i", "pipe:0", "-filter:a", loudness.FILTER, "-f", "null", "-"]
-    _, log = _run_ffmpeg(ffmpeg, args, wav, expect_stdout=False, deadline=deadline, loglevel="info")
-    return loudness.parse_summary(log.decode("utf-8", "replace"))
-
-
-def _timed_ms(timings: dict[str, int], name: str, step: Callable[[], T]) -> T:
-    started = time.monotonic()
-    try:
-        return step()
-    finally:
-        timings[name] = round((time.monotonic() - started) * 1000)
 
 
 @contextmanager
