@@ -71,7 +71,7 @@ def test_the_steps_add_up_to_insert_to_completed() -> None:
 @pytest.mark.parametrize(
     ("step", "ms"),
     [
-        ("delivery: insert's commit -> the door receives the webhook", 3.0),
+        ("delivery: insert's COMMIT returned -> the door receives the webhook", 3.0),
         ("door: webhook -> task created", 9.0),
         ("queue: task created -> dispatched to the worker", 1.0),
         ("dispatch: Cloud Run's front -> the worker's request starts", 8.0),

@@ -126,11 +126,16 @@ OVERLAPPED = (
 )
 
 
+# Timed from COMMIT's return on the client, so a delivery can show a few ms early (even negative):
+# the relay is woken by the commit itself.
+DELIVERY = "delivery: insert's COMMIT returned -> the door receives the webhook"
+
+
 def path_steps(job: JobClocks) -> list[tuple[str, float]]:
     """The path from insert to completed as consecutive steps (ms) that add up to it exactly."""
     t = job.timings_ms
     steps = [
-        ("delivery: insert's commit -> the door receives the webhook", job.door_received - job.inserted),
+        (DELIVERY, job.door_received - job.inserted),
         ("door: webhook -> task created", job.task_created - job.door_received),
         ("queue: task created -> dispatched to the worker", job.dispatched - job.task_created),
         ("dispatch: Cloud Run's front -> the worker's request starts", job.worker_started - job.dispatched),
