@@ -8,8 +8,10 @@ import re
 import subprocess
 import threading
 import time
+import tracemalloc
 import wave
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,36 @@ def test_without_a_trim_the_master_is_the_providers_own_bytes(width: int) -> Non
         width,
         False,
     )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "requested", "width", "channels"),
+    [(61.6, 60, 2, 2), (2.5, 2, 3, 2), (3.2, 3, 2, 1), (4, 5, 2, 2)],
+    ids=["60s-trimmed", "24-bit-trimmed", "mono-trimmed", "nothing-to-cut"],
+)
+def test_a_wav_answer_in_a_bytearray_becomes_the_master_in_place_with_the_same_bytes(
+    seconds: float, requested: float, width: int, channels: int
+) -> None:
+    # The engines read answers into a bytearray; cutting it in place spares a second copy of the
+    # master (10.6 MB for 60 s). The result is byte for byte the copying cut's.
+    answer = wav_bytes(seconds, width=width, channels=channels)
+    copied = make_master(answer, requested, FFMPEG)
+    buffer = bytearray(answer)
+    in_place = make_master(buffer, requested, FFMPEG)
+    assert in_place.wav is buffer
+    assert in_place == replace(copied, wav=buffer)
+    assert bytes(in_place.wav) == copied.wav
+
+
+def test_the_master_of_a_wav_answer_holds_no_second_copy_of_its_samples() -> None:
+    answer = bytearray(wav_bytes(61.6))
+    tracemalloc.start()
+    try:
+        make_master(answer, 60, FFMPEG)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(answer) / 10, f"{peak} bytes allocated to cut a {len(answer)}-byte answer"
 
 
 def test_a_mono_48k_answer_keeps_its_format_when_trimmed() -> None:

@@ -43,11 +43,14 @@ _UNREADABLE = "The audio service returned audio that could not be read"
 _OUT_OF_TIME = "The job ran out of time"
 
 
+Audio = bytes | bytearray
+
+
 @dataclass(frozen=True)
 class Master:
     """The WAV master as stored, and what it really is."""
 
-    wav: bytes
+    wav: Audio  # the engine's bytearray, cut in place, when the answer was a PCM WAV
     duration_s: float
     sample_rate: int
     channels: int
@@ -75,27 +78,46 @@ class Pcm:
         return len(self.samples) // self.frame_size
 
 
-Audio = bytes | bytearray
-
 
 def make_master(data: Audio, requested_s: float, ffmpeg: str, deadline: Deadline | None = None) -> Master:
-    """Cut the provider's audio to exactly the requested duration, keeping its format."""
+    """Cut the provider's audio to exactly the requested duration, keeping its format. A PCM WAV
+    read into a bytearray (as the engines read answers) is cut in place and becomes the master: a
+    60 s answer is 10.6 MB, and a second copy of it would be most of what a job holds."""
     native = _is_wav(data)
     pcm = decode(data, ffmpeg, deadline)
     provider_s = pcm.frames / pcm.rate
     keep = round(requested_s * pcm.rate)
     if pcm.frames <= keep and native:
         # Nothing to cut: the provider's own bytes are the master (rate, width, channels kept).
-        wav = data if isinstance(data, bytes) else bytes(data)
-        return Master(wav, provider_s, pcm.rate, pcm.channels, pcm.width, provider_s, trimmed=False)
+        pcm.samples.release()
+        return Master(data, provider_s, pcm.rate, pcm.channels, pcm.width, provider_s, trimmed=False)
     trimmed = pcm.frames > keep
     frames = min(keep, pcm.frames)
     end = frames * pcm.frame_size
     fade = min(frames, pcm.rate * FADE_MS // 1000) * pcm.frame_size if trimmed else 0
-    tail = fade_out(pcm, pcm.samples[end - fade : end]) if fade else b""
-    # One copy of the samples: header, the untouched body, and the faded tail.
-    wav = b"".join((wav_header(pcm.rate, pcm.channels, pcm.width, frames), pcm.samples[: end - fade], tail))
+    with pcm.samples[end - fade : end] as last:
+        tail = fade_out(pcm, last) if fade else b""
+    header = wav_header(pcm.rate, pcm.channels, pcm.width, frames)
+    if native and isinstance(data, bytearray):
+        pcm.samples.release()  # a bytearray cannot be resized while a view of it is held
+        wav: Audio = _cut_in_place(data, header, end, tail)
+    else:
+        # One copy of the samples: header, the untouched body, and the faded tail.
+        wav = b"".join((header, pcm.samples[: end - fade], tail))
     return Master(wav, frames / pcm.rate, pcm.rate, pcm.channels, pcm.width, provider_s, trimmed)
+
+
+def _cut_in_place(data: bytearray, header: bytes, end: int, tail: bytes) -> bytearray:
+    """The master made out of the answer's own buffer: the faded tail written over the samples it
+    replaces, the overshoot cut off, and the new header laid just before the samples, with any
+    chunks the provider put ahead of them dropped (deleting a bytearray's front moves no bytes)."""
+    start = _chunk(data, b"data")
+    stop = start + end
+    data[stop - len(tail) : stop] = tail
+    del data[stop:]
+    data[start - len(header) : start] = header  # a PCM WAV's samples start at byte 44 or later
+    del data[: start - len(header)]
+    return data
 
 
 def fade_out(pcm: Pcm, tail: memoryview) -> bytes:
@@ -155,10 +177,12 @@ def read_wav(data: Audio, *, streamed: bool = False) -> Pcm:
     """A WAV from a file must hold what it declares; one streamed by ffmpeg has no length yet."""
     if not _is_wav(data):
         raise ValueError("not a WAV")
-    with wave.open(io.BytesIO(data)) as reader:
+    start = _chunk(data, b"data")
+    # The wave module reads only the chunks before the samples: it gets those bytes, not the whole
+    # buffer (io.BytesIO would copy a bytearray's 10 MB).
+    with wave.open(io.BytesIO(bytes(data[:start]))) as reader:
         frames = reader.getnframes()
         channels, width, rate = reader.getnchannels(), reader.getsampwidth(), reader.getframerate()
-    start = _chunk(data, b"data")
     end = len(data) if streamed else start + frames * channels * width
     if end > len(data):
         raise ValueError("truncated WAV")
@@ -190,23 +214,23 @@ def _chunk(data: Audio, wanted: bytes) -> int:
     raise ValueError(f"no {wanted!r} chunk")
 
 
-def encode_mp3(wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None = None) -> bytes:
+def encode_mp3(wav: Audio, bitrate: str, ffmpeg: str, deadline: Deadline | None = None) -> bytes:
     """The MP3 at a constant bitrate, nothing else measured (the double's MP3 answers use it)."""
     with _encoder(deadline):
         mp3, _ = _encode(ffmpeg, wav, bitrate, deadline)
-    return mp3
+    return bytes(mp3)
 
 
 def _encode(
     ffmpeg: str,
-    wav: bytes,
+    wav: Audio,
     bitrate: str,
     deadline: Deadline | None,
     *,
     filters: tuple[str, ...] = (),
     output: tuple[str, ...] = (),
     loglevel: str = "error",
-) -> tuple[bytes, bytes]:
+) -> tuple[bytearray, bytes]:
     """A constant-bitrate MP3 encode (the caller holds an encoder slot): WAV goes in through a pipe;
     the MP3 goes to a file in memory-backed temp space, because only a seekable output gets the LAME
     header that tells players the encoder's padding (through a pipe, the preview decodes about
@@ -222,14 +246,24 @@ def _encode(
             deadline=deadline,
             loglevel=loglevel,
         )
-        return out.read_bytes(), log
+        return _read_into_buffer(out), log
+
+
+def _read_into_buffer(path: Path) -> bytearray:
+    """The file in one buffer of its size, which the gain then adjusts in place (read_bytes and a
+    bytearray of it would hold the preview three times)."""
+    with path.open("rb") as file:  # a buffered readinto reads until the buffer is full
+        data = bytearray(os.fstat(file.fileno()).st_size)
+        read = file.readinto(data)
+    del data[read:]
+    return data
 
 
 @dataclass(frozen=True)
 class Preview:
     """The MP3 preview and what was measured of the master while it was encoded."""
 
-    mp3: bytes
+    mp3: bytearray
     loudness: Loudness
     gain_db: float  # applied to the preview; 0 when normalisation is off or nothing is needed
     # Its parts (ms): the encoder's run (the loudness on its branch), then the gain on the frames.
@@ -237,7 +271,7 @@ class Preview:
 
 
 def encode_preview(
-    wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None = None, *, normalize: bool = True
+    wav: Audio, bitrate: str, ffmpeg: str, deadline: Deadline | None = None, *, normalize: bool = True
 ) -> Preview:
     """One ffmpeg run reads the master once: it encodes the MP3 at unity gain and, on a branch of
     the same input, measures the master's loudness (ebur128); the gain that follows from it is then
@@ -255,14 +289,14 @@ def encode_preview(
     if not normalize:
         return Preview(mp3, measured, 0.0, timings)
     started = time.monotonic()
-    mp3, steps = mp3gain.apply_gain(mp3, mp3gain.steps_for(*loudness.wanted_gain_db(measured)))
+    steps = mp3gain.apply_gain_in_place(mp3, mp3gain.steps_for(*loudness.wanted_gain_db(measured)))
     timings["gain"] = round((time.monotonic() - started) * 1000)
     return Preview(mp3, measured, round(steps * mp3gain.STEP_DB, 2), timings)
 
 
 def _encode_with_loudness(
-    wav: bytes, bitrate: str, ffmpeg: str, deadline: Deadline | None
-) -> tuple[bytes, Loudness]:
+    wav: Audio, bitrate: str, ffmpeg: str, deadline: Deadline | None
+) -> tuple[bytearray, Loudness]:
     """One ffmpeg run: the encode, and on a branch of the same input the loudness."""
     graph = f"[0:a]asplit=2[enc][m];[m]{loudness.FILTER},anullsink"
     mp3, log = _encode(
@@ -277,7 +311,7 @@ def _encode_with_loudness(
     return mp3, loudness.parse_summary(log.decode("utf-8", "replace"))
 
 
-def _wav_rate(wav: bytes) -> int:
+def _wav_rate(wav: Audio) -> int:
     """The master's rate, pinned on the preview: an ffmpeg whose ebur128 wants 48 kHz (before 7)
     would otherwise resample the encoder's branch too."""
     fmt = _chunk(wav, b"fmt ")

@@ -36,6 +36,15 @@ def apply_gain(mp3: bytes, steps: int) -> tuple[bytes, int]:
     if steps == 0:
         return mp3, 0
     data = bytearray(mp3)
+    applied = apply_gain_in_place(data, steps)
+    return bytes(data), applied
+
+
+def apply_gain_in_place(data: bytearray, steps: int) -> int:
+    """apply_gain on a buffer the caller owns (the preview just read from ffmpeg), with no copy of
+    it: a few bytes per frame change. Answers the steps applied."""
+    if steps == 0:
+        return 0
     positions = list(_gain_positions(data))
     if not positions:
         raise NotLayer3("no Layer III audio frames")
@@ -43,7 +52,7 @@ def apply_gain(mp3: bytes, steps: int) -> tuple[bytes, int]:
     steps = max(-min(gains), min(steps, 255 - max(gains)))
     for bit, gain in zip(positions, gains, strict=True):
         _write8(data, bit, gain + steps)
-    return bytes(data), steps
+    return steps
 
 
 def _gain_positions(data: bytearray) -> Iterator[int]:

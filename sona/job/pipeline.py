@@ -74,7 +74,12 @@ class Store(Protocol):
 class Storage(Protocol):
     def ensure_bucket(self) -> None: ...
     def upload(
-        self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
+        self,
+        path: str,
+        data: bytes | bytearray,
+        ext: str,
+        deadline: Deadline,
+        metadata: dict[str, Any] | None = None,
     ) -> str: ...
     def find_output(self, job_id: object) -> StoredOutput | None: ...
     def read_input(self, name: str, deadline: Deadline, max_bytes: int) -> bytes: ...

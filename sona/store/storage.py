@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +37,35 @@ def object_path(prefix: str, job_id: object, stamp: datetime, ext: str) -> str:
 
 def attempt_stamp() -> datetime:
     return datetime.now(UTC)
+
+
+class BufferFile(io.RawIOBase):
+    """A read-only, seekable file over a buffer, read without copying it whole (io.BytesIO would copy
+    a bytearray). httpx reads the upload's body from it in chunks, and rewinds it for a retry."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        super().__init__()
+        self._data, self._at = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._data[self._at : self._at + len(buffer)]
+        buffer[: len(chunk)] = chunk
+        self._at += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: len(self._data)}[whence]
+        self._at = max(0, base + offset)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
 
 
 class AudioStorage:
@@ -102,7 +133,12 @@ class AudioStorage:
         return bool(self._client.get_bucket(self.bucket).public)
 
     def upload(
-        self, path: str, data: bytes, ext: str, deadline: Deadline, metadata: dict[str, Any] | None = None
+        self,
+        path: str,
+        data: bytes | bytearray,
+        ext: str,
+        deadline: Deadline,
+        metadata: dict[str, Any] | None = None,
     ) -> str:
         """Upload (upsert, so a retried attempt can write again) and return the file's URL."""
         options: dict[str, Any] = {
@@ -125,9 +161,12 @@ class AudioStorage:
                     self._upload_once(path, data, options)
             return self.url(path)
 
-    def _upload_once(self, path: str, data: bytes, options: dict[str, Any]) -> None:
+    def _upload_once(self, path: str, data: bytes | bytearray, options: dict[str, Any]) -> None:
+        # storage3 sends bytes as they are and streams a BufferedReader; anything else it would open
+        # as a path. A bytearray (the master, cut in place) is streamed, never copied.
+        body = data if isinstance(data, bytes) else io.BufferedReader(BufferFile(data))
         try:
-            self._client.from_(self.bucket).upload(path, data, options)  # type: ignore[arg-type]
+            self._client.from_(self.bucket).upload(path, body, options)  # type: ignore[arg-type]
         except StorageApiError as exc:
             if str(exc.status) == "409":
                 # Paths are unique per attempt, so an existing object is our own earlier try that
