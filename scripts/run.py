@@ -17,8 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = (ROOT / "requirements.txt", ROOT / "requirements-dev.txt")
-# The suite mostly waits (servers, deadlines, the relay's pauses), so four workers keep two cores
-# busy; pyproject.toml's addopts group the tests so that parallel runs stay safe.
+# On two cores the whole suite is bound by CPU (process accounting, issue 34), but some groups mostly
+# wait (the hardening cases' deadlines, the relay's pauses): four workers keep both cores busy while
+# they do. tests/conftest.py groups the tests so that parallel runs stay safe.
 WORKERS = "4"
 # The local world's commands live in devstack (sona never imports it, and it never deploys).
 LOCAL_COMMANDS = ("demo", "dev", "bench")

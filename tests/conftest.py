@@ -7,7 +7,8 @@ migrations and the tests as `postgres`, which is not a superuser there (issue 25
 
 Under pytest-xdist (`scripts/run.py test` runs with `-n 4`) a "session" is one worker: each worker has
 its own PostgreSQL (or its own template on a given server), its own temp dirs and ports. Each test
-file runs whole on one worker, in order, and so does each folder under tests/ (hardening/). Tests in
+file runs whole on one worker, in order, and so does a folder suite sharing one stack (hardening/,
+in two parts: tests/hardening/conftest.py FAULTS_PART). Tests in
 different files that cannot run at the same time, or share state, name one group:
 @pytest.mark.xdist_group("name") (or `pytestmark = ...` for a whole file). See `group_of` below."""
 
@@ -37,13 +38,13 @@ from devstack.doubles.stable_audio_double import StableAudioDouble
 from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.stack import _stand_in
 from devstack.system_postgres import ADMIN, OWNER, SystemPostgres, find_bin_dir, prepare_as_supabase
-from tests.support import SUMMARIES_KEY
+from tests.support import LEDGER_KEY
 
 AS_SUPABASE_ENV = "SONA_TEST_AS_SUPABASE"
 # Per xdist worker, so workers sharing one SONA_TEST_DATABASE_URL server never drop each other's.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 TEMPLATE = f"sona_template_{WORKER}" if WORKER else "sona_template"
-_summaries = pytest.StashKey[dict[str, list[str]]]()
+_ledgers = pytest.StashKey[list[dict[str, Any]]]()
 _own_basetemp = pytest.StashKey[Path]()
 
 
@@ -55,7 +56,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Temp dirs under a fresh directory of this run's own, not /tmp/pytest-of-<user>: every pytest
     that starts takes group and other access off that shared folder, which the embedded PostgreSQL's
     own user needs to reach a data dir, so a second pytest on the machine broke our server starts."""
-    config.stash[_summaries] = {}
+    config.stash[_ledgers] = []
     if config.option.basetemp is None and not hasattr(config, "workerinput"):
         base = Path(tempfile.mkdtemp(prefix="sona-pytest-"))
         config.option.basetemp = str(base)
@@ -70,12 +71,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+# Folders whose files share session state (one stack, one ledger): each runs whole on one worker.
+# tests/plugin/ is not one: its files share only templates, which each worker builds as it needs.
+FOLDER_SUITES = ("tests/hardening",)
+
+
 def group_of(nodeid: str) -> str:
     """The unit a worker runs whole, in order, unless the test names one with
-    @pytest.mark.xdist_group("name"): a folder directly under tests/ (a suite sharing session
-    state, like hardening/), else the test's own file."""
-    parts = nodeid.split("::", 1)[0].split("/")
-    return "/".join(parts[:2]) if len(parts) > 2 and parts[0] == "tests" else "/".join(parts)
+    @pytest.mark.xdist_group("name"): a folder suite (FOLDER_SUITES), else the test's own file."""
+    path = nodeid.split("::", 1)[0]
+    parts = path.split("/")
+    folder = "/".join(parts[:2])
+    return folder if len(parts) > 2 and folder in FOLDER_SUITES else path
 
 
 def _group(item: pytest.Item) -> str:
@@ -145,17 +152,25 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook, on the controller
 def pytest_testnodedown(node: Any, error: object) -> None:
-    summaries = node.config.stash[_summaries]
-    for title, lines in getattr(node, "workeroutput", {}).get(SUMMARIES_KEY, {}).items():
-        summaries.setdefault(title, []).extend(lines)
+    part = getattr(node, "workeroutput", {}).get(LEDGER_KEY)
+    if part is not None:
+        node.config.stash[_ledgers].append(part)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """What the workers' suites report (the hardening totals), printed once by the controller."""
-    for title, lines in config.stash[_summaries].items():
-        terminalreporter.section(title)
-        for line in lines:
-            terminalreporter.write_line(line)
+    """The hardening suite's parts, each run by a worker of its own, printed once by the controller
+    as one summary with one totals line."""
+    parts = config.stash[_ledgers]
+    if not parts:
+        return
+    from tests.hardening.conftest import Ledger, summary_lines
+
+    ledger = Ledger()
+    for part in parts:
+        ledger.add(part)
+    terminalreporter.section("hardening cases")
+    for line in summary_lines(ledger):
+        terminalreporter.write_line(line)
 
 
 # -- the database ----------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ AUDIO_INFO = AudioInfo(
     model="stable-audio-2.5",
 )
 
-# Under xdist: the key of config.workeroutput where a worker leaves {section title: lines} for the
-# controller's terminal summary (tests/conftest.py prints them).
-SUMMARIES_KEY = "sona_summaries"
+# Under xdist: the key of config.workeroutput where a worker leaves its part of the hardening suite's
+# ledger (tests/hardening/conftest.py: Ledger.as_data) for the controller, which merges the parts and
+# prints one summary (tests/conftest.py).
+LEDGER_KEY = "sona_hardening_ledger"
 
 SECRETS = {
     "supabase_service_role_key": "sb_secret_sentinel-service-key-7f3a9",

@@ -24,6 +24,7 @@ import pytest
 
 from tests.test_gcloudignore import FUNCTION_IGNORE, uploaded
 
+pytestmark = pytest.mark.slow  # real processes (tests/conftest.py starts such files first)
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.txt"
 WHEELHOUSE = REPO / ".sona" / "wheelhouse"

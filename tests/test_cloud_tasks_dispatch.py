@@ -21,6 +21,8 @@ from tests.support import sql
 
 pytestmark = pytest.mark.slow
 
+SLOTS = 2 * 2  # the stack's capacity (2, 2) below: what may run at once
+DIRECT_BATCH = 50  # reclaim's batch under direct dispatch (sona/config.py); Cloud Tasks' is 10,000
 ENV = {"RETRY_DELAY_MS": "200", "RECLAIM_GRACE_S": "60", "MAX_ATTEMPTS": "3", "PROVIDER_RATE_PER_S": "15"}
 
 
@@ -162,12 +164,12 @@ def test_a_burst_drains_at_capacity_with_nothing_lost_or_paid_twice(stack: Local
     stack.double.latency_s = 0.3
     stack.double.rate_limit = RateLimit(requests=150, window_s=10, lockout_s=60)
     rejected_before = stack.cap.rejected
-    jobs = insert_many(stack, 60)
+    jobs = insert_many(stack, 6 * SLOTS)  # six times what may run at once
     rows = wait_all(stack, timeout_s=120)
     assert sorted(r["status"] for r in rows) == ["completed"] * len(jobs)
     assert stack.double.paid_generations == len(jobs)  # each job paid exactly once
     assert stack.double.rate_limited == 0  # the queue's rate kept the provider happy
-    assert stack.tasks.max_in_flight("sona-jobs") <= 4  # never more than the function's slots
+    assert stack.tasks.max_in_flight("sona-jobs") <= SLOTS  # never more than the function's slots
     assert stack.cap.rejected == rejected_before  # so Cloud Run never had to refuse one
 
 
@@ -185,7 +187,7 @@ def test_a_released_job_is_retried_by_a_scheduled_task_without_reclaim(stack: Lo
 def test_reclaim_turns_a_backlog_of_lost_webhooks_into_tasks_in_one_call(stack: LocalStack) -> None:
     assert stack.relay is not None and stack.double is not None
     stack.relay.enabled = False  # every webhook lost
-    jobs = insert_many(stack, 200)
+    jobs = insert_many(stack, DIRECT_BATCH + SLOTS)  # more than direct dispatch's batch of 50
     sql(stack.database_url, "update jobs set created_at = now() - interval '1 hour'", role=None)
     response = requests.post(
         stack.reclaim_jobs_url, headers={"X-Webhook-Secret": stack.webhook_secret}, timeout=60

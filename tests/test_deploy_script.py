@@ -20,12 +20,16 @@ from tests import fake_gcloud
 from tests.test_deploy import PROJECT, REPO, cloudbuild, deploy_settings, write_settings
 from tests.test_gcloudignore import build_ignore_file, copy_upload
 
+pytestmark = pytest.mark.slow  # real processes (tests/conftest.py starts such files first)
+
 
 def install_fakes(bin_dir: Path) -> None:
+    """The fake needs the standard library alone: -I -S start it without the environment's
+    settings and site-packages, less to load on each of the few hundred calls a suite run makes."""
     bin_dir.mkdir()
     for name, args in (("gcloud", ""), ("sleep", "--sleep ")):
         script = bin_dir / name
-        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{fake_gcloud.__file__}" {args}"$@"\n')
+        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "{fake_gcloud.__file__}" {args}"$@"\n')
         script.chmod(0o755)
 
 
@@ -83,7 +87,11 @@ def run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
 
 
-PATHS = ["deploy.sh", "cloud build"]
+# Each test has a project of its own, so the file's tests may spread over workers: the Cloud Build
+# path's and the door's tests run as groups of their own (tests/conftest.py), beside the rest.
+BY_CLOUD_BUILD = pytest.mark.xdist_group("deploy script: cloud build")
+THE_DOOR = pytest.mark.xdist_group("deploy script: the door")
+PATHS = ["deploy.sh", pytest.param("cloud build", marks=BY_CLOUD_BUILD)]
 
 
 def deploy_by(
@@ -129,6 +137,7 @@ def test_monitoring_waits_for_its_new_metric_types_instead_of_stopping_the_plan(
     assert len(org_project.state["dashboards"]) == 1 and len(org_project.state["policies"]) == 1
 
 
+@THE_DOOR
 def test_under_domain_restricted_sharing_the_door_is_opened_by_disabling_the_invoker_check(
     org_project: Project,
 ) -> None:
@@ -139,6 +148,7 @@ def test_under_domain_restricted_sharing_the_door_is_opened_by_disabling_the_inv
     assert org_project.state["functions"]["reclaim-jobs"]["invoker_iam_check"] is True
 
 
+@THE_DOOR
 def test_where_allusers_is_allowed_the_door_gets_the_invoker_binding(tmp_path: Path) -> None:
     project = Project(tmp_path)
     assert project.deploy().returncode == 0
@@ -213,6 +223,7 @@ OPERATOR_SETTINGS = {
 }
 
 
+@BY_CLOUD_BUILD
 def test_cloud_build_deploys_exactly_what_deploy_sh_deploys(tmp_path: Path) -> None:
     by_script, by_build = Project(tmp_path / "a"), Project(tmp_path / "b")
     for project, path in ((by_script, "deploy.sh"), (by_build, "cloud build")):
@@ -229,6 +240,7 @@ def test_cloud_build_deploys_exactly_what_deploy_sh_deploys(tmp_path: Path) -> N
     assert reclaim["PROCESS_JOB_URL"].startswith("https://process-job-")  # expanded, as meant
 
 
+@BY_CLOUD_BUILD
 def test_the_build_refuses_to_deploy_without_the_settings_file(tmp_path: Path) -> None:
     project = Project(tmp_path)
     workspace = copy_upload(build_ignore_file(), tmp_path / "workspace")
@@ -256,6 +268,7 @@ def test_a_deploy_after_a_rollback_serves_the_new_revision(tmp_path: Path, path:
     assert {f["traffic"] for f in project.state["functions"].values()} == {"latest"}
 
 
+@THE_DOOR
 def test_the_door_holds_only_the_webhook_secret_and_reclaim_may_list_the_queue(org_project: Project) -> None:
     assert org_project.deploy().returncode == 0
     functions = org_project.state["functions"]

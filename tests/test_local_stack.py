@@ -39,10 +39,11 @@ def test_a_stack_given_a_server_has_a_migrated_database_there_until_it_stops(
         ("tests/test_reclaim.py::test_x[a/b]", "tests/test_reclaim.py"),
         ("tests/hardening/test_bad_rows.py::test_y[1]", "tests/hardening"),
         ("tests/hardening/test_totals.py::test_z", "tests/hardening"),
-        ("tests/plugin/deep/test_w.py::test_v", "tests/plugin"),
+        ("tests/hardening/deep/test_w.py::test_v", "tests/hardening"),
+        ("tests/plugin/test_doctor.py::test_v", "tests/plugin/test_doctor.py"),  # shares no stack
     ],
 )
-def test_a_file_or_a_folder_under_tests_runs_whole_on_one_worker(nodeid: str, group: str) -> None:
+def test_a_file_or_a_folder_suite_runs_whole_on_one_worker(nodeid: str, group: str) -> None:
     assert group_of(nodeid) == group
 
 

@@ -28,6 +28,8 @@ from tests.support import AUDIO_INFO, sql
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SLOW = 30.0  # a provider still generating when the process is killed
+BATCH = 8  # RECLAIM_BATCH_SIZE: twice RECLAIM_CONCURRENCY
+BACKLOG = 4 * BATCH  # drains in exactly four reclaims
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
     env = {
         "DISPATCH": "direct",  # reclaim's direct dispatch; Cloud Tasks: tests/test_cloud_tasks_dispatch.py
         "RETRY_DELAY_MS": "50",
-        "RECLAIM_BATCH_SIZE": "50",
+        # Small batches, so a backlog of a few dozen jobs already takes several reclaims, each
+        # holding more jobs than its concurrency lets run at once.
+        "RECLAIM_BATCH_SIZE": str(BATCH),
         "RECLAIM_CONCURRENCY": "4",
         "RECLAIM_GRACE_S": "60",
         "MAX_ATTEMPTS": "3",
@@ -233,17 +237,20 @@ def test_two_reclaims_at_the_same_moment_dispatch_each_job_once(
     assert {stack.job(j)["status"] for j in jobs} == {"completed"}
 
 
-def test_a_backlog_of_200_drains_across_reclaims_with_bounded_concurrency(
+def test_a_backlog_drains_across_reclaims_with_bounded_concurrency(
     stack: LocalStack, double: StableAudioDouble
 ) -> None:
+    """Four batches' worth of lost webhooks: each reclaim dispatches one batch (no more, though
+    more are due), never more than RECLAIM_CONCURRENCY at once, and every job is generated once."""
     assert stack.relay is not None
     stack.relay.enabled = False
     user = stack.create_user()
     sql(
         stack.database_url,
         "insert into jobs (user_id, prompt, duration, created_at)"
-        " select %s, 'backlog ' || i, 1, now() - interval '10 minutes' from generate_series(1, 200) i",
+        " select %s, 'backlog ' || i, 1, now() - interval '10 minutes' from generate_series(1, %s) i",
         user,
+        BACKLOG,
         role=None,
     )
 
@@ -254,13 +261,13 @@ def test_a_backlog_of_200_drains_across_reclaims_with_bounded_concurrency(
             break
         calls.append(summary)
 
-    assert [c["dispatched"] for c in calls] == [50, 50, 50, 50]
-    assert sum(c["completed"] for c in calls) == 200
+    assert [c["dispatched"] for c in calls] == [BATCH] * 4
+    assert sum(c["completed"] for c in calls) == BACKLOG
     counts = sql(stack.database_url, "select status, count(*) as n from jobs group by status", role=None)
-    assert counts == [{"status": "completed", "n": 200}]
-    assert double.call_count == 200
+    assert counts == [{"status": "completed", "n": BACKLOG}]
+    assert double.call_count == BACKLOG
     prompts = sorted(c.fields["prompt"] for c in double.calls)
-    assert prompts == sorted(f"backlog {i}" for i in range(1, 201))  # each generated exactly once
+    assert prompts == sorted(f"backlog {i}" for i in range(1, BACKLOG + 1))  # each generated exactly once
     assert double.max_concurrency <= 4
 
 

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 
 from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
 from devstack.stack import TERMINAL, LocalStack
-from tests.support import SUMMARIES_KEY, sql
+from tests.support import LEDGER_KEY, sql
 
 SENTINELS = {
     "SUPABASE_SERVICE_ROLE_KEY": "sentinel-service-role-key-3c1e9a",
@@ -48,6 +48,12 @@ JOB_BUDGET_S = 6.0
 # pg_net's 1 s pause between batches is the webhook transport's own behaviour (tests/
 # test_webhook_delivery.py); here it only made each case wait for the one before it was taken.
 RELAY_PAUSE_S = 0.05
+# The suite runs as two parts: the folder's own group (tests/conftest.py: group_of), and the files
+# that name this one. Under xdist each part runs whole on a worker of its own, with its own stack
+# and ledger, beside the other: its cases wait out deadlines for seconds each, and as one group the
+# suite alone took most of the whole run's time. test_totals.py judges each part where it ran; the
+# controller merges the two ledgers into one summary.
+FAULTS_PART = "hardening-faults"
 
 
 @dataclass
@@ -74,6 +80,31 @@ class Ledger:
 
     def unexplained_duplicates(self) -> dict[uuid.UUID, int]:
         return {job: n for job, n in self.paid.items() if n > 1 and job not in self.why_paid_again}
+
+    def as_data(self) -> dict[str, Any]:
+        """What the totals and the case lines need, in plain types: a worker hands its part to the
+        controller (execnet carries no UUIDs), which merges the parts (add) into one summary."""
+        return {
+            "bad_inputs": self.bad_inputs,
+            "faults": self.faults,
+            "jobs": [str(j) for j in self.jobs],
+            "lost": [str(j) for j in self.lost],
+            "leaked": self.leaked,
+            "paid": {str(j): n for j, n in self.paid.items()},
+            "why_paid_again": {str(j): why for j, why in self.why_paid_again.items()},
+            "models": {str(j): model for j, model in self.models.items()},
+        }
+
+    def add(self, data: dict[str, Any]) -> None:
+        """Book another worker's part of the suite (as_data) here; its jobs are its own."""
+        self.bad_inputs += [(name, outcome) for name, outcome in data["bad_inputs"]]
+        self.faults += [(name, outcome) for name, outcome in data["faults"]]
+        self.jobs |= {uuid.UUID(j) for j in data["jobs"]}
+        self.lost += [uuid.UUID(j) for j in data["lost"]]
+        self.leaked += data["leaked"]
+        self.paid.update({uuid.UUID(j): n for j, n in data["paid"].items()})
+        self.why_paid_again.update({uuid.UUID(j): why for j, why in data["why_paid_again"].items()})
+        self.models.update({uuid.UUID(j): model for j, model in data["models"].items()})
 
     def totals(self) -> str:
         return (
@@ -246,21 +277,22 @@ def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> di
             time.sleep(0.05)
 
 
-def summary_lines() -> list[str]:
+def summary_lines(ledger: Ledger = LEDGER) -> list[str]:
     lines = [
         f"{kind}: {name} -> {outcome}"
-        for kind, cases in (("bad input", LEDGER.bad_inputs), ("fault", LEDGER.faults))
+        for kind, cases in (("bad input", ledger.bad_inputs), ("fault", ledger.faults))
         for name, outcome in cases
     ]
-    return [*lines, LEDGER.totals()]
+    return [*lines, ledger.totals()]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Under xdist the ledger lives in one worker: hand its lines to the controller, which prints
-    them (tests/conftest.py), since this conftest's terminal summary runs only where it is loaded."""
+    """Under xdist each part of the suite (PARTS) has a worker and a ledger of its own: hand this
+    one to the controller, which merges them into one summary (tests/conftest.py), since this
+    conftest's terminal summary runs only where it is loaded."""
     output = getattr(session.config, "workeroutput", None)
     if output is not None and (LEDGER.bad_inputs or LEDGER.faults):
-        output.setdefault(SUMMARIES_KEY, {})["hardening cases"] = summary_lines()
+        output[LEDGER_KEY] = LEDGER.as_data()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

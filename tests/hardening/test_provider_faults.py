@@ -12,6 +12,7 @@ import pytest
 from devstack.doubles.stable_audio_double import Behaviour
 from devstack.stack import LocalStack
 from tests.hardening.conftest import (
+    FAULTS_PART,
     JOB_BUDGET_S,
     Ledger,
     assert_recorded_in_time,
@@ -21,6 +22,8 @@ from tests.hardening.conftest import (
     settle,
 )
 from tests.support import sql
+
+pytestmark = pytest.mark.xdist_group(FAULTS_PART)  # the suite's second part (conftest.py)
 
 B = Behaviour
 RETRY_AFTER_60 = {"retry-after": "60"}

@@ -14,6 +14,7 @@ from devstack.emulators.gateway import gateway_error, gateway_error_page
 from devstack.stack import LocalStack
 from sona.models import webhook_payload
 from tests.hardening.conftest import (
+    FAULTS_PART,
     JOB_BUDGET_S,
     Ledger,
     assert_recorded_in_time,
@@ -22,6 +23,8 @@ from tests.hardening.conftest import (
     run_job,
     settle,
 )
+
+pytestmark = pytest.mark.xdist_group(FAULTS_PART)  # the suite's second part (conftest.py)
 
 DB_DOWN = {
     "code": "PGRST000",

@@ -16,9 +16,11 @@ import pytest
 from devstack.doubles.replicate_double import Answer, ReplicateDouble
 from devstack.stack import LocalStack
 from tests.hardening import test_stable_audio_3 as by_id
-from tests.hardening.conftest import JOB_BUDGET_S, Ledger, observe
+from tests.hardening.conftest import FAULTS_PART, JOB_BUDGET_S, Ledger, observe
 from tests.hardening.test_stable_audio_3 import crash_process_job, storage_error, wait_for_id
 from tests.support import sql
+
+pytestmark = pytest.mark.xdist_group(FAULTS_PART)  # the suite's second part (conftest.py)
 
 TANGO = "tangoflux"
 
