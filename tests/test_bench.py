@@ -34,3 +34,28 @@ def test_the_throughput_line_names_each_jobs_cpu_and_the_wait_for_an_encoder_slo
     assert "CPU 55 ms in the function's Python, 310 ms in ffmpeg, 50 ms in the local stand-ins" in text
     assert "generate 2010" in text
     assert "waiting for an encoder slot: 618 ms" in text
+
+
+def test_a_paired_figure_judges_each_run_against_the_baseline_measured_beside_it() -> None:
+    # The medians give 2.0x; the second run took 3x the bare start measured right before it.
+    figure = Figure("cold start", [0.2, 0.3, 0.4], [0.1, 0.1, 0.2], "s", "bare", "<= 2.0x", paired=True)
+    summary = figure.summary()
+    assert summary["pair_ratios"] == [2.0, 3.0, 2.0]
+    assert "each run beside its own baseline: 2.00x, 3.00x, 2.00x (worst 3.00x)" in table(
+        {"figures": [summary], "reclaim_round_trips": 1}
+    )
+
+
+def test_an_unpaired_figure_shows_no_pairs() -> None:
+    summary = Figure("job", [1.0, 2.0], [1.0, 1.0], "s", "ffmpeg", "<= 1.25x").summary()
+    assert summary["pair_ratios"] is None
+    assert "beside its own baseline" not in table({"figures": [summary], "reclaim_round_trips": 1})
+
+
+def test_the_table_shows_each_part_of_the_reclaim_by_its_median() -> None:
+    parts = {"reclaim_jobs() alone, in the database": [0.3, 0.1, 0.2], "  trigger jobs_guard": [0.004]}
+    text = table({"figures": [], "reclaim_round_trips": 1, "reclaim_parts": parts})
+    assert "reclaim part: reclaim_jobs() alone, in the database" in text
+    assert "200.0 ms (median)" in text
+    assert "reclaim part:   trigger jobs_guard" in text
+    assert "4.0 ms (median)" in text

@@ -510,6 +510,37 @@ def test_two_reclaims_at_once_do_not_both_act(db_url: str) -> None:
     assert job_row(db_url, job_id)["status"] == "pending"
 
 
+def _expired_lease(db_url: str) -> uuid.UUID:
+    job_id = insert_job(db_url, status="processing", attempts=1)
+    sql(
+        db_url,
+        "update jobs set lease_token = gen_random_uuid(), lease_expires_at = now() - interval '1 minute'"
+        " where id = %s",
+        job_id,
+        role=None,
+    )
+    return job_id
+
+
+@pytest.mark.parametrize(("grace_s", "writes"), [(60, 1), (0, 2)])
+def test_a_released_job_due_at_once_is_dispatched_once_by_the_write_that_releases_it(
+    db_url: str, grace_s: int, writes: int
+) -> None:
+    """Released and stamped for dispatch in one write when everything due fits the batch and a
+    grace period keeps it from being picked again; with no grace period, released and then
+    dispatched by a second write. Either way one 'released', one 'dispatch', one round on the row."""
+    job_id = _expired_lease(db_url)
+    with connect(db_url, "service_role") as conn:
+        acted = conn.execute(
+            "select job_id, action from reclaim_jobs(%s, %s, %s, %s, %s)", (MAX_ATTEMPTS, grace_s, 100, 1, 1)
+        ).fetchall()
+        updates = conn.execute("select n_tup_upd as n from pg_stat_xact_user_tables where relname = 'jobs'")
+        written = updates.fetchone()
+    assert [r["action"] for r in acted] == ["released", "dispatch"]
+    assert job_row(db_url, job_id)["dispatches"] == 1
+    assert written == {"n": writes}
+
+
 def test_reclaim_limits_the_batch_it_dispatches(db_url: str) -> None:
     for _ in range(5):
         job_id = insert_job(db_url)

@@ -10,9 +10,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from functools import cache
 from typing import Any, cast
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from sona.config import Settings
 from sona.deadline import Deadline
@@ -46,6 +47,14 @@ class ReclaimAction(BaseModel):
     # For 'dispatch': the attempts so far and this dispatch's round, which name its task.
     attempt: int | None = None
     dispatch_round: int | None = None
+
+
+@cache
+def _reclaim_actions() -> TypeAdapter[list[ReclaimAction]]:
+    """A reclaim's answer is validated as one list, in one call: 10,000 rows one model_validate at
+    a time cost about a third more (issue 34). Built on the first reclaim, not at import: the
+    worker's cold start imports this module."""
+    return TypeAdapter(list[ReclaimAction])
 
 
 class Garbage(BaseModel):
@@ -230,7 +239,11 @@ class JobsStore:
                 "p_max_delay_ms": self._settings.retry_backoff_cap_ms,
             },
         )
-        return [ReclaimAction.model_validate(r) for r in rows]
+        return self.validated_reclaim_actions(rows)
+
+    @staticmethod
+    def validated_reclaim_actions(rows: list[dict[str, Any]]) -> list[ReclaimAction]:
+        return _reclaim_actions().validate_python(rows)
 
     def files_to_delete(self, limit: int) -> list[Garbage]:
         """Object names whose rows no longer point at them (retention; docs/plugin-client.md), oldest

@@ -61,7 +61,7 @@ create trigger jobs_remember_wait_status before insert on public.jobs
 -- Rows inserted before wait_status existed have none: a plug-in mode waits as 'queued' (that is how
 -- the plug-in inserts), anything else as 'pending'.
 create or replace function public.sona_wait_status(p_wait_status text, p_mode text)
-returns text language sql immutable set search_path = '' as $$
+returns text language sql immutable as $$
   select coalesce(p_wait_status,
                   case when p_mode in ('designer', 'producer', 'creator') then 'queued' else 'pending' end)
 $$;
@@ -190,14 +190,14 @@ create trigger jobs_guard_request before update on public.jobs
 
 -- The order of the stages an attempt moves through; null for the others.
 create or replace function public.sona_stage_rank(p_stage text)
-returns integer language sql immutable set search_path = '' as $$
+returns integer language sql immutable as $$
   select case p_stage when 'claimed' then 1 when 'generating' then 2
                       when 'encoding' then 3 when 'uploading' then 4 end
 $$;
 
 -- The stage a status implies (processing starts at claimed).
 create or replace function public.sona_stage_of(p_status text)
-returns text language sql immutable set search_path = '' as $$
+returns text language sql immutable as $$
   select case p_status when 'pending' then 'queued' when 'queued' then 'queued'
                        when 'processing' then 'claimed' when 'completed' then 'done'
                        when 'failed' then 'failed' when 'cancelled' then 'cancelled' end

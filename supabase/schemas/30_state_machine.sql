@@ -23,7 +23,7 @@ grant execute on function public.sona_backoff(integer, integer, integer) to serv
 -- for at most as many finishing attempts.
 create or replace function public.sona_may_claim(
   p_attempts integer, p_reuse_only boolean, p_max_attempts integer)
-returns boolean language sql immutable set search_path = '' as $$
+returns boolean language sql immutable as $$
   select p_attempts < p_max_attempts or (p_reuse_only and p_attempts < 2 * p_max_attempts)
 $$;
 revoke all on function public.sona_may_claim(integer, boolean, integer) from public, anon, authenticated;
@@ -435,6 +435,10 @@ grant execute on function public.cancel_job(uuid) to authenticated, service_role
 --   'dispatch'  due now: a released retry past run_after, or a job whose webhook never came (after
 --               the grace period), at most one per grace period, with its dispatch round; nothing
 --               while paused, and one probe once the pause has ended
+-- A released job that is due at once is dispatched by the update that releases it (issue 34: each
+-- row written once, not released and then stamped again with every row trigger firing twice), when
+-- that changes nothing: no pause is open, and every job that could be due fits in the batch, so the
+-- order in which the batch is picked does not matter. Otherwise the dispatch statement picks them.
 create or replace function public.reclaim_jobs(
   p_max_attempts integer, p_grace_seconds integer, p_limit integer,
   p_base_delay_ms integer, p_max_delay_ms integer)
@@ -443,12 +447,33 @@ language plpgsql volatile security invoker set search_path = '' as $$
 declare
   v_pause public.sona_pauses;
   v_limit integer := p_limit;
+  v_grace interval := make_interval(secs => p_grace_seconds);
   v_max_wait interval := make_interval(secs => public.sona_setting('pause_max_wait_seconds'));
   v_legacy interval := make_interval(secs => public.sona_setting('legacy_processing_timeout_seconds'));
+  v_at_release boolean;
 begin
   if not pg_try_advisory_xact_lock(hashtext('sona.reclaim_jobs')) then
     return;
   end if;
+
+  select * into v_pause from public.sona_pauses p where p.lifted_at is null;
+  -- A job stamped here is left alone by the dispatch statement only when a grace period keeps it
+  -- from being picked twice (dispatched_at = now() is not older than the grace period).
+  v_at_release := v_pause.id is null and p_grace_seconds > 0
+    and (select count(*) from (
+           select from public.jobs j
+            where j.status = 'processing' and j.lease_token is not null
+              and (j.lease_expires_at is null or j.lease_expires_at < now())
+            limit p_limit + 1) expiring)
+      + (select count(*) from (
+           select from public.jobs j
+            where j.status in ('pending', 'queued')
+              and public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
+              and (j.run_after is null or j.run_after <= now())
+              and (j.attempts > 0 or j.waiting_since is not null or j.created_at <= now() - v_grace)
+              and (j.dispatched_at is null or j.dispatched_at <= now() - v_grace)
+            limit p_limit + 1) waiting)
+      <= p_limit;
 
   return query
   with expired as (
@@ -456,10 +481,6 @@ begin
        set status = case when public.sona_may_claim(j.attempts, true, p_max_attempts)
                          then public.sona_wait_status(j.wait_status, j.mode) else 'failed' end,
            reuse_only = j.attempts >= p_max_attempts,
-           -- backoff counts from when the lease expired: a crash found late is due at once
-           run_after = case when public.sona_may_claim(j.attempts, true, p_max_attempts)
-                            then j.lease_expires_at
-                                 + public.sona_backoff(j.attempts, p_base_delay_ms, p_max_delay_ms) end,
            error_message = case
              when j.attempts < p_max_attempts then 'The attempt timed out; retrying.'
              when public.sona_may_claim(j.attempts, true, p_max_attempts)
@@ -467,12 +488,30 @@ begin
              else 'The job timed out after ' || j.attempts || ' attempts.' end,
            completed_at = case when public.sona_may_claim(j.attempts, true, p_max_attempts)
                                then null else now() end,
-           dispatched_at = null,
+           -- the backoff is drawn once (it has jitter) and both decides and sets the dispatch
+           (run_after, dispatched_at, dispatches) = (
+             select r.run_after,
+                    case when r.dispatch then now() end,
+                    j.dispatches + case when r.dispatch then 1 else 0 end
+               from (select b.run_after,
+                            v_at_release
+                            and public.sona_may_claim(j.attempts, true, p_max_attempts)
+                            and (b.run_after is null or b.run_after <= now())
+                            -- not failed below for waiting out an outage
+                            and (j.waiting_since is null or j.waiting_since > now() - v_max_wait)
+                            and (j.attempts > 0 or j.waiting_since is not null
+                                 or j.created_at <= now() - v_grace) as dispatch
+                       from (select case when public.sona_may_claim(j.attempts, true, p_max_attempts)
+                                         -- backoff counts from when the lease expired: a crash
+                                         -- found late is due at once
+                                         then j.lease_expires_at
+                                              + public.sona_backoff(j.attempts, p_base_delay_ms, p_max_delay_ms)
+                                    end as run_after) b) r),
            lease_token = null,
            lease_expires_at = null
      where j.status = 'processing' and j.lease_token is not null
        and (j.lease_expires_at is null or j.lease_expires_at < now())
-    returning j.id, j.status
+    returning j.id, j.status, j.dispatched_at is not null as dispatched, j.attempts, j.dispatches
   ), expired_attempts as (
     update public.job_attempts a
        set finished_at = now(), outcome = 'lease_expired',
@@ -482,7 +521,9 @@ begin
   )
   select e.id, case when e.status in ('pending', 'queued') then 'released' else 'failed' end,
          null::integer, null::integer
-    from expired e;
+    from expired e
+  union all
+  select e.id, 'dispatch'::text, e.attempts, e.dispatches from expired e where e.dispatched;
 
   return query
   update public.jobs j
@@ -502,8 +543,6 @@ begin
    where j.status in ('pending', 'queued')
      and not public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
   returning j.id, 'failed'::text, null::integer, null::integer;
-
-  select * into v_pause from public.sona_pauses p where p.lifted_at is null;
 
   -- Waited out an outage too long: the service, not the request, was at fault.
   return query
@@ -534,10 +573,9 @@ begin
        and public.sona_may_claim(j.attempts, j.reuse_only, p_max_attempts)
        and (j.run_after is null or j.run_after <= now())
        -- a first attempt waits out the grace period so a webhook in flight is not raced
-       and (j.attempts > 0 or j.waiting_since is not null
-            or j.created_at <= now() - make_interval(secs => p_grace_seconds))
+       and (j.attempts > 0 or j.waiting_since is not null or j.created_at <= now() - v_grace)
        -- one dispatch per grace period, so overlapping reclaims never send a job twice
-       and (j.dispatched_at is null or j.dispatched_at <= now() - make_interval(secs => p_grace_seconds))
+       and (j.dispatched_at is null or j.dispatched_at <= now() - v_grace)
      order by coalesce(j.run_after, j.created_at)
      limit v_limit
      for update skip locked
