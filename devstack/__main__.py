@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--burst-jobs", type=int, default=1000, help="jobs in the dispatch burst")
     bench.add_argument(
         "--only",
-        choices=["job", "dispatch", "wait", "cold", "stats", "triggers", "reclaim"],
-        help="one half of the benchmark (job, dispatch), or one of its figures (wait: Stable Audio 3's"
+        choices=["job", "path", "throughput", "dispatch", "wait", "cold", "stats", "triggers", "reclaim"],
+        help="one half of the benchmark (job, dispatch), or one of its figures (path: one job insert to"
+        " completed through the stack, with its per-step breakdown; throughput; wait: Stable Audio 3's"
         " wait, polled or checked back; cold starts; reclaim of 10,000 expired leases, with its parts;"
         " job_stats; triggers: what the triggers on jobs cost an insert and a claim)",
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from devstack.bench.bench import Figure, table
+from devstack.bench.bench import Figure, table, throughput_lines
 
 
 def test_a_cost_ratio_is_ours_over_the_baseline() -> None:
@@ -23,6 +23,17 @@ def test_the_table_names_every_figure_with_median_min_max_and_target() -> None:
     assert "3.00x" in text
     assert "<= 2.5x" in text
     assert "round trips per call: 1" in text
+
+
+def test_the_throughput_line_names_each_jobs_cpu_and_the_wait_for_an_encoder_slot() -> None:
+    detail = {
+        "cpu_ms_per_job": {"function": 55, "ffmpeg": 310, "stand-ins": 50},
+        "median_step_ms": {"encode_mp3": 1000, "encode_ffmpeg": 380, "gain": 2, "generate": 2010},
+    }
+    text = throughput_lines(detail)
+    assert "CPU 55 ms in the function's Python, 310 ms in ffmpeg, 50 ms in the local stand-ins" in text
+    assert "generate 2010" in text
+    assert "waiting for an encoder slot: 618 ms" in text
 
 
 def test_a_paired_figure_judges_each_run_against_the_baseline_measured_beside_it() -> None:

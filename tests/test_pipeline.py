@@ -384,6 +384,22 @@ def test_a_job_moves_through_generating_encoding_and_uploading_in_order() -> Non
     assert store.stages == [JobStage.GENERATING, JobStage.ENCODING, JobStage.UPLOADING]
 
 
+@dataclass
+class SlowProgressStore(FakeStore):
+    """A database that is slow to take progress writes, and remembers every write in order."""
+
+    def advance(self, job: ClaimedJob, stage: JobStage) -> Job:
+        time.sleep(0.05)  # slower than the work beside it: a write left behind would land late
+        self.writes.append(("advance", {"stage": stage}))
+        return super().advance(job, stage)
+
+
+def test_the_progress_writes_made_beside_the_work_all_land_before_the_completing_write() -> None:
+    _, store, _, _ = run(claimed(), store=SlowProgressStore())
+    assert [kind for kind, _ in store.writes] == ["advance", "advance", "advance", "complete"]
+    assert store.stages == [JobStage.GENERATING, JobStage.ENCODING, JobStage.UPLOADING]
+
+
 def test_a_lease_lost_before_generating_pays_for_nothing() -> None:
     result, store, provider, storage = run(claimed(), store=FakeStore(stale_from=JobStage.GENERATING))
     assert (result.outcome, provider.calls) == ("stale", 0)
@@ -486,6 +502,15 @@ def test_the_completing_write_records_every_step_timed_before_it() -> None:
     assert recorded is None
     assert {"claim", "bucket", "generate", "master", "encode_mp3", "upload", "total"} <= set(timings)
     assert timings["claim"] == 12
+
+
+def test_the_attempts_log_line_times_each_progress_write_upload_and_part_of_the_preview() -> None:
+    result, _, _, _ = run(claimed())
+    parts = {"stage_generating", "stage_encoding", "stage_uploading", "upload_wav", "upload_peaks",
+             "upload_mp3", "peaks", "encode_ffmpeg", "gain", "complete"}  # fmt: skip
+    assert parts <= set(result.timings_ms)
+    each = [result.timings_ms[f"stage_{stage}"] for stage in ("generating", "encoding", "uploading")]
+    assert result.timings_ms["stages"] == sum(each)
 
 
 def test_the_failure_write_records_the_steps_reached_and_the_provider_call() -> None:

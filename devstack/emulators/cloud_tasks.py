@@ -334,6 +334,7 @@ class Dispatch:
     finished: float
     status: int | None
     cut: bool
+    created: float = 0.0  # when the task was created (epoch seconds, as started and finished)
 
 
 # -- OIDC ---------------------------------------------------------------------------------------
@@ -800,6 +801,7 @@ class CloudTasksEmulator:
                 time.time(),
                 attempt.status,
                 attempt.cut,
+                task.create_time,
             )
         )
         if task.name not in queue.tasks:

@@ -90,6 +90,9 @@ class Outcome(BaseModel):
 class Delivery(BaseModel):
     request: QueuedRequest
     outcome: Outcome
+    # The relay's own clock (epoch seconds): when it began sending, and when the answer had come.
+    sent_at: float = 0.0
+    answered_at: float = 0.0
 
 
 class _Clock:
@@ -358,9 +361,11 @@ class WebhookRelay:
         return zip(requests, outcomes, strict=True)
 
     def _deliver(self, request: QueuedRequest) -> Outcome:
+        sent_at = time.time()
         outcome = perform(request)
+        delivery = Delivery(request=request, outcome=outcome, sent_at=sent_at, answered_at=time.time())
         with self._lock:
-            self.delivered.append(Delivery(request=request, outcome=outcome))
+            self.delivered.append(delivery)
             self._inflight -= 1
         return outcome
 

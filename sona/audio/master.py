@@ -12,11 +12,12 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 import wave
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import cast
@@ -215,7 +216,8 @@ def _chunk(data: Audio, wanted: bytes) -> int:
 
 def encode_mp3(wav: Audio, bitrate: str, ffmpeg: str, deadline: Deadline | None = None) -> bytes:
     """The MP3 at a constant bitrate, nothing else measured (the double's MP3 answers use it)."""
-    mp3, _ = _encode(ffmpeg, wav, bitrate, deadline)
+    with _encoder(deadline):
+        mp3, _ = _encode(ffmpeg, wav, bitrate, deadline)
     return bytes(mp3)
 
 
@@ -229,11 +231,11 @@ def _encode(
     output: tuple[str, ...] = (),
     loglevel: str = "error",
 ) -> tuple[bytearray, bytes]:
-    """A constant-bitrate MP3 encode in one of the encoder slots: WAV goes in through a pipe; the
-    MP3 goes to a file in memory-backed temp space, because only a seekable output gets the LAME
+    """A constant-bitrate MP3 encode (the caller holds an encoder slot): WAV goes in through a pipe;
+    the MP3 goes to a file in memory-backed temp space, because only a seekable output gets the LAME
     header that tells players the encoder's padding (through a pipe, the preview decodes about
     20 ms too long). Answers the MP3 and ffmpeg's log."""
-    with _encoder(deadline), tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
+    with tempfile.TemporaryDirectory(dir=_memory_tmp()) as tmp:
         out = Path(tmp) / "preview.mp3"
         args = ["-f", "wav", "-i", "pipe:0", *filters, "-codec:a", "libmp3lame", "-b:a", bitrate, *output]
         _, log = _run_ffmpeg(
@@ -259,11 +261,13 @@ def _read_into_buffer(path: Path) -> bytearray:
 
 @dataclass(frozen=True)
 class Preview:
-    """The MP3 preview and what was measured of the master in the run that encoded it."""
+    """The MP3 preview and what was measured of the master while it was encoded."""
 
     mp3: bytearray
     loudness: Loudness
     gain_db: float  # applied to the preview; 0 when normalisation is off or nothing is needed
+    # Its parts (ms): the encoder's run (the loudness on its branch), then the gain on the frames.
+    timings_ms: dict[str, int] = field(default_factory=dict)
 
 
 def encode_preview(
@@ -271,7 +275,29 @@ def encode_preview(
 ) -> Preview:
     """One ffmpeg run reads the master once: it encodes the MP3 at unity gain and, on a branch of
     the same input, measures the master's loudness (ebur128); the gain that follows from it is then
-    applied to the encoded frames losslessly (sona.audio.mp3gain). The master is never altered."""
+    applied to the encoded frames losslessly (sona.audio.mp3gain). The master is never altered.
+
+    ffmpeg (7 and later) runs the filtergraph and the encoder on threads of their own, so the branch
+    rides beside the encode where a CPU is free; a second ffmpeg run for the loudness was measured
+    to cost more CPU (its own read of the master: about 0.12 s more for a 60 s master) for no wall
+    time that could be told apart, which concurrent jobs on two CPUs pay for (PERFORMANCE.md)."""
+    timings: dict[str, int] = {}
+    with _encoder(deadline):  # the run's own time, after the wait for a slot
+        started = time.monotonic()
+        mp3, measured = _encode_with_loudness(wav, bitrate, ffmpeg, deadline)
+        timings["encode_ffmpeg"] = round((time.monotonic() - started) * 1000)
+    if not normalize:
+        return Preview(mp3, measured, 0.0, timings)
+    started = time.monotonic()
+    steps = mp3gain.apply_gain_in_place(mp3, mp3gain.steps_for(*loudness.wanted_gain_db(measured)))
+    timings["gain"] = round((time.monotonic() - started) * 1000)
+    return Preview(mp3, measured, round(steps * mp3gain.STEP_DB, 2), timings)
+
+
+def _encode_with_loudness(
+    wav: Audio, bitrate: str, ffmpeg: str, deadline: Deadline | None
+) -> tuple[bytearray, Loudness]:
+    """One ffmpeg run: the encode, and on a branch of the same input the loudness."""
     graph = f"[0:a]asplit=2[enc][m];[m]{loudness.FILTER},anullsink"
     mp3, log = _encode(
         ffmpeg,
@@ -282,11 +308,7 @@ def encode_preview(
         output=("-ar", str(_wav_rate(wav))),
         loglevel="info",  # the ebur128 summary is logged at info
     )
-    measured = loudness.parse_summary(log.decode("utf-8", "replace"))
-    if not normalize:
-        return Preview(mp3, measured, 0.0)
-    steps = mp3gain.apply_gain_in_place(mp3, mp3gain.steps_for(*loudness.wanted_gain_db(measured)))
-    return Preview(mp3, measured, round(steps * mp3gain.STEP_DB, 2))
+    return mp3, loudness.parse_summary(log.decode("utf-8", "replace"))
 
 
 def _wav_rate(wav: Audio) -> int:

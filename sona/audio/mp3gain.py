@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from functools import lru_cache
 
 STEP_DB = 20 * math.log10(2**0.25)  # 1.505 dB per global_gain unit
 
@@ -71,6 +72,7 @@ def _gain_positions(data: bytearray) -> Iterator[int]:
         offset += length
 
 
+@lru_cache(maxsize=256)  # a constant-bitrate stream has two headers (padded or not): read once each
 def _frame(header: int) -> tuple[int, int, tuple[int, ...]] | None:
     """(frame length, side information bytes, each granule's bit offset in the side information),
     or None when this is not a Layer III frame header."""

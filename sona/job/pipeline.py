@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import copy_context
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -199,16 +200,32 @@ class Pipeline:
         deadline: Deadline,
         timings: dict[str, int],
     ) -> StoredOutput:
-        settings = self.settings
         generated = self._generate(job, plan, request, deadline, timings)
         model, seed, audio = generated.model, generated.seed, generated.data
         del generated
-        self._stage(job, JobStage.ENCODING, timings)
-        deadline.check("encode")
-        master = _timed(
-            timings, "master", partial(make_master, audio, request.duration, self.ffmpeg, deadline)
-        )
-        del audio  # the provider's copy is not needed once the master is cut: 10 MB less to hold
+        # The two progress writes after payment are no fence: each goes out beside the work (one at
+        # a time, in order), and leaving this block waits for them, so the row says encoding, then
+        # uploading, before it is completed.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress") as progress:
+            self._stage_beside(progress, job, JobStage.ENCODING, timings)
+            deadline.check("encode")
+            master = _timed(
+                timings, "master", partial(make_master, audio, request.duration, self.ffmpeg, deadline)
+            )
+            del audio  # the provider's copy is not needed once the master is cut: 10 MB less to hold
+            return self._encode_and_store(job, master, model, seed, deadline, timings, progress)
+
+    def _encode_and_store(
+        self,
+        job: ClaimedJob,
+        master: Master,
+        model: str,
+        seed: int | None,
+        deadline: Deadline,
+        timings: dict[str, int],
+        progress: ThreadPoolExecutor,
+    ) -> StoredOutput:
+        settings = self.settings
         stamp = attempt_stamp()
         wav_path = object_path(settings.storage_path_prefix, job.id, stamp, "wav")
         mp3_path = object_path(settings.storage_path_prefix, job.id, stamp, "mp3")
@@ -217,7 +234,8 @@ class Pipeline:
         # the MP3 encode: the encode is the only real work left.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as pool:
             started = time.monotonic()
-            wav_future = pool.submit(self.storage.upload, wav_path, master.wav, "wav", deadline)
+            upload_wav = partial(self.storage.upload, wav_path, master.wav, "wav", deadline)
+            wav_future = pool.submit(_timed, timings, "upload_wav", upload_wav)
             normalize = settings.preview_normalize
             peaks_future = pool.submit(self._store_peaks, master, peaks_path, deadline, timings)
             preview = _timed(
@@ -227,8 +245,9 @@ class Pipeline:
                     master.wav, settings.mp3_bitrate, self.ffmpeg, deadline, normalize=normalize
                 ),
             )
+            timings.update(preview.timings_ms)
             mp3 = preview.mp3
-            self._stage(job, JobStage.UPLOADING, timings)
+            self._stage_beside(progress, job, JobStage.UPLOADING, timings)
             wav_url = wav_future.result()
             info = _audio_info(master, preview, settings, model, seed, peaks_future.result())
             # The MP3 goes last and carries the audio info: its presence marks a complete output.
@@ -337,7 +356,16 @@ class Pipeline:
                 raise
             log.warning("stage %s not recorded: %s", stage, exc)
         finally:
-            timings["stages"] = timings.get("stages", 0) + round((time.monotonic() - started) * 1000)
+            spent = round((time.monotonic() - started) * 1000)
+            timings["stages"] = timings.get("stages", 0) + spent
+            timings[f"stage_{stage.value}"] = spent
+
+    def _stage_beside(
+        self, progress: ThreadPoolExecutor, job: ClaimedJob, stage: JobStage, timings: dict[str, int]
+    ) -> None:
+        """A progress write that is no fence, on the progress thread, in this thread's context (the
+        deadline and the job's log fields)."""
+        progress.submit(copy_context().run, self._stage, job, stage, timings)
 
     def _store_peaks(
         self, master: Master, path: str, deadline: Deadline, timings: dict[str, int]
@@ -348,7 +376,11 @@ class Pipeline:
         peaks = waveform_peaks(read_wav(master.wav))
         timings["peaks"] = round((time.monotonic() - started) * 1000)
         try:
-            return self.storage.upload(path, peaks.model_dump_json().encode(), "json", deadline)
+            return _timed(
+                timings,
+                "upload_peaks",
+                lambda: self.storage.upload(path, peaks.model_dump_json().encode(), "json", deadline),
+            )
         except PermanentError as exc:
             log.warning("waveform peaks not stored (does the bucket allow application/json?): %s", exc)
             return None
