@@ -13,6 +13,7 @@ call, another thread) gets a connection of its own.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +22,10 @@ import psycopg
 from psycopg.rows import RowFactory, dict_row
 
 MAX_IDLE = 4  # what one caller nests at most; more would only hold server processes
+# A process keeps idle connections to this many databases, the most recently used: a test worker
+# goes through hundreds of databases, and idle connections to all of them would use up the
+# server's max_connections.
+MAX_DATABASES = 4
 
 
 class Connections:
@@ -28,6 +33,7 @@ class Connections:
         self.url = url
         self._idle: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
+        self._retired = False  # once closed, connections given back are closed, not kept
 
     @contextmanager
     def borrow(
@@ -47,6 +53,7 @@ class Connections:
 
     def close(self) -> None:
         with self._lock:
+            self._retired = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
@@ -78,20 +85,25 @@ class Connections:
             conn.close()
             raise
         with self._lock:
-            if len(self._idle) < MAX_IDLE:
+            if not self._retired and len(self._idle) < MAX_IDLE:
                 self._idle.append(conn)
                 return
         conn.close()
 
 
-_SHARED: dict[str, Connections] = {}
+_SHARED: OrderedDict[str, Connections] = OrderedDict()
 _SHARED_LOCK = threading.Lock()
 
 
 def shared(url: str) -> Connections:
-    """This process's reused connections to one database."""
+    """This process's reused connections to one database (those of the least recently used
+    database beyond MAX_DATABASES are closed)."""
     with _SHARED_LOCK:
         found = _SHARED.get(url)
-        if found is None:
+        if found is None or found._retired:
             found = _SHARED[url] = Connections(url)
-        return found
+        _SHARED.move_to_end(url)
+        retired = [_SHARED.popitem(last=False)[1] for _ in range(len(_SHARED) - MAX_DATABASES)]
+    for connections in retired:
+        connections.close()
+    return found
