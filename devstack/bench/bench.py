@@ -253,7 +253,7 @@ def job_overhead_and_memory(stack: LocalStack, work: Path, runs: int, python: st
     wav_mb = len(master.wav) / 1e6
     return (
         Figure("job overhead (60 s job)", walls, encodes, "s", "ffmpeg alone (median of 5)", "<= 1.10x"),
-        Figure("peak memory above idle", peaks, [wav_mb] * len(peaks), "MB", "the WAV's size", "<= 4x"),
+        Figure("peak memory above idle", peaks, [wav_mb] * len(peaks), "MB", "the WAV's size", "<= 1.5x"),
     )
 
 
