@@ -400,6 +400,25 @@ def test_the_progress_writes_made_beside_the_work_all_land_before_the_completing
     assert store.stages == [JobStage.GENERATING, JobStage.ENCODING, JobStage.UPLOADING]
 
 
+@dataclass
+class BrokenProgressStore(FakeStore):
+    broken_at: JobStage | None = None  # this stage's write raises an error _stage does not expect
+
+    def advance(self, job: ClaimedJob, stage: JobStage) -> Job:
+        if stage == self.broken_at:
+            raise RuntimeError("a bug in the progress write")
+        return super().advance(job, stage)
+
+
+@pytest.mark.parametrize("stage", [JobStage.ENCODING, JobStage.UPLOADING])
+def test_an_unexpected_error_in_a_progress_write_beside_the_work_is_not_lost(stage: JobStage) -> None:
+    # Made on their own thread, the writes must still end the attempt on an error _stage does not
+    # expect, as they did when made inline: never a silent completion over a broken write.
+    result, store, provider, _ = run(claimed(), store=BrokenProgressStore(broken_at=stage))
+    assert (result.outcome, result.outcome_class, provider.calls) == ("retrying", "internal", 1)
+    assert [(kind, write["retryable"]) for kind, write in store.writes] == [("fail", True)]
+
+
 def test_a_lease_lost_before_generating_pays_for_nothing() -> None:
     result, store, provider, storage = run(claimed(), store=FakeStore(stale_from=JobStage.GENERATING))
     assert (result.outcome, provider.calls) == ("stale", 0)

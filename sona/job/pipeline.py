@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from contextvars import copy_context
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -203,11 +204,8 @@ class Pipeline:
         generated = self._generate(job, plan, request, deadline, timings)
         model, seed, audio = generated.model, generated.seed, generated.data
         del generated
-        # The two progress writes after payment are no fence: each goes out beside the work (one at
-        # a time, in order), and leaving this block waits for them, so the row says encoding, then
-        # uploading, before it is completed.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress") as progress:
-            self._stage_beside(progress, job, JobStage.ENCODING, timings)
+        with self._progress_beside(job, timings) as progress:
+            progress(JobStage.ENCODING)
             deadline.check("encode")
             master = _timed(
                 timings, "master", partial(make_master, audio, request.duration, self.ffmpeg, deadline)
@@ -223,7 +221,7 @@ class Pipeline:
         seed: int | None,
         deadline: Deadline,
         timings: dict[str, int],
-        progress: ThreadPoolExecutor,
+        progress: Callable[[JobStage], None],
     ) -> StoredOutput:
         settings = self.settings
         stamp = attempt_stamp()
@@ -247,7 +245,7 @@ class Pipeline:
             )
             timings.update(preview.timings_ms)
             mp3 = preview.mp3
-            self._stage_beside(progress, job, JobStage.UPLOADING, timings)
+            progress(JobStage.UPLOADING)
             wav_url = wav_future.result()
             info = _audio_info(master, preview, settings, model, seed, peaks_future.result())
             # The MP3 goes last and carries the audio info: its presence marks a complete output.
@@ -360,12 +358,22 @@ class Pipeline:
             timings["stages"] = timings.get("stages", 0) + spent
             timings[f"stage_{stage.value}"] = spent
 
-    def _stage_beside(
-        self, progress: ThreadPoolExecutor, job: ClaimedJob, stage: JobStage, timings: dict[str, int]
-    ) -> None:
-        """A progress write that is no fence, on the progress thread, in this thread's context (the
-        deadline and the job's log fields)."""
-        progress.submit(copy_context().run, self._stage, job, stage, timings)
+    @contextmanager
+    def _progress_beside(
+        self, job: ClaimedJob, timings: dict[str, int]
+    ) -> Iterator[Callable[[JobStage], None]]:
+        """The progress writes after payment are no fence: each goes out beside the work, one at a
+        time and in order, on a thread of its own in this thread's context (the deadline and the
+        job's log fields). Leaving the block waits for them, so the row says encoding, then
+        uploading, before it is completed; and an unexpected error in one ends the attempt as it
+        did when the write was made inline (the refusals _stage expects are logged there)."""
+        written: list[Future[None]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress") as pool:
+            yield lambda stage: written.append(
+                pool.submit(copy_context().run, self._stage, job, stage, timings)
+            )
+        for write in written:
+            write.result()
 
     def _store_peaks(
         self, master: Master, path: str, deadline: Deadline, timings: dict[str, int]
