@@ -523,7 +523,12 @@ begin
                                     end as run_after) b) r),
            lease_token = null,
            lease_expires_at = null,
-           updated_at = now()
+           updated_at = now(),
+           -- Unchanged keys, named: a non-HOT update of a key it does not name marks that index
+           -- "logically unchanged", and PostgreSQL then tries a bottom-up deletion pass on each full
+           -- leaf page, which finds nothing to delete here (the old versions are this transaction's
+           -- own) before splitting it anyway: about a tenth of the release's time (issue 34).
+           id = j.id, user_id = j.user_id, created_at = j.created_at
      where j.status = 'processing' and j.lease_token is not null
        and (j.lease_expires_at is null or j.lease_expires_at < now())
     returning j.id, j.status, j.dispatched_at is not null as dispatched, j.attempts, j.dispatches
@@ -532,7 +537,9 @@ begin
        set finished_at = now(), outcome = 'lease_expired',
            -- as job_attempts_outcome_class would set it: an expired lease timed out
            outcome_class = coalesce(a.outcome_class, 'timeout'),
-           error = 'lease expired: the invocation crashed or timed out'
+           error = 'lease expired: the invocation crashed or timed out',
+           -- unchanged keys, named: as for the jobs above
+           job_id = a.job_id, attempt = a.attempt, started_at = a.started_at
       from expired e
      where a.job_id = e.id and a.finished_at is null
   )
