@@ -44,6 +44,23 @@ def database_url_on(server_url: str, name: str) -> str:
     return f"{base}/{name}" + (f"?{query}" if query else "")
 
 
+def create_database(server_url: str, name: str, template: str = "template1") -> str:
+    """Create database `name` as a copy of `template` and answer its URL. `name` and `template` are
+    identifiers this code makes (never user input). The copy is FILE_COPY: PostgreSQL 15's default
+    (WAL_LOG) writes every page of the template into the WAL, 0.59 s a database against 0.08 s here
+    for a migrated template, and the suite makes a few hundred; FILE_COPY's checkpoint is cheap on a
+    server without fsync, and on any other it is one checkpoint."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"create database {name} template {template} strategy file_copy")  # type: ignore[arg-type]
+    return database_url_on(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop database `name`, closing its sessions (a test's leftovers must not keep it)."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"drop database if exists {name} with (force)")  # type: ignore[arg-type]
+
+
 # Any bigint, the same for every process: migrations on one server take turns (below).
 MIGRATION_LOCK = 5_040_617
 
@@ -121,10 +138,8 @@ class EmbeddedPostgres:
         return self.url
 
     def create_database(self, name: str) -> str:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')  # type: ignore[arg-type]
-            conn.execute(f'create database "{name}"')  # type: ignore[arg-type]
-        return self.url.replace("/postgres?", f"/{name}?")
+        drop_database(self.url, name)
+        return create_database(self.url, name)
 
     def stop(self) -> None:
         """Stop and delete the data dir. The server is stopped in immediate mode first: its data is
