@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from devstack.database import (
     apply_sql,
     create_database,
     database_url_on,
+    discard_tree,
     drop_database,
     migrate,
     migration_turn,
@@ -71,7 +71,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Our temp dir goes when every test passed; after a failure it stays, for the logs in it."""
     base = session.config.stash.get(_own_basetemp, None)
     if base is not None and exitstatus == 0:
-        shutil.rmtree(base, ignore_errors=True)
+        discard_tree(base)
 
 
 # Folders whose files share session state (one stack, one ledger): each runs whole on one worker.
