@@ -55,6 +55,7 @@ import requests
 from werkzeug.wrappers import Request, Response
 
 from devstack.doubles.synth import synthesize_wav
+from devstack.events import CHANGES
 from devstack.serving import serve_wsgi, stop_server
 
 VERSION = "fcdc421786888a045329d7c4e1874764433a2516b21f4c34bd3da4e054d04cf9"
@@ -204,7 +205,11 @@ class ReplicateDouble:
         request = Request(environ)
         with self._lock:
             self.seen.append((request.method, request.path, dict(request.headers.items())))
-        return self._route(request)(environ, start_response)
+        CHANGES.notify()
+        try:
+            return self._route(request)(environ, start_response)
+        finally:
+            CHANGES.notify()  # a prediction made, or read
 
     def _route(self, request: Request) -> Response:
         path = request.path.rstrip("/")
@@ -304,6 +309,7 @@ class ReplicateDouble:
         time.sleep(self.start_s)
         with self._lock:
             record.status, record.started = "processing", time.monotonic()
+        CHANGES.notify()
         time.sleep(self.generation_s)
         outcome = record.outcome
         audio = synthesize_wav(record.input["prompt"], float(record.input["duration"]))
@@ -316,6 +322,7 @@ class ReplicateDouble:
             self._notify(record, "output")
         record.ended.set()
         self._notify(record, "completed")
+        CHANGES.notify()
 
     def _removed(self, record: Record) -> bool:
         return time.monotonic() - record.made >= self.retention_s
