@@ -137,11 +137,11 @@ def decoded_seconds(data: bytes, suffix: str) -> float:
     return len(pcm) / 2 / 44100
 
 
-def wait_until(check: Callable[[], Any], timeout_s: float = 30, what: str = "") -> None:
-    """Until `check()` holds, looked at again after each change the local world reports
+def wait_until(check: Callable[[], Any], timeout_s: float = 30, what: str = "") -> Any:
+    """`check()`'s first true answer, looked for again after each change the local world reports
     (devstack/events.py: the stack's database, the relay, the queue, the doubles); raises
     WaitTimedOut naming what it waited for."""
-    CHANGES.wait_until(check, timeout_s, what)
+    return CHANGES.wait_until(check, timeout_s, what)
 
 
 class ManualClock:

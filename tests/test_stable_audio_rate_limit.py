@@ -62,9 +62,7 @@ def test_every_request_is_refused_while_the_lockout_lasts(limited: StableAudioDo
     assert limited.paid_generations == 3
 
 
-def test_requests_succeed_again_once_the_lockout_ends(
-    limited: StableAudioDouble, clock: ManualClock
-) -> None:
+def test_requests_succeed_again_once_the_lockout_ends(limited: StableAudioDouble, clock: ManualClock) -> None:
     for _ in range(4):
         post(limited)
     clock.advance(60.0 - 0.001)

@@ -631,8 +631,9 @@ class _Handler(BaseHTTPRequestHandler):
         # The generation has finished: Stability charges for it now, whether its bytes then arrive
         # whole, cut off mid-body or not at all. Only a failed generation is free. (A Stable Audio 3
         # generation was charged when it was accepted; fetching it charges nothing more.)
-        call.paid = call.paid or charge
-        CHANGES.notify()
+        if charge and not call.paid:
+            call.paid = True
+            CHANGES.notify()  # only a change reports: a GET of a result (a read) does not
         if delivery == "truncate":
             # Half the promised bytes, then the connection drops.
             self.wfile.write(body[: len(body) // 2])

@@ -284,8 +284,10 @@ class WebhookRelay:
         Looks again after each batch commits (the relay reports it); raises WaitTimedOut."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             CHANGES.wait_until(
-                lambda: conn.execute("select not exists (select from net.http_request_queue)").fetchone()
-                == (True,),
+                lambda: (
+                    conn.execute("select not exists (select from net.http_request_queue)").fetchone()
+                    == (True,)
+                ),
                 timeout_s,
                 "pg_net's queue to be empty (every request taken and its batch committed)",
             )
