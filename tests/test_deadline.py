@@ -20,7 +20,7 @@ def test_a_block_still_running_at_the_deadline_is_stopped_and_ends_as_the_deadli
         pytest.raises(DeadlineExceeded, match="reading the body"),
         Deadline(0.05).ends(lambda: stopped.append(time.monotonic()), "reading the body"),
     ):
-        time.sleep(0.15)
+        time.sleep(0.15)  # a block that outlives its deadline: the wait is the behaviour
     assert len(stopped) == 1
 
 
