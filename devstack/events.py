@@ -62,8 +62,10 @@ class Changes:
         self, check: Callable[[], Any], timeout_s: float, what: str = "", poll_s: float | None = None
     ) -> Any:
         """`check()`'s first true answer, looked for after each change (the count is read before
-        each look, so a change made during one is never missed). `poll_s` also looks at that pace,
-        for a condition no event reports (see UNWATCHED_POLL_S). Raises WaitTimedOut."""
+        each look, so a change made during one is never missed). Raises WaitTimedOut when no change
+        comes before the timeout: a condition that came true unreported is a missing report, and
+        fails here rather than ending the wait late. `poll_s` also looks at that pace, for a
+        condition no event reports (see UNWATCHED_POLL_S)."""
         deadline = time.monotonic() + timeout_s
         while True:
             seen = self.count()
@@ -73,7 +75,8 @@ class Changes:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimedOut(f"waited {timeout_s:g} s for {what or describe(check)}")
-            self.wait_past(seen, left if poll_s is None else min(left, poll_s))
+            if not self.wait_past(seen, left if poll_s is None else min(left, poll_s)) and poll_s is None:
+                raise WaitTimedOut(f"waited {timeout_s:g} s for {what or describe(check)} (nothing changed)")
 
 
 # The process's one stream of changes: the parts of every stack in this process report to it.

@@ -137,11 +137,14 @@ def decoded_seconds(data: bytes, suffix: str) -> float:
     return len(pcm) / 2 / 44100
 
 
-def wait_until(check: Callable[[], Any], timeout_s: float = 30, what: str = "") -> Any:
+def wait_until(
+    check: Callable[[], Any], timeout_s: float = 30, what: str = "", poll_s: float | None = None
+) -> Any:
     """`check()`'s first true answer, looked for again after each change the local world reports
     (devstack/events.py: the stack's database, the relay, the queue, the doubles); raises
-    WaitTimedOut naming what it waited for."""
-    return CHANGES.wait_until(check, timeout_s, what)
+    WaitTimedOut naming what it waited for. `poll_s` only for a world in another process, over a
+    database the stack may not add its trigger to: nothing here hears of its changes."""
+    return CHANGES.wait_until(check, timeout_s, what, poll_s)
 
 
 class ManualClock:

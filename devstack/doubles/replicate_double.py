@@ -384,6 +384,7 @@ class ReplicateDouble:
                 answered = None
             with self._lock:
                 self.deliveries.append(Delivery(url, event, headers, body, answered))
+            CHANGES.notify()
             if answered is not None and 200 <= answered < 300:
                 return
             time.sleep(0.1 * (attempt + 1))
