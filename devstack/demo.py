@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 
 from devstack.database import REPO_ROOT
 from devstack.doubles.synth import LABEL
+from devstack.events import WaitTimedOut
 from devstack.plugin_generate import GenerateRequest, Mode, generate_through_gateway
 from devstack.stack import TERMINAL, LocalStack
 
@@ -173,6 +175,7 @@ def _audio_to_audio(
 
 
 def _follow(stack: LocalStack, job_id: uuid.UUID, timeout_s: float) -> dict[str, Any]:
+    """Print each status the job's row takes, the moment the database reports its change."""
     seen = None
     started = time.monotonic()
     while True:
@@ -184,9 +187,12 @@ def _follow(stack: LocalStack, job_id: uuid.UUID, timeout_s: float) -> dict[str,
                 f"{' (attempt ' + str(row['attempts']) + ')' if row['attempts'] else ''}",
                 flush=True,
             )
-        if seen in TERMINAL or time.monotonic() - started > timeout_s:
+        left = started + timeout_s - time.monotonic()
+        if seen in TERMINAL or left <= 0:
             return row
-        time.sleep(0.1)
+        with contextlib.suppress(WaitTimedOut):  # then the row as it is, as before
+            moved = lambda was=seen: stack.job(job_id)["status"] != was  # noqa: E731
+            stack.wait_until(moved, left, f"job {job_id} to move on from {seen}")
 
 
 def _shown(row: dict[str, Any]) -> dict[str, Any]:

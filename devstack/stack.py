@@ -43,6 +43,7 @@ from devstack.emulators.cloud_tasks import CloudTasksEmulator
 from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.emulators.relay import DEFAULT_PAUSE_S, WebhookRelay
 from devstack.emulators.user_jwt import make_user_jwt
+from devstack.events import CHANGES, UNWATCHED_POLL_S, DatabaseChanges, WaitTimedOut
 from sona.audio.ffmpeg import find_ffmpeg
 from sona.config import Settings, load_settings
 from sona.ops.webhook_sql import WebhookConfig, webhook_sql
@@ -244,6 +245,7 @@ class LocalStack:
         self.worker_front: CapacityCap | None = None
         self.run_job_url = ""
         self.database_url = ""
+        self.changes: DatabaseChanges | None = None  # NOTIFYs from the stack's own database only
 
     @property
     def real_provider(self) -> bool:
@@ -270,6 +272,8 @@ class LocalStack:
             self.before_migrations(self.database_url)
         with migration_turn(self.database_server) if self.database_server else contextlib.nullcontext():
             prepare_database(self.database_url)
+        if self.existing_database_url is None:  # never a trigger in a database we were handed
+            self.changes = DatabaseChanges(self.database_url)
         self.gateway = Gateway(
             self.database_url,
             self.root / "storage",
@@ -353,6 +357,9 @@ class LocalStack:
         gateway = getattr(self, "gateway", None)
         if gateway is not None:
             gateway.stop()
+        if self.changes is not None:
+            self.changes.close()
+            self.changes = None
         shared_connections(self.database_url).close()
         self._drop_database()
 
@@ -659,17 +666,32 @@ class LocalStack:
     def wait_for(
         self, job_id: uuid.UUID, statuses: tuple[str, ...] = TERMINAL, timeout_s: float = 60
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        # One connection for the whole wait: a new one per look cost the server a backend start
-        # (a few ms of CPU) twenty times a second, per waiting test.
+        """The job's row once its status is one of `statuses`, looked at after each commit the
+        database reports (DatabaseChanges); at the timeout, the row as it then is (the caller's
+        assert names the status it wanted), the wait logged with what it waited for."""
+        # One connection for the whole wait: a new one per look costs the server a backend start.
         with self._connection(autocommit=True, row_factory=dict_row) as conn:
-            while True:
+
+            def reached() -> dict[str, Any] | None:
                 row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
                 if row is None:
                     raise KeyError(job_id)
-                if row["status"] in statuses or time.monotonic() > deadline:
-                    return dict(row)
-                time.sleep(0.05)
+                return dict(row) if row["status"] in statuses else None
+
+            try:
+                return self.wait_until(reached, timeout_s, f"job {job_id} to be one of {statuses}")  # type: ignore[no-any-return]
+            except WaitTimedOut as timed_out:
+                row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
+                assert row is not None
+                log.warning("%s; it is %s", timed_out, row["status"])
+                return dict(row)
+
+    def wait_until(self, check: Callable[[], Any], timeout_s: float = 30, what: str = "") -> Any:
+        """`check()`'s first true answer, looked for after each change in the stack (its database's
+        commits, the relay's, the queue's, the doubles'); raises WaitTimedOut saying `what`. Over a
+        database the stack was handed, which reports nothing, it also looks every 50 ms."""
+        poll_s = UNWATCHED_POLL_S if self.changes is None else None
+        return CHANGES.wait_until(check, timeout_s, what, poll_s)
 
     def local_file(self, url: str) -> Path:
         """Where the gateway keeps the object a public or signed URL names."""

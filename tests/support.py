@@ -6,7 +6,6 @@ import io
 import json
 import math
 import struct
-import time
 import uuid
 import wave
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from typing import Any, cast
 import psycopg
 
 from devstack.connections import shared as shared_connections
+from devstack.events import CHANGES
 from sona.config import Settings, load_settings
 from sona.models import AudioInfo
 
@@ -156,8 +156,25 @@ def decoded_seconds(data: bytes, suffix: str) -> float:
     return len(pcm) / 2 / 44100
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
+def wait_until(
+    check: Callable[[], Any], timeout_s: float = 30, what: str = "", poll_s: float | None = None
+) -> Any:
+    """`check()`'s first true answer, looked for again after each change the local world reports
+    (devstack/events.py: the stack's database, the relay, the queue, the doubles); raises
+    WaitTimedOut naming what it waited for. `poll_s` only for a world in another process, over a
+    database the stack may not add its trigger to: nothing here hears of its changes."""
+    return CHANGES.wait_until(check, timeout_s, what, poll_s)
+
+
+class ManualClock:
+    """A clock a test moves on by hand, for an emulator or a double that keeps time by it: the test
+    shows what happens at a given moment without waiting for it."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

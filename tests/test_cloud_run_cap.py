@@ -16,6 +16,7 @@ from werkzeug.wrappers import Request, Response
 
 from devstack.emulators.cloud_run import NO_INSTANCE_LOG, CapacityCap
 from devstack.serving import serve_in_thread, stop_server
+from tests.support import wait_until
 
 
 @dataclass
@@ -112,7 +113,7 @@ def test_a_request_past_the_function_timeout_gets_504_and_its_slot_stays_taken(u
         late = requests.post(f"{cap.url}/?sleep=1.2", data=b"{}", timeout=30)
         answered_after = time.monotonic() - began
         meanwhile = requests.post(f"{cap.url}/", data=b"{}", timeout=30)
-        time.sleep(1.0)
+        wait_until(lambda: cap.in_flight == 0, timeout_s=10)  # the slow function ended: its slot is free
         after = requests.post(f"{cap.url}/", data=b"{}", timeout=30)
     finally:
         cap.stop()

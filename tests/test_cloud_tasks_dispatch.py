@@ -5,6 +5,7 @@ reclaim turns a backlog into tasks in one call."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -16,6 +17,7 @@ import requests
 
 from devstack.doubles.stable_audio_double import Behaviour, RateLimit
 from devstack.emulators.cloud_tasks import mint_oidc_token
+from devstack.events import WaitTimedOut
 from devstack.stack import TASKS_ACCOUNT, LocalStack
 from tests.support import sql
 
@@ -67,12 +69,13 @@ def insert_many(stack: LocalStack, count: int, duration: int = 1) -> list[uuid.U
 
 
 def wait_all(stack: LocalStack, timeout_s: float) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def ended() -> bool:
         rows = sql(stack.database_url, "select * from jobs", role=None)
-        if all(r["status"] in ("completed", "failed") for r in rows) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
+        return all(r["status"] in ("completed", "failed") for r in rows)
+
+    with contextlib.suppress(WaitTimedOut):  # then the rows as they are: the caller's assert says
+        stack.wait_until(ended, timeout_s, "every job to end")
+    return sql(stack.database_url, "select * from jobs", role=None)
 
 
 def test_the_webhook_answers_202_once_the_task_exists(stack: LocalStack) -> None:

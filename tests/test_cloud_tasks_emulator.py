@@ -18,7 +18,9 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from devstack.emulators.cloud_tasks import CloudTasksEmulator, RetryPolicy, decode_oidc_token
+from devstack.events import CHANGES
 from devstack.serving import serve_in_thread, stop_server
+from tests.support import ManualClock, wait_until
 
 LOCATION = "projects/sona-local/locations/europe-west1"
 SERVICE_ACCOUNT = "process-job@sona-local.iam.gserviceaccount.com"
@@ -54,11 +56,13 @@ class Worker:
             self.seen.append(record)
             self.busy += 1
             self.most_busy = max(self.most_busy, self.busy)
+        CHANGES.notify()
         status, seconds = self.answer(task, attempt)
-        time.sleep(seconds)
+        time.sleep(seconds)  # the worker's own time to answer, which the test is about
         with self.lock:
             self.busy -= 1
             record.finished = time.time()
+        CHANGES.notify()
         headers = {"Retry-After": self.retry_after} if self.retry_after and status >= 300 else {}
         return Response("done", status=status, headers=headers)(environ, start_response)
 
@@ -203,7 +207,8 @@ def test_a_named_task_created_twice_is_refused_as_already_exists(
 def test_a_name_stays_reserved_after_the_task_ends_until_its_tombstone_expires(
     worker: Worker, ending: str
 ) -> None:
-    emu = CloudTasksEmulator(tombstone_s=1.0)
+    clock = ManualClock()  # the reservation's hour passes on the emulator's clock, not the test's
+    emu = CloudTasksEmulator(tombstone_s=3600.0, clock=clock)
     emu.start()
     try:
         client = client_for(emu)
@@ -217,7 +222,10 @@ def test_a_name_stays_reserved_after_the_task_ends_until_its_tombstone_expires(
 
         with pytest.raises(exceptions.Conflict):
             add_task(client, queue, worker.url, "job-2-attempt-1")
-        time.sleep(1.1)
+        clock.advance(3600.0 - 0.001)
+        with pytest.raises(exceptions.Conflict):
+            add_task(client, queue, worker.url, "job-2-attempt-1")
+        clock.advance(0.001)
         again = add_task(client, queue, worker.url, "job-2-attempt-1")
     finally:
         emu.stop()
@@ -285,25 +293,17 @@ def test_dispatches_never_outrun_the_token_bucket(worker: Worker) -> None:
 
 
 def test_concurrent_dispatches_never_exceed_the_cap(
-    client: tasks_v2.CloudTasksClient, worker: Worker
+    emulator: CloudTasksEmulator, client: tasks_v2.CloudTasksClient, worker: Worker
 ) -> None:
     worker.answer = lambda task, attempt: (200, 0.3)
     queue = make_queue(client, concurrent=3)
     for _ in range(9):
         add_task(client, queue, worker.url)
 
-    assert client_idle(client, queue, 20)
+    assert emulator.wait_idle(20)
+    assert not client.list_tasks(parent=queue).tasks
     assert worker.most_busy == 3
     assert len(worker.seen) == 9
-
-
-def client_idle(client: tasks_v2.CloudTasksClient, queue: str, timeout_s: float) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if not client.list_tasks(parent=queue).tasks:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # -- retries ------------------------------------------------------------------------------------
@@ -336,8 +336,8 @@ def test_a_task_is_given_up_after_max_attempts_and_its_name_stays_reserved(
     queue = make_queue(client, max_attempts=3, min_backoff=0.05)
     add_task(client, queue, worker.url, "job-4-attempt-1")
 
+    # Idle: the task was deleted after its third attempt, so no fourth can come.
     assert emulator.wait_idle(10)
-    time.sleep(0.3)  # a fourth attempt would have come by now
 
     assert len(worker.seen) == 3
     assert emulator.abandoned == [f"{queue}/tasks/job-4-attempt-1"]
@@ -471,8 +471,7 @@ def test_stop_cuts_running_attempts_and_leaves_no_thread(worker: Worker) -> None
     queue = make_queue(client)
     for _ in range(3):
         add_task(client, queue, worker.url)
-    while len(worker.seen) < 3:
-        time.sleep(0.02)
+    wait_until(lambda: len(worker.seen) == 3, timeout_s=10)
 
     began = time.monotonic()
     emu.stop()

@@ -8,9 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +22,7 @@ from devstack.stack import LocalStack
 from sona.errors import StaleLease
 from sona.models import ClaimedJob, Output
 from sona.store.jobs import JobsStore
-from tests.support import AUDIO_INFO, sql
+from tests.support import AUDIO_INFO, sql, wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +68,6 @@ def reclaim(stack: LocalStack) -> dict[str, Any]:
     )
     assert response.status_code == 200, response.text
     return dict(response.json())
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def expire_lease(stack: LocalStack, job_id: uuid.UUID) -> None:

@@ -9,7 +9,6 @@ import json
 import logging
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +35,7 @@ from sona.engines.replicate import (
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
 from sona.job.modes import plan_job
 from sona.models import Job
-from tests.support import make_settings
+from tests.support import make_settings, wait_until
 
 TOKEN = "r8_sentinel-replicate-token-9a8b"
 TANGO = TangoFluxInput.build(prompt="door creaking open slowly", duration=2, steps=25)
@@ -69,10 +68,8 @@ def client_for(double: ReplicateDouble, sleeps: Sleeps | None = None, **override
 
 
 def wait_for_audio(client: ReplicateClient, prediction_id: str, budget_s: float = 30) -> Any:
-    deadline = Deadline(budget_s)
-    while (audio := client.result(prediction_id, deadline)) is None:
-        time.sleep(0.05)
-    return audio
+    deadline = Deadline(budget_s)  # each look is a GET, which the double does not report as a change
+    return wait_until(lambda: client.result(prediction_id, deadline), budget_s)
 
 
 # -- the request ---------------------------------------------------------------------------------------
@@ -280,10 +277,7 @@ def test_a_prediction_past_the_hour_is_gone(double: ReplicateDouble) -> None:
 def test_an_output_file_deleted_before_it_was_fetched_is_gone(double: ReplicateDouble) -> None:
     client = client_for(double)
     prediction_id = client.create(TANGO, Deadline(30)).id
-    url = None
-    while url is None:
-        url = client.get(prediction_id, Deadline(30)).output_url
-        time.sleep(0.05)
+    url = wait_until(lambda: client.get(prediction_id, Deadline(30)).output_url, 30)
     double.retention_s = 0
     with pytest.raises(PredictionGone):
         client.download(url, Deadline(30))
@@ -385,10 +379,7 @@ def test_the_engine_pays_once_answers_the_id_then_fetches_the_audio(double: Repl
     request = GenerationRequest("text-to-audio", MODEL_NAME, "a sword unsheathed", duration=2, steps=200)
     generation_id = engine.submit(request, Deadline(30))
     assert double.predictions[generation_id].input["steps"] == 200
-    audio = None
-    while audio is None:
-        audio = engine.fetch(generation_id, MODEL_NAME, Deadline(30))
-        time.sleep(engine.poll_interval_s)
+    audio = wait_until(lambda: engine.fetch(generation_id, MODEL_NAME, Deadline(30)), 30)
     assert audio.data[:4] == b"RIFF"
     assert double.predictions_created == 1
 

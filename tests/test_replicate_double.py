@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 import wave
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +14,7 @@ from werkzeug.wrappers import Request, Response
 from devstack.doubles.replicate_double import VERSION, Answer, Outcome, ReplicateDouble
 from devstack.doubles.replicate_webhooks import verify_webhook
 from devstack.serving import serve_wsgi, stop_server
+from tests.support import wait_until
 
 TOKEN = "r8_sentinel-double-token-5e6f"
 INPUT = {"prompt": "glass shattering on stone", "duration": 2, "steps": 25, "guidance_scale": 3.5}
@@ -44,14 +44,9 @@ def get(double: ReplicateDouble, prediction_id: str) -> requests.Response:
 
 
 def until(check: Callable[[], Any], timeout_s: float = 10) -> Any:
-    """The first truthy answer of check (the double runs predictions on its own clock)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        answer = check()
-        if answer:
-            return answer
-        time.sleep(0.02)
-    raise AssertionError("the double never got there")
+    """The first truthy answer of check, looked for again each time a prediction of the double
+    moves on (it runs them on its own clock and reports each step; reading one reports nothing)."""
+    return wait_until(check, timeout_s)
 
 
 def finished(double: ReplicateDouble, prediction_id: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class Answers:
     @staticmethod
     def _trickle(chunks: list[bytes], pause: float) -> Iterator[bytes]:
         for chunk in chunks:
-            time.sleep(pause)
+            time.sleep(pause)  # a slow body is what these tests are about: the pause is the behaviour
             yield chunk
 
 

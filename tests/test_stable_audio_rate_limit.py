@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 import requests
 
 from devstack.doubles.stable_audio_double import RateLimit, StableAudioDouble
+from tests.support import ManualClock
 
 KEY = "sk-sentinel-stability-rate"
 
 
 @pytest.fixture
-def limited() -> Iterator[StableAudioDouble]:
-    double = StableAudioDouble(KEY, rate_limit=RateLimit(requests=3, window_s=2.0, lockout_s=0.6))
+def clock() -> ManualClock:
+    """The double's window and lockout pass on this clock: the tests move it, never wait."""
+    return ManualClock()
+
+
+@pytest.fixture
+def limited(clock: ManualClock) -> Iterator[StableAudioDouble]:
+    limit = RateLimit(requests=3, window_s=10.0, lockout_s=60.0, clock=clock)  # Stability's, 3 not 150
+    double = StableAudioDouble(KEY, rate_limit=limit)
     double.start()
     yield double
     double.stop()
@@ -55,10 +62,12 @@ def test_every_request_is_refused_while_the_lockout_lasts(limited: StableAudioDo
     assert limited.paid_generations == 3
 
 
-def test_requests_succeed_again_once_the_lockout_ends(limited: StableAudioDouble) -> None:
+def test_requests_succeed_again_once_the_lockout_ends(limited: StableAudioDouble, clock: ManualClock) -> None:
     for _ in range(4):
         post(limited)
-    time.sleep(0.7)
+    clock.advance(60.0 - 0.001)
+    assert post(limited).status_code == 429  # the last moment of the lockout
+    clock.advance(0.001)
 
     assert post(limited).status_code == 200
 

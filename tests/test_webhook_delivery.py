@@ -16,6 +16,7 @@ import pytest
 
 from devstack.database import apply_sql
 from devstack.emulators.relay import WebhookRelay
+from devstack.events import CHANGES
 from tests.support import sql, wait_until
 
 PROBE = """
@@ -130,11 +131,13 @@ def endpoint() -> Iterator[Endpoint]:
             with state.lock:
                 state.active += 1
                 state.most_active = max(state.most_active, state.active)
+            CHANGES.notify()
             parts = urlsplit(self.path)
-            time.sleep(float(parse_qs(parts.query).get("s", ["0"])[0]))
+            time.sleep(float(parse_qs(parts.query).get("s", ["0"])[0]))  # the answer's delay under test
             with state.lock:
                 state.active -= 1
                 state.seen.append((parts.path, arrived, time.monotonic()))
+            CHANGES.notify()
             try:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -194,12 +197,16 @@ def test_a_request_queued_while_a_long_one_is_in_flight_waits_for_it(
 def test_a_timed_out_request_is_recorded_and_never_retried(
     db_url: str, relay: WebhookRelay, endpoint: Endpoint
 ) -> None:
-    request_id = post(db_url, f"{endpoint.url}/slow?s=2", timeout_ms=300)
+    request_id = post(db_url, f"{endpoint.url}/slow?s=1", timeout_ms=300)
     wait_until(lambda: request_id in responses(db_url), timeout_s=10)
     response = responses(db_url)[request_id]
     assert (response["timed_out"], response["status_code"]) == (True, None)
     assert response["error_msg"].startswith("Timeout of 300 ms reached. Total time: ")
-    time.sleep(2.5)  # the slow answer has come and gone; nothing was sent again
+    # The slow answer has come and gone, no request is at the endpoint, and the relay's worker is
+    # asleep with its queue empty: it sends nothing more until a new commit wakes it. So a request
+    # sent again would be in `seen` (a retry in the same batch had finished its own 1 s first).
+    wait_until(lambda: bool(endpoint.seen) and endpoint.active == 0, timeout_s=10)
+    wait_until(lambda: relay.asleep() and queued(db_url) == [], timeout_s=10)
     assert [p for p, _, _ in endpoint.seen] == ["/slow"]
     assert len(relay.delivered) == 1
 

@@ -37,10 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from devstack.emulators.cloud_tasks import Dispatch
 from devstack.emulators.relay import Delivery
+from devstack.events import Notifications
 from devstack.stack import FunctionProcess, LocalStack
 from sona.audio.ffmpeg import find_ffmpeg
 from sona.job.pipeline import ATTEMPT_EVENT
@@ -297,24 +296,20 @@ def table(report: dict[str, Any]) -> str:
 
 # -- running it ----------------------------------------------------------------------------------------
 class Completions:
-    """LISTEN for the benchmark's NOTIFY: each job's completion time, the moment it arrives."""
+    """Each job's completion time: the arrival of the benchmark's NOTIFY, through the stack's own
+    LISTEN thread (devstack/events.py). The stack's change events name only the table (one per
+    transaction, so a 10,000-row reclaim sends one); this needs the job's id at its commit, so the
+    benchmark adds its own row trigger for the two end statuses."""
 
     def __init__(self, database_url: str) -> None:
-        self._conn = psycopg.connect(database_url, autocommit=True)
-        self._conn.execute(f"listen {DONE_CHANNEL}")  # type: ignore[arg-type]
         self._seen: dict[str, float] = {}
         self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._listen, name="bench-completions", daemon=True)
-        self._thread.start()
+        self._notes = Notifications(database_url, (DONE_CHANNEL,), self._note)
 
-    def _listen(self) -> None:
-        while not self._stop:
-            for note in self._conn.notifies(timeout=0.2):
-                at = time.time()
-                with self._cond:
-                    self._seen[note.payload] = at
-                    self._cond.notify_all()
+    def _note(self, channel: str, payload: str, arrived: float) -> None:
+        with self._cond:
+            self._seen[payload] = arrived
+            self._cond.notify_all()
 
     def wait(self, job_id: uuid.UUID, timeout_s: float = 120) -> float:
         with self._cond:
@@ -323,9 +318,7 @@ class Completions:
             return self._seen[str(job_id)]
 
     def close(self) -> None:
-        self._stop = True
-        self._thread.join(timeout=5)
-        self._conn.close()
+        self._notes.close()
 
 
 def _attempt_line(log: Path, job_id: uuid.UUID) -> dict[str, Any]:

@@ -55,6 +55,7 @@ import requests
 from werkzeug.wrappers import Request, Response
 
 from devstack.doubles.synth import synthesize_wav
+from devstack.events import CHANGES
 from devstack.serving import serve_wsgi, stop_server
 
 VERSION = "fcdc421786888a045329d7c4e1874764433a2516b21f4c34bd3da4e054d04cf9"
@@ -273,6 +274,7 @@ class ReplicateDouble:
             self.predictions[record.id] = record
             self.made.append(record)
             self._created += 1
+        CHANGES.notify()  # only changes report: a wait whose check reads the double must not wake itself
         self._notify(record, "start")
         threading.Thread(target=self._run, args=(record,), daemon=True, name="replicate-run").start()
         if record.webhook is not None:
@@ -304,6 +306,7 @@ class ReplicateDouble:
         time.sleep(self.start_s)
         with self._lock:
             record.status, record.started = "processing", time.monotonic()
+        CHANGES.notify()
         time.sleep(self.generation_s)
         outcome = record.outcome
         audio = synthesize_wav(record.input["prompt"], float(record.input["duration"]))
@@ -316,6 +319,7 @@ class ReplicateDouble:
             self._notify(record, "output")
         record.ended.set()
         self._notify(record, "completed")
+        CHANGES.notify()
 
     def _removed(self, record: Record) -> bool:
         return time.monotonic() - record.made >= self.retention_s
@@ -380,6 +384,7 @@ class ReplicateDouble:
                 answered = None
             with self._lock:
                 self.deliveries.append(Delivery(url, event, headers, body, answered))
+            CHANGES.notify()
             if answered is not None and 200 <= answered < 300:
                 return
             time.sleep(0.1 * (attempt + 1))

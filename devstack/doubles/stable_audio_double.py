@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +47,7 @@ from typing import Any, Literal
 from werkzeug.formparser import parse_form_data
 
 from devstack.doubles.synth import RATE, synthesize_pcm, synthesize_wav
+from devstack.events import CHANGES
 from devstack.serving import serve_in_thread, stop_server
 
 # The real service returns about 61.6 s for a 60 s request.
@@ -113,11 +115,13 @@ class Behaviour:
 @dataclass
 class RateLimit:
     """Stability's limit: more than `requests` in `window_s` refuses every request for `lockout_s`
-    (150 in 10 s, then 60 s; scale all three down for tests)."""
+    (150 in 10 s, then 60 s; scale all three down for tests). `clock` is the time the window and
+    the lockout are counted on: a test moves it on instead of waiting them out."""
 
     requests: int = 150
     window_s: float = 10.0
     lockout_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
     _seen: deque[float] = field(default_factory=deque)
     _locked_until: float = 0.0
 
@@ -250,7 +254,7 @@ class StableAudioDouble:
 
     def _admit(self) -> bool:
         with self._lock:
-            if self.rate_limit is None or self.rate_limit.admit(time.monotonic()):
+            if self.rate_limit is None or self.rate_limit.admit(self.rate_limit.clock()):
                 return True
             self.rate_limited += 1
             return False
@@ -272,6 +276,7 @@ class StableAudioDouble:
             self.generations[generation.id] = generation
         call.generation_id = generation.id
         call.paid = True
+        CHANGES.notify()
         return generation
 
     def _generation(self, generation_id: str) -> Generation | None:
@@ -449,10 +454,12 @@ class _Handler(BaseHTTPRequestHandler):
         call = Call(headers, fields, content_type, endpoint, files, size=len(body), api=api)
         with self.owner._lock:
             self.owner.calls.append(call)
+        CHANGES.notify()
         try:
             self._answer_v3(call) if api == "v3" else self._answer(call)
         finally:
             call.finished = time.monotonic()
+            CHANGES.notify()
 
     # -- Stable Audio 3 ----------------------------------------------------------------------------
     def _answer_v3(self, call: Call) -> None:
@@ -624,7 +631,9 @@ class _Handler(BaseHTTPRequestHandler):
         # The generation has finished: Stability charges for it now, whether its bytes then arrive
         # whole, cut off mid-body or not at all. Only a failed generation is free. (A Stable Audio 3
         # generation was charged when it was accepted; fetching it charges nothing more.)
-        call.paid = call.paid or charge
+        if charge and not call.paid:
+            call.paid = True
+            CHANGES.notify()  # only a change reports: a GET of a result (a read) does not
         if delivery == "truncate":
             # Half the promised bytes, then the connection drops.
             self.wfile.write(body[: len(body) // 2])

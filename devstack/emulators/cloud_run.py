@@ -40,6 +40,7 @@ from werkzeug.serving import BaseWSGIServer
 from werkzeug.wrappers import Request, Response
 
 from devstack.emulators.cloud_tasks import decode_oidc_token
+from devstack.events import CHANGES
 from devstack.serving import serve_wsgi, stop_server
 
 NO_INSTANCE_LOG = "The request was aborted because there was no available instance."
@@ -244,10 +245,17 @@ class CapacityCap:
             with self._lock:
                 self._drains.discard(threading.current_thread())
 
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a slot: one past its timeout keeps it until the function ends."""
+        with self._lock:
+            return self._in_flight
+
     def _enter(self) -> None:
         with self._lock:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        CHANGES.notify()
 
     def _leave(self, conn: http.client.HTTPConnection) -> None:
         conn.close()
@@ -257,6 +265,7 @@ class CapacityCap:
             self._upstreams.discard(conn)
             self._in_flight -= 1
         self._free.release()
+        CHANGES.notify()
 
 
 def _target(request: Request) -> str:

@@ -57,6 +57,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -67,6 +68,7 @@ from pydantic.alias_generators import to_camel
 from werkzeug.serving import BaseWSGIServer
 from werkzeug.wrappers import Request, Response
 
+from devstack.events import CHANGES
 from devstack.serving import serve_wsgi, stop_server
 
 LIST_PAGE_MAX = 1000  # ListTasks: "The maximum page size is 1000"
@@ -287,7 +289,7 @@ class QueueState:
     refilled_at: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     tasks: dict[str, TaskState] = field(default_factory=dict)
-    tombstones: dict[str, float] = field(default_factory=dict)  # name -> monotonic expiry
+    tombstones: dict[str, float] = field(default_factory=dict)  # name -> expiry on the emulator's clock
 
     def wire(self, numeric: bool) -> dict[str, Any]:
         return {
@@ -388,8 +390,11 @@ class CloudTasksEmulator:
         burst_size: int | None = None,
         min_dispatch_deadline_s: float = 15.0,
         oidc_key: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` keeps the names' reservations (a test moves it on instead of waiting an hour)."""
         self.tombstone_s = tombstone_s
+        self.clock = clock
         self.burst_size = burst_size
         self.min_dispatch_deadline_s = min_dispatch_deadline_s
         self.oidc_key = oidc_key or secrets.token_bytes(32)
@@ -424,12 +429,17 @@ class CloudTasksEmulator:
                 for task in queue.tasks.values():
                     if task.running is not None:
                         _cut(task.running)
-            self._cond.notify_all()
+            self._changed()
             workers = list(self._workers)
         if self._scheduler is not None:
             self._scheduler.join()
         for worker in workers:
             worker.join()
+
+    def _changed(self) -> None:
+        """Under the lock: wake this emulator's own waits and whoever waits on the stack's changes."""
+        self._cond.notify_all()
+        CHANGES.notify()
 
     # -- inspection for tests ----------------------------------------------------------------
     def attempts(self, task_id: str) -> list[Dispatch]:
@@ -530,7 +540,7 @@ class CloudTasksEmulator:
             for path in [p for p in mask.split(",") if p] or list(patch):
                 _copy_path(patch, merged, [to_camel(piece) for piece in path.split(".")])
             self._configure(queue, QueueWire.model_validate(merged))
-            self._cond.notify_all()
+            self._changed()
             return queue.wire(numeric)
 
     def _configure(self, queue: QueueState, wire: QueueWire) -> None:
@@ -584,7 +594,7 @@ class CloudTasksEmulator:
         with self._cond:
             queue = self._queue(name)
             queue.state = state
-            self._cond.notify_all()
+            self._changed()
             return queue.wire(numeric)
 
     # -- tasks -----------------------------------------------------------------------------------
@@ -597,7 +607,7 @@ class CloudTasksEmulator:
             self._order += 1
             task.order = self._order
             queue.tasks[name] = task
-            self._cond.notify_all()
+            self._changed()
             return task.wire(full=False, numeric=numeric)
 
     def _task_name(self, queue: QueueState, given: str) -> str:
@@ -607,7 +617,7 @@ class CloudTasksEmulator:
         if not given.startswith(prefix) or not TASK_ID.match(given.removeprefix(prefix)):
             raise _invalid(f"Invalid task name: {given!r}")
         expiry = queue.tombstones.get(given)
-        if given in queue.tasks or (expiry is not None and expiry > time.monotonic()):
+        if given in queue.tasks or (expiry is not None and expiry > self.clock()):
             raise ApiError(409, "ALREADY_EXISTS", DUPLICATE_TASK)
         return given
 
@@ -660,10 +670,10 @@ class CloudTasksEmulator:
             task = self._task(name)
             queue = self.queues[name.rsplit("/tasks/", 1)[0]]
             del queue.tasks[name]
-            queue.tombstones[name] = time.monotonic() + self.tombstone_s
+            queue.tombstones[name] = self.clock() + self.tombstone_s
             if task.running is not None:
                 _cut(task.running)
-            self._cond.notify_all()
+            self._changed()
         return {}
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -759,7 +769,7 @@ class CloudTasksEmulator:
             attempt.response_time = time.time() if attempt.status is not None else None
             self._settle(queue, task, attempt, retry_after)
             self._workers.discard(threading.current_thread())
-            self._cond.notify_all()
+            self._changed()
 
     def _send(self, task: TaskState, attempt: Attempt, headers: dict[str, str]) -> float:
         """POST (or the task's method) to the worker; fills attempt.status; returns Retry-After."""
@@ -820,7 +830,7 @@ class CloudTasksEmulator:
 
     def _retire(self, queue: QueueState, task: TaskState, into: list[str]) -> None:
         del queue.tasks[task.name]
-        queue.tombstones[task.name] = time.monotonic() + self.tombstone_s
+        queue.tombstones[task.name] = self.clock() + self.tombstone_s
         into.append(task.name)
 
 

@@ -32,6 +32,8 @@ from urllib.parse import urljoin, urlsplit
 import psycopg
 from pydantic import BaseModel, ConfigDict
 
+from devstack.events import CHANGES
+
 log = logging.getLogger(__name__)
 
 PG_NET_VERSION = "0.20.4"
@@ -246,6 +248,7 @@ class WebhookRelay:
         self._lock = threading.Lock()
         self._should_wake = True  # pg_net starts awake, so what was queued before it is sent
         self._inflight = 0
+        self._asleep = False  # the worker waits for a wake (none due): it sends nothing until one
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -268,15 +271,26 @@ class WebhookRelay:
         with self._lock:
             return self._inflight
 
+    def asleep(self) -> bool:
+        """The worker is waiting for a wake and none is due: until a commit queues a request, it
+        sends nothing more (the proof, with an empty queue, that nothing will be sent again)."""
+        with self._lock:
+            return self._asleep and not self._should_wake
+
     def wait_idle(self, timeout_s: float = 120) -> None:
-        """Until nothing is queued or in flight. Like pg_net, the relay takes a request up to a pause
-        after its commit, so a test that turned delivery off waits here before turning it back on."""
-        deadline = time.monotonic() + timeout_s
+        """Until nothing is queued or in flight (a request in flight is still in the queue, whose
+        rows its batch deletes at its commit). Like pg_net, the relay takes a request up to a pause
+        after its commit, so a test that turned delivery off waits here before turning it back on.
+        Looks again after each batch commits (the relay reports it); raises WaitTimedOut."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            while conn.execute("select exists (select from net.http_request_queue)").fetchone() != (False,):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"pg_net's queue still had requests after {timeout_s} s")
-                time.sleep(0.05)
+            CHANGES.wait_until(
+                lambda: (
+                    conn.execute("select not exists (select from net.http_request_queue)").fetchone()
+                    == (True,)
+                ),
+                timeout_s,
+                "pg_net's queue to be empty (every request taken and its batch committed)",
+            )
 
     def requests_for(self, job_id: object) -> list[QueuedRequest]:
         """What was taken from the queue for a job's row, delivered or dropped (for tests)."""
@@ -329,9 +343,11 @@ class WebhookRelay:
     def _serve(self, conn: psycopg.Connection[Any]) -> None:
         while not self._stop.is_set():
             if not self._take_wake():
+                self._set_asleep(True)
                 self._latch.wait()
                 self._latch.clear()
                 continue
+            self._set_asleep(False)
             while not self._stop.is_set():
                 consumed, expired = self._iteration(conn)
                 self._latch.wait(self.pause_s)  # slows the queue down, as pg_net does
@@ -339,8 +355,19 @@ class WebhookRelay:
                 if consumed == 0 and expired == 0:
                     break
 
+    def _set_asleep(self, asleep: bool) -> None:
+        with self._lock:
+            self._asleep = asleep
+        CHANGES.notify()
+
     def _iteration(self, conn: psycopg.Connection[Any]) -> tuple[int, int]:
         """One transaction: the queue rows stay visible to others until every request has ended."""
+        try:
+            return self._one_transaction(conn)
+        finally:
+            CHANGES.notify()  # committed (or rolled back): the queue and the responses as others see them
+
+    def _one_transaction(self, conn: psycopg.Connection[Any]) -> tuple[int, int]:
         with conn.transaction():
             expired = conn.execute(EXPIRE, (self.ttl, self.batch_size)).rowcount
             rows = conn.execute(CONSUME, (self.batch_size,)).fetchall()
@@ -356,6 +383,7 @@ class WebhookRelay:
     def _run_batch(self, requests: list[QueuedRequest]) -> Iterator[tuple[QueuedRequest, Outcome]]:
         with self._lock:
             self._inflight += len(requests)
+        CHANGES.notify()
         with ThreadPoolExecutor(len(requests), "pg-net-curl") as pool:  # curl's multi handle
             outcomes = list(pool.map(self._deliver, requests))
         return zip(requests, outcomes, strict=True)
@@ -367,6 +395,7 @@ class WebhookRelay:
         with self._lock:
             self.delivered.append(delivery)
             self._inflight -= 1
+        CHANGES.notify()
         return outcome
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import requests
 from psycopg.rows import dict_row
 
 from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
+from devstack.events import WaitTimedOut
 from devstack.stack import TERMINAL, LocalStack
 from tests.support import LEDGER_KEY, sql
 
@@ -255,10 +255,11 @@ def observe(stack: LocalStack, job_id: uuid.UUID) -> dict[str, Any]:
 
 def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> dict[str, Any]:
     """Wait out a delivery in flight (the relay's), or a dispatch reclaim stopped waiting for;
-    either ends within the function's timeout, and then the row has its answer."""
-    deadline = time.monotonic() + JOB_BUDGET_S + 6
+    either ends within the function's timeout, and then the row has its answer. Looked at again
+    after each commit the stack's database reports; at the timeout, the row as it then is."""
     with psycopg.connect(stack.database_url, autocommit=True, row_factory=dict_row) as conn:
-        while True:
+
+        def settled() -> dict[str, Any] | None:
             # pg_net keeps a request's queue row (uncommitted delete) until its whole batch has
             # ended. Looked at before the row, so a row read after its delivery ended is the answered
             # one. (Autocommit: each statement sees what has committed by then.)
@@ -272,9 +273,15 @@ def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> di
                 raise KeyError(job_id)
             row = dict(found)
             running = while_processing and row["status"] == "processing"
-            if not (delivering or running) or time.monotonic() > deadline:
-                return row
-            time.sleep(0.05)
+            return None if delivering or running else row
+
+        try:
+            answered: dict[str, Any] = stack.wait_until(settled, JOB_BUDGET_S + 6, f"job {job_id}'s answer")
+            return answered
+        except WaitTimedOut:
+            row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
+            assert row is not None
+            return dict(row)
 
 
 def summary_lines(ledger: Ledger = LEDGER) -> list[str]:

@@ -8,7 +8,6 @@ crash after the POST was accepted and before its answer (the id) reached the row
 from __future__ import annotations
 
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +25,7 @@ from tests.hardening.conftest import (
     reclaim,
     settle,
 )
-from tests.support import sql
+from tests.support import sql, wait_until
 
 B = Behaviour
 SA3 = "stable-audio-3"
@@ -53,24 +52,21 @@ def start_sa3_job(stack: LocalStack, ledger: Ledger, label: str) -> tuple[uuid.U
 
 def wait_for_id(stack: LocalStack, job_id: uuid.UUID) -> str:
     """The generation id, once the attempt has written it to the row (it then waits for the audio)."""
-    deadline = time.monotonic() + JOB_BUDGET_S
-    while time.monotonic() < deadline:
-        generation_id = stack.job(job_id)["generation_id"]
-        if generation_id:
-            return str(generation_id)
-        time.sleep(0.02)
-    raise AssertionError("the generation id never reached the row")
+    found = stack.wait_until(lambda: stack.job(job_id)["generation_id"], JOB_BUDGET_S, "the generation id")
+    return str(found)
 
 
 def wait_for_acceptance(double: StableAudioDouble, prompt: str) -> str:
     """The id of the generation the double accepted for this prompt (its 202 may not have left)."""
-    deadline = time.monotonic() + JOB_BUDGET_S
-    while time.monotonic() < deadline:
+
+    def accepted() -> str | None:
         for call in list(double.calls):
             if call.generation_id and call.fields.get("prompt", "").startswith(f"{prompt}. "):
                 return call.generation_id
-        time.sleep(0.01)
-    raise AssertionError("the double never accepted the POST")
+        return None
+
+    found: str = wait_until(accepted, JOB_BUDGET_S, "the double to accept the POST")  # it reports each
+    return found
 
 
 def crash_process_job(stack: LocalStack) -> None:

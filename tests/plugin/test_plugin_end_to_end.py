@@ -7,7 +7,6 @@ showcase read; the daily cleanup lets the files go."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -85,16 +84,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
 def follow_as_owner(stack: LocalStack, job_id: uuid.UUID, timeout_s: float = 120) -> list[dict[str, Any]]:
     """The UI's poll: `select *` of its job as the owner, until completed or failed."""
     seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def ended() -> bool:
         row = owner_reads_job(stack.database_url, MUSICIAN, job_id)
         assert row is not None
         if not seen or seen[-1]["status"] != row["status"]:
             seen.append(row)
-        if row["status"] in TERMINAL:
-            return seen
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {seen[-1]['status']} after {timeout_s} s")
+        return row["status"] in TERMINAL
+
+    # Read again at each commit the database reports (the UI polls; this sees every status it could).
+    stack.wait_until(ended, timeout_s, f"job {job_id} to end as its owner reads it")
+    return seen
 
 
 @pytest.mark.parametrize("name", list(REQUESTS))
