@@ -15,7 +15,7 @@ from sona.deadline import Deadline
 from sona.errors import ServiceOutage, SonaError, TransientError
 from sona.models import SECRET_HEADER, webhook_payload
 from sona.services import Services
-from sona.store.jobs import ReclaimAction
+from sona.store.jobs import DueJob
 from sona.task_queue import PooledHttp, TaskQueue
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,11 @@ GARBAGE_BATCH = 100
 def run_reclaim(services: Services) -> dict[str, Any]:
     settings = services.settings
     deadline = Deadline(settings.reclaim_budget_s)
-    actions = services.store.reclaim()
-    counts = Counter(a.action for a in actions)
-    due = [a for a in actions if a.action == "dispatch"]
+    reclaimed = services.store.reclaim()
+    due = reclaimed.dispatch
     summary: dict[str, Any] = {
-        "reclaimed": counts["released"],
-        "failed": counts["failed"],
+        "reclaimed": reclaimed.released,
+        "failed": reclaimed.failed,
         "due": len(due),
         "dispatched": 0,
         "completed": 0,
@@ -110,7 +109,7 @@ def _delete_expired_files(services: Services, deadline: Deadline) -> int:
     return deleted
 
 
-def _enqueue_all(due: list[ReclaimAction], services: Services, deadline: Deadline) -> dict[str, int]:
+def _enqueue_all(due: list[DueJob], services: Services, deadline: Deadline) -> dict[str, int]:
     """One task per due job whose task is gone, many creates at once over kept-alive connections.
 
     A job still pending may well have its task in the queue: created by the webhook, or by an earlier
@@ -136,19 +135,19 @@ def _enqueue_all(due: list[ReclaimAction], services: Services, deadline: Deadlin
     still_queued = [a for a in due if a.job_id in waiting]
     due = [a for a in due if a.job_id not in waiting]
 
-    def enqueue(action: ReclaimAction) -> str:
+    def enqueue(job: DueJob) -> str:
         left = deadline.remaining()
         if left < MIN_DISPATCH_S:
             return "not_started"
         try:
             _, created = queue.enqueue(
-                action.job_id,
-                attempt=action.attempt or 0,
-                dispatch_round=action.dispatch_round or 0,
+                job.job_id,
+                attempt=job.attempt,
+                dispatch_round=job.dispatch_round,
                 timeout_s=min(10.0, left),
             )
         except TransientError as exc:  # ServiceOutage included: counted, logged once below
-            log.warning("enqueue of %s failed: %s", action.job_id, exc)
+            log.warning("enqueue of %s failed: %s", job.job_id, exc)
             return "error"
         return created
 

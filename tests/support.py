@@ -10,7 +10,7 @@ import uuid
 import wave
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 
@@ -98,6 +98,25 @@ def sql(url: str, query: str, *params: Any, role: str | None = "service_role") -
     with connect(url, role) as conn:
         cur = conn.execute(query, params or None)  # type: ignore[arg-type]
         return list(cur.fetchall()) if cur.description else []
+
+
+def reclaimed(url: str, *args: int) -> dict[str, Any]:
+    """What one reclaim_and_dispatch call (max attempts, grace seconds, limit, base and cap of the backoff in
+    ms) did, as it answers: {"released": n, "failed": n, "dispatch": [{"job_id", "attempt",
+    "dispatch_round"}, ...]}."""
+    (row,) = sql(url, "select reclaim_and_dispatch(%s, %s, %s, %s, %s) as done", *args)
+    return cast(dict[str, Any], row["done"])
+
+
+def reclaim_actions(done: dict[str, Any]) -> list[str]:
+    """A reclaim's answer as one action a job: the released and failed ones, then each dispatch."""
+    counted = ["released"] * done["released"] + ["failed"] * done["failed"]
+    return counted + ["dispatch"] * len(done["dispatch"])
+
+
+def dispatched(done: dict[str, Any]) -> list[uuid.UUID]:
+    """The jobs a reclaim stamped for dispatch."""
+    return [uuid.UUID(d["job_id"]) for d in done["dispatch"]]
 
 
 def wav_bytes(seconds: float, rate: int = 44_100, channels: int = 2, width: int = 2) -> bytes:

@@ -53,9 +53,12 @@ def test_an_unpaired_figure_shows_no_pairs() -> None:
 
 
 def test_the_table_shows_each_part_of_the_reclaim_by_its_median() -> None:
-    parts = {"reclaim_jobs() alone, in the database": [0.3, 0.1, 0.2], "  trigger jobs_guard": [0.004]}
+    parts = {
+        "reclaim_and_dispatch() alone, in the database": [0.3, 0.1, 0.2],
+        "  trigger jobs_guard": [0.004],
+    }
     text = table({"figures": [], "reclaim_round_trips": 1, "reclaim_parts": parts})
-    assert "reclaim part: reclaim_jobs() alone, in the database" in text
+    assert "reclaim part: reclaim_and_dispatch() alone, in the database" in text
     assert "200.0 ms (median)" in text
     assert "reclaim part:   trigger jobs_guard" in text
     assert "4.0 ms (median)" in text

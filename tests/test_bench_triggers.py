@@ -26,9 +26,11 @@ def test_a_round_charges_inserts_and_claims_every_job(private_db_url: str) -> No
     assert rows == [{"status": "processing", "n": 4}]
     linked = sql(private_db_url, "select count(transaction_id) as n from sona_job_charges", role=None)
     assert linked == [{"n": 4}]
-    # every insert ran the charge link; every insert and claim ran the guard
+    # every insert ran the charge link; every insert and claim derived its stage; the guard's WHEN
+    # clause skipped it for the service role's inserts and for claims, which set a new lease
     assert measured.functions["jobs_charge_link"][0] == 4
-    assert measured.functions["jobs_guard"][0] == 8
+    assert measured.functions["jobs_derive_stage"][0] == 8
+    assert "jobs_guard" not in measured.functions
 
 
 def test_the_tables_show_each_shape_and_each_trigger_function() -> None:

@@ -28,13 +28,12 @@ def rpc(gw: Gateway, name: str, body: object, key: str | None = None) -> httpx.R
 def test_a_setof_function_answers_an_array_even_when_empty(gateway: Gateway) -> None:
     response = rpc(
         gateway,
-        "reclaim_jobs",
+        "claim_job",  # a job that does not exist: nothing to claim
         {
+            "p_job_id": str(uuid.uuid4()),
+            "p_claim_id": str(uuid.uuid4()),
+            "p_lease_seconds": 60,
             "p_max_attempts": 3,
-            "p_grace_seconds": 60,
-            "p_limit": 10,
-            "p_base_delay_ms": 1,
-            "p_max_delay_ms": 1,
         },
     )
     assert (response.status_code, response.json()) == (200, [])

@@ -12,7 +12,7 @@ import pytest
 from devstack.emulators.gateway import Gateway, gateway_error, gateway_error_page
 from sona.errors import Cancelled, DatabaseUnavailable, StaleLease, StoreError
 from sona.models import JobStage, JobStatus, Output
-from sona.store.jobs import JobsStore
+from sona.store.jobs import DueJob, JobsStore, Reclaimed
 from tests.support import AUDIO_INFO as INFO
 from tests.support import insert_job, job_row, make_settings, sql
 
@@ -110,10 +110,12 @@ def test_the_stage_fence_tells_a_cancelled_job_from_a_reclaimed_lease(store: Job
     assert not isinstance(stale.value, Cancelled)
 
 
-def test_reclaim_returns_typed_actions(store: JobsStore, db_url: str) -> None:
+def test_reclaim_returns_typed_counts_and_the_jobs_to_dispatch(store: JobsStore, db_url: str) -> None:
     job_id = insert_job(db_url)
     sql(db_url, "update jobs set created_at = now() - interval '1 hour' where id = %s", job_id, role=None)
-    assert [(a.job_id, a.action) for a in store.reclaim()] == [(job_id, "dispatch")]
+    assert store.reclaim() == Reclaimed(
+        released=0, failed=0, dispatch=[DueJob(job_id=job_id, attempt=0, dispatch_round=1)]
+    )
 
 
 def test_database_down_is_database_unavailable(store: JobsStore, gateway: Gateway, db_url: str) -> None:

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from devstack.database import apply_sql, migration_files, stand_ins_sql
-from tests.support import connect, insert_job, job_row, new_user, sql
+from tests.support import connect, dispatched, insert_job, job_row, new_user, reclaimed, sql
 
 # The table and policies as the earlier worker's SQL created them.
 OLD_SCHEMA = """
@@ -102,8 +102,7 @@ def test_seed_era_pending_rows_without_created_at_are_dispatched_and_counted(emp
     rows = seed_era_rows_without_created_at(empty_db_url)
     apply_sql(empty_db_url, *migrate_sql())
     # The row updated two minutes ago is past the 60 s grace; the other was just backfilled to now.
-    dispatched = sql(empty_db_url, "select job_id from reclaim_jobs(3, 60, 10, 1000, 1000)")
-    assert [r["job_id"] for r in dispatched] == [rows["updated"]]
+    assert dispatched(reclaimed(empty_db_url, 3, 60, 10, 1000, 1000)) == [rows["updated"]]
     stats = sql(empty_db_url, "select job_stats(1) as s")[0]["s"]
     assert (stats["total"], stats["by_status"]) == (2, {"pending": 2})
 
@@ -208,7 +207,7 @@ def test_a_user_cannot_read_another_users_job(db_url: str) -> None:
         ),
         pytest.param("delete from jobs where id = %(job)s", "42501", id="delete-own-job"),
         pytest.param("select * from claim_job(%(job)s, gen_random_uuid(), 60, 3)", "42501", id="call-claim"),
-        pytest.param("select * from reclaim_jobs(3, 0, 10, 1000, 1000)", "42501", id="call-reclaim"),
+        pytest.param("select reclaim_and_dispatch(3, 0, 10, 1000, 1000)", "42501", id="call-reclaim"),
         pytest.param("select * from job_attempts", "42501", id="read-attempt-history"),
     ],
 )

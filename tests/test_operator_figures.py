@@ -15,7 +15,7 @@ from devstack.emulators.gateway import Gateway
 from sona.models import Output
 from sona.outcomes import OUTCOME_CLASSES
 from sona.store.jobs import JobsStore
-from tests.support import AUDIO_INFO, insert_job, make_settings, sql
+from tests.support import AUDIO_INFO, insert_job, make_settings, reclaimed, sql
 
 LEASE_S, MAX_ATTEMPTS, BASE_MS, CAP_MS = 60, 3, 1000, 60_000
 
@@ -111,7 +111,16 @@ def test_an_expired_lease_is_classed_as_a_timeout(db_url: str) -> None:
     job_id = insert_job(db_url)
     claim(db_url, job_id)
     sql(db_url, "update jobs set lease_expires_at = now() - interval '1 s' where id = %s", job_id, role=None)
-    sql(db_url, "select * from reclaim_jobs(%s, 60, 100, %s, %s)", MAX_ATTEMPTS, BASE_MS, CAP_MS)
+    reclaimed(db_url, MAX_ATTEMPTS, 60, 100, BASE_MS, CAP_MS)
+    (row,) = attempt_rows(db_url, job_id)
+    assert (row["outcome"], row["outcome_class"]) == ("lease_expired", "timeout")
+
+
+def test_any_write_that_ends_an_attempt_as_lease_expired_classes_it_as_a_timeout(db_url: str) -> None:
+    """The trigger, not only the reclaim (which writes the class itself): its WHEN clause lets it run."""
+    job_id = insert_job(db_url)
+    claim(db_url, job_id)
+    sql(db_url, "update job_attempts set outcome = 'lease_expired' where job_id = %s", job_id, role=None)
     (row,) = attempt_rows(db_url, job_id)
     assert (row["outcome"], row["outcome_class"]) == ("lease_expired", "timeout")
 

@@ -8,10 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from threading import Barrier
 from typing import Any
 
-from tests.support import insert_job, job_row, sql
+from tests.support import dispatched, insert_job, job_row, reclaimed, sql
 
 MAX = 3
-RECLAIM = "select * from reclaim_jobs(3, 0, 100, 10, 100)"
+
+
+def reclaim(db_url: str) -> dict[str, Any]:
+    return reclaimed(db_url, MAX, 0, 100, 10, 100)
 
 
 def claim(db_url: str, job_id: uuid.UUID) -> tuple[uuid.UUID, list[dict[str, Any]]]:
@@ -111,17 +114,16 @@ def test_reclaim_dispatches_nothing_while_paused_then_one_probe_then_everything(
     paused_service(db_url)
     for _ in range(3):
         insert_job(db_url)
-    assert [r for r in sql(db_url, RECLAIM) if r["action"] == "dispatch"] == []
+    assert reclaim(db_url)["dispatch"] == []
 
     end_the_pause(db_url)
     sql(db_url, "update jobs set dispatched_at = null")
-    dispatched = [r["job_id"] for r in sql(db_url, RECLAIM) if r["action"] == "dispatch"]
-    assert len(dispatched) == 1
-    token, _ = claim(db_url, dispatched[0])
-    complete(db_url, dispatched[0], token)
+    (probe,) = dispatched(reclaim(db_url))
+    token, _ = claim(db_url, probe)
+    complete(db_url, probe, token)
 
     sql(db_url, "update jobs set dispatched_at = null")
-    assert len([r for r in sql(db_url, RECLAIM) if r["action"] == "dispatch"]) == 4
+    assert len(reclaim(db_url)["dispatch"]) == 4
 
 
 def test_a_job_waiting_out_an_outage_too_long_fails_as_unavailable_not_as_its_own_fault(
@@ -129,8 +131,9 @@ def test_a_job_waiting_out_an_outage_too_long_fails_as_unavailable_not_as_its_ow
 ) -> None:
     first, _ = paused_service(db_url)
     sql(db_url, "insert into sona_settings (key, value) values ('pause_max_wait_seconds', 0)")
-    actions = sql(db_url, RECLAIM)
-    assert {"job_id": first, "action": "failed", "attempt": None, "dispatch_round": None} in actions
+    done = reclaim(db_url)
+    # both waiting jobs: the one the outage sent back, and the one inserted while it lasted
+    assert (done["failed"], done["dispatch"]) == (2, [])
     row = job_row(db_url, first)
     assert row["status"] == "failed"
     assert row["error_message"].startswith("The audio service was unavailable for too long")

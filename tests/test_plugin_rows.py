@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support import connect, insert_job, job_row, new_user, sql
+from tests.support import connect, insert_job, job_row, new_user, reclaim_actions, reclaimed, sql
 from tests.test_state_machine import BASE_MS, CAP_MS, MAX_ATTEMPTS, claim, fail
 
 OUTAGE = ("provider_out_of_credits", "no credits", "The audio service is unavailable right now.", 60)
@@ -77,7 +77,7 @@ def test_an_expired_lease_of_a_plugin_job_goes_back_to_queued(db_url: str) -> No
         job_id,
         role=None,
     )
-    sql(db_url, "select * from reclaim_jobs(%s, 60, 100, %s, %s)", MAX_ATTEMPTS, BASE_MS, CAP_MS)
+    reclaimed(db_url, MAX_ATTEMPTS, 60, 100, BASE_MS, CAP_MS)
     assert job_row(db_url, job_id)["status"] == "queued"
 
 
@@ -170,8 +170,8 @@ def test_the_old_workers_lock_takes_nothing_and_the_claim_still_does(db_url: str
 
 def test_a_job_the_old_worker_holds_is_left_to_it_then_failed_never_run_again(db_url: str) -> None:
     job_id = insert_job(db_url, status="processing", mode="creator")  # taken before the cutover
-    actions = sql(db_url, "select * from reclaim_jobs(%s, 0, 100, %s, %s)", MAX_ATTEMPTS, BASE_MS, CAP_MS)
-    assert [a for a in actions if a["job_id"] == job_id] == []
+    # the one job there is
+    assert reclaim_actions(reclaimed(db_url, MAX_ATTEMPTS, 0, 100, BASE_MS, CAP_MS)) == []
     assert claim(db_url, job_id) is None
     sql(
         db_url,
@@ -179,8 +179,7 @@ def test_a_job_the_old_worker_holds_is_left_to_it_then_failed_never_run_again(db
         f"update public.jobs set updated_at = now() - interval '2 hours' where id = '{job_id}'",
         role=None,
     )
-    actions = sql(db_url, "select * from reclaim_jobs(%s, 0, 100, %s, %s)", MAX_ATTEMPTS, BASE_MS, CAP_MS)
-    assert [a["action"] for a in actions if a["job_id"] == job_id] == ["failed"]
+    assert reclaim_actions(reclaimed(db_url, MAX_ATTEMPTS, 0, 100, BASE_MS, CAP_MS)) == ["failed"]
     assert job_row(db_url, job_id)["status"] == "failed"
 
 

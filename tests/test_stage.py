@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from tests.support import connect, insert_job, job_row, sql
-from tests.test_state_machine import claim, complete, expire_lease, fail, reclaim
+from tests.test_state_machine import MAX_ATTEMPTS, claim, complete, expire_lease, fail, reclaim
 
 HISTORY = """
 create table public.test_stage_history (seq bigserial primary key, job_id uuid, stage text);
@@ -66,6 +66,17 @@ def test_an_attempts_end_sets_the_stage_its_status_implies(db_url: str, end: str
     else:
         fail(db_url, job_id, row["lease_token"], "boom", retryable=end == "transient failure")
     assert stage_of(db_url, job_id) == stage
+
+
+def test_a_lease_that_expires_with_nothing_left_ends_the_job_failed_and_marks_when(db_url: str) -> None:
+    """The reclaim writes the stage and updated_at itself (its row triggers skip): what they would."""
+    job_id = insert_job(db_url, status="processing", attempts=2 * MAX_ATTEMPTS, lease_token=uuid.uuid4())
+    expire_lease(db_url, job_id)
+    before = job_row(db_url, job_id)["updated_at"]
+    reclaim(db_url)
+    row = job_row(db_url, job_id)
+    assert (row["status"], row["stage"]) == ("failed", "failed")
+    assert row["updated_at"] > before
 
 
 def test_a_new_attempt_starts_again_at_claimed(db_url: str) -> None:

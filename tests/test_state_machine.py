@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support import connect, insert_job, job_row, sql
+from tests.support import connect, dispatched, insert_job, job_row, reclaim_actions, reclaimed, sql
 
 LEASE_S, MAX_ATTEMPTS, BASE_MS, CAP_MS = 60, 3, 1000, 60_000
 
@@ -48,17 +48,9 @@ def fail(
     )
 
 
-def reclaim(url: str, grace_s: int = 60, limit: int = 100) -> list[dict[str, Any]]:
-    """What reclaim did, a row per job: its id and action (the task naming columns aside)."""
-    return sql(
-        url,
-        "select job_id, action from reclaim_jobs(%s, %s, %s, %s, %s)",
-        MAX_ATTEMPTS,
-        grace_s,
-        limit,
-        BASE_MS,
-        CAP_MS,
-    )
+def reclaim(url: str, grace_s: int = 60, limit: int = 100) -> dict[str, Any]:
+    """What reclaim did: how many it released and failed, and the jobs it dispatched."""
+    return reclaimed(url, MAX_ATTEMPTS, grace_s, limit, BASE_MS, CAP_MS)
 
 
 def test_each_dispatch_names_its_attempt_and_a_new_round(db_url: str) -> None:
@@ -67,13 +59,7 @@ def test_each_dispatch_names_its_attempt_and_a_new_round(db_url: str) -> None:
     sql(db_url, "update jobs set created_at = now() - interval '1 hour'", role=None)
     rounds = []
     for _ in range(2):
-        (row,) = sql(
-            db_url,
-            "select attempt, dispatch_round from reclaim_jobs(%s, 0, 100, %s, %s) where action = 'dispatch'",
-            MAX_ATTEMPTS,
-            BASE_MS,
-            CAP_MS,
-        )
+        (row,) = reclaim(db_url, grace_s=0)["dispatch"]
         rounds.append((row["attempt"], row["dispatch_round"]))
     assert rounds == [(0, 1), (0, 2)]
 
@@ -309,7 +295,7 @@ def test_a_worker_whose_lease_was_reclaimed_cannot_write(db_url: str) -> None:
     job_id = insert_job(db_url)
     stale = claim(db_url, job_id)["lease_token"]  # type: ignore[index]
     expire_lease(db_url, job_id)
-    assert {"job_id": job_id, "action": "released"} in reclaim(db_url)
+    assert reclaim(db_url)["released"] == 1  # the one job there is
     make_due(db_url, job_id)
     fresh = claim(db_url, job_id)["lease_token"]  # type: ignore[index]
 
@@ -477,9 +463,10 @@ def test_reclaim_case(
     backdating = f"update public.jobs set {backdate} where id = '{job_id}'"
     sql(db_url, "select sona_backfill_jobs(%s)", backdating, role=None)
 
-    taken = [r["action"] for r in reclaim(db_url) if r["job_id"] == job_id]
+    done = reclaim(db_url)
 
-    assert taken == actions
+    assert reclaim_actions(done) == actions  # the one job there is
+    assert dispatched(done) == ([job_id] if "dispatch" in actions else [])
     row = job_row(db_url, job_id)
     assert row["status"] == status
     if error:
@@ -489,8 +476,9 @@ def test_reclaim_case(
 def test_reclaim_dispatches_a_job_once_per_grace_period(db_url: str) -> None:
     job_id = insert_job(db_url)
     sql(db_url, "update jobs set created_at = now() - interval '2 minutes' where id = %s", job_id, role=None)
-    assert [r["job_id"] for r in reclaim(db_url)] == [job_id]
-    assert reclaim(db_url) == []
+    first = reclaim(db_url)
+    assert (reclaim_actions(first), dispatched(first)) == (["dispatch"], [job_id])
+    assert reclaim_actions(reclaim(db_url)) == []
 
 
 def test_two_reclaims_at_once_do_not_both_act(db_url: str) -> None:
@@ -503,10 +491,11 @@ def test_two_reclaims_at_once_do_not_both_act(db_url: str) -> None:
         role=None,
     )
     with connect(db_url, "service_role") as first:
-        acted = first.execute("select * from reclaim_jobs(3, 60, 100, 1000, 60000)").fetchall()
+        acted = first.execute("select reclaim_and_dispatch(3, 60, 100, 1000, 60000) as done").fetchone()
         # The first call's transaction is still open: a second call at this moment does nothing.
-        assert reclaim(db_url) == []
-    assert [r["action"] for r in acted] == ["released", "dispatch"]
+        assert reclaim_actions(reclaim(db_url)) == []
+    assert acted is not None
+    assert reclaim_actions(acted["done"]) == ["released", "dispatch"]
     assert job_row(db_url, job_id)["status"] == "pending"
 
 
@@ -532,11 +521,12 @@ def test_a_released_job_due_at_once_is_dispatched_once_by_the_write_that_release
     job_id = _expired_lease(db_url)
     with connect(db_url, "service_role") as conn:
         acted = conn.execute(
-            "select job_id, action from reclaim_jobs(%s, %s, %s, %s, %s)", (MAX_ATTEMPTS, grace_s, 100, 1, 1)
-        ).fetchall()
+            "select reclaim_and_dispatch(%s, %s, %s, %s, %s) as done", (MAX_ATTEMPTS, grace_s, 100, 1, 1)
+        ).fetchone()
         updates = conn.execute("select n_tup_upd as n from pg_stat_xact_user_tables where relname = 'jobs'")
         written = updates.fetchone()
-    assert [r["action"] for r in acted] == ["released", "dispatch"]
+    assert acted is not None
+    assert (reclaim_actions(acted["done"]), dispatched(acted["done"])) == (["released", "dispatch"], [job_id])
     assert job_row(db_url, job_id)["dispatches"] == 1
     assert written == {"n": writes}
 
@@ -550,5 +540,5 @@ def test_reclaim_limits_the_batch_it_dispatches(db_url: str) -> None:
             job_id,
             role=None,
         )
-    assert len(reclaim(db_url, limit=3)) == 3
-    assert len(reclaim(db_url, limit=3)) == 2
+    assert reclaim_actions(reclaim(db_url, limit=3)) == ["dispatch"] * 3
+    assert reclaim_actions(reclaim(db_url, limit=3)) == ["dispatch"] * 2

@@ -20,7 +20,7 @@ from sona.deadline import Deadline
 from sona.ops.deploy import Plan, env_flag, make_plan, queue_limits
 from sona.reclaim import _enqueue_all
 from sona.services import Services
-from sona.store.jobs import ReclaimAction
+from sona.store.jobs import DueJob
 from sona.task_queue import OneShotHttp, QueueLimits, TaskQueue
 from tests import fake_gcloud
 from tests.support import make_settings
@@ -169,9 +169,7 @@ def test_reclaim_leaves_a_job_whose_task_still_waits_and_sends_one_whose_task_is
 ) -> None:
     waiting, lost = uuid.uuid4(), uuid.uuid4()
     TaskQueue(services.settings, OneShotHttp()).enqueue(waiting, attempt=0)  # the webhook's task
-    due = [
-        ReclaimAction(job_id=job, action="dispatch", attempt=0, dispatch_round=1) for job in (waiting, lost)
-    ]
+    due = [DueJob(job_id=job, attempt=0, dispatch_round=1) for job in (waiting, lost)]
     summary = _enqueue_all(due, services, Deadline(60))
     assert (summary["dispatched"], summary["still_queued"]) == (1, 1)
     names = listed(tasks)
@@ -187,9 +185,7 @@ def test_in_a_backlog_longer_than_the_grace_every_reclaim_adds_nothing(
     for job in jobs:
         queue.enqueue(job, attempt=0)
     for dispatch_round in (1, 2, 3):
-        due = [
-            ReclaimAction(job_id=j, action="dispatch", attempt=0, dispatch_round=dispatch_round) for j in jobs
-        ]
+        due = [DueJob(job_id=j, attempt=0, dispatch_round=dispatch_round) for j in jobs]
         assert _enqueue_all(due, services, Deadline(60))["dispatched"] == 0
     assert len(listed(tasks)) == len(jobs)  # read across pages of two
 
@@ -266,10 +262,7 @@ def test_a_queue_that_cannot_be_listed_gets_no_task_and_a_refusal_fails_loudly(
                 tasks_service_account="sona-tasks@sona-test.iam.gserviceaccount.com",
             )
         )
-        due = [
-            ReclaimAction(job_id=uuid.uuid4(), action="dispatch", attempt=0, dispatch_round=1)
-            for _ in range(3)
-        ]
+        due = [DueJob(job_id=uuid.uuid4(), attempt=0, dispatch_round=1) for _ in range(3)]
         with caplog.at_level(logging.WARNING):
             summary = _enqueue_all(due, services, Deadline(60))
     finally:

@@ -38,7 +38,7 @@ from sona.audio.ffmpeg import find_ffmpeg
 from sona.audio.master import make_master
 from sona.models import webhook_payload
 from sona.ops.stats import fold_settled_hours
-from sona.store.jobs import JobsStore
+from sona.store.jobs import JobsStore, Reclaimed
 
 # The functions run as deployed: a virtual environment with requirements.txt only (the dev tools'
 # extra packages change what some imports pull in, e.g. httpx's optional CLI imports pygments).
@@ -341,7 +341,7 @@ RECLAIM_FILL = (
     " from generate_series(1, %s) i returning id, lease_token)"
     " insert into job_attempts (job_id, attempt, lease_token) select id, 1, lease_token from j"
 )
-# The statements of reclaim_jobs (supabase/schemas/30_state_machine.sql), told apart by their text.
+# The statements of reclaim_and_dispatch (supabase/schemas/30_state_machine.sql), told apart by their text.
 RECLAIM_STATEMENTS = (
     ("v_at_release :=", "count what could be due"),
     ("with expired as", "release expired leases, end their attempts, stamp the due"),
@@ -368,7 +368,7 @@ def reclaim_at_scale(
 ) -> tuple[Figure, int, dict[str, list[float]]]:
     """One reclaim call over 10,000 expired leases: its time, how many round trips it takes, and its
     parts: the client's validation of that answer, and from calls of their own on the same rows,
-    reclaim_jobs() alone in the database, and each of its statements with each trigger they fire
+    reclaim_and_dispatch() alone in the database, and each of its statements with each trigger they fire
     (auto_explain, whose timing adds to them). What the whole call spends beyond the database and
     the validation is the RPC: HTTP, the local gateway's JSON, the client's parsing."""
     store = JobsStore(stack.settings())
@@ -385,26 +385,26 @@ def reclaim_at_scale(
     parts: dict[str, list[float]] = {}
     for _ in range(runs):
         _fill_expired_leases(stack, user, expired)
-        before = stack.gateway.counts["rpc:reclaim_jobs"]
+        before = stack.gateway.counts["rpc:reclaim_and_dispatch"]
         started = time.perf_counter()
-        actions = store.reclaim()
+        reclaimed = store.reclaim()
         times.append(time.perf_counter() - started)
-        trips.add(stack.gateway.counts["rpc:reclaim_jobs"] - before)
-        released = sum(1 for a in actions if a.action == "released")
-        if released != expired:
-            raise RuntimeError(f"reclaim released {released} of {expired}")
+        trips.add(stack.gateway.counts["rpc:reclaim_and_dispatch"] - before)
+        if reclaimed.released != expired:
+            raise RuntimeError(f"reclaim released {reclaimed.released} of {expired}")
+        answer = reclaimed.model_dump(mode="json")
         started = time.perf_counter()
-        store.validated_reclaim_actions([a.model_dump(mode="json") for a in actions])
+        Reclaimed.model_validate(answer)
         parts.setdefault("the client's validation of the answer", []).append(time.perf_counter() - started)
         _fill_expired_leases(stack, user, expired)
         with stack.postgres_connection() as conn:
             cpu_before = _cpu_seconds(conn.info.backend_pid)
             started = time.perf_counter()
-            conn.execute("select count(*) from reclaim_jobs(%s, %s, %s, %s, %s)", args)
+            conn.execute("select reclaim_and_dispatch(%s, %s, %s, %s, %s)", args)
             alone = time.perf_counter() - started
             cpu = _cpu_seconds(conn.info.backend_pid) - cpu_before
             conn.rollback()
-        parts.setdefault("reclaim_jobs() alone, in the database", []).append(alone)
+        parts.setdefault("reclaim_and_dispatch() alone, in the database", []).append(alone)
         # The server's CPU for that call: steadier than its wall time when other work shares the CPUs.
         parts.setdefault("  the same, CPU time of its server process", []).append(cpu)
         _fill_expired_leases(stack, user, expired)
@@ -438,14 +438,14 @@ def _fill_expired_leases(stack: LocalStack, user: uuid.UUID, expired: int) -> No
 
 
 def _reclaim_statements(stack: LocalStack, args: tuple[int, ...]) -> dict[str, float]:
-    """Seconds per statement of one reclaim_jobs() call, and per trigger (`  trigger <name>`) within
+    """Seconds per statement of one reclaim_and_dispatch() call, and per trigger (`  trigger <name>`) within
     them, from auto_explain's plans sent to this session."""
     plans: list[str] = []
     with stack.postgres_connection() as conn:
         conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
         for setting in AUTO_EXPLAIN:
             conn.execute(setting)  # type: ignore[arg-type]  # constants
-        conn.execute("select count(*) from reclaim_jobs(%s, %s, %s, %s, %s)", args)
+        conn.execute("select reclaim_and_dispatch(%s, %s, %s, %s, %s)", args)
         conn.rollback()
     seconds: dict[str, float] = {}
     for message in plans:

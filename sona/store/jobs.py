@@ -10,10 +10,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from functools import cache
 from typing import Any, cast
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
 from sona.config import Settings
 from sona.deadline import Deadline
@@ -41,20 +40,23 @@ CLAIM_BUDGET_S = 10.0
 FOLD_HOURS = 24
 
 
-class ReclaimAction(BaseModel):
+class DueJob(BaseModel):
+    """A job the reclaim stamped for dispatch: its attempts so far and this dispatch's round, which
+    name its task."""
+
     job_id: uuid.UUID
-    action: str
-    # For 'dispatch': the attempts so far and this dispatch's round, which name its task.
-    attempt: int | None = None
-    dispatch_round: int | None = None
+    attempt: int
+    dispatch_round: int
 
 
-@cache
-def _reclaim_actions() -> TypeAdapter[list[ReclaimAction]]:
-    """A reclaim's answer is validated as one list, in one call: 10,000 rows one model_validate at
-    a time cost about a third more (issue 34). Built on the first reclaim, not at import: the
-    worker's cold start imports this module."""
-    return TypeAdapter(list[ReclaimAction])
+class Reclaimed(BaseModel):
+    """What one reclaim did: how many expired leases it released and jobs it failed, and the jobs
+    due for dispatch now. Only the dispatches come as rows, since only they are acted on (issue 34:
+    10,000 released rows cost more to send and validate than to release)."""
+
+    released: int
+    failed: int
+    dispatch: list[DueJob]
 
 
 class Garbage(BaseModel):
@@ -227,10 +229,10 @@ class JobsStore:
         """The plug-in's tokens charged and refunded, and jobs whose charge was not found."""
         return self._figures("token_stats", window_hours)
 
-    def reclaim(self) -> list[ReclaimAction]:
+    def reclaim(self) -> Reclaimed:
         """Expire lost leases and pick the jobs due for dispatch (single-flight in SQL)."""
-        rows = self._rpc(
-            "reclaim_jobs",
+        answer = self._call(
+            "reclaim_and_dispatch",
             {
                 "p_max_attempts": self._settings.max_attempts,
                 "p_grace_seconds": self._settings.reclaim_grace_s,
@@ -239,11 +241,7 @@ class JobsStore:
                 "p_max_delay_ms": self._settings.retry_backoff_cap_ms,
             },
         )
-        return self.validated_reclaim_actions(rows)
-
-    @staticmethod
-    def validated_reclaim_actions(rows: list[dict[str, Any]]) -> list[ReclaimAction]:
-        return _reclaim_actions().validate_python(rows)
+        return Reclaimed.model_validate(answer)
 
     def files_to_delete(self, limit: int) -> list[Garbage]:
         """Object names whose rows no longer point at them (retention; docs/plugin-client.md), oldest

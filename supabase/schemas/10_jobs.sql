@@ -107,10 +107,6 @@ create table public.job_attempts (
 create index job_attempts_started_idx on public.job_attempts (started_at);
 create index job_attempts_open_started_idx on public.job_attempts (started_at) where outcome is null;
 
--- What one reclaim did: a row per job it touched (the attempt and dispatch round name a dispatch's
--- task; null for the other actions).
-create type public.reclaim_action as (job_id uuid, action text, attempt integer, dispatch_round integer);
-
 -- Row level security: users read and create their own jobs; the worker owns everything else. A
 -- table that already has other owners' policies (the plug-in's own-row, admin and showcase ones)
 -- keeps them; results stay the worker's whatever they allow (jobs_guard, 20_job_rows.sql).

@@ -129,7 +129,7 @@ def test_a_job_whose_lost_lease_exhausts_its_attempts_is_refunded_by_reclaim(
     for _ in range(2):  # the paid attempt, then the one finishing attempt reclaim allows
         sql(url, "select id from public.claim_job(%s, gen_random_uuid(), 300, 1)", job)
         sql(url, expire, job)
-        sql(url, "select job_id from public.reclaim_jobs(1, 0, 100, 1000, 60000)")
+        sql(url, "select public.reclaim_and_dispatch(1, 0, 100, 1000, 60000)")
     assert sql(url, "select status from public.jobs where id = %s", job) == [{"status": "failed"}]
     assert balance(url, user) == BONUS
     assert len(_refunds(url, user)) == 1
