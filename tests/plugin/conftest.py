@@ -7,13 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from devstack.database import apply_sql, migrate
+from devstack.database import apply_sql, create_database, drop_database, migrate
 from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.stack import _stand_in
-from tests.conftest import _database_url, fresh_database
+from tests.conftest import throwaway_database
 from tests.plugin.plugin_db import build_plugin_database, store_plugin_audio
 from tests.support import wav_bytes
 
@@ -24,10 +23,8 @@ PLUGIN_REFUNDS_TEMPLATE = "plugin_refunds_template"
 
 
 def _template(pg_server: str, name: str, build: object) -> str:
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"drop database if exists {name} with (force)")  # type: ignore[arg-type]
-        conn.execute(f"create database {name} template template0")  # type: ignore[arg-type]
-    url = _database_url(pg_server, name)
+    drop_database(pg_server, name)
+    url = create_database(pg_server, name, "template0")
     build(url)  # type: ignore[operator]
     return name
 
@@ -65,26 +62,30 @@ def plugin_refunds_template(pg_server: str) -> str:
 
 
 @pytest.fixture
-def plugin_refunds_db_url(pg_server: str, plugin_refunds_template: str) -> str:
-    return fresh_database(pg_server, plugin_refunds_template)
+def plugin_refunds_db_url(pg_server: str, plugin_refunds_template: str) -> Iterator[str]:
+    with throwaway_database(pg_server, plugin_refunds_template) as url:
+        yield url
 
 
 @pytest.fixture
 def plugin_db_url(pg_server: str, plugin_template: str) -> str:
     """The plug-in's schema and rows, none of this project's migrations."""
-    return fresh_database(pg_server, plugin_template)
+    with throwaway_database(pg_server, plugin_template) as url:
+        yield url
 
 
 @pytest.fixture
-def plugin_empty_db_url(pg_server: str, plugin_empty_template: str) -> str:
+def plugin_empty_db_url(pg_server: str, plugin_empty_template: str) -> Iterator[str]:
     """The plug-in's schema with no rows (and no users)."""
-    return fresh_database(pg_server, plugin_empty_template)
+    with throwaway_database(pg_server, plugin_empty_template) as url:
+        yield url
 
 
 @pytest.fixture
-def plugin_migrated_db_url(pg_server: str, plugin_migrated_template: str) -> str:
+def plugin_migrated_db_url(pg_server: str, plugin_migrated_template: str) -> Iterator[str]:
     """The plug-in's schema and rows, then every migration of this project, as a deploy would do."""
-    return fresh_database(pg_server, plugin_migrated_template)
+    with throwaway_database(pg_server, plugin_migrated_template) as url:
+        yield url
 
 
 def _gateway(url: str, storage: Path) -> Gateway:
