@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -42,6 +43,15 @@ from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.stack import _stand_in
 from devstack.system_postgres import ADMIN, OWNER, SystemPostgres, find_bin_dir, prepare_as_supabase
 from tests.support import LEDGER_KEY
+
+# The suite starts about a thousand Python processes (xdist workers, functions-framework, the CLIs,
+# the demos) that import the same modules, and each worker collects every test file (rewriting its
+# asserts). Where the environment turns bytecode off (PYTHONDONTWRITEBYTECODE, set machine-wide on
+# some hosts) nothing is ever cached, and each of them compiled those sources again: a fresh clone
+# spent about 3 CPU-s of each worker's collection on that alone. So this suite writes bytecode, into
+# the __pycache__ folders .gitignore already leaves out, and the processes it starts inherit that.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 AS_SUPABASE_ENV = "SONA_TEST_AS_SUPABASE"
 # Per xdist worker, so workers sharing one SONA_TEST_DATABASE_URL server never drop each other's.

@@ -26,6 +26,11 @@ the way the real CLI was documented or reported to answer where a first deploy m
   build creates (gcf-artifacts), and a policy file Artifact Registry can read.
 Time is virtual: `fake_gcloud.py --sleep N` (installed as `sleep`) advances the clock, so waiting
 ten minutes for Monitoring takes none.
+
+The deploy-script tests make hundreds of calls a suite: `install(bin_dir)` puts `gcloud` and `sleep`
+there as bash launchers that hand their argv to one server thread in the test process (`serve`),
+which runs the same `call` the command line runs and answers its output, error output and exit
+status for the launcher to print and exit with: a bash start instead of a Python one per call.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ import sys
 # uuid and pathlib would add about a quarter of each start).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from pathlib import Path
+    from typing import Any
 
     State = dict[str, Any]
 
@@ -343,11 +349,6 @@ def gcloud(state: State, argv: list[str]) -> str:
     raise Refused(f"Invalid choice: {' '.join(words)}")
 
 
-def fail(command: str, message: str) -> NoReturn:
-    print(f"ERROR: (gcloud.{command}) {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
@@ -372,24 +373,105 @@ def _uuid4() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def main(argv: list[str]) -> int:
-    path = os.environ["FAKE_GCLOUD_STATE"]
+def call(path: str, argv: list[str]) -> tuple[int, str, str]:
+    """One gcloud call against the state file at path: its exit status, output and error output."""
     state = json.loads(_read(path))
     if argv[:1] == ["--sleep"]:
         state["clock"] += float(argv[1])
         _write(path, json.dumps(state))
-        return 0
+        return 0, "", ""
     state["calls"].append(argv)
     command = ".".join([w for w in argv if not w.startswith("--")][:3])
     try:
         out = gcloud(state, argv)
     except Refused as exc:
         _write(path, json.dumps(state))
-        fail(command, str(exc))
+        return 1, "", f"ERROR: (gcloud.{command}) {exc}\n"
     _write(path, json.dumps(state))
-    if out:
-        print(out)
-    return 0
+    return 0, f"{out}\n" if out else "", ""
+
+
+def main(argv: list[str]) -> int:
+    status, out, err = call(os.environ["FAKE_GCLOUD_STATE"], argv)
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return status
+
+
+# -- the launchers and their server (see the module's docstring) -----------------------------------
+
+# bash's /dev/tcp opens the connection; the request is NUL-separated fields (their count, the state
+# file, the argv), the answer a few shell words that print what the call printed and exit with its
+# status, read up to the NUL that ends it.
+LAUNCHER = """#!/bin/bash
+# A fake `{name}` (tests/fake_gcloud.py): this test process's fake gcloud server answers the call.
+exec 3<>/dev/tcp/127.0.0.1/{port} || exit 70
+printf '%s\\0' "$(($# + {extra}))" "${{FAKE_GCLOUD_STATE-}}" {prefix}"$@" >&3
+IFS= read -r -d '' answer <&3
+eval "$answer"
+"""
+_server: list[int] = []  # the port of this process's server, once started
+
+
+def install(bin_dir: Path) -> None:
+    """`gcloud` and `sleep` in bin_dir, answered by this process's server (started on first use)."""
+    import stat
+
+    if not _server:
+        _server.append(_start_server())
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, prefix in (("gcloud", ""), ("sleep", "--sleep ")):
+        script = bin_dir / name
+        extra = 1 if prefix else 0
+        script.write_text(LAUNCHER.format(name=name, port=_server[0], extra=extra, prefix=prefix))
+        script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def _start_server() -> int:
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=serve, args=(listener,), name="fake-gcloud", daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+def serve(listener: Any) -> None:
+    """One call at a time, in arrival order, as the calls of one deploy script are made."""
+    while True:
+        connection, _ = listener.accept()
+        with connection:
+            try:
+                connection.sendall(_answer(_request(connection)).encode() + b"\0")
+            except (OSError, ValueError):  # a launcher killed mid-call: its caller sees it fail
+                continue
+
+
+def _request(connection: Any) -> list[str]:
+    data = b""
+    while True:
+        fields = data.split(b"\0")
+        if len(fields) > 1 and len(fields) - 1 >= int(fields[0]) + 2:  # the count, the state file, argv
+            return [f.decode() for f in fields[1 : int(fields[0]) + 2]]
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise ConnectionError("the launcher hung up mid-request")
+        data += chunk
+
+
+def _answer(request: list[str]) -> str:
+    """The shell words that print what the call printed and exit with its status."""
+    import shlex
+    import traceback
+
+    path, argv = request[0], request[1:]
+    try:
+        if not path:
+            raise KeyError("FAKE_GCLOUD_STATE")
+        status, out, err = call(path, argv)
+    except Exception:  # what the command line would print: its traceback, and status 1
+        status, out, err = 1, "", traceback.format_exc()
+    return f"printf %s {shlex.quote(out)}; printf %s {shlex.quote(err)} >&2; exit {status}"
 
 
 if __name__ == "__main__":

@@ -12,12 +12,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
+import httpx
 import psycopg
+from storage3 import SyncStorageClient
+from storage3.constants import DEFAULT_TIMEOUT
 
 from devstack.connections import shared as shared_connections
 from devstack.events import CHANGES
 from sona.config import Settings, load_settings
 from sona.models import AudioInfo
+from sona.tls import tls_context
 
 AUDIO_INFO = AudioInfo(
     duration_s=5,
@@ -36,6 +40,47 @@ AUDIO_INFO = AudioInfo(
 # ledger (tests/hardening/conftest.py: Ledger.as_data) for the controller, which merges the parts and
 # prints one summary (tests/conftest.py).
 LEDGER_KEY = "sona_hardening_ledger"
+
+
+
+class _Web:
+    """httpx's one-call functions with the one TLS context sona's own clients share (sona.tls):
+    httpx otherwise builds a context for each call, reading the CA bundle (10 to 40 ms of CPU), and
+    the gateway and Storage tests make hundreds of calls."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(method, url, verify=tls_context(), **kwargs)
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def head(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("HEAD", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("PUT", url, **kwargs)
+
+    def patch(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("PATCH", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kwargs)
+
+
+web = _Web()
+
+
+def storage_client(url: str, headers: dict[str, str]) -> SyncStorageClient:
+    """storage3's client as a caller builds it, on the httpx client it would make for itself
+    (storage3/_sync/client.py) but with the shared TLS context."""
+    session = httpx.Client(
+        headers=headers, timeout=DEFAULT_TIMEOUT, follow_redirects=True, http2=True, verify=tls_context()
+    )
+    return SyncStorageClient(url, headers, http_client=session)
+
 
 SECRETS = {
     "supabase_service_role_key": "sb_secret_sentinel-service-key-7f3a9",

@@ -14,7 +14,7 @@ import pytest
 
 from devstack.emulators.gateway import Gateway
 from devstack.emulators.user_jwt import make_user_jwt, sign_jwt
-from tests.support import connect
+from tests.support import connect, web
 
 EMAIL = "musician@example.com"
 GOTRUE_USER_KEYS = {
@@ -47,11 +47,11 @@ def get_user(gateway: Gateway, token: str | None) -> httpx.Response:
     headers = {"apikey": gateway.publishable_key, "X-Supabase-Api-Version": "2024-01-01"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    return httpx.get(f"{gateway.url}/auth/v1/user", headers=headers)
+    return web.get(f"{gateway.url}/auth/v1/user", headers=headers)
 
 
 def sign_in(gateway: Gateway, email: str, password: str) -> httpx.Response:
-    return httpx.post(
+    return web.post(
         f"{gateway.url}/auth/v1/token?grant_type=password",
         json={"email": email, "password": password, "gotrue_meta_security": {}},
         headers={"apikey": gateway.publishable_key, "Authorization": f"Bearer {gateway.publishable_key}"},
@@ -128,5 +128,5 @@ def test_the_password_grant_refuses_a_wrong_password_or_an_unknown_email_alike(
 
 def test_auth_needs_the_api_key_as_supabases_gateway_does(gateway: Gateway, user: uuid.UUID) -> None:
     token = make_user_jwt(gateway.jwt_secret, user)
-    answer = httpx.get(f"{gateway.url}/auth/v1/user", headers={"Authorization": f"Bearer {token}"})
+    answer = web.get(f"{gateway.url}/auth/v1/user", headers={"Authorization": f"Bearer {token}"})
     assert (answer.status_code, answer.json()["message"]) == (401, "No API key found in request")

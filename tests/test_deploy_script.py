@@ -23,16 +23,6 @@ from tests.test_gcloudignore import build_ignore_file, copy_upload
 pytestmark = pytest.mark.slow  # real processes (tests/conftest.py starts such files first)
 
 
-def install_fakes(bin_dir: Path) -> None:
-    """The fake needs the standard library alone: -I -S start it without the environment's
-    settings and site-packages, less to load on each of the few hundred calls a suite run makes."""
-    bin_dir.mkdir()
-    for name, args in (("gcloud", ""), ("sleep", "--sleep ")):
-        script = bin_dir / name
-        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "{fake_gcloud.__file__}" {args}"$@"\n')
-        script.chmod(0o755)
-
-
 class Project:
     """One fake Google Cloud project and the deploy paths run against it."""
 
@@ -42,7 +32,7 @@ class Project:
         self.state_file = tmp_path / "gcloud-state.json"
         self.state_file.write_text(json.dumps(fake_gcloud.new_state(**scenario)))
         self.bin = tmp_path / "bin"
-        install_fakes(self.bin)
+        fake_gcloud.install(self.bin)  # `gcloud` and `sleep`, answered by this process's fake
 
     @property
     def state(self) -> dict[str, Any]:

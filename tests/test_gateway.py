@@ -14,7 +14,7 @@ from werkzeug.wrappers import Request
 from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.emulators.user_jwt import make_user_jwt
 from devstack.serving import json_response, serve_wsgi, stop_server
-from tests.support import connect, insert_job, new_user, sql
+from tests.support import connect, insert_job, new_user, sql, web
 
 ZERO = "00000000-0000-0000-0000-000000000000"
 
@@ -22,7 +22,7 @@ ZERO = "00000000-0000-0000-0000-000000000000"
 def rpc(gw: Gateway, name: str, body: object, key: str | None = None) -> httpx.Response:
     key = gw.service_role_key if key is None else key
     headers = {"apikey": key, "Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(f"{gw.url}/rest/v1/rpc/{name}", json=body, headers=headers)
+    return web.post(f"{gw.url}/rest/v1/rpc/{name}", json=body, headers=headers)
 
 
 def test_a_setof_function_answers_an_array_even_when_empty(gateway: Gateway) -> None:
@@ -49,7 +49,7 @@ def test_a_singular_accept_takes_the_one_row_of_a_set_returning_function(
     body = {"p_job_id": job_id, "p_claim_id": str(uuid.uuid4()), **CLAIM}
     key = gateway.service_role_key
     headers = {"apikey": key, "Authorization": f"Bearer {key}", "Accept": "application/vnd.pgrst.object+json"}
-    response = httpx.post(f"{gateway.url}/rest/v1/rpc/claim_job", json=body, headers=headers)
+    response = web.post(f"{gateway.url}/rest/v1/rpc/claim_job", json=body, headers=headers)
     assert response.status_code == 200
     assert response.json()["id"] == job_id and response.json()["status"] == "processing"
 
@@ -59,7 +59,7 @@ def test_a_singular_accept_on_no_rows_is_pgrst116(gateway: Gateway, db_url: str)
     body = {"p_job_id": ZERO, "p_claim_id": str(uuid.uuid4()), **CLAIM}
     key = gateway.service_role_key
     headers = {"apikey": key, "Authorization": f"Bearer {key}", "Accept": "application/vnd.pgrst.object+json"}
-    response = httpx.post(f"{gateway.url}/rest/v1/rpc/claim_job", json=body, headers=headers)
+    response = web.post(f"{gateway.url}/rest/v1/rpc/claim_job", json=body, headers=headers)
     assert (response.status_code, response.json()["code"]) == (406, "PGRST116")
     assert response.json()["details"] == "The result contains 0 rows"
 
@@ -136,7 +136,7 @@ def test_a_new_key_as_bearer_beside_another_apikey_gets_postgrests_pgrst301(
 ) -> None:
     """Only the request's own key is resolved: a different non-JWT Bearer reaches PostgREST as is."""
     headers = {"apikey": gateway.anon_key, "Authorization": f"Bearer {getattr(gateway, kind)}"}
-    response = httpx.post(f"{gateway.url}/rest/v1/rpc/job_stats", json=STATS, headers=headers)
+    response = web.post(f"{gateway.url}/rest/v1/rpc/job_stats", json=STATS, headers=headers)
     assert (response.status_code, response.json()) == (401, NOT_A_JWT)
     assert response.headers["Proxy-Status"] == "PostgREST; error=PGRST301"
 
@@ -148,7 +148,7 @@ def claim_as(gateway: Gateway, headers: dict[str, str], db_url: str) -> httpx.Re
         "p_lease_seconds": 60,
         "p_max_attempts": 3,
     }
-    return httpx.post(f"{gateway.url}/rest/v1/rpc/claim_job", json=body, headers=headers)
+    return web.post(f"{gateway.url}/rest/v1/rpc/claim_job", json=body, headers=headers)
 
 
 @pytest.mark.parametrize(
@@ -174,14 +174,14 @@ def storage_call(
     gateway: Gateway, route: str, headers: dict[str, str], bucket: str = "audio"
 ) -> httpx.Response:
     if route == "bucket_create":
-        return httpx.post(f"{gateway.url}/storage/v1/bucket", json={"name": bucket}, headers=headers)
+        return web.post(f"{gateway.url}/storage/v1/bucket", json={"name": bucket}, headers=headers)
     if route == "upload":
-        return httpx.post(
+        return web.post(
             f"{gateway.url}/storage/v1/object/{bucket}/generated/a.wav",
             content=b"RIFF",
             headers={**headers, "content-type": "audio/wav"},
         )
-    return httpx.post(
+    return web.post(
         f"{gateway.url}/storage/v1/object/list/{bucket}", json={"prefix": "generated"}, headers=headers
     )
 
@@ -273,7 +273,7 @@ def test_table_errors_have_postgrests_body_status_and_code(
 ) -> None:
     key = gateway.service_role_key
     headers = {"apikey": key, "Authorization": f"Bearer {key}", **extra}
-    response = httpx.request(
+    response = web.request(
         method, f"{gateway.url}{path}", headers=headers, content=b"" if method != "GET" else None
     )
     assert response.status_code == status, response.text
@@ -285,7 +285,7 @@ def test_table_errors_have_postgrests_body_status_and_code(
 def test_a_head_error_has_no_body_but_its_status_and_code_in_proxy_status(gateway: Gateway) -> None:
     key = gateway.service_role_key
     headers = {"apikey": key, "Authorization": f"Bearer {key}", "Prefer": "count=exact"}
-    response = httpx.head(f"{gateway.url}/rest/v1/no_such_table?select=*", headers=headers)
+    response = web.head(f"{gateway.url}/rest/v1/no_such_table?select=*", headers=headers)
     assert (response.status_code, response.content) == (404, b"")
     assert response.headers["Proxy-Status"] == "PostgREST; error=PGRST205"
 
@@ -293,7 +293,7 @@ def test_a_head_error_has_no_body_but_its_status_and_code_in_proxy_status(gatewa
 def test_what_is_not_translated_says_so_in_the_details(gateway: Gateway) -> None:
     key = gateway.service_role_key
     headers = {"apikey": key, "Authorization": f"Bearer {key}"}
-    response = httpx.get(f"{gateway.url}/rest/v1/jobs?select=id,owner:users(email)", headers=headers)
+    response = web.get(f"{gateway.url}/rest/v1/jobs?select=id,owner:users(email)", headers=headers)
     assert response.json()["details"].startswith("not served by the local gateway")
 
 
@@ -301,7 +301,7 @@ def test_a_write_refused_by_row_level_security_is_postgrests_42501(gateway: Gate
     """A signed-in user inserting a job for someone else: the database refuses, the body says why."""
     user, other = new_user(db_url), new_user(db_url)
     token = make_user_jwt(gateway.jwt_secret, user)
-    response = httpx.post(
+    response = web.post(
         f"{gateway.url}/rest/v1/jobs",
         json={"user_id": str(other), "prompt": "not mine to ask for", "duration": 5},
         headers={"apikey": gateway.publishable_key, "Authorization": f"Bearer {token}"},
@@ -317,13 +317,13 @@ def test_a_filtered_update_and_delete_answer_the_rows_they_changed_with_the_sele
     mine = insert_job(db_url)
     key = gateway.service_role_key
     headers = {"apikey": key, "Authorization": f"Bearer {key}", "Prefer": "return=representation"}
-    patched = httpx.patch(
+    patched = web.patch(
         f"{gateway.url}/rest/v1/jobs?id=eq.{mine}&select=id,error_message",
         json={"error_message": "patched"},
         headers={**headers, "Accept": "application/vnd.pgrst.object+json"},
     )
     assert (patched.status_code, patched.json()) == (200, {"id": str(mine), "error_message": "patched"})
-    deleted = httpx.delete(f"{gateway.url}/rest/v1/jobs?id=in.({mine},{ZERO})", headers=headers)
+    deleted = web.delete(f"{gateway.url}/rest/v1/jobs?id=in.({mine},{ZERO})", headers=headers)
     assert (deleted.status_code, [r["id"] for r in deleted.json()]) == (200, [str(mine)])
 
 
@@ -335,7 +335,7 @@ def test_an_update_or_delete_with_no_filter_is_refused_as_pg_safeupdate_refuses_
     every row the caller may see."""
     mine = insert_job(db_url)
     key = gateway.service_role_key
-    response = httpx.request(
+    response = web.request(
         method,
         f"{gateway.url}/rest/v1/jobs",
         json={"error_message": "everyone's"} if method == "PATCH" else None,
@@ -384,7 +384,7 @@ def test_functions_are_forwarded_to_the_developers_server_as_they_came(
     )
     gw.start()
     try:
-        answer = httpx.post(
+        answer = web.post(
             f"{gw.url}/functions/v1/generate?dry=1",
             content=b'{"prompt": "rain"}',
             headers={"Authorization": "Bearer user-token", "apikey": gw.publishable_key},
@@ -403,7 +403,7 @@ def test_functions_are_forwarded_to_the_developers_server_as_they_came(
 
 
 def test_with_no_functions_server_a_function_is_not_found_and_says_how_to_name_one(gateway: Gateway) -> None:
-    answer = httpx.post(f"{gateway.url}/functions/v1/generate", json={})
+    answer = web.post(f"{gateway.url}/functions/v1/generate", json={})
     assert (answer.status_code, answer.json()["code"]) == (404, "NOT_FOUND")
     assert "--functions-url" in answer.json()["hint"]
 
@@ -420,7 +420,7 @@ def test_an_insert_of_two_rows_asked_for_as_one_object_is_pgrst116_and_stores_ne
         "Prefer": "return=representation",
         "Accept": "application/vnd.pgrst.object+json",
     }
-    response = httpx.post(f"{gateway.url}/rest/v1/jobs", json=rows, headers=headers)
+    response = web.post(f"{gateway.url}/rest/v1/jobs", json=rows, headers=headers)
     assert (response.status_code, response.json()["details"]) == (406, "The result contains 2 rows")
     with connect(db_url) as conn:
         stored = conn.execute("select count(*) as n from public.jobs where user_id = %s", (user,)).fetchone()

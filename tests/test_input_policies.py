@@ -15,7 +15,7 @@ from storage3.exceptions import StorageApiError
 
 from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.emulators.user_jwt import make_user_jwt
-from tests.support import connect, new_user, wav_bytes
+from tests.support import connect, new_user, storage_client, wav_bytes
 
 BUCKET = "audio-inputs"
 SECRET = "local-jwt-secret-for-input-tests"
@@ -44,7 +44,7 @@ def gateway(db_url: str, tmp_path: Path) -> Iterator[Gateway]:
 def as_user(gateway: Gateway, user_id: uuid.UUID, secret: str | None = None) -> SyncStorageClient:
     token = make_user_jwt(secret or gateway.jwt_secret, user_id)
     headers = {"apikey": gateway.anon_key, "Authorization": f"Bearer {token}"}
-    return SyncStorageClient(f"{gateway.url}/storage/v1/", headers)
+    return storage_client(f"{gateway.url}/storage/v1/", headers)
 
 
 def upload(client: SyncStorageClient, path: str, data: bytes = b"") -> None:

@@ -21,19 +21,25 @@ from tests.support import wav_bytes
 
 FFMPEG = find_ffmpeg()
 RATE = 44_100
+PERIOD = 441  # samples of one period of the 1 kHz test tone at RATE (10 cycles)
 
 
 def tone_wav(seconds: float, level_dbfs: float, *, clicks_dbfs: float | None = None) -> bytes:
     """A stereo 16-bit 1 kHz tone (the right channel a little quieter, so the channels differ),
-    optionally with a short loud click every second (a quiet master with high peaks)."""
+    optionally with a short loud click every second (a quiet master with high peaks). A 1 kHz sine
+    repeats every 441 samples at 44.1 kHz, and a second is 100 of those: one second is computed and
+    repeated (a sample at a time, a 60 s tone cost about 3 CPU-s)."""
     amplitude = 32767 * 10 ** (level_dbfs / 20)
     click = None if clicks_dbfs is None else round(32767 * 10 ** (clicks_dbfs / 20))
-    samples = array.array("h")
-    for i in range(round(seconds * RATE)):
-        value = round(amplitude * math.sin(2 * math.pi * 1000 * i / RATE))
-        if click is not None and i % RATE < 3:
+    second = array.array("h")
+    for i in range(RATE):
+        value = round(amplitude * math.sin(2 * math.pi * 1000 * (i % PERIOD) / RATE))
+        if click is not None and i < 3:
             value = click
-        samples.extend((value, round(value * 0.7)))
+        second.extend((value, round(value * 0.7)))
+    frames = round(seconds * RATE)
+    whole, rest = divmod(frames, RATE)
+    samples = second * whole + second[: 2 * rest]
     out = io.BytesIO()
     with wave.open(out, "wb") as writer:
         writer.setnchannels(2)

@@ -9,14 +9,13 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import httpx
 import pytest
 
 from devstack.emulators.gateway import Gateway
 from sona.deadline import Deadline
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, StorageUnavailable
 from sona.store.storage import AudioStorage, BufferFile, object_path
-from tests.support import make_settings, sql
+from tests.support import make_settings, sql, web
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +104,7 @@ def test_urls_are_percent_encoded_and_download(gateway: Gateway, public: bool) -
     assert url.split("?")[0] == (
         f"{gateway.url}/storage/v1/object/{kind}/audio-files/my%20takes%20%28v2%29/a%26b%3D1.wav"
     )
-    assert httpx.get(url).content == b"spaced"
+    assert web.get(url).content == b"spaced"
 
 
 @pytest.mark.parametrize(("ext", "content_type"), [("wav", "audio/wav"), ("mp3", "audio/mpeg")])
@@ -116,7 +115,7 @@ def test_uploads_land_with_their_content_type_and_the_public_url_serves_them(
     s.ensure_bucket()
     url = s.upload(f"generated/job.{ext}", b"audio bytes " + ext.encode(), ext, Deadline(10))
     assert url == f"{gateway.url}/storage/v1/object/public/audio-files/generated/job.{ext}"
-    got = httpx.get(url)
+    got = web.get(url)
     assert got.content == b"audio bytes " + ext.encode()
     assert got.headers["content-type"] == content_type
     assert (gateway.storage_dir / "audio-files" / "generated" / f"job.{ext}").exists()
@@ -127,14 +126,14 @@ def test_a_second_attempt_can_write_the_same_path(gateway: Gateway) -> None:
     s.ensure_bucket()
     s.upload("generated/a.wav", b"first", "wav", Deadline(10))
     url = s.upload("generated/a.wav", b"second", "wav", Deadline(10))
-    assert httpx.get(url).content == b"second"
+    assert web.get(url).content == b"second"
 
 
 def test_without_upsert_the_gateway_answers_storages_duplicate_error(gateway: Gateway) -> None:
     s = storage(gateway)
     s.ensure_bucket()
     s.upload("generated/a.wav", b"first", "wav", Deadline(10))
-    response = httpx.post(
+    response = web.post(
         f"{gateway.url}/storage/v1/object/audio-files/generated/a.wav",
         content=b"again",
         headers={"apikey": gateway.service_role_key, "content-type": "audio/wav"},
@@ -153,9 +152,9 @@ def test_a_private_bucket_gets_signed_urls_that_download(gateway: Gateway) -> No
     s.ensure_bucket()
     url = s.upload("generated/p.mp3", b"private", "mp3", Deadline(10))
     assert "/object/sign/audio-files/generated/p.mp3?token=" in url
-    assert httpx.get(url).content == b"private"
+    assert web.get(url).content == b"private"
     public = f"{gateway.url}/storage/v1/object/public/audio-files/generated/p.mp3"
-    assert httpx.get(public).status_code == 400
+    assert web.get(public).status_code == 400
 
 
 def test_a_bytearray_is_uploaded_as_it_is_and_sent_again_whole_on_a_retry(gateway: Gateway) -> None:
@@ -167,7 +166,7 @@ def test_a_bytearray_is_uploaded_as_it_is_and_sent_again_whole_on_a_retry(gatewa
     gateway.faults.add("storage:upload", 500, {"statusCode": "500", "error": "internal", "message": "boom"})
     url = s.upload("generated/b.wav", data, "wav", Deadline(10))
     assert gateway.counts["storage:upload"] == 2
-    got = httpx.get(url)
+    got = web.get(url)
     assert got.content == bytes(data)
     assert got.headers["content-type"] == "audio/wav"
 
@@ -318,7 +317,7 @@ def test_an_existing_buckets_own_privacy_decides_the_urls_whatever_the_setting(
     kind = "public" if bucket_public else "sign"
     assert f"/storage/v1/object/{kind}/audio-files/generated/" in url
     assert ("?token=" in url) is not bucket_public
-    assert httpx.get(url).status_code == 200
+    assert web.get(url).status_code == 200
     assert sql(db_url, "select public from storage.buckets", role=None) == [{"public": bucket_public}]
 
 
@@ -336,7 +335,7 @@ def test_a_bucket_turned_private_gets_signed_urls_from_the_next_instance(gateway
     s = storage(gateway)
     s.ensure_bucket()
     assert "/object/public/" in s.upload("generated/before.mp3", b"before", "mp3", Deadline(10))
-    turned = httpx.put(
+    turned = web.put(
         f"{gateway.url}/storage/v1/bucket/audio-files",
         json={"public": False},
         headers={"apikey": gateway.service_role_key},
@@ -347,7 +346,7 @@ def test_a_bucket_turned_private_gets_signed_urls_from_the_next_instance(gateway
     fresh.ensure_bucket()
     url = fresh.upload("generated/after.mp3", b"after", "mp3", Deadline(10))
     assert "/object/sign/audio-files/generated/after.mp3?token=" in url
-    assert httpx.get(url).content == b"after"
+    assert web.get(url).content == b"after"
 
 
 def test_a_name_ending_in_a_slash_is_refused_for_good_and_tried_once(gateway: Gateway) -> None:

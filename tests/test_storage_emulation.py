@@ -13,13 +13,14 @@ import pytest
 
 from devstack.emulators.gateway import Gateway
 from devstack.emulators.storage_api import FREE_PLAN_UPLOAD_LIMIT
+from tests.support import web
 
 BUCKET = "audio-files"
 
 
 def call(gw: Gateway, method: str, path: str, **kwargs: Any) -> httpx.Response:
     headers = {"apikey": gw.service_role_key, "Authorization": f"Bearer {gw.service_role_key}"}
-    return httpx.request(method, f"{gw.url}/storage/v1/{path}", headers=headers, **kwargs)
+    return web.request(method, f"{gw.url}/storage/v1/{path}", headers=headers, **kwargs)
 
 
 def create_bucket(gw: Gateway, **options: Any) -> httpx.Response:
@@ -143,7 +144,7 @@ def test_signed_downloads_carry_expires_and_no_cache_control(gateway: Gateway) -
     create_bucket(gateway)
     upload(gateway, "s.wav")
     signed = call(gateway, "POST", f"object/sign/{BUCKET}/s.wav", json={"expiresIn": 120})
-    response = httpx.get(f"{gateway.url}/storage/v1{signed.json()['signedURL']}")
+    response = web.get(f"{gateway.url}/storage/v1{signed.json()['signedURL']}")
     assert response.status_code == 200
     assert "cache-control" not in response.headers
     assert parsedate_to_datetime(response.headers["expires"]).timestamp() > 0
@@ -153,10 +154,10 @@ def test_public_downloads_carry_cache_headers_and_answer_304_and_ranges(gateway:
     create_bucket(gateway)
     upload(gateway, "p.wav", b"0123456789")
     url = f"{gateway.url}/storage/v1/object/public/{BUCKET}/p.wav"
-    first = httpx.get(url)
+    first = web.get(url)
     assert first.headers["cache-control"] == "max-age=3600"
     assert "last-modified" in first.headers
-    again = httpx.get(url, headers={"If-None-Match": first.headers["etag"]})
+    again = web.get(url, headers={"If-None-Match": first.headers["etag"]})
     assert again.status_code == 304
-    part = httpx.get(url, headers={"Range": "bytes=2-4"})
+    part = web.get(url, headers={"Range": "bytes=2-4"})
     assert (part.status_code, part.content, part.headers["content-range"]) == (206, b"234", "bytes 2-4/10")

@@ -21,7 +21,7 @@ from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.emulators.user_jwt import check_jwt, make_user_jwt
 from sona.deadline import Deadline
 from sona.store.storage import AudioStorage
-from tests.support import connect, insert_job, make_settings, new_user
+from tests.support import connect, insert_job, make_settings, new_user, storage_client, web
 
 BUCKET = "audio-files"
 SECRET = "local-jwt-secret-for-storage-remeasured"
@@ -62,20 +62,19 @@ def gateway(db_url: str, tmp_path: Path) -> Iterator[Gateway]:
 
 def service(gw: Gateway) -> SyncStorageClient:
     headers = {"apikey": gw.service_role_key, "Authorization": f"Bearer {gw.service_role_key}"}
-    return SyncStorageClient(f"{gw.url}/storage/v1/", headers)
+    return storage_client(f"{gw.url}/storage/v1/", headers)
 
 
 def as_user(gw: Gateway, user_id: uuid.UUID) -> SyncStorageClient:
     """The plug-in's client: the anon key and the user's access token."""
     token = make_user_jwt(gw.jwt_secret, user_id)
-    return SyncStorageClient(
-        f"{gw.url}/storage/v1/", {"apikey": gw.anon_key, "Authorization": f"Bearer {token}"}
+    return storage_client(f"{gw.url}/storage/v1/", {"apikey": gw.anon_key, "Authorization": f"Bearer {token}"}
     )
 
 
 def call(gw: Gateway, method: str, path: str, **kwargs: Any) -> httpx.Response:
     headers = {"apikey": gw.service_role_key, "Authorization": f"Bearer {gw.service_role_key}"}
-    return httpx.request(
+    return web.request(
         method, f"{gw.url}/storage/v1/{path}", headers={**headers, **kwargs.pop("headers", {})}, **kwargs
     )
 
@@ -106,7 +105,7 @@ def test_1_the_owner_signs_their_preview_under_the_players_select_policy_and_it_
     gateway: Gateway, player: dict[str, Any]
 ) -> None:
     signed = as_user(gateway, player["owner"]).from_(BUCKET).create_signed_url(player["mine"], 3600)
-    assert httpx.get(signed["signedURL"]).content == b"ID3mine"
+    assert web.get(signed["signedURL"]).content == b"ID3mine"
 
 
 @pytest.mark.parametrize("name", ["generated/theirs.mp3", "generated/nothing.mp3"])
@@ -140,7 +139,7 @@ def test_1_the_owner_signs_and_plays_what_the_worker_stored_for_their_job(
     worker.upload(path, b"ID3 preview", "mp3", Deadline(10))
     insert_job(db_url, user_id=owner, preview_path=path)
     signed = as_user(gateway, owner).from_(BUCKET).create_signed_url(path, 3600)
-    assert httpx.get(signed["signedURL"]).content == b"ID3 preview"
+    assert web.get(signed["signedURL"]).content == b"ID3 preview"
 
 
 # -- 2. a signed-in user listing their own folder --------------------------------------------------
@@ -158,11 +157,11 @@ def test_3_a_bucket_turned_private_answers_successfully_updated_and_stops_servin
     service(gateway).create_bucket(BUCKET, options={"public": True})
     service(gateway).from_(BUCKET).upload("p.mp3", b"ID3", {"content-type": "audio/mpeg"})
     public_url = f"{gateway.url}/storage/v1/object/public/{BUCKET}/p.mp3"
-    assert httpx.get(public_url).status_code == 200
+    assert web.get(public_url).status_code == 200
     updated = call(gateway, "PUT", f"bucket/{BUCKET}", json={"public": False})
     assert (updated.status_code, updated.json()) == (200, {"message": "Successfully updated"})
     assert service(gateway).get_bucket(BUCKET).public is False
-    assert error(httpx.get(public_url)) == (400, "404", "NoSuchBucket")
+    assert error(web.get(public_url)) == (400, "404", "NoSuchBucket")
 
 
 # -- 6. error codes --------------------------------------------------------------------------------
@@ -194,11 +193,11 @@ def test_6_a_tampered_token_is_invalid_jwt(gateway: Gateway, signed_path: str) -
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     forged = base64.urlsafe_b64encode(json.dumps({**claims, "exp": claims["exp"] + 10**6}).encode())
     tampered = ".".join((header, forged.rstrip(b"=").decode(), signature))
-    assert error(httpx.get(f"{gateway.url}/storage/v1{path}?token={tampered}")) == (400, "400", "InvalidJWT")
+    assert error(web.get(f"{gateway.url}/storage/v1{path}?token={tampered}")) == (400, "400", "InvalidJWT")
 
 
 def test_6_a_signed_url_without_a_token_is_an_invalid_request(gateway: Gateway, signed_path: str) -> None:
-    response = httpx.get(f"{gateway.url}/storage/v1{signed_path.split('?', 1)[0]}")
+    response = web.get(f"{gateway.url}/storage/v1{signed_path.split('?', 1)[0]}")
     assert error(response) == (400, "400", "InvalidRequest")
     assert response.json()["message"] == "querystring must have required property 'token'"
 
@@ -286,4 +285,4 @@ def test_4_an_upload_to_a_name_ending_in_a_slash_is_refused(
 # -- 5. an update of a missing name ------------------------------------------------------------------
 def test_5_an_update_of_a_missing_name_creates_it(gateway: Gateway, bucket: SyncStorageClient) -> None:
     bucket.from_(BUCKET).update("new.mp3", b"ID3new", {"content-type": "audio/mpeg"})
-    assert httpx.get(f"{gateway.url}/storage/v1/object/public/{BUCKET}/new.mp3").content == b"ID3new"
+    assert web.get(f"{gateway.url}/storage/v1/object/public/{BUCKET}/new.mp3").content == b"ID3new"
