@@ -24,30 +24,29 @@ the way the real CLI was documented or reported to answer where a first deploy m
   policy (the strict side: Monitoring's docs promise nothing sooner);
 - `artifacts repositories set-cleanup-policies` needs the repository, which the first function
   build creates (gcf-artifacts), and a policy file Artifact Registry can read.
-Time is virtual: `fake_gcloud.py --sleep N` (installed as `sleep`) advances the clock, so waiting
-ten minutes for Monitoring takes none.
+Time is virtual: `sleep N` (a launcher that calls `--sleep N`) advances the clock, so waiting ten
+minutes for Monitoring takes none.
 
 The deploy-script tests make hundreds of calls a suite: `install(bin_dir)` puts `gcloud` and `sleep`
 there as bash launchers that hand their argv to one server thread in the test process (`serve`),
-which runs the same `call` the command line runs and answers its output, error output and exit
-status for the launcher to print and exit with: a bash start instead of a Python one per call.
+which runs `call` and answers its output, error output and exit status for the launcher to print
+and exit with: a bash start instead of a Python one per call.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
+import shlex
+import socket
+import stat
+import threading
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
 
-# The deploy scripts start this file hundreds of times a suite: it imports only what runs (typing,
-# uuid and pathlib would add about a quarter of each start).
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from pathlib import Path
-    from typing import Any
-
-    State = dict[str, Any]
+State = dict[str, Any]
 
 METRIC_DELAY_S = 180  # a new metric type is unknown to alert policies this long (Google: up to ~10 min)
 BUILD_SA_MESSAGE = (
@@ -180,7 +179,7 @@ def artifacts_repositories(state: State, verb: str, words: list[str], flags: dic
         raise Refused(f"Invalid choice: {verb}")
     repository = _need(state["repositories"], f"{flags.get('location')}/{words[0]}", "Repository")
     try:
-        policies = json.loads(_read(flags["policy"]))
+        policies = json.loads(Path(flags["policy"]).read_text())
     except (OSError, ValueError, KeyError) as exc:
         raise Refused(f"INVALID_ARGUMENT: the cleanup policy could not be read: {exc}") from None
     if not isinstance(policies, list) or not all({"name", "action"} <= set(p) for p in policies):
@@ -249,7 +248,7 @@ def _display_name_filter(flags: dict[str, str]) -> str:
 
 def _dashboard_file(flags: dict[str, str]) -> dict[str, Any]:
     try:
-        dashboard = json.loads(_read(flags["config-from-file"]))
+        dashboard = json.loads(Path(flags["config-from-file"]).read_text())
     except (OSError, ValueError, KeyError) as exc:
         raise Refused(f"INVALID_ARGUMENT: the dashboard could not be read: {exc}") from None
     if not dashboard.get("displayName") or not any(
@@ -268,8 +267,8 @@ def monitoring_dashboards(state: State, verb: str, words: list[str], flags: dict
         dashboard = _dashboard_file(flags)
         _known_metrics(state, dashboard)
         if "validate-only" not in flags:
-            name = f"projects/{flags['project']}/dashboards/{_uuid4()}"
-            table[name] = {"config": dashboard, "etag": _uuid4_hex(), "updates": 0}
+            name = f"projects/{flags['project']}/dashboards/{uuid.uuid4()}"
+            table[name] = {"config": dashboard, "etag": uuid.uuid4().hex, "updates": 0}
         return ""
     current = _need(table, words[0], "Dashboard")
     if verb == "describe":
@@ -281,7 +280,7 @@ def monitoring_dashboards(state: State, verb: str, words: list[str], flags: dict
         _known_metrics(state, dashboard)
         if dashboard["etag"] != current["etag"]:
             raise Refused("ABORTED: The dashboard was modified concurrently (etag mismatch).")
-        current.update(config=dashboard, etag=_uuid4_hex(), updates=current["updates"] + 1)
+        current.update(config=dashboard, etag=uuid.uuid4().hex, updates=current["updates"] + 1)
         return ""
     raise Refused(f"Invalid choice: {verb}")
 
@@ -311,7 +310,7 @@ def monitoring_policies(state: State, verb: str, words: list[str], flags: dict[s
         if not re.fullmatch(r"projects/[^/]+/notificationChannels/[^/]+", channel):
             raise Refused(f"INVALID_ARGUMENT: {channel} is not a notification channel name")
     if verb == "create":
-        table[f"projects/{flags['project']}/alertPolicies/{_uuid4_hex()[:12]}"] = policy
+        table[f"projects/{flags['project']}/alertPolicies/{uuid.uuid4().hex[:12]}"] = policy
     else:
         _need(table, words[0], "Alert policy")
         table[words[0]] = policy
@@ -349,53 +348,23 @@ def gcloud(state: State, argv: list[str]) -> str:
     raise Refused(f"Invalid choice: {' '.join(words)}")
 
 
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _uuid4_hex() -> str:
-    """uuid.uuid4().hex: 122 random bits with the version (4) and variant (10) bits set."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
-    return raw.hex()
-
-
-def _uuid4() -> str:
-    """str(uuid.uuid4())."""
-    h = _uuid4_hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
 def call(path: str, argv: list[str]) -> tuple[int, str, str]:
     """One gcloud call against the state file at path: its exit status, output and error output."""
-    state = json.loads(_read(path))
+    state_file = Path(path)
+    state = json.loads(state_file.read_text())
     if argv[:1] == ["--sleep"]:
         state["clock"] += float(argv[1])
-        _write(path, json.dumps(state))
+        state_file.write_text(json.dumps(state))
         return 0, "", ""
     state["calls"].append(argv)
     command = ".".join([w for w in argv if not w.startswith("--")][:3])
     try:
         out = gcloud(state, argv)
     except Refused as exc:
-        _write(path, json.dumps(state))
+        state_file.write_text(json.dumps(state))
         return 1, "", f"ERROR: (gcloud.{command}) {exc}\n"
-    _write(path, json.dumps(state))
+    state_file.write_text(json.dumps(state))
     return 0, f"{out}\n" if out else "", ""
-
-
-def main(argv: list[str]) -> int:
-    status, out, err = call(os.environ["FAKE_GCLOUD_STATE"], argv)
-    sys.stdout.write(out)
-    sys.stderr.write(err)
-    return status
 
 
 # -- the launchers and their server (see the module's docstring) -----------------------------------
@@ -415,8 +384,6 @@ _server: list[int] = []  # the port of this process's server, once started
 
 def install(bin_dir: Path) -> None:
     """`gcloud` and `sleep` in bin_dir, answered by this process's server (started on first use)."""
-    import stat
-
     if not _server:
         _server.append(_start_server())
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -428,15 +395,12 @@ def install(bin_dir: Path) -> None:
 
 
 def _start_server() -> int:
-    import socket
-    import threading
-
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=serve, args=(listener,), name="fake-gcloud", daemon=True).start()
     return int(listener.getsockname()[1])
 
 
-def serve(listener: Any) -> None:
+def serve(listener: socket.socket) -> None:
     """One call at a time, in arrival order, as the calls of one deploy script are made."""
     while True:
         connection, _ = listener.accept()
@@ -447,7 +411,7 @@ def serve(listener: Any) -> None:
                 continue
 
 
-def _request(connection: Any) -> list[str]:
+def _request(connection: socket.socket) -> list[str]:
     data = b""
     while True:
         fields = data.split(b"\0")
@@ -461,18 +425,11 @@ def _request(connection: Any) -> list[str]:
 
 def _answer(request: list[str]) -> str:
     """The shell words that print what the call printed and exit with its status."""
-    import shlex
-    import traceback
-
     path, argv = request[0], request[1:]
     try:
         if not path:
             raise KeyError("FAKE_GCLOUD_STATE")
         status, out, err = call(path, argv)
-    except Exception:  # what the command line would print: its traceback, and status 1
+    except Exception:  # what a crashing CLI would print: its traceback, and status 1
         status, out, err = 1, "", traceback.format_exc()
     return f"printf %s {shlex.quote(out)}; printf %s {shlex.quote(err)} >&2; exit {status}"
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
