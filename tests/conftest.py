@@ -225,19 +225,23 @@ def template_url(pg_server: str) -> str:
     return url
 
 
+def _fresh_name() -> str:
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
 def fresh_database(pg_server: str, template: str = TEMPLATE) -> str:
-    return create_database(pg_server, f"t_{uuid.uuid4().hex[:12]}", template)
+    return create_database(pg_server, _fresh_name(), template)
 
 
 @contextlib.contextmanager
 def throwaway_database(pg_server: str, template: str = TEMPLATE) -> Iterator[str]:
     """A fresh database, dropped when the test is done: left in place, a worker's few hundred made
     its server's data dir gigabytes, deleted at the session's end (5-11 s, on the suite's tail)."""
-    url = fresh_database(pg_server, template)
+    name = _fresh_name()
     try:
-        yield url
+        yield create_database(pg_server, name, template)
     finally:
-        drop_database(pg_server, url.rsplit("/", 1)[1].partition("?")[0])
+        drop_database(pg_server, name)
 
 
 RESET = """truncate public.jobs, public.job_attempts, auth.users, storage.objects, storage.buckets,

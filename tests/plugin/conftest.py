@@ -68,7 +68,7 @@ def plugin_refunds_db_url(pg_server: str, plugin_refunds_template: str) -> Itera
 
 
 @pytest.fixture
-def plugin_db_url(pg_server: str, plugin_template: str) -> str:
+def plugin_db_url(pg_server: str, plugin_template: str) -> Iterator[str]:
     """The plug-in's schema and rows, none of this project's migrations."""
     with throwaway_database(pg_server, plugin_template) as url:
         yield url
