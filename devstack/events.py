@@ -83,10 +83,6 @@ class Changes:
 CHANGES = Changes()
 
 
-def wait_until(check: Callable[[], Any], timeout_s: float = 30, what: str = "") -> Any:
-    return CHANGES.wait_until(check, timeout_s, what)
-
-
 def describe(check: Callable[[], Any]) -> str:
     """The condition's source line, for a timeout's message."""
     try:

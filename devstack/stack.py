@@ -681,10 +681,9 @@ class LocalStack:
             try:
                 return self.wait_until(reached, timeout_s, f"job {job_id} to be one of {statuses}")  # type: ignore[no-any-return]
             except WaitTimedOut as timed_out:
-                row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
-                assert row is not None
+                row = self.job(job_id)
                 log.warning("%s; it is %s", timed_out, row["status"])
-                return dict(row)
+                return row
 
     def wait_until(self, check: Callable[[], Any], timeout_s: float = 30, what: str = "") -> Any:
         """`check()`'s first true answer, looked for after each change in the stack (its database's

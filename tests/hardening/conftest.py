@@ -279,9 +279,7 @@ def _wait(stack: LocalStack, job_id: uuid.UUID, *, while_processing: bool) -> di
             answered: dict[str, Any] = stack.wait_until(settled, JOB_BUDGET_S + 6, f"job {job_id}'s answer")
             return answered
         except WaitTimedOut:
-            row = conn.execute("select * from public.jobs where id = %s", (job_id,)).fetchone()
-            assert row is not None
-            return dict(row)
+            return stack.job(job_id)
 
 
 def summary_lines(ledger: Ledger = LEDGER) -> list[str]:
