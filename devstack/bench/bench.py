@@ -115,12 +115,14 @@ def _time_first_answer(
     try:
         _post_until_answered(function.url, payload, headers)
         wall = time.perf_counter() - started
-        return wall, _tree_cpu_seconds(function.process.pid)
+        return wall, _cpu_seconds(function.process.pid)
     finally:
         function.stop()
 
 
-def _tree_cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU so far of a local process and its live children (a function's gunicorn
+    arbiter and worker; a database backend has none)."""
     root = psutil.Process(pid)
     total = 0.0
     for process in [root, *root.children(recursive=True)]:
@@ -421,12 +423,6 @@ def reclaim_at_scale(
         "one call, < 0.5 s",
     )
     return figure, max(trips), parts
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU of a local process so far (Linux /proc; the stack's server is local)."""
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 def _fill_expired_leases(stack: LocalStack, user: uuid.UUID, expired: int) -> None:
