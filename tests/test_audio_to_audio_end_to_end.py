@@ -16,7 +16,7 @@ import requests
 
 from devstack.stack import LocalStack
 from sona.job.modes import client_user_id
-from tests.support import decoded_seconds, wav_bytes
+from tests.support import RELAY_PAUSE_S, decoded_seconds, wav_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
         env={"RETRY_DELAY_MS": "50"},
         process_env={"PATH": "/usr/bin:/bin"},
         database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
         reclaim_function=False,  # no test here calls reclaim_jobs
     ) as s:
         yield s

@@ -19,7 +19,7 @@ from devstack.doubles.stable_audio_double import Behaviour, RateLimit
 from devstack.emulators.cloud_tasks import mint_oidc_token
 from devstack.events import WaitTimedOut
 from devstack.stack import TASKS_ACCOUNT, LocalStack
-from tests.support import sql
+from tests.support import RELAY_PAUSE_S, sql
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
         process_env={"PATH": "/usr/bin:/bin"},
         capacity=(2, 2),
         database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
     ) as s:
         yield s
 

@@ -18,7 +18,7 @@ import requests
 from devstack.doubles.stable_audio_double import Behaviour
 from devstack.emulators.storage_api import FREE_PLAN_UPLOAD_LIMIT
 from devstack.stack import LocalStack
-from tests.support import decoded_seconds, sql, wait_until
+from tests.support import RELAY_PAUSE_S, decoded_seconds, sql, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
         env={"RETRY_DELAY_MS": "50"},
         process_env={"PATH": "/usr/bin:/bin"},
         database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
         reclaim_function=False,  # no test here calls reclaim_jobs
     ) as s:
         yield s
@@ -212,6 +213,7 @@ def test_a_job_completes_with_a_secret_key_sent_only_as_apikey(tmp_path: Path, p
         function_key="secret",
         process_env={"PATH": "/usr/bin:/bin"},
         database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
         reclaim_function=False,
     ) as stack:
         job_id = stack.insert_job("rain on a tin roof", duration=2, quality="low")

@@ -13,7 +13,7 @@ import requests
 from devstack.stack import LocalStack
 from sona.audio.ffmpeg import find_ffmpeg
 from sona.audio.loudness import CEILING_DBTP, FILTER, TARGET_LUFS, parse_summary
-from tests.support import sql
+from tests.support import RELAY_PAUSE_S, sql
 from tests.test_stage import HISTORY, history
 
 pytestmark = pytest.mark.slow
@@ -25,6 +25,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
         tmp_path_factory.mktemp("stack"),
         process_env={"PATH": "/usr/bin:/bin"},
         database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
         reclaim_function=False,  # no test here calls reclaim_jobs
     ) as s:
         sql(s.database_url, HISTORY, role=None)

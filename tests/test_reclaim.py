@@ -22,7 +22,7 @@ from devstack.stack import LocalStack
 from sona.errors import StaleLease
 from sona.models import ClaimedJob, Output
 from sona.store.jobs import JobsStore
-from tests.support import AUDIO_INFO, sql, wait_until
+from tests.support import AUDIO_INFO, RELAY_PAUSE_S, sql, wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +48,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
         env=env,
         process_env={"PATH": "/usr/bin:/bin"},
         database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
     ) as s:
         yield s
 

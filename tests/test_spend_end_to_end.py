@@ -14,7 +14,7 @@ import requests
 
 from devstack.doubles.stable_audio_double import Behaviour
 from devstack.stack import LocalStack
-from tests.support import sql, wait_until
+from tests.support import RELAY_PAUSE_S, sql, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,7 @@ def stack(
         env=env,
         process_env={"PATH": "/usr/bin:/bin"},
         database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
     ) as s:
         yield s
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from devstack.stack import LocalStack
+from tests.support import RELAY_PAUSE_S
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,11 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[LocalStack]:
     env = {"DESIGNER_MODEL": "tangoflux", "GENERATION_POLL_MS": "200"}
     with LocalStack(
-        tmp_path_factory.mktemp("tangoflux"), env=env, database_server=pg_server, reclaim_function=False
+        tmp_path_factory.mktemp("tangoflux"),
+        env=env,
+        database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
+        reclaim_function=False,
     ) as running:
         yield running
 

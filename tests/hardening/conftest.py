@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
 from devstack.events import WaitTimedOut
 from devstack.stack import TERMINAL, LocalStack
-from tests.support import LEDGER_KEY, sql
+from tests.support import LEDGER_KEY, RELAY_PAUSE_S, sql
 
 SENTINELS = {
     "SUPABASE_SERVICE_ROLE_KEY": "sentinel-service-role-key-3c1e9a",
@@ -45,9 +45,6 @@ ENV = {
 }
 MODELS = ("stable-audio-2.5", "stable-audio-3", "tangoflux")
 JOB_BUDGET_S = 6.0
-# pg_net's 1 s pause between batches is the webhook transport's own behaviour (tests/
-# test_webhook_delivery.py); here it only made each case wait for the one before it was taken.
-RELAY_PAUSE_S = 0.05
 # The suite runs as two parts: the folder's own group (tests/conftest.py: group_of), and the files
 # that name this one. Under xdist each part runs whole on a worker of its own, with its own stack
 # and ledger, beside the other: its cases wait out deadlines for seconds each, and as one group the

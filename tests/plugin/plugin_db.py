@@ -20,7 +20,7 @@ from devstack.database import apply_sql, stand_ins_sql
 from devstack.emulators.gateway import Gateway
 from devstack.emulators.user_jwt import make_user_jwt
 from devstack.stack import LocalStack
-from tests.support import connect, sql
+from tests.support import RELAY_PAUSE_S, connect, sql
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_SQL = HERE / "plugin_schema.sql"
@@ -77,6 +77,7 @@ def plugin_stack(
         env=env,
         before_migrations=build_plugin_database,
         database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
         reclaim_function=reclaim_function,
     ) as running:
         sql(running.database_url, "insert into sona_settings values ('max_active_jobs', 10)", role=None)

@@ -36,7 +36,7 @@ from tests.plugin.plugin_db import (
     store_plugin_audio,
     transactions,
 )
-from tests.support import new_user, sql, wait_until, wav_bytes
+from tests.support import RELAY_PAUSE_S, new_user, sql, wait_until, wav_bytes
 from tests.test_reclaim import reclaim
 
 BONUS = 500
@@ -124,7 +124,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[
     root: Path = tmp_path_factory.mktemp("paid-work-stack")
     env = {"RECLAIM_GRACE_S": "0"}
     with LocalStack(
-        root, env=env, before_migrations=build_plugin_database, database_server=pg_server
+        root,
+        env=env,
+        before_migrations=build_plugin_database,
+        database_server=pg_server,
+        relay_pause_s=RELAY_PAUSE_S,
     ) as running:
         store_plugin_audio(running.gateway, running.database_url, wav_bytes(0.5))
         settle(running)  # the plug-in's own waiting rows run first, so each test counts only its own calls
