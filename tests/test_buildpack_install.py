@@ -8,15 +8,18 @@ then `pip check`. With hashes in the file pip runs in hash-checking mode, so eve
 install brings must be pinned and hashed, and here it must come from a wheel. The buildpack installs
 into a fresh image with --user; a clean virtual environment is the same clean slate here.
 
-The wheels are fetched once into .sona/wheelhouse (pip download, hashes checked) and the install
-itself reads only that folder (--no-index), so the test runs offline after its first run."""
+The wheels are fetched once per lock into a wheelhouse in the temp dir (pip download, hashes
+checked) and the install itself reads only that folder (--no-index), so the test runs offline after
+its first run on the machine, in any checkout."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from tests.test_gcloudignore import FUNCTION_IGNORE, uploaded
 pytestmark = pytest.mark.slow  # real processes (tests/conftest.py starts such files first)
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.txt"
-WHEELHOUSE = REPO / ".sona" / "wheelhouse"
+WHEELHOUSES = Path(tempfile.gettempdir())  # one folder per lock, shared by every checkout
 BUILDPACK_PIP_INSTALL = (
     "--upgrade",
     "--upgrade-strategy",
@@ -40,20 +43,27 @@ BUILDPACK_PIP_INSTALL = (
 
 
 def wheelhouse() -> Path:
-    """Every wheel the lock names for this platform, downloaded when the lock changed."""
-    stamp = WHEELHOUSE / ".requirements.sha256"
-    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()
-    if not (stamp.exists() and stamp.read_text() == digest):
-        shutil.rmtree(WHEELHOUSE, ignore_errors=True)
-        WHEELHOUSE.mkdir(parents=True)
-        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-        subprocess.run(
-            [*pip, "download", "--requirement", str(LOCK), "--only-binary=:all:", "--dest", str(WHEELHOUSE)],
-            check=True,
-            capture_output=True,
-        )
-        stamp.write_text(digest)
-    return WHEELHOUSE
+    """Every wheel the lock names for this platform, downloaded once per lock (its digest names the
+    folder) and shared by the machine's checkouts, as pip's own cache is: each fresh clone's suite
+    downloaded them again into its own .sona/. Made in a folder of its own and renamed into place,
+    so a suite running beside another never reads half of one."""
+    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16]
+    house = WHEELHOUSES / f"sona-wheelhouse-{digest}"
+    if house.is_dir():
+        return house
+    building = house.with_name(f"{house.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "download", "--requirement", str(LOCK), "--only-binary=:all:", "--dest", str(building)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        building.rename(house)
+    except OSError:  # another suite's download got there first: the same wheels
+        shutil.rmtree(building, ignore_errors=True)
+    return house
 
 
 def pip_for(python: Path) -> list[str]:
