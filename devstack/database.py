@@ -100,6 +100,24 @@ THROWAWAY_SETTINGS = (
 )
 
 
+# A memory filesystem, where throwaway files go when it has room for them (memory_scratch).
+MEMORY_FS = Path("/dev/shm")  # noqa: S108  (used only through mkdtemp: a fresh folder, mode 0700)
+MEMORY_FS_ROOM = 4 << 30  # bytes free: a test run's temp dirs and four workers' data dirs, with margin
+
+
+def memory_scratch() -> Path | None:
+    """A memory filesystem with room to spare, for files deleted when their user stops (an
+    embedded server's data dir, a test run's temp dirs), or None. On this project's 2-core VM a
+    file created on the disk's ext4 cost 0.47 ms of CPU against 7 us on tmpfs: a CREATE DATABASE
+    (some 600 files) cost its server 0.44 CPU-s instead of 0.02 s, and copying the pristine cluster
+    into a new data dir (1,300 files) 0.6 CPU-s."""
+    try:
+        roomy = shutil.disk_usage(MEMORY_FS).free >= MEMORY_FS_ROOM
+    except OSError:  # no such filesystem here
+        return None
+    return MEMORY_FS if roomy and os.access(MEMORY_FS, os.W_OK | os.X_OK) else None
+
+
 def discard_tree(path: Path) -> None:
     """Delete a directory tree without waiting for it: renamed out of the way at once (so the name
     is free and nothing reads half of it), then removed by an `rm` that outlives this process if it

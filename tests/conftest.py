@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import uuid
@@ -36,6 +35,7 @@ from devstack.database import (
     database_url_on,
     discard_tree,
     drop_database,
+    memory_scratch,
     migrate,
     migration_turn,
 )
@@ -65,34 +65,18 @@ _own_basetemp = pytest.StashKey[Path]()
 # -- running in parallel ---------------------------------------------------------------------------
 
 
-# A memory filesystem, where the suite's files go when it has room for them (scratch_dir).
-MEMORY_FS = Path("/dev/shm")
-MEMORY_FS_ROOM = 4 << 30  # bytes free: the run's temp dirs and four workers' data dirs, with margin
-
-
-def scratch_dir() -> str | None:
-    """Where this run's temp dirs go: a memory filesystem with room for them, else the system's
-    temp dir (None). The suite's PostgreSQL data dirs live there, and every CREATE DATABASE makes
-    some 600 files: on this project's 2-core VM a file created on the disk's ext4 cost 0.47 ms of
-    CPU against 7 us on tmpfs, so a test database cost its server 0.44 CPU-s to make instead of
-    0.02 s. Nothing there needs to outlive the run (a failed run's stays, as anywhere, for its
-    logs; its database servers' data dirs are gone with them). A run peaked at about 0.9 GB."""
-    try:
-        roomy = shutil.disk_usage(MEMORY_FS).free >= MEMORY_FS_ROOM
-    except OSError:  # no such filesystem here
-        return None
-    return str(MEMORY_FS) if roomy and os.access(MEMORY_FS, os.W_OK | os.X_OK) else None
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """Temp dirs under a fresh directory of this run's own (in scratch_dir), not
+    """Temp dirs under a fresh directory of this run's own, not
     /tmp/pytest-of-<user>: every pytest that starts takes group and other access off that shared
     folder, which the embedded PostgreSQL's own user needs to reach a data dir, so a second pytest
-    on the machine broke our server starts."""
+    on the machine broke our server starts. It is made on a memory filesystem when there is room
+    (memory_scratch: each worker's PostgreSQL data dir is in it, and every test database made there
+    costs its server 0.02 CPU-s instead of 0.44 on this VM's disk). A run peaked at about 0.9 GB;
+    a failed run's dir stays, as anywhere, for its logs (its servers' data dirs are gone)."""
     config.stash[_ledgers] = []
     if config.option.basetemp is None and not hasattr(config, "workerinput"):
-        base = Path(tempfile.mkdtemp(prefix="sona-pytest-", dir=scratch_dir()))
+        base = Path(tempfile.mkdtemp(prefix="sona-pytest-", dir=memory_scratch()))
         config.option.basetemp = str(base)
         config.stash[_own_basetemp] = base
 
