@@ -40,7 +40,9 @@ CLAIM_BUDGET_S = 10.0
 FOLD_HOURS = 24
 
 
-class DueJob(BaseModel):
+# The answers' models are built on first use (defer_build): the worker's cold start imports this
+# module for the claim and reads none of them.
+class DueJob(BaseModel, defer_build=True):
     """A job the reclaim stamped for dispatch: its attempts so far and this dispatch's round, which
     name its task."""
 
@@ -49,7 +51,7 @@ class DueJob(BaseModel):
     dispatch_round: int
 
 
-class Reclaimed(BaseModel):
+class Reclaimed(BaseModel, defer_build=True):
     """What one reclaim did: how many expired leases it released and jobs it failed, and the jobs
     due for dispatch now. Only the dispatches come as rows, since only they are acted on (issue 34:
     10,000 released rows cost more to send and validate than to release)."""
@@ -59,12 +61,12 @@ class Reclaimed(BaseModel):
     dispatch: list[DueJob]
 
 
-class Garbage(BaseModel):
+class Garbage(BaseModel, defer_build=True):
     id: int
     name: str
 
 
-class Pause(BaseModel):
+class Pause(BaseModel, defer_build=True):
     """What pause_service did: the open pause (created by this call, or already there) and
     whether this job went back to wait for it."""
 
