@@ -40,6 +40,7 @@ NEVER = (
     "sona.ops",
     "pydub",
     "requests",
+    "urllib3",
     "httpx",
     "storage3",
     "postgrest",
@@ -55,7 +56,7 @@ NEVER = (
     "dotenv",
 )
 # The webhook's door only enqueues (over the standard library): no jobs store, no retry library.
-NEVER_ON_THE_WEBHOOK = ("sona.store", "urllib3", "tenacity")
+NEVER_ON_THE_WEBHOOK = ("sona.store", "tenacity")
 
 # The models each first answer builds: the settings, the key's description the settings check, and
 # the one request body it reads; every other model is built on its first use (defer_build).
