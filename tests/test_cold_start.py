@@ -29,7 +29,8 @@ QUEUE = "projects/sona-cold/locations/local/queues/cold-start"
 
 # Never on either door's first answer: the scheduler's door and the reclaim, the job's pipeline, the
 # engines, the audio work and Storage (all on the first real job at the earliest), the clients and
-# libraries that do those, and what the settings and logs were rewritten to avoid.
+# libraries that do those, the retry library (a claim's first try goes without it), and what the
+# settings, the RPC and the logs were rewritten to avoid.
 NEVER = (
     "sona.doors.scheduler",
     "sona.reclaim",
@@ -41,6 +42,7 @@ NEVER = (
     "pydub",
     "requests",
     "urllib3",
+    "tenacity",
     "httpx",
     "storage3",
     "postgrest",
@@ -55,8 +57,8 @@ NEVER = (
     "pydantic_settings",
     "dotenv",
 )
-# The webhook's door only enqueues (over the standard library): no jobs store, no retry library.
-NEVER_ON_THE_WEBHOOK = ("sona.store", "tenacity")
+# The webhook's door only enqueues (over the standard library): no jobs store.
+NEVER_ON_THE_WEBHOOK = ("sona.store",)
 
 # The models each first answer builds: the settings, the key's description the settings check, and
 # the one request body it reads; every other model is built on its first use (defer_build).
