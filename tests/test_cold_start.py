@@ -4,7 +4,8 @@ Speed itself belongs to the benchmark (`bench --only cold`); these tests keep th
 
 Each case starts a fresh interpreter, loads main.py as functions-framework does, and sends the first
 request: a Cloud Tasks task for a job that is already done (the claim finds nothing), or a webhook
-that enqueues its task, against the local gateway and Cloud Tasks emulator."""
+that enqueues its task, against the local gateway and Cloud Tasks emulator. No FFMPEG_BINARY, as
+deployed: the task finds the imageio-ffmpeg wheel's binary."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import requests
 
 from devstack.emulators.cloud_tasks import CloudTasksEmulator
 from devstack.emulators.gateway import Gateway
-from sona.audio.ffmpeg import find_ffmpeg
 from sona.models import webhook_payload
 from tests.support import SECRETS, insert_job, sql
 
@@ -114,7 +114,6 @@ def first_answer(
         "SUPABASE_SERVICE_ROLE_KEY": gateway.service_role_key,
         "STABLE_AUDIO_API_KEY": SECRETS["stable_audio_api_key"],
         "WEBHOOK_SECRET": SECRETS["webhook_secret"],
-        "FFMPEG_BINARY": find_ffmpeg(),
         "CLOUD_TASKS_API_URL": tasks.url,
         "CLOUD_TASKS_QUEUE": QUEUE,
         "RUN_JOB_URL": "http://127.0.0.1:9/run_job",
