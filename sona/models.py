@@ -1,4 +1,8 @@
-"""Typed shapes at the boundaries: the job row, the webhook payload, generated and rendered audio."""
+"""Typed shapes at the boundaries: the job row, the webhook payload, generated and rendered audio.
+
+Each model is built (its validator made) on its first use, not at import (defer_build): building
+them all cost a cold function about 10 ms before its first answer, which reads one or two of them
+(PERFORMANCE.md, cold start; tests/test_cold_start.py)."""
 
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ class Quality(StrEnum):
 class Job(BaseModel):
     """A row of public.jobs as the state functions return it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     id: uuid.UUID
     user_id: uuid.UUID | None = None
@@ -97,7 +101,7 @@ class ClaimedJob(Job):
 
 
 class WebhookRecord(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     id: uuid.UUID
     status: str | None = None
@@ -107,7 +111,7 @@ class WebhookRecord(BaseModel):
 class TaskPayload(BaseModel):
     """What a Cloud Tasks task POSTs to run a job."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     job_id: uuid.UUID
 
@@ -115,7 +119,7 @@ class TaskPayload(BaseModel):
 class WebhookPayload(BaseModel):
     """What a Supabase database webhook POSTs (and what reclaim_jobs re-sends)."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, defer_build=True)
 
     type: Literal["INSERT", "UPDATE"]
     table: str
@@ -147,6 +151,8 @@ def webhook_payload(
 
 class AudioInfo(BaseModel):
     """What the stored files really are, measured from them; kept on the row as `audio`."""
+
+    model_config = ConfigDict(defer_build=True)
 
     duration_s: float
     sample_rate: int
@@ -208,13 +214,13 @@ def json_column(value: Any) -> Any:
 # The shapes inside two of the plug-in's JSON columns (musical_key, producer_config), read by the
 # job's plan (its prompt) and its download name alike.
 class MusicalKey(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
     key: str | None = None
     scale: str = "major"
 
 
 class ProducerConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, defer_build=True)
     type: str | None = None
     bpm: float | None = None
     time_signature: str | None = Field(default=None, alias="timeSignature")

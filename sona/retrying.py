@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any
 from tenacity.stop import stop_base
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from sona.config import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A retry needs at least this long after its sleep to be worth starting.
 MIN_CALL_S = 1.0
@@ -33,7 +35,7 @@ class stop_at_deadline(stop_base):  # noqa: N801  tenacity names its stops in lo
         return bool(state.upcoming_sleep + MIN_CALL_S >= self.deadline.remaining())
 
 
-def _worth_retrying(exc: BaseException) -> bool:
+def worth_retrying(exc: BaseException) -> bool:
     # An account-level refusal repeats at once: the job is released instead, for a later attempt.
     return isinstance(exc, TransientError) and not isinstance(exc, ServiceOutage)
 
@@ -70,7 +72,7 @@ def retrying(
         )
 
     return Retrying(
-        retry=retry_if_exception(_worth_retrying),
+        retry=retry_if_exception(worth_retrying),
         stop=stop_any(stop_after_attempt(max_retries + 1), stop_at_deadline(deadline)),
         wait=wait,
         before_sleep=before_sleep,
@@ -90,3 +92,18 @@ def provider_retrying(
         deadline=deadline,
         sleep=sleep,
     )
+
+
+def going_on_from(failure: BaseException, call: Callable[[], T], policy: Retrying) -> T:
+    """`call` under `policy`, as if the policy's first try had just raised `failure`: for a caller
+    that makes its first try before importing this module (and tenacity with it, about 8 ms of a
+    cold worker's first answer, which is a claim). From there the policy waits, logs, stops and
+    gives up exactly as if it had made that try itself."""
+    pending = [failure]
+
+    def replayed() -> T:
+        if pending:
+            raise pending.pop()
+        return call()
+
+    return policy(replayed)

@@ -35,7 +35,7 @@ class KeyKind(StrEnum):
     UNKNOWN = "unknown"
 
 
-class SupabaseKey(BaseModel, frozen=True):
+class SupabaseKey(BaseModel, frozen=True, defer_build=True):
     """What a key is; never the key itself, so it can be logged."""
 
     kind: KeyKind

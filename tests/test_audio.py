@@ -229,7 +229,13 @@ def _stuck_ffmpeg(folder: Path) -> Path:
 STUCK_CALLS: list[tuple[str, Callable[[str, Deadline], object]]] = [
     ("encode", lambda ffmpeg, deadline: encode_mp3(wav_bytes(1), "192k", ffmpeg, deadline)),
     ("decode", lambda ffmpeg, deadline: make_master(b"ID3" + bytes(256), 1, ffmpeg, deadline)),
+    # 3.5 MB, more than the widest pipe: the input's writer is still blocked when ffmpeg is killed.
+    ("encode-over-a-pipe", lambda ffmpeg, deadline: encode_mp3(wav_bytes(20), "192k", ffmpeg, deadline)),
 ]
+
+
+def _input_writers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ffmpeg-input"]
 
 
 @pytest.mark.parametrize(("name", "call"), STUCK_CALLS, ids=[n for n, _ in STUCK_CALLS])
@@ -245,6 +251,17 @@ def test_ffmpeg_still_running_at_the_deadline_is_killed_with_its_children(
     for pid in pids:
         _wait_exit(pid, 5)  # the orphaned child is reaped by init, not by us
     assert [p for p in pids if _running(p)] == []
+    assert _input_writers() == []
+
+
+def test_an_ffmpeg_that_exits_without_reading_its_input_fails_as_unreadable_audio(tmp_path: Path) -> None:
+    ffmpeg = tmp_path / "ffmpeg"
+    ffmpeg.write_text("#!/bin/sh\necho 'Invalid data found when processing input' >&2\nexit 1\n")
+    ffmpeg.chmod(0o755)
+    answer = b"ID3" + bytes(3_000_000)  # not a WAV, so it goes to ffmpeg; more than the pipe holds
+    with pytest.raises(PermanentError, match="could not be read"):
+        make_master(answer, 1, str(ffmpeg), Deadline(10))
+    assert _input_writers() == []
 
 
 def test_waiting_for_a_busy_encoder_ends_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from devstack.bench.bench_path import (
     Run,
     breakdown,
     insert_to_completed_ms,
+    paired,
     path_steps,
     request_to_response_ms,
     table,
@@ -176,3 +177,19 @@ def test_the_table_shows_every_run_beside_its_baseline_the_verdict_and_the_break
     assert "request -> response <= 1.1x in every run: NOT met" in text
     assert "| door: webhook -> task created | 9.0 ms | 9.0-9.0 | 1.1 % |" in text
     assert "| claim_job | function | 1 | 1.500 ms | 1.000 ms |" in text
+
+
+def test_each_job_is_paired_with_an_encode_taken_before_and_after_it_in_turn() -> None:
+    order: list[str] = []
+
+    def job() -> JobClocks:
+        order.append("job")
+        return clocks()
+
+    def encode() -> float:
+        order.append("encode")
+        return 0.7
+
+    jobs, encodes = paired(job, encode, 4)
+    assert order == ["encode", "job", "job", "encode", "encode", "job", "job", "encode"]
+    assert len(jobs) == 4 and encodes == [0.7] * 4

@@ -189,6 +189,17 @@ def test_a_claim_retries_a_gateway_blip_with_the_same_claim_id(
     assert (job.lease_token, job.attempts) == (claim_id, 1)
 
 
+def test_a_claim_the_database_stays_away_from_is_tried_max_retries_plus_one_times(
+    store: JobsStore, gateway: Gateway, db_url: str
+) -> None:
+    # The first try is made before the retry policy exists (a cold start's claim skips tenacity);
+    # the policy still counts it as its own.
+    gateway.faults.add("rpc:claim_job", **gateway_error(503), times=10)
+    with pytest.raises(DatabaseUnavailable):
+        store.claim(insert_job(db_url), uuid.uuid4())
+    assert gateway.counts["rpc:claim_job"] == make_settings().max_retries + 1
+
+
 def test_a_claim_whose_answer_was_lost_gets_the_same_lease_on_its_retry(
     store: JobsStore, gateway: Gateway, db_url: str
 ) -> None:

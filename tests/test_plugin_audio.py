@@ -6,6 +6,7 @@ import array
 import io
 import json
 import math
+import random
 import subprocess
 import tempfile
 import wave
@@ -107,6 +108,49 @@ def test_each_pixel_holds_the_extremes_of_its_own_samples() -> None:
     for pixel in (0, 1, peaks.length - 1):
         left = samples[2 * spp * pixel : 2 * spp * (pixel + 1) : 2]
         assert peaks.data[4 * pixel : 4 * pixel + 2] == [min(left) >> 8, max(left) >> 8]
+
+
+def _random_wav(channels: int, width: int, frames: int = 4_000) -> bytes:
+    """Full-scale random samples (every byte varies), so each pixel's extremes differ."""
+    noise = random.Random(channels * 10 + width)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(width)
+        writer.setframerate(8_000)
+        writer.writeframes(noise.randbytes(frames * channels * width))
+    return out.getvalue()
+
+
+def _reference_peaks(pcm_bytes: bytes, channels: int, width: int, per_pixel: int) -> list[int]:
+    """Each pixel's min and max per drawn channel, sample by sample: a signed sample (8-bit WAV is
+    unsigned) shifted down to 8 bits; layouts other than stereo drawn as one channel."""
+    values = [
+        int.from_bytes(pcm_bytes[i : i + width], "little", signed=width > 1) - (128 if width == 1 else 0)
+        for i in range(0, len(pcm_bytes), width)
+    ]
+    shifted = [v >> (8 * width - 8) for v in values]
+    drawn = [shifted[c::2] for c in range(2)] if channels == 2 else [shifted]
+    step = per_pixel * (1 if channels == 2 else channels)
+    data: list[int] = []
+    for start in range(0, len(drawn[0]), step):
+        for channel in drawn:
+            data += (min(channel[start : start + step]), max(channel[start : start + step]))
+    return data
+
+
+@pytest.mark.parametrize(
+    ("channels", "width"),
+    [(1, 1), (2, 1), (1, 2), (2, 2), (2, 3), (2, 4), (6, 2)],
+    ids=["mono-8", "stereo-8", "mono-16", "stereo-16", "stereo-24", "stereo-32", "5.1-16"],
+)
+def test_every_pixels_peaks_are_its_samples_extremes_at_8_bits_in_every_layout(
+    channels: int, width: int
+) -> None:
+    pcm = read_wav(_random_wav(channels, width))
+    peaks = waveform_peaks(pcm, points=37)  # pixels that do not divide the frames: a short last one
+    expected = _reference_peaks(bytes(pcm.samples), channels, width, peaks.samples_per_pixel)
+    assert peaks.data == expected
 
 
 @pytest.mark.parametrize(

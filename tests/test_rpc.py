@@ -1,11 +1,13 @@
-"""PostgREST's RPC over urllib3 (sona/store/rpc.py), against a loopback server that answers as told."""
+"""PostgREST's RPC over http.client (sona/store/rpc.py), against a loopback server that answers as told."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import pytest
 
@@ -128,3 +130,65 @@ def test_no_call_starts_when_the_deadline_is_spent(answers: tuple[Answers, RpcCl
     with Deadline(0.0).applies(), pytest.raises(DeadlineExceeded):
         client.call("f", {})
     assert app.seen == []
+
+
+class KeepAlive(BaseHTTPRequestHandler):
+    """HTTP/1.1 with kept-alive connections, as PostgREST behind its gateway speaks: answers [] and
+    records which connection (client port) each call came on. With `hang_up` set it closes each
+    connection right after answering, without saying so (as a server does at its idle timeout)."""
+
+    protocol_version = "HTTP/1.1"
+    ports: ClassVar[list[int]] = []
+    hang_up: ClassVar[bool] = False
+    closed: ClassVar[threading.Event] = threading.Event()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).ports.append(self.client_address[1])
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+        self.close_connection = type(self).hang_up
+
+    def finish(self) -> None:
+        super().finish()
+        type(self).closed.set()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def keep_alive() -> Iterator[tuple[type[KeepAlive], RpcClient]]:
+    handler = type("Handler", (KeepAlive,), {"ports": [], "hang_up": False, "closed": threading.Event()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield handler, RpcClient(f"http://127.0.0.1:{server.server_port}", "public", {}, timeout_s=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_calls_reuse_the_connection_the_previous_call_left_open(
+    keep_alive: tuple[type[KeepAlive], RpcClient],
+) -> None:
+    server, client = keep_alive
+    for _ in range(3):
+        assert client.call("f", {}) == []
+    assert len(server.ports) == 3
+    assert len(set(server.ports)) == 1
+
+
+def test_a_kept_connection_the_server_closed_meanwhile_is_replaced_not_failed(
+    keep_alive: tuple[type[KeepAlive], RpcClient],
+) -> None:
+    server, client = keep_alive
+    server.hang_up = True
+    assert client.call("f", {}) == []
+    assert server.closed.wait(5)  # the server has hung up on the connection the client kept
+    assert client.call("f", {}) == []
+    assert len(set(server.ports)) == 2

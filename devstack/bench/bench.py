@@ -137,14 +137,15 @@ def cold_start(stack: LocalStack, work: Path, runs: int, python: str) -> list[Fi
     process_job (it enqueues a task) and a Cloud Tasks task to the private worker run_job (its claim
     finds the job already done; Cloud Run has checked the token before), against a bare function.
     As deployed: K_SERVICE set (Cloud Functions sets it) and JSON log lines with the project, so the
-    structured-logging path is part of what is timed."""
+    structured-logging path is part of what is timed; and no FFMPEG_BINARY, so the function finds the
+    imageio-ffmpeg wheel's binary (and runs it once) before its claim, as the deploy leaves it."""
     (work / "bare").mkdir(exist_ok=True)
     (work / "bare" / "main.py").write_text(BARE_FUNCTION)
     job_id = stack.insert_job("already done", duration=1)
     with stack.postgres_connection() as conn:
         conn.execute("update jobs set status = 'completed' where id = %s", (job_id,))
     env = {
-        **stack.function_env(),
+        **{k: v for k, v in stack.function_env().items() if k != "FFMPEG_BINARY"},
         "K_SERVICE": "process-job",
         "K_REVISION": "process-job-00001-abc",
         "LOG_FORMAT": "json",

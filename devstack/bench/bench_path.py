@@ -19,8 +19,9 @@ Every step is read from a clock that already exists, all on this machine's wall 
   read before and after the measured jobs.
 
 The steps on the path add up to insert -> completed exactly: what no clock names is shown as such.
-The baseline is ffmpeg alone encoding the same master WAV, five times per run (the median), so the
-ratio does not swing with one encode.
+The baseline is ffmpeg alone encoding the same master WAV, once beside each job (five per run,
+alternately just before and just after it), and each side's median makes the run's ratio, so the
+ratio swings neither with one encode nor with the machine's speed drifting over the run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ from sona.job.pipeline import ATTEMPT_EVENT
 
 JOB_SECONDS = 60
 PROMPT = "bench path"
-ENCODES_PER_RUN = 5  # the baseline's median per run: one encode swings by a quarter on a busy machine
+# Jobs per run, each paired with an encode alone; each side's median makes the run's ratio (one encode
+# swings by a quarter on a busy machine).
+ENCODES_PER_RUN = 5
 TARGET_PATH = 1.25  # insert -> completed over ffmpeg alone, in every run
 TARGET_RESPONSE = 1.10  # the worker's request -> response over ffmpeg alone
 DONE_CHANNEL = "sona_bench_job_done"
@@ -245,8 +248,8 @@ def table(report: dict[str, Any]) -> str:
     """The runs beside their baselines, then the breakdown and the server's functions (markdown)."""
     lines = [
         f"one {JOB_SECONDS} s stereo job through the stack, instant provider"
-        f" ({report['jobs_per_run']} jobs per run, median; baseline: median of {ENCODES_PER_RUN}"
-        " ffmpeg-alone encodes of the same WAV in the same run)",
+        f" ({report['jobs_per_run']} jobs per run, median; baseline: the median of as many"
+        " ffmpeg-alone encodes of the same WAV, one beside each job)",
         "",
         _cells("run", "insert -> completed", "request -> response", "ffmpeg alone", "ratio (insert)",
                "ratio (request)"),
@@ -435,7 +438,25 @@ def _functions(stack: LocalStack, work: Path, python: str) -> Iterator[Path]:
         door.stop()
 
 
-def run(work: Path, python: str, path: str, runs: int, jobs_per_run: int = 3) -> dict[str, Any]:
+def paired(
+    job: Callable[[], JobClocks], encode: Callable[[], float], pairs: int
+) -> tuple[list[JobClocks], list[float]]:
+    """Each job beside an encode of its own, taken next to it in turn (encode first, then job
+    first), so that the ratio pairs figures of the same minute: a machine whose speed drifts over
+    a run (this one's encode alone swings by a quarter) moves both sides alike, and neither side
+    always runs in the wake of the other."""
+    jobs, encodes = [], []
+    for i in range(pairs):
+        if i % 2:
+            jobs.append(job())
+            encodes.append(encode())
+        else:
+            encodes.append(encode())
+            jobs.append(job())
+    return jobs, encodes
+
+
+def run(work: Path, python: str, path: str, runs: int, jobs_per_run: int = ENCODES_PER_RUN) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     with LocalStack(
         work / "stack", start_functions=False, process_env={"PATH": path}, env={"LOG_LEVEL": "info"}
@@ -454,9 +475,12 @@ def run(work: Path, python: str, path: str, runs: int, jobs_per_run: int = 3) ->
                 jobs: list[JobClocks] = []
                 results = []
                 for _ in range(runs):
-                    mine = [_one_job(stack, completions, worker_log) for _ in range(jobs_per_run)]
+                    mine, encodes = paired(
+                        lambda: _one_job(stack, completions, worker_log),
+                        lambda: ffmpeg_alone(wav, work / "alone.mp3", times=1)[0],
+                        jobs_per_run,
+                    )
                     jobs += mine
-                    encodes = ffmpeg_alone(wav, work / "alone.mp3")
                     results.append(
                         Run(
                             [insert_to_completed_ms(j) for j in mine],
@@ -470,7 +494,7 @@ def run(work: Path, python: str, path: str, runs: int, jobs_per_run: int = 3) ->
     figures = [r.figures() for r in results]
     return {
         "jobs_per_run": jobs_per_run,
-        "encodes_per_run": ENCODES_PER_RUN,
+        "encodes_per_run": jobs_per_run,
         "runs": figures,
         "runs_raw": [asdict(r) for r in results],
         "verdict": verdict(figures),
@@ -478,4 +502,3 @@ def run(work: Path, python: str, path: str, runs: int, jobs_per_run: int = 3) ->
         "server_functions": trigger_costs(before, after, len(jobs)),
         "jobs": [{**asdict(j), "timings_ms": dict(j.timings_ms)} for j in jobs],
     }
-

@@ -51,11 +51,13 @@ def run_job(request: Request) -> Response:
 def run_claimed(services: Services, job_id: uuid.UUID, deadline: Deadline) -> Response:
     with job_context(job_id):
         try:
+            services.look_for_ffmpeg()  # beside the store's set-up (a cold instance's first imports)
+            store = services.store
             services.ffmpeg  # noqa: B018  a missing ffmpeg fails here, before anything is claimed
             # One claim id per request: a retried claim whose first answer was lost gets its lease.
             claim_started = time.monotonic()
             with deadline.applies():
-                job = services.store.claim(job_id, uuid.uuid4(), deadline)
+                job = store.claim(job_id, uuid.uuid4(), deadline)
             claim_ms = round((time.monotonic() - claim_started) * 1000)
         except DatabaseUnavailable as exc:
             log.error("claim failed: %s", exc)

@@ -16,11 +16,10 @@ from pydantic import BaseModel
 
 from sona.config import Settings
 from sona.deadline import Deadline
-from sona.errors import Cancelled, DatabaseUnavailable, ServiceOutage, StaleLease, StoreError
+from sona.errors import Cancelled, DatabaseUnavailable, ServiceOutage, StaleLease, StoreError, TransientError
 from sona.messages import musician_message
 from sona.models import ClaimedJob, Job, JobStage, Output
 from sona.outcomes import OutcomeClass
-from sona.retrying import retrying
 from sona.store.rpc import GatewayFailure, RpcClient, RpcError, Unreachable
 from sona.supabase_keys import request_headers
 
@@ -40,7 +39,9 @@ CLAIM_BUDGET_S = 10.0
 FOLD_HOURS = 24
 
 
-class DueJob(BaseModel):
+# The answers' models are built on first use (defer_build): the worker's cold start imports this
+# module for the claim and reads none of them.
+class DueJob(BaseModel, defer_build=True):
     """A job the reclaim stamped for dispatch: its attempts so far and this dispatch's round, which
     name its task."""
 
@@ -49,7 +50,7 @@ class DueJob(BaseModel):
     dispatch_round: int
 
 
-class Reclaimed(BaseModel):
+class Reclaimed(BaseModel, defer_build=True):
     """What one reclaim did: how many expired leases it released and jobs it failed, and the jobs
     due for dispatch now. Only the dispatches come as rows, since only they are acted on (issue 34:
     10,000 released rows cost more to send and validate than to release)."""
@@ -59,12 +60,12 @@ class Reclaimed(BaseModel):
     dispatch: list[DueJob]
 
 
-class Garbage(BaseModel):
+class Garbage(BaseModel, defer_build=True):
     id: int
     name: str
 
 
-class Pause(BaseModel):
+class Pause(BaseModel, defer_build=True):
     """What pause_service did: the open pause (created by this call, or already there) and
     whether this job went back to wait for it."""
 
@@ -108,13 +109,27 @@ class JobsStore:
             "p_lease_seconds": settings.lease_seconds,
             "p_max_attempts": settings.max_attempts,
         }
-        policy = retrying(
-            "claim",
-            max_retries=settings.max_retries,
-            base_delay_s=settings.internal_retry_delay_s,
-            deadline=deadline or Deadline(CLAIM_BUDGET_S),
-        )
-        rows = policy(lambda: self._rpc("claim_job", params))
+        budget = deadline or Deadline(CLAIM_BUDGET_S)
+
+        def claim_once() -> list[dict[str, Any]]:
+            return self._rpc("claim_job", params)
+
+        try:
+            rows = claim_once()
+        except TransientError as failure:
+            # The retry policy (and tenacity) is imported only when the first try fails: a cold
+            # worker's first answer is a claim, which almost always succeeds at once.
+            from sona.retrying import going_on_from, retrying, worth_retrying
+
+            if not worth_retrying(failure):
+                raise
+            policy = retrying(
+                "claim",
+                max_retries=settings.max_retries,
+                base_delay_s=settings.internal_retry_delay_s,
+                deadline=budget,
+            )
+            rows = going_on_from(failure, claim_once, policy)
         return ClaimedJob.model_validate(rows[0]) if rows else None
 
     def complete(self, job: ClaimedJob, output: Output, *, timings_ms: dict[str, int] | None = None) -> Job:
