@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 
@@ -152,18 +152,23 @@ class KeepAlive(BaseHTTPRequestHandler):
         self.wfile.write(b"[]")
         self.close_connection = type(self).hang_up
 
-    def finish(self) -> None:
-        super().finish()
-        type(self).closed.set()
-
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+class KeepAliveServer(ThreadingHTTPServer):
+    """Tells its handler's `closed` once a connection's socket is really closed: the handler's own
+    finish() comes before that, and a client told then could still find the socket open."""
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        cast(type[KeepAlive], self.RequestHandlerClass).closed.set()
 
 
 @pytest.fixture
 def keep_alive() -> Iterator[tuple[type[KeepAlive], RpcClient]]:
     handler = type("Handler", (KeepAlive,), {"ports": [], "hang_up": False, "closed": threading.Event()})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = KeepAliveServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
