@@ -74,6 +74,8 @@ from pydantic import BaseModel
 
 request = json.loads(sys.argv[1])
 app = functions_framework.create_app(target=request["target"], source="main.py")
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
 answer = app.test_client().post("/", json=request["payload"], headers=request["headers"])
 models = {
     f"{name}.{value.__qualname__}": value
@@ -86,6 +88,7 @@ print(json.dumps({
     "body": answer.get_json(),
     "modules": sorted(sys.modules),
     "built": sorted(name for name, model in models.items() if model.__pydantic_complete__),
+    "opened": sorted(set(opened)),
 }))
 """
 
@@ -168,3 +171,11 @@ def test_a_first_answer_builds_only_the_models_it_reads(
 ) -> None:
     answer = request.getfixturevalue(f"{door}_answer")
     assert answer["built"] == BUILT[door]
+
+
+@pytest.mark.parametrize("door", ["task", "webhook"])
+def test_a_first_answer_reads_no_packages_entry_points(door: str, request: pytest.FixtureRequest) -> None:
+    """pydantic's search for plugins reads every installed package's entry points when it builds its
+    first model; main.py tells it there are none (PYDANTIC_DISABLE_PLUGINS)."""
+    answer = request.getfixturevalue(f"{door}_answer")
+    assert [path for path in answer["opened"] if path.endswith("entry_points.txt")] == []
