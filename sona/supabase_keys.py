@@ -11,9 +11,8 @@ import base64
 import binascii
 import json
 import re
+from dataclasses import dataclass
 from enum import StrEnum
-
-from pydantic import BaseModel
 
 SECRET_PREFIX = "sb_secret_"  # noqa: S105 (a prefix, not a secret)
 PUBLISHABLE_PREFIX = "sb_publishable_"
@@ -35,8 +34,11 @@ class KeyKind(StrEnum):
     UNKNOWN = "unknown"
 
 
-class SupabaseKey(BaseModel, frozen=True, defer_build=True):
-    """What a key is; never the key itself, so it can be logged."""
+@dataclass(frozen=True)
+class SupabaseKey:
+    """What a key is; never the key itself, so it can be logged. A dataclass, not a model: it is made
+    here from what classify found, never validated from outside, and a pydantic model cost a cold
+    function's first answer its class and validator (the settings check the key)."""
 
     kind: KeyKind
     role: str | None = None  # a legacy JWT's role claim

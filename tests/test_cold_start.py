@@ -60,11 +60,11 @@ NEVER = (
 # The webhook's door only enqueues (over the standard library): no jobs store.
 NEVER_ON_THE_WEBHOOK = ("sona.store",)
 
-# The models each first answer builds: the settings, the key's description the settings check, and
-# the one request body it reads; every other model is built on its first use (defer_build).
+# The models each first answer builds: the settings and the one request body it reads; every other
+# model is built on its first use (defer_build).
 BUILT = {
-    "task": ["sona.config.Settings", "sona.models.TaskPayload", "sona.supabase_keys.SupabaseKey"],
-    "webhook": ["sona.config.Settings", "sona.models.WebhookPayload", "sona.supabase_keys.SupabaseKey"],
+    "task": ["sona.config.Settings", "sona.models.TaskPayload"],
+    "webhook": ["sona.config.Settings", "sona.models.WebhookPayload"],
 }
 
 PROBE = """
