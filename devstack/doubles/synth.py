@@ -9,7 +9,6 @@ import io
 import math
 import wave
 from functools import lru_cache
-from operator import add
 
 RATE = 44_100
 LABEL = "offline synthesiser (not Stable Audio)"
@@ -42,10 +41,12 @@ def _wave(freq: int, table: array.array[int]) -> array.array[int]:
 
 
 def _channel(freqs: list[int], phase: float, scale: float) -> array.array[int]:
+    from sona.audio.master import audioop  # pydub's, imported without its PATH warning
+
     table = _sine_table(scale, phase)
     total = _wave(freqs[0], table)
     for freq in freqs[1:]:  # at most 9000 in all, so the sum stays a 16-bit sample
-        total = array.array("h", map(add, total, _wave(freq, table)))
+        total = array.array("h", audioop.add(total, _wave(freq, table), 2))  # sample by sample, in C
     return total
 
 
