@@ -118,11 +118,17 @@ def test_a_step_the_worker_did_not_time_is_left_out_of_the_rows_beside_the_path(
 
 
 def test_a_runs_ratios_are_its_medians_over_its_own_baseline_median() -> None:
-    run = Run([900.0, 800.0, 1000.0], [850.0, 750.0, 950.0], [0.70, 0.80, 0.60, 0.75, 0.85])
+    run = Run([900.0, 800.0, 1000.0], [850.0, 750.0, 950.0], [0.70, 0.80, 0.60, 0.75, 0.85], [0.8, 0.9, 0.7])
     figures = run.figures()
     assert figures["ffmpeg_alone_ms"] == pytest.approx(750.0)
     assert figures["ratio_path"] == pytest.approx(900 / 750, abs=0.001)
     assert figures["ratio_response"] == pytest.approx(850 / 750, abs=0.001)
+
+
+def test_the_jobs_own_audio_step_alone_is_shown_over_the_same_baseline() -> None:
+    figures = Run([900.0], [850.0], [0.70, 0.80, 0.75], [0.84, 0.78, 0.90]).figures()
+    assert figures["job_audio_alone_ms"] == pytest.approx(840.0)
+    assert figures["ratio_job_audio"] == pytest.approx(840 / 750, abs=0.001)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +169,7 @@ def test_server_function_costs_are_the_differences_per_job_slowest_first() -> No
 
 
 def test_the_table_shows_every_run_beside_its_baseline_the_verdict_and_the_breakdown() -> None:
-    run = Run([900.0], [880.0], [0.75] * 5).figures()
+    run = Run([900.0], [880.0], [0.75] * 5, [0.8] * 5).figures()
     report = {
         "jobs_per_run": 1,
         "runs": [run],
@@ -172,7 +178,7 @@ def test_the_table_shows_every_run_beside_its_baseline_the_verdict_and_the_break
         "server_functions": trigger_costs({}, {"claim_job": (1, 1.5, 1.0, False)}, jobs=1),
     }
     text = table(report)
-    assert "| 1 | 0.900 s | 0.880 s | 0.750 s | 1.20x | 1.17x |" in text
+    assert "| 1 | 0.900 s | 0.880 s | 0.750 s | 1.20x | 1.17x | 0.800 s | 1.07x |" in text
     assert "insert -> completed <= 1.25x in every run: met" in text
     assert "request -> response <= 1.1x in every run: NOT met" in text
     assert "| door: webhook -> task created | 9.0 ms | 9.0-9.0 | 1.1 % |" in text
@@ -186,10 +192,10 @@ def test_each_job_is_paired_with_an_encode_taken_before_and_after_it_in_turn() -
         order.append("job")
         return clocks()
 
-    def encode() -> float:
+    def encode() -> tuple[float, float]:
         order.append("encode")
-        return 0.7
+        return 0.7, 0.75
 
     jobs, encodes = paired(job, encode, 4)
     assert order == ["encode", "job", "job", "encode", "encode", "job", "job", "encode"]
-    assert len(jobs) == 4 and encodes == [0.7] * 4
+    assert len(jobs) == 4 and encodes == [(0.7, 0.75)] * 4

@@ -4,6 +4,7 @@ download headers. Each case cites what it follows in supabase/storage."""
 
 from __future__ import annotations
 
+import hashlib
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
@@ -161,3 +162,72 @@ def test_public_downloads_carry_cache_headers_and_answer_304_and_ranges(gateway:
     assert again.status_code == 304
     part = web.get(url, headers={"Range": "bytes=2-4"})
     assert (part.status_code, part.content, part.headers["content-range"]) == (206, b"234", "bytes 2-4/10")
+
+
+# An upload's body is streamed into a spool file beside the objects and renamed into place
+# (devstack/emulators/storage_uploads.py): what is stored must be exactly what was sent.
+BODY = bytes(range(256)) * 4099  # 1 MB and a bit: many of the parser's reads, not a multiple of them
+
+
+@pytest.mark.parametrize(
+    ("kind", "send"),
+    [
+        ("multipart form", {"files": {"file": ("f", BODY, "audio/wav")}, "data": {"cacheControl": "60"}}),
+        (
+            "raw body",
+            {"content": BODY, "headers": {"content-type": "audio/wav", "cache-control": "max-age=60"}},
+        ),
+    ],
+)
+def test_an_upload_stores_its_bytes_with_their_md5_etag_and_size(
+    gateway: Gateway, kind: str, send: dict[str, Any]
+) -> None:
+    create_bucket(gateway)
+    headers = {"apikey": gateway.service_role_key, "Authorization": f"Bearer {gateway.service_role_key}"}
+    url = f"{gateway.url}/storage/v1/object/{BUCKET}/body.wav"
+    stored = web.request("POST", url, **{**send, "headers": {**headers, **send.get("headers", {})}})
+    assert stored.status_code == 200, stored.text
+    [listed] = listing(gateway)
+    md5 = hashlib.md5(BODY, usedforsecurity=False).hexdigest()
+    assert (listed["metadata"]["eTag"], listed["metadata"]["size"]) == (f'"{md5}"', len(BODY))
+    assert listed["metadata"]["cacheControl"] == "max-age=60"
+    downloaded = web.get(f"{gateway.url}/storage/v1/object/public/{BUCKET}/body.wav")
+    assert (downloaded.content == BODY, downloaded.headers["etag"]) == (True, f'"{md5}"')
+
+
+@pytest.mark.parametrize(
+    ("refusal", "name", "send", "code"),
+    [
+        ("over the limit", "big.wav", {"files": {"file": ("f", b"x" * 1001, "audio/wav")}}, "EntityTooLarge"),
+        (
+            "a type the bucket refuses",
+            "t.txt",
+            {"files": {"file": ("f", b"text", "text/plain")}},
+            "InvalidMimeType",
+        ),
+        ("an invalid key", "a#b.wav", {"files": {"file": ("f", b"audio", "audio/wav")}}, "InvalidKey"),
+        (
+            "metadata that is not JSON",
+            "m.wav",
+            {"files": {"file": ("f", b"a", "audio/wav")}, "data": {"metadata": "{"}},
+            "InvalidRequest",
+        ),
+        (
+            "an existing name without upsert",
+            "kept.wav",
+            {"files": {"file": ("f", b"again", "audio/wav")}},
+            "KeyAlreadyExists",
+        ),
+    ],
+)
+def test_a_refused_upload_leaves_nothing_in_the_storage_folder(
+    gateway: Gateway, refusal: str, name: str, send: dict[str, Any], code: str
+) -> None:
+    create_bucket(gateway, allowed_mime_types=["audio/*"])
+    assert upload(gateway, "kept.wav", b"first").status_code == 200
+    gateway.storage.upload_limit = 1000
+    before = sorted(p.relative_to(gateway.storage_dir) for p in gateway.storage_dir.rglob("*"))
+    refused = call(gateway, "POST", f"object/{BUCKET}/{quote(name)}", **send)
+    assert (refused.status_code, refused.json()["code"]) == (400, code), refusal
+    assert sorted(p.relative_to(gateway.storage_dir) for p in gateway.storage_dir.rglob("*")) == before
+    assert web.get(f"{gateway.url}/storage/v1/object/public/{BUCKET}/kept.wav").content == b"first"

@@ -21,7 +21,10 @@ Every step is read from a clock that already exists, all on this machine's wall 
 The steps on the path add up to insert -> completed exactly: what no clock names is shown as such.
 The baseline is ffmpeg alone encoding the same master WAV, once beside each job (five per run,
 alternately just before and just after it), and each side's median makes the run's ratio, so the
-ratio swings neither with one encode nor with the machine's speed drifting over the run.
+ratio swings neither with one encode nor with the machine's speed drifting over the run. Beside each
+baseline encode the job's own audio step runs alone too (sona.audio.master.encode_preview: the
+encode with the loudness on a branch of the same ffmpeg run, then the gain), so the table says how
+much of a run's ratio is the work the job asks of ffmpeg and how much is the rest of the path.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from devstack.emulators.cloud_tasks import Dispatch
 from devstack.emulators.relay import Delivery
 from devstack.events import Notifications
 from devstack.stack import FunctionProcess, LocalStack
 from sona.audio.ffmpeg import find_ffmpeg
+from sona.audio.master import encode_preview
 from sona.job.pipeline import ATTEMPT_EVENT
 
 JOB_SECONDS = 60
@@ -190,22 +194,27 @@ def _row(name: str, values: list[float], path_ms: float, *, on_path: bool) -> di
 
 @dataclass(frozen=True)
 class Run:
-    """One run: its jobs' two figures (ms) and its own baseline's encodes (s)."""
+    """One run: its jobs' two figures (ms), its own baseline's encodes (s), and the job's own audio
+    step alone beside each of them (s)."""
 
     insert_to_completed_ms: list[float]
     request_to_response_ms: list[float]
     encodes_s: list[float]
+    job_audio_alone_s: list[float]
 
     def figures(self) -> dict[str, float]:
         base = statistics.median(self.encodes_s) * 1000
         path = statistics.median(self.insert_to_completed_ms)
         response = statistics.median(self.request_to_response_ms)
+        audio = statistics.median(self.job_audio_alone_s) * 1000
         return {
             "insert_to_completed_ms": round(path, 1),
             "request_to_response_ms": round(response, 1),
             "ffmpeg_alone_ms": round(base, 1),
             "ratio_path": round(path / base, 3),
             "ratio_response": round(response / base, 3),
+            "job_audio_alone_ms": round(audio, 1),
+            "ratio_job_audio": round(audio / base, 3),
         }
 
 
@@ -249,11 +258,12 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"one {JOB_SECONDS} s stereo job through the stack, instant provider"
         f" ({report['jobs_per_run']} jobs per run, median; baseline: the median of as many"
-        " ffmpeg-alone encodes of the same WAV, one beside each job)",
+        " ffmpeg-alone encodes of the same WAV, one beside each job; and beside each of those, the"
+        " job's own audio step alone: its encode with the loudness, and the gain)",
         "",
         _cells("run", "insert -> completed", "request -> response", "ffmpeg alone", "ratio (insert)",
-               "ratio (request)"),
-        "|---:|---:|---:|---:|---:|---:|",
+               "ratio (request)", "job's audio step alone", "its ratio"),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for i, run in enumerate(report["runs"], 1):
         lines.append(
@@ -264,6 +274,8 @@ def table(report: dict[str, Any]) -> str:
                 f"{run['ffmpeg_alone_ms'] / 1000:.3f} s",
                 f"{run['ratio_path']:.2f}x",
                 f"{run['ratio_response']:.2f}x",
+                f"{run['job_audio_alone_ms'] / 1000:.3f} s",
+                f"{run['ratio_job_audio']:.2f}x",
             )
         )
     held = report["verdict"]
@@ -438,9 +450,19 @@ def _functions(stack: LocalStack, work: Path, python: str) -> Iterator[Path]:
         door.stop()
 
 
-def paired(
-    job: Callable[[], JobClocks], encode: Callable[[], float], pairs: int
-) -> tuple[list[JobClocks], list[float]]:
+def job_audio_alone(wav: bytes, bitrate: str) -> float:
+    """The job's own audio step on the same master, alone (seconds): the worker's encode_preview,
+    the one ffmpeg run with the loudness on its branch, then the gain."""
+    started = time.perf_counter()
+    encode_preview(wav, bitrate, find_ffmpeg())
+    return time.perf_counter() - started
+
+
+J = TypeVar("J")
+E = TypeVar("E")
+
+
+def paired(job: Callable[[], J], encode: Callable[[], E], pairs: int) -> tuple[list[J], list[E]]:
     """Each job beside an encode of its own, taken next to it in turn (encode first, then job
     first), so that the ratio pairs figures of the same minute: a machine whose speed drifts over
     a run (this one's encode alone swings by a quarter) moves both sides alike, and neither side
@@ -470,22 +492,27 @@ def run(work: Path, python: str, path: str, runs: int, jobs_per_run: int = ENCOD
             with _functions(stack, work, python) as worker_log:
                 warm = _one_job(stack, completions, worker_log)  # imports, clients, the double's cache
                 wav = _master_wav(stack, uuid.UUID(warm.job_id))
+                bitrate = stack.settings().mp3_bitrate
+
+                def baselines() -> tuple[float, float]:
+                    alone = ffmpeg_alone(wav, work / "alone.mp3", times=1)[0]
+                    return alone, job_audio_alone(wav.read_bytes(), bitrate)
+
                 # The warm-up's calls flushed first, so that none of them lands in the difference.
                 before = _settled_stats(stack, _rpc_counts(1))
                 jobs: list[JobClocks] = []
                 results = []
                 for _ in range(runs):
-                    mine, encodes = paired(
-                        lambda: _one_job(stack, completions, worker_log),
-                        lambda: ffmpeg_alone(wav, work / "alone.mp3", times=1)[0],
-                        jobs_per_run,
+                    mine, beside = paired(
+                        lambda: _one_job(stack, completions, worker_log), baselines, jobs_per_run
                     )
                     jobs += mine
                     results.append(
                         Run(
                             [insert_to_completed_ms(j) for j in mine],
                             [request_to_response_ms(j) for j in mine],
-                            encodes,
+                            [alone for alone, _ in beside],
+                            [audio for _, audio in beside],
                         )
                     )
                 after = _settled_stats(stack, _rpc_counts(1 + len(jobs)))

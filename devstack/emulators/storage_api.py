@@ -39,11 +39,8 @@ its source (supabase/storage, src/internal/errors, src/storage/limits.ts, migrat
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
-import mimetypes
 import time
 import uuid
 from datetime import UTC, datetime
@@ -53,9 +50,9 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
-from werkzeug.formparser import parse_form_data
 from werkzeug.wrappers import Request, Response
 
+from devstack.emulators.storage_uploads import ReceivedUpload, receive_upload
 from devstack.emulators.user_jwt import check_jwt, sign_jwt
 from devstack.serving import json_response
 from sona.storage_rules import is_valid_bucket_name, is_valid_key, parse_file_size
@@ -315,30 +312,43 @@ class StorageApi:
             # A folder name holds no content: the real server refuses it (issue 25, Storage 4).
             return _storage_error("400", "InvalidRequest", "No content provided")
         try:
-            content_type, cache_control, data, user_metadata = _upload_body(request)
+            received = receive_upload(request, self.storage_dir)
         except ValueError:
             return _storage_error("400", "InvalidRequest", "metadata must be JSON")
+        with received:
+            return self._store(bucket, name, received, update or _upsert(request), user)
+
+    def _store(
+        self,
+        bucket: dict[str, Any],
+        name: str,
+        received: ReceivedUpload,
+        upsert: bool,
+        user: dict[str, Any] | None,
+    ) -> Response:
+        """The checks Storage makes of a received upload, then its row and its bytes."""
         limit = bucket["file_size_limit"]
         # uploader.ts getStandardMaxFileSizeLimit: the smaller of the bucket's and the project's.
-        if len(data) > min(self.upload_limit, limit if limit is not None else self.upload_limit):
+        if received.size > min(self.upload_limit, limit if limit is not None else self.upload_limit):
             return _too_large()
         allowed = bucket["allowed_mime_types"]
+        content_type = received.content_type
         if allowed and not any(_mime_matches(content_type, m) for m in allowed):
             return _storage_error(
                 "415", "InvalidMimeType", f"mime type {content_type} is not supported", "invalid_mime_type"
             )
+        bucket_id = bucket["id"]
         try:
             if not is_valid_key(name):
                 raise ValueError(name)
             target = self._object_path(bucket_id, name)
         except ValueError:
             return _storage_error("400", "InvalidKey", f"Invalid key: {name}")
-        upsert = update or request.headers.get("x-upsert", "false").lower() == "true"
         params = {
             "b": bucket_id,
             "n": name,
-            "m": json.dumps(_object_metadata(data, content_type, cache_control)),
-            "u": json.dumps(user_metadata) if user_metadata is not None else None,
+            "m": json.dumps(_object_metadata(received, content_type)),
+            "u": json.dumps(received.metadata) if received.metadata is not None else None,
             "v": str(uuid.uuid4()),
         }
         statement = (
@@ -363,9 +373,7 @@ class StorageApi:
                 conn.rollback()
                 return _duplicate("KeyAlreadyExists")
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            received.keep(target)
             conn.commit()
         return json_response({"Key": f"{bucket_id}/{name}", "Id": str(row[0])})
 
@@ -557,36 +565,19 @@ def _scope(conn: psycopg.Connection[Any], user: dict[str, Any] | None) -> None:
     )
 
 
-def _upload_body(request: Request) -> tuple[str, str, bytes, dict[str, Any] | None]:
-    """Storage takes a multipart form with a `file` part (what storage3 sends) or a raw body.
-    A `metadata` form field (or x-metadata header, base64 JSON) is the object's user metadata; the
-    cache time is the form's `cacheControl` seconds or the body's Cache-Control, else no-cache."""
-    if request.mimetype == "multipart/form-data":
-        _, form, files = parse_form_data(request.environ)
-        part = files.get("file")
-        data = part.read() if part else b""
-        content_type = (part.mimetype if part and part.mimetype else None) or (
-            mimetypes.guess_type(request.path)[0] or "text/plain"
-        )
-        raw_meta = form.get("metadata")
-        metadata = json.loads(raw_meta) if raw_meta else None
-        seconds = form.get("cacheControl")
-        return content_type, f"max-age={seconds}" if seconds else "no-cache", data, metadata
-    cache = request.headers.get("cache-control") or "no-cache"
-    header = request.headers.get("x-metadata")
-    metadata = json.loads(base64.b64decode(header)) if header else None
-    return request.mimetype or "text/plain", cache, request.get_data(), metadata
+def _upsert(request: Request) -> bool:
+    return request.headers.get("x-upsert", "false").lower() == "true"
 
 
-def _object_metadata(data: bytes, content_type: str, cache_control: str) -> dict[str, Any]:
+def _object_metadata(received: ReceivedUpload, content_type: str) -> dict[str, Any]:
     """The metadata the real server stores (and lists) for an object."""
     return {
-        "eTag": f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"',
-        "size": len(data),
+        "eTag": received.etag,
+        "size": received.size,
         "mimetype": content_type,
-        "cacheControl": cache_control,
+        "cacheControl": received.cache_control,
         "lastModified": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "contentLength": len(data),
+        "contentLength": received.size,
         "httpStatusCode": 200,
     }
 
