@@ -20,7 +20,7 @@ from storage3.constants import DEFAULT_TIMEOUT
 from devstack.connections import shared as shared_connections
 from devstack.events import CHANGES
 from sona.config import Settings, load_settings
-from sona.models import AudioInfo
+from sona.rows import AudioInfo
 from sona.tls import tls_context
 
 AUDIO_INFO = AudioInfo(

@@ -15,7 +15,8 @@ from sona.deadline import Deadline
 from sona.engines.stable_audio import StableAudioClient
 from sona.errors import PermanentError
 from sona.job.modes import DEFAULT_STRENGTH, client_user_id, plan_job
-from sona.models import Job, JobStatus
+from sona.models import JobStatus
+from sona.rows import Job
 from tests.support import make_settings, wav_bytes
 
 USER = uuid.UUID("7d5cf1f0-3f0e-4d8a-9a47-0c7f3e1b2a10")

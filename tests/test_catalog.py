@@ -11,7 +11,7 @@ from sona.catalog import MODELS
 from sona.config import DEFAULT_MODEL_CREDITS, ConfigError
 from sona.errors import PermanentError
 from sona.job.modes import plan_job
-from sona.models import Job
+from sona.rows import Job
 from sona.services import Services
 from tests.support import make_settings
 

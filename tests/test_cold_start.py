@@ -28,13 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 QUEUE = "projects/sona-cold/locations/local/queues/cold-start"
 
 # Never on either door's first answer: the scheduler's door and the reclaim, the job's pipeline, the
-# engines, the audio work and Storage (all on the first real job at the earliest), the clients and
-# libraries that do those, the retry library (a claim's first try goes without it), and what the
-# settings, the RPC and the logs were rewritten to avoid.
+# engines, the audio work and Storage (all on the first real job at the earliest), the job's row
+# (a task's claim that finds nothing reads none), the clients and libraries that do those, the retry
+# library (a claim's first try goes without it), and what the settings, the RPC and the logs were
+# rewritten to avoid.
 NEVER = (
     "sona.doors.scheduler",
     "sona.reclaim",
     "sona.job",
+    "sona.rows",
     "sona.engines",
     "sona.audio.master",
     "sona.store.storage",

@@ -11,7 +11,8 @@ import pytest
 
 from devstack.emulators.gateway import Gateway, gateway_error, gateway_error_page
 from sona.errors import Cancelled, DatabaseUnavailable, StaleLease, StoreError
-from sona.models import JobStage, JobStatus, Output
+from sona.models import JobStage, JobStatus
+from sona.rows import Output
 from sona.store.jobs import DueJob, JobsStore, Reclaimed
 from tests.support import AUDIO_INFO as INFO
 from tests.support import insert_job, job_row, make_settings, sql

@@ -15,7 +15,8 @@ import pytest
 
 from sona.errors import BadRequest, PermanentError
 from sona.job.modes import duration_phrase, plan_job
-from sona.models import Job, JobStatus
+from sona.models import JobStatus
+from sona.rows import Job
 from tests.support import make_settings
 
 KEY = {"key": "A", "scale": "minor"}

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from devstack.emulators.gateway import Gateway
-from sona.models import Output
 from sona.outcomes import OUTCOME_CLASSES
+from sona.rows import Output
 from sona.store.jobs import JobsStore
 from tests.support import AUDIO_INFO, insert_job, make_settings, reclaimed, sql
 

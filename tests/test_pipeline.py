@@ -31,8 +31,9 @@ from sona.errors import (
     TransientError,
 )
 from sona.job.pipeline import ATTEMPT_EVENT, Pipeline
-from sona.models import AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, JobStatus, Output
+from sona.models import GeneratedAudio, JobStage, JobStatus
 from sona.outcomes import OutcomeClass, outcome_class
+from sona.rows import AudioInfo, ClaimedJob, Job, Output
 from sona.store.storage import StoredOutput
 from tests.support import AUDIO_INFO, make_settings, wav_bytes
 

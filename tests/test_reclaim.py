@@ -20,7 +20,7 @@ import requests
 from devstack.doubles.stable_audio_double import Behaviour, StableAudioDouble
 from devstack.stack import LocalStack
 from sona.errors import StaleLease
-from sona.models import ClaimedJob, Output
+from sona.rows import ClaimedJob, Output
 from sona.store.jobs import JobsStore
 from tests.support import AUDIO_INFO, RELAY_PAUSE_S, sql, wait_until
 

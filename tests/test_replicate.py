@@ -34,7 +34,7 @@ from sona.engines.replicate import (
 )
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
 from sona.job.modes import plan_job
-from sona.models import Job
+from sona.rows import Job
 from tests.support import make_settings, wait_until
 
 TOKEN = "r8_sentinel-replicate-token-9a8b"

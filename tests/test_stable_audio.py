@@ -16,7 +16,8 @@ from sona.engines.http import USER_AGENT
 from sona.engines.stable_audio import StableAudioClient
 from sona.errors import DeadlineExceeded, PermanentError, ServiceOutage, TransientError
 from sona.job.modes import plan_job
-from sona.models import Job, JobStatus
+from sona.models import JobStatus
+from sona.rows import Job
 from tests.support import SECRETS, make_settings
 
 

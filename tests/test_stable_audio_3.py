@@ -17,7 +17,8 @@ from sona.engines.base import GenerationRequest
 from sona.engines.stable_audio_3 import StableAudio3Client
 from sona.errors import GenerationGone, PermanentError, ServiceOutage, TransientError
 from sona.job.modes import plan_job
-from sona.models import Job, JobStatus
+from sona.models import JobStatus
+from sona.rows import Job
 from tests.support import make_settings
 
 

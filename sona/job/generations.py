@@ -24,7 +24,8 @@ from typing import Protocol
 from sona.deadline import Deadline
 from sona.engines.base import EngineById, GenerationRequest
 from sona.errors import DatabaseUnavailable, GenerationGone, StaleLease, TransientError
-from sona.models import ClaimedJob, GeneratedAudio, Job
+from sona.models import GeneratedAudio
+from sona.rows import ClaimedJob, Job
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from sona.config import Settings
 from sona.engines.base import AUDIO_TO_AUDIO, GenerationRequest, Kind
 from sona.errors import BadRequest
 from sona.job.naming import download_name, number_text
-from sona.models import Job, MusicalKey, ProducerConfig, json_column
+from sona.rows import Job, MusicalKey, ProducerConfig, json_column
 
 # Stable Audio's own prompt limit.
 MAX_PROMPT_CHARS = 10_000

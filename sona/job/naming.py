@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sona.models import json_column
+from sona.rows import json_column
 
 if TYPE_CHECKING:
-    from sona.models import Job, MusicalKey, ProducerConfig
+    from sona.rows import Job, MusicalKey, ProducerConfig
 
 _DIGITS36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 # A download name, never a path: the separator keeps only these characters (the plug-in's UI offers

@@ -32,9 +32,10 @@ from sona.errors import (
 from sona.job.generations import ById
 from sona.job.modes import JobPlan, plan_job
 from sona.messages import musician_message
-from sona.models import CLAIMABLE, AudioInfo, ClaimedJob, GeneratedAudio, Job, JobStage, Output
+from sona.models import CLAIMABLE, GeneratedAudio, JobStage
 from sona.outcomes import OutcomeClass, outcome_class
 from sona.retrying import retrying
+from sona.rows import AudioInfo, ClaimedJob, Job, Output
 from sona.store.storage import StoredOutput, attempt_stamp, object_path
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel
 
@@ -18,10 +18,15 @@ from sona.config import Settings
 from sona.deadline import Deadline
 from sona.errors import Cancelled, DatabaseUnavailable, ServiceOutage, StaleLease, StoreError, TransientError
 from sona.messages import musician_message
-from sona.models import ClaimedJob, Job, JobStage, Output
+from sona.models import JobStage
 from sona.outcomes import OutcomeClass
 from sona.store.rpc import GatewayFailure, RpcClient, RpcError, Unreachable
 from sona.supabase_keys import request_headers
+
+if TYPE_CHECKING:
+    # Imported where a row comes back: a cold worker's first claim usually finds none (a duplicate
+    # or finished job), and defining the rows' models cost its answer about 5 ms (sona/rows.py).
+    from sona.rows import ClaimedJob, Job, Output
 
 # PostgREST codes (SQLSTATEs and its own PGRST codes) that mean "not now" rather than "never":
 # connection failures, insufficient resources, the server shutting down, PostgREST unable to reach
@@ -130,7 +135,11 @@ class JobsStore:
                 deadline=budget,
             )
             rows = going_on_from(failure, claim_once, policy)
-        return ClaimedJob.model_validate(rows[0]) if rows else None
+        if not rows:
+            return None
+        from sona.rows import ClaimedJob
+
+        return ClaimedJob.model_validate(rows[0])
 
     def complete(self, job: ClaimedJob, output: Output, *, timings_ms: dict[str, int] | None = None) -> Job:
         """Complete the job with its output; the attempt's row keeps its step timings (same call)."""
@@ -285,6 +294,8 @@ class JobsStore:
             raise StaleLease(
                 f"Dropped the {verb} of job {job.id}: its lease was reclaimed by another attempt"
             )
+        from sona.rows import Job
+
         return Job.model_validate(rows[0])
 
 
