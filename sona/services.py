@@ -32,7 +32,6 @@ class Services:
         for warning in [*settings.warnings(), *ignored_settings(os.environ)]:
             log.warning("%s", warning)
         self._ffmpeg_lock = threading.Lock()
-        self._ffmpeg_found = threading.Event()
         self._ffmpeg_lookup: threading.Thread | None = None
         self._ffmpeg_result: str | BaseException = ""
 
@@ -42,16 +41,19 @@ class Services:
 
         return JobsStore(self.settings)
 
-    def look_for_ffmpeg(self) -> None:
+    def look_for_ffmpeg(self) -> threading.Thread:
         """Start finding ffmpeg on a thread of its own, so the caller's work goes on beside it.
         Without FFMPEG_BINARY the imageio-ffmpeg wheel runs its binary once (`ffmpeg -version`,
         20 to 40 ms on a cold instance), which a cold worker would otherwise wait for before setting
-        up its claim (PERFORMANCE.md, cold start). `ffmpeg` waits for the answer."""
+        up its claim (PERFORMANCE.md, cold start). `ffmpeg` waits for the answer: the lookup's
+        thread, started once per instance, ends once it has one."""
         with self._ffmpeg_lock:
             if self._ffmpeg_lookup is None:
-                lookup = threading.Thread(target=self._find_ffmpeg, name="find-ffmpeg", daemon=True)
-                lookup.start()
-                self._ffmpeg_lookup = lookup
+                self._ffmpeg_lookup = threading.Thread(
+                    target=self._find_ffmpeg, name="find-ffmpeg", daemon=True
+                )
+                self._ffmpeg_lookup.start()
+            return self._ffmpeg_lookup
 
     def _find_ffmpeg(self) -> None:
         from sona.audio.ffmpeg import find_ffmpeg
@@ -60,14 +62,11 @@ class Services:
             self._ffmpeg_result = find_ffmpeg(self.settings.ffmpeg_binary)
         except BaseException as exc:  # handed to the thread that asks for ffmpeg
             self._ffmpeg_result = exc
-        finally:
-            self._ffmpeg_found.set()
 
     @cached_property
     def ffmpeg(self) -> str:
         """The ffmpeg binary (FfmpegMissing when there is none), found once per instance."""
-        self.look_for_ffmpeg()
-        self._ffmpeg_found.wait()
+        self.look_for_ffmpeg().join()
         if isinstance(self._ffmpeg_result, BaseException):
             raise self._ffmpeg_result
         return self._ffmpeg_result

@@ -453,8 +453,9 @@ def _functions(stack: LocalStack, work: Path, python: str) -> Iterator[Path]:
 def job_audio_alone(wav: bytes, bitrate: str) -> float:
     """The job's own audio step on the same master, alone (seconds): the worker's encode_preview,
     the one ffmpeg run with the loudness on its branch, then the gain."""
+    ffmpeg = find_ffmpeg()
     started = time.perf_counter()
-    encode_preview(wav, bitrate, find_ffmpeg())
+    encode_preview(wav, bitrate, ffmpeg)
     return time.perf_counter() - started
 
 
