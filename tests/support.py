@@ -48,7 +48,6 @@ LEDGER_KEY = "sona_hardening_ledger"
 RELAY_PAUSE_S = 0.05
 
 
-
 class _Web:
     """httpx's one-call functions with the one TLS context sona's own clients share (sona.tls):
     httpx otherwise builds a context for each call, reading the CA bundle (10 to 40 ms of CPU), and
@@ -149,6 +148,13 @@ def sql(url: str, query: str, *params: Any, role: str | None = "service_role") -
     with connect(url, role) as conn:
         cur = conn.execute(query, params or None)  # type: ignore[arg-type]
         return list(cur.fetchall()) if cur.description else []
+
+
+def no_job_where(url: str, condition: str) -> bool:
+    """No job row meets `condition`. Waits look again after every change the stack reports (several
+    per job), so each look reads one boolean, not every row."""
+    (row,) = sql(url, f"select not exists (select from public.jobs where {condition}) as nothing", role=None)
+    return bool(row["nothing"])
 
 
 def reclaimed(url: str, *args: int) -> dict[str, Any]:

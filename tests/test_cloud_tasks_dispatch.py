@@ -19,7 +19,7 @@ from devstack.doubles.stable_audio_double import Behaviour, RateLimit
 from devstack.emulators.cloud_tasks import mint_oidc_token
 from devstack.events import WaitTimedOut
 from devstack.stack import TASKS_ACCOUNT, LocalStack
-from tests.support import RELAY_PAUSE_S, sql
+from tests.support import RELAY_PAUSE_S, no_job_where, sql
 
 pytestmark = pytest.mark.slow
 
@@ -70,15 +70,9 @@ def insert_many(stack: LocalStack, count: int, duration: int = 1) -> list[uuid.U
 
 
 def wait_all(stack: LocalStack, timeout_s: float) -> list[dict[str, Any]]:
-    # Looked at after every change the stack reports (several per job), so it reads one boolean,
-    # not every row: `select *` of the backlog's 54 rows at each look was 5 CPU-s of this file.
+    # One boolean per look: `select *` of the backlog's 54 rows at each look was 5 CPU-s of this file.
     def ended() -> bool:
-        (row,) = sql(
-            stack.database_url,
-            "select not exists (select from jobs where status not in ('completed', 'failed')) as ended",
-            role=None,
-        )
-        return bool(row["ended"])
+        return no_job_where(stack.database_url, "status not in ('completed', 'failed')")
 
     with contextlib.suppress(WaitTimedOut):  # then the rows as they are: the caller's assert says
         stack.wait_until(ended, timeout_s, "every job to end")

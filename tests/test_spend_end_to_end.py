@@ -14,7 +14,7 @@ import requests
 
 from devstack.doubles.stable_audio_double import Behaviour
 from devstack.stack import LocalStack
-from tests.support import RELAY_PAUSE_S, sql, wait_until
+from tests.support import RELAY_PAUSE_S, no_job_where, sql, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -59,20 +59,13 @@ def rows(stack: LocalStack) -> list[dict[str, Any]]:
     return sql(stack.database_url, "select * from jobs order by created_at", role=None)
 
 
-def none_of(stack: LocalStack, condition: str) -> bool:
-    """No job row meets `condition` (a wait looks after every change, so it reads one boolean)."""
-    query = f"select not exists (select from jobs where {condition}) as ok"
-    (row,) = sql(stack.database_url, query, role=None)
-    return bool(row["ok"])
-
-
 def settle(stack: LocalStack) -> None:
     """Every webhook delivered, every task run, no job being worked on."""
     assert stack.relay is not None
     stack.relay.wait_idle()
     if stack.tasks is not None:
         assert stack.tasks.wait_idle(60)
-    wait_until(lambda: none_of(stack, "status = 'processing'"), 60)
+    wait_until(lambda: no_job_where(stack.database_url, "status = 'processing'"), 60)
 
 
 def as_user(stack: LocalStack, user_id: uuid.UUID) -> dict[str, str]:
@@ -118,7 +111,7 @@ def test_an_account_level_storm_pauses_with_no_job_failed_then_a_probe_resumes_e
 
     second = reclaim(stack)
     assert second["due"] == JOBS - 1
-    wait_until(lambda: none_of(stack, "status <> 'completed'"), 90)
+    wait_until(lambda: no_job_where(stack.database_url, "status <> 'completed'"), 90)
     assert stack.double.paid_generations == JOBS
     assert {stack.job(j)["attempts"] for j in jobs} == {1}
 
