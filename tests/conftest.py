@@ -249,9 +249,29 @@ def throwaway_database(pg_server: str, template: str = TEMPLATE) -> Iterator[str
         drop_database(pg_server, name)
 
 
-RESET = """truncate public.jobs, public.job_attempts, auth.users, storage.objects, storage.buckets,
-  net.http_request_queue, net._http_response, supabase_functions.hooks,
-  public.sona_pauses, public.sona_settings, public.sona_storage_garbage, public.sona_stats_hours cascade"""
+# What a test may have written, emptied before the next one that shares the database.
+RESET_TABLES = (
+    "public.jobs, public.job_attempts, auth.users, storage.objects, storage.buckets, net.http_request_queue, "
+    "net._http_response, supabase_functions.hooks, public.sona_pauses, public.sona_settings, "
+    "public.sona_storage_garbage, public.sona_stats_hours"
+)
+# Those tables and every table whose foreign keys reach them: what TRUNCATE ... CASCADE empties.
+_CASCADE = """with recursive reached(t) as (
+  select unnest(string_to_array(replace(%s, ' ', ''), ',')::regclass[])
+  union
+  select c.conrelid::regclass from pg_constraint c join reached r on c.confrelid = r.t where c.contype = 'f'
+) select array_agg(t::text order by t::text) as reached from reached"""
+# Truncates only the tables that hold a row: a TRUNCATE gives every table it names new files, 12 ms of
+# the server's CPU a test even when they are all empty (about 470 tests use db_url); this is 1-9 ms.
+_EMPTY_WHAT_WAS_WRITTEN = """do $$ declare t text; written text[] := '{}'; has_row boolean; begin
+  foreach t in array %s::text[] loop
+    execute format('select exists (select from %%s)', t) into has_row;
+    if has_row then written := written || t; end if;
+  end loop;
+  if cardinality(written) > 0 then
+    execute 'truncate ' || array_to_string(written, ', ') || ' cascade';
+  end if;
+end $$"""
 
 
 @pytest.fixture(scope="session")
@@ -259,11 +279,19 @@ def shared_db_url(pg_server: str, template_url: str) -> str:
     return fresh_database(pg_server)
 
 
+@pytest.fixture(scope="session")
+def reset_sql(shared_db_url: str) -> str:
+    with shared_connections(shared_db_url).borrow(autocommit=True) as conn:
+        row = conn.execute(_CASCADE, (RESET_TABLES,)).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    return _EMPTY_WHAT_WAS_WRITTEN % ("'{" + ",".join(row["reached"]) + "}'",)
+
+
 @pytest.fixture
-def db_url(shared_db_url: str) -> str:
+def db_url(shared_db_url: str, reset_sql: str) -> str:
     """The migrated database, emptied for this test (cloning one per test costs 0.3 s)."""
     with shared_connections(shared_db_url).borrow(autocommit=True) as conn:
-        conn.execute(RESET)  # type: ignore[arg-type]
+        conn.execute(reset_sql)  # type: ignore[arg-type]
         conn.execute("drop trigger if exists sona_process_job on public.jobs")
     return shared_db_url
 
