@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psycopg
 
-from devstack.database import apply_sql, migration_files, stand_ins_sql
+from devstack.database import apply_sql, memory_scratch, migration_files, stand_ins_sql
 
 ADMIN = "supabase_admin"  # the platform's superuser: what Supabase sets up the database as
 OWNER = "postgres"  # what `supabase db push` and the dashboard's SQL editor run as
@@ -72,7 +72,11 @@ class SystemPostgres:
 
     bin_dir: Path
     port: int = field(default_factory=_free_port)
-    data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sona-pg-")))
+    # On a memory filesystem where there is room: initdb's thousand files, and their deletion, cost
+    # the disk's ext4 here about 0.5 ms of CPU each (devstack.database.memory_scratch).
+    data_dir: Path = field(
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="sona-pg-", dir=memory_scratch()))
+    )
 
     def _run(self, *args: str) -> None:
         # PostgreSQL refuses to run as root: the server runs as the system's postgres user then.
