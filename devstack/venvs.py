@@ -11,25 +11,42 @@ import venv
 from collections.abc import Sequence
 from pathlib import Path
 
+# The pip that installs each lock, pinned and hashed. A new environment starts with the pip its Python
+# bundles (23.2.1 with Python 3.11.7), which refuses a hashed lock once a package asks for an extra of a
+# dependency that has a release newer than the pin ("all requirements must have their versions pinned
+# with =="): pip-audit's CacheControl[filecache] did, the day cachecontrol 0.15.0 came out (2026-12-07),
+# and every fresh clone's .venv failed. pip 25.3 resolves the extra to the pinned 0.14.4.
+PIP_REQUIREMENT = Path(__file__).with_name("pip-requirement.txt")
+
 
 def ensure_venv(directory: Path, install: Path, inputs: Sequence[Path], *, clear: bool = False) -> Path:
     """Make (or, with clear, remake) the environment and `pip install -r install` whenever the
-    inputs changed since the last time; return its python. Progress goes to stderr, because stdout
-    belongs to the command that follows (deploy.sh captures deploy-plan's)."""
+    inputs (or the pinned pip) changed since the last time; return its python. Progress goes to
+    stderr, because stdout belongs to the command that follows (deploy.sh captures deploy-plan's)."""
     python = directory / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     stamp = directory / ".requirements.sha256"
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (PIP_REQUIREMENT, *inputs))).hexdigest()
     if python.exists() and stamp.exists() and stamp.read_text() == digest:
         return python
     if clear or not python.exists():
         print(f"Creating {directory.name} ...", file=sys.stderr, flush=True)
         venv.create(directory, with_pip=True, clear=clear)
     print(f"Installing {install.name} into {directory.name} ...", file=sys.stderr, flush=True)
-    subprocess.run(
-        [str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "-r", str(install)],
-        check=True,
-        stdout=sys.stderr,
-    )
+    for requirements in (PIP_REQUIREMENT, install):
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "--disable-pip-version-check",
+                "-q",
+                "install",
+                "-r",
+                str(requirements),
+            ],
+            check=True,
+            stdout=sys.stderr,
+        )
     stamp.write_text(digest)
     return python
 

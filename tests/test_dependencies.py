@@ -18,7 +18,8 @@ from packaging.markers import Marker, default_environment
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 
-from devstack.venvs import LOCKS, OLDEST_PYTHON
+from devstack import venvs
+from devstack.venvs import LOCKS, OLDEST_PYTHON, PIP_REQUIREMENT, ensure_venv
 from sona.ops.deploy import RUNTIME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,6 +269,54 @@ def test_the_tests_run_on_exactly_the_dev_lock() -> None:
 
 
 # -- how the locks are made and used ------------------------------------------------------------
+
+
+def test_the_pip_that_installs_the_locks_is_pinned_and_hashed() -> None:
+    lock = read_lock(str(PIP_REQUIREMENT.relative_to(REPO)))
+    assert [(p.name, len(p.hashes) > 0) for p in lock.pins] == [("pip", True)]
+    assert lock.pins[0].version is not None and lock.other_lines == ()
+
+
+def _record_installs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What ensure_venv asks pip to install, in order, with nothing made or installed."""
+    installed: list[str] = []
+
+    def make(directory: Path, **_: object) -> None:
+        (directory / "bin").mkdir(parents=True)
+        (directory / "bin" / "python").touch()
+
+    def run(command: list[str], **_: object) -> None:
+        installed.append(Path(command[-1]).name)
+
+    monkeypatch.setattr(venvs.venv, "create", make)
+    monkeypatch.setattr(venvs.subprocess, "run", run)
+    return installed
+
+
+def test_a_new_environment_gets_the_pinned_pip_before_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed = _record_installs(monkeypatch)
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# nothing\n")
+    ensure_venv(tmp_path / "venv", lock, [lock])
+    assert installed == [PIP_REQUIREMENT.name, "lock.txt"]
+
+
+def test_an_environment_is_reinstalled_when_the_pinned_pip_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed = _record_installs(monkeypatch)
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# nothing\n")
+    ensure_venv(tmp_path / "venv", lock, [lock])
+    ensure_venv(tmp_path / "venv", lock, [lock])
+    assert len(installed) == 2  # the second call found everything as the stamp says
+    newer_pip = tmp_path / "pip-requirement.txt"
+    newer_pip.write_text(PIP_REQUIREMENT.read_text().replace("pip==", "pip==99.", 1))
+    monkeypatch.setattr(venvs, "PIP_REQUIREMENT", newer_pip)
+    ensure_venv(tmp_path / "venv", lock, [lock])
+    assert installed[2:] == [newer_pip.name, "lock.txt"]
 
 
 def test_the_locks_are_resolved_from_the_oldest_supported_python() -> None:
