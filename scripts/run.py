@@ -31,17 +31,8 @@ sys.path.insert(0, str(ROOT))
 from devstack.venvs import ensure_venv, lock_commands  # noqa: E402  (standard library only)
 
 
-def run(*command: str, env: dict[str, str] | None = None) -> int:
-    return subprocess.run(command, cwd=ROOT, check=False, env=env).returncode
-
-
-def with_bytecode() -> dict[str, str]:
-    """This environment, but with Python writing bytecode (the tree's __pycache__ folders are
-    gitignored). Where PYTHONDONTWRITEBYTECODE is set, as on this project's workplace, each of
-    the suite's few hundred Python processes (the workers, every functions-framework start, every
-    `python -m sona` command a test runs) compiled sona/, devstack/ and the tests from source again:
-    16 CPU-s of a 344 CPU-s run, 7.5 s of its wall time (PERFORMANCE.md, issue 34)."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+def run(*command: str) -> int:
+    return subprocess.run(command, cwd=ROOT, check=False).returncode
 
 
 def test(python: str, pytest_args: list[str]) -> int:
@@ -62,7 +53,7 @@ def test(python: str, pytest_args: list[str]) -> int:
         if run(*mypy) != 0:
             return 1
         print("$ pytest", *pytest_args, flush=True)
-        return run(python, "-m", "pytest", *pytest_args, env=with_bytecode())
+        return run(python, "-m", "pytest", *pytest_args)
     print("$ mypy (beside pytest; its report follows the tests)", flush=True)
     with tempfile.TemporaryFile() as report:
         checking = subprocess.Popen(mypy, cwd=ROOT, stdout=report, stderr=subprocess.STDOUT)
@@ -71,7 +62,7 @@ def test(python: str, pytest_args: list[str]) -> int:
         if hasattr(os, "setpriority"):
             os.setpriority(os.PRIO_PROCESS, checking.pid, 10)
         print("$ pytest -n", WORKERS, flush=True)
-        tested = run(python, "-m", "pytest", "-n", WORKERS, env=with_bytecode())
+        tested = run(python, "-m", "pytest", "-n", WORKERS)
         typed = checking.wait()
         report.seek(0)
         print("$ mypy", report.read().decode(errors="replace"), sep="\n", end="", flush=True)
