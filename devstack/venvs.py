@@ -15,7 +15,7 @@ from pathlib import Path
 # bundles (23.2.1 with Python 3.11.7), which refuses a hashed lock once a package asks for an extra of a
 # dependency that has a release newer than the pin ("all requirements must have their versions pinned
 # with =="): pip-audit's CacheControl[filecache] did, the day cachecontrol 0.15.0 came out (2026-12-07),
-# and every fresh clone's .venv failed. pip 25.3 resolves the extra to the pinned 0.14.4.
+# and every fresh clone's .venv failed. pip 26.3 (the dev lock's own pin) resolves it to the pinned 0.14.4.
 PIP_REQUIREMENT = Path(__file__).with_name("pip-requirement.txt")
 
 

@@ -271,10 +271,15 @@ def test_the_tests_run_on_exactly_the_dev_lock() -> None:
 # -- how the locks are made and used ------------------------------------------------------------
 
 
-def test_the_pip_that_installs_the_locks_is_pinned_and_hashed() -> None:
-    lock = read_lock(str(PIP_REQUIREMENT.relative_to(REPO)))
-    assert [(p.name, len(p.hashes) > 0) for p in lock.pins] == [("pip", True)]
-    assert lock.pins[0].version is not None and lock.other_lines == ()
+def test_the_pip_that_installs_the_locks_is_the_dev_locks_own_pin_and_hashes() -> None:
+    """Installed first, so the dev lock then finds it in place (no downgrade, then upgrade)."""
+    (bootstrap,) = read_lock(str(PIP_REQUIREMENT.relative_to(REPO))).pins
+    (locked,) = [p for p in read_lock(DEV_LOCK).pins if p.name == "pip"]
+    assert (bootstrap.requirement.specifier, bootstrap.hashes) == (
+        locked.requirement.specifier,
+        locked.hashes,
+    )
+    assert bootstrap.version is not None and bootstrap.hashes
 
 
 def _record_installs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
