@@ -282,7 +282,8 @@ def test_the_pip_that_installs_the_locks_is_the_dev_locks_own_pin_and_hashes() -
     assert bootstrap.version is not None and bootstrap.hashes
 
 
-def _record_installs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+@pytest.fixture
+def installs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """What ensure_venv asks pip to install, in order, with nothing made or installed."""
     installed: list[str] = []
 
@@ -298,30 +299,30 @@ def _record_installs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return installed
 
 
-def test_a_new_environment_gets_the_pinned_pip_before_its_lock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    installed = _record_installs(monkeypatch)
+@pytest.fixture
+def empty_lock(tmp_path: Path) -> Path:
     lock = tmp_path / "lock.txt"
     lock.write_text("# nothing\n")
-    ensure_venv(tmp_path / "venv", lock, [lock])
-    assert installed == [PIP_REQUIREMENT.name, "lock.txt"]
+    return lock
+
+
+def test_a_new_environment_gets_the_pinned_pip_before_its_lock(installs: list[str], empty_lock: Path) -> None:
+    ensure_venv(empty_lock.parent / "venv", empty_lock, [empty_lock])
+    assert installs == [PIP_REQUIREMENT.name, "lock.txt"]
 
 
 def test_an_environment_is_reinstalled_when_the_pinned_pip_changes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    installs: list[str], empty_lock: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    installed = _record_installs(monkeypatch)
-    lock = tmp_path / "lock.txt"
-    lock.write_text("# nothing\n")
-    ensure_venv(tmp_path / "venv", lock, [lock])
-    ensure_venv(tmp_path / "venv", lock, [lock])
-    assert len(installed) == 2  # the second call found everything as the stamp says
-    newer_pip = tmp_path / "pip-requirement.txt"
+    venv_dir = empty_lock.parent / "venv"
+    ensure_venv(venv_dir, empty_lock, [empty_lock])
+    ensure_venv(venv_dir, empty_lock, [empty_lock])
+    assert len(installs) == 2  # the second call found everything as the stamp says
+    newer_pip = empty_lock.parent / "pip-requirement.txt"
     newer_pip.write_text(PIP_REQUIREMENT.read_text().replace("pip==", "pip==99.", 1))
     monkeypatch.setattr(venvs, "PIP_REQUIREMENT", newer_pip)
-    ensure_venv(tmp_path / "venv", lock, [lock])
-    assert installed[2:] == [newer_pip.name, "lock.txt"]
+    ensure_venv(venv_dir, empty_lock, [empty_lock])
+    assert installs[2:] == [newer_pip.name, "lock.txt"]
 
 
 def test_the_locks_are_resolved_from_the_oldest_supported_python() -> None:
