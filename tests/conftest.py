@@ -250,21 +250,21 @@ def throwaway_database(pg_server: str, template: str = TEMPLATE) -> Iterator[str
 
 
 # What a test may have written, emptied before the next one that shares the database.
-RESET_TABLES = (
-    "public.jobs, public.job_attempts, auth.users, storage.objects, storage.buckets, net.http_request_queue, "
-    "net._http_response, supabase_functions.hooks, public.sona_pauses, public.sona_settings, "
-    "public.sona_storage_garbage, public.sona_stats_hours"
-)
+RESET_TABLES = [
+    "public.jobs", "public.job_attempts", "auth.users", "storage.objects", "storage.buckets",
+    "net.http_request_queue", "net._http_response", "supabase_functions.hooks", "public.sona_pauses",
+    "public.sona_settings", "public.sona_storage_garbage", "public.sona_stats_hours",
+]  # fmt: skip
 # Those tables and every table whose foreign keys reach them: what TRUNCATE ... CASCADE empties.
 _CASCADE = """with recursive reached(t) as (
-  select unnest(string_to_array(replace(%s, ' ', ''), ',')::regclass[])
+  select unnest(%s::regclass[])
   union
   select c.conrelid::regclass from pg_constraint c join reached r on c.confrelid = r.t where c.contype = 'f'
 ) select array_agg(t::text order by t::text) as reached from reached"""
 # Truncates only the tables that hold a row: a TRUNCATE gives every table it names new files, 12 ms of
 # the server's CPU a test even when they are all empty (about 470 tests use db_url); this is 1-9 ms.
 _EMPTY_WHAT_WAS_WRITTEN = """do $$ declare t text; written text[] := '{}'; has_row boolean; begin
-  foreach t in array %s::text[] loop
+  foreach t in array '{%s}'::text[] loop
     execute format('select exists (select from %%s)', t) into has_row;
     if has_row then written := written || t; end if;
   end loop;
@@ -280,11 +280,17 @@ def shared_db_url(pg_server: str, template_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def reset_sql(shared_db_url: str) -> str:
+def reset_tables(shared_db_url: str) -> list[str]:
+    """RESET_TABLES and every table TRUNCATE ... CASCADE would reach from them."""
     with shared_connections(shared_db_url).borrow(autocommit=True) as conn:
         row = conn.execute(_CASCADE, (RESET_TABLES,)).fetchone()  # type: ignore[arg-type]
     assert row is not None
-    return _EMPTY_WHAT_WAS_WRITTEN % ("'{" + ",".join(row["reached"]) + "}'",)
+    return list(row["reached"])
+
+
+@pytest.fixture(scope="session")
+def reset_sql(reset_tables: list[str]) -> str:
+    return _EMPTY_WHAT_WAS_WRITTEN % ",".join(reset_tables)
 
 
 @pytest.fixture

@@ -131,11 +131,11 @@ def test_servers_copied_from_the_pristine_cluster_share_nothing(tmp_path: Path) 
 
 
 def test_the_shared_database_is_emptied_as_truncate_cascade_would_before_each_test(
-    db_url: str, reset_sql: str
+    db_url: str, reset_tables: list[str], reset_sql: str
 ) -> None:
     """The per-test reset truncates only what holds rows, but reaches as far as TRUNCATE ... CASCADE:
     tables it does not list whose foreign keys reach one it does are emptied too."""
-    reached = reset_sql.split("array '{", 1)[1].split("}'", 1)[0].split(",")
+    reached = reset_tables
     assert {"jobs", "job_attempts", "sona_job_charges", "auth.users", "storage.objects"} <= set(reached)
     user = sql(db_url, "insert into auth.users default values returning id", role=None)[0]["id"]
     sql(db_url, "insert into public.jobs (user_id, prompt) values (%s, 'a row to empty')", user, role=None)
