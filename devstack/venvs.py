@@ -32,21 +32,9 @@ def ensure_venv(directory: Path, install: Path, inputs: Sequence[Path], *, clear
         print(f"Creating {directory.name} ...", file=sys.stderr, flush=True)
         venv.create(directory, with_pip=True, clear=clear)
     print(f"Installing {install.name} into {directory.name} ...", file=sys.stderr, flush=True)
-    for requirements in (PIP_REQUIREMENT, install):
-        subprocess.run(
-            [
-                str(python),
-                "-m",
-                "pip",
-                "--disable-pip-version-check",
-                "-q",
-                "install",
-                "-r",
-                str(requirements),
-            ],
-            check=True,
-            stdout=sys.stderr,
-        )
+    pip_install = (str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "-r")
+    for requirements in (PIP_REQUIREMENT, install):  # two runs: the new pip must resolve the lock
+        subprocess.run([*pip_install, str(requirements)], check=True, stdout=sys.stderr)
     stamp.write_text(digest)
     return python
 
