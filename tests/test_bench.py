@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from devstack.bench.bench import Figure, table, throughput_lines
+from devstack.bench.bench import Figure, beside_its_baseline, table, throughput_lines
 
 
 def test_a_cost_ratio_is_ours_over_the_baseline() -> None:
@@ -62,3 +62,21 @@ def test_the_table_shows_each_part_of_the_reclaim_by_its_median() -> None:
     assert "200.0 ms (median)" in text
     assert "reclaim part:   trigger jobs_guard" in text
     assert "4.0 ms (median)" in text
+
+
+def test_a_cold_starts_baseline_is_the_median_of_the_bare_starts_around_it() -> None:
+    order: list[str] = []
+    bare_timings = iter([(0.9, 0.5), (0.3, 0.2), (0.4, 0.1)])  # (wall, CPU) of each bare start
+
+    def bare() -> tuple[float, float]:
+        order.append("bare")
+        return next(bare_timings)
+
+    def ours() -> tuple[float, float]:
+        order.append("ours")
+        return (0.6, 0.5)
+
+    timed, baseline = beside_its_baseline(ours, bare)
+    assert order == ["bare", "ours", "bare", "bare"]
+    assert timed == (0.6, 0.5)
+    assert baseline == (0.4, 0.2)  # wall and CPU each take their own median
