@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -47,6 +47,7 @@ from devstack.emulators.gateway import Gateway, make_jwt
 from devstack.emulators.relay import DEFAULT_PAUSE_S, WebhookRelay
 from devstack.emulators.user_jwt import make_user_jwt
 from devstack.events import CHANGES, UNWATCHED_POLL_S, DatabaseChanges, WaitTimedOut
+from devstack.function_forks import FunctionForks
 from sona.audio.ffmpeg import find_ffmpeg
 from sona.config import Settings, load_settings
 from sona.ops.webhook_sql import WebhookConfig, webhook_sql
@@ -74,13 +75,27 @@ TERMINAL = ("completed", "failed")
 FunctionKey = Literal["service_role", "anon", "secret", "publishable"]
 
 
+class Child(Protocol):
+    """A started process as this module uses it: a Popen, or a forked function."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(port: int, timeout_s: float, process: Child | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -110,6 +125,10 @@ def wait_port_free(port: int, timeout_s: float) -> None:
 class FunctionProcess:
     """One functions-framework process serving a target of main.py."""
 
+    # Set by the test suite (tests/conftest.py): processes of this interpreter are then forked from
+    # a server that has imported the libraries already (devstack/function_forks.py).
+    forks: ClassVar[FunctionForks | None] = None
+
     def __init__(
         self,
         target: str,
@@ -124,21 +143,14 @@ class FunctionProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["--target", target, "--source", str(source), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process: Child
+        if self.forks is not None and python == sys.executable:
+            self.process = self.forks.start(argv, env, log_path, cwd=REPO_ROOT)
+            return
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "functions_framework",
-                "--target",
-                target,
-                "--source",
-                str(source),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
+            [python, "-m", "functions_framework", *argv],
             cwd=REPO_ROOT,
             env=dict(env),
             stdout=self._log,
@@ -164,7 +176,8 @@ class FunctionProcess:
             # gunicorn's worker is a grandchild: until it is gone its socket still accepts (and then
             # resets) connections, so a new instance must not be trusted before the port is free.
             wait_port_free(self.port, timeout_s=10)
-        self._log.close()
+        if isinstance(self.process, subprocess.Popen):
+            self._log.close()
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)

@@ -41,7 +41,8 @@ from devstack.database import (
 )
 from devstack.doubles.stable_audio_double import StableAudioDouble
 from devstack.emulators.gateway import Gateway, make_jwt
-from devstack.stack import _stand_in
+from devstack.function_forks import FunctionForks
+from devstack.stack import FunctionProcess, _stand_in
 from devstack.system_postgres import ADMIN, OWNER, SystemPostgres, find_bin_dir, prepare_as_supabase
 from tests.support import LEDGER_KEY
 
@@ -195,6 +196,16 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 _database_url = database_url_on  # the name this helper had here
+
+
+@pytest.fixture(scope="session", autouse=True)
+def function_forks() -> Iterator[None]:
+    """Each stack's functions-framework processes are forked from one server per worker that has
+    imported their libraries once (devstack/function_forks.py: 0.2 CPU-s a start, not 0.6). The
+    demo, `dev` and the cold-start tests run their own interpreters, as an operator's would."""
+    FunctionProcess.forks = FunctionForks()
+    yield
+    FunctionProcess.forks = None
 
 
 @pytest.fixture(scope="session")
