@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, BinaryIO, ClassVar, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -145,18 +145,19 @@ class FunctionProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = ["--target", target, "--source", str(source), "--host", "127.0.0.1", "--port", str(self.port)]
         self.process: Child
+        self._log: BinaryIO | None = None  # a fork opens the log itself
         if self.forks is not None and python == sys.executable:
             self.process = self.forks.start(argv, env, log_path, cwd=REPO_ROOT)
-            return
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [python, "-m", "functions_framework", *argv],
-            cwd=REPO_ROOT,
-            env=dict(env),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group, so a kill takes gunicorn's worker too
-        )
+        else:
+            self._log = log_path.open("ab")
+            self.process = subprocess.Popen(
+                [python, "-m", "functions_framework", *argv],
+                cwd=REPO_ROOT,
+                env=dict(env),
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group, so a kill takes gunicorn's worker too
+            )
 
     def wait_ready(self, timeout_s: float = 30) -> FunctionProcess:
         wait_for_port(self.port, timeout_s, self.process)
@@ -176,7 +177,7 @@ class FunctionProcess:
             # gunicorn's worker is a grandchild: until it is gone its socket still accepts (and then
             # resets) connections, so a new instance must not be trusted before the port is free.
             wait_port_free(self.port, timeout_s=10)
-        if isinstance(self.process, subprocess.Popen):
+        if self._log is not None:
             self._log.close()
 
     def stop(self) -> None:
