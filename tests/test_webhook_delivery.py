@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 from devstack.database import apply_sql
-from devstack.emulators.relay import WebhookRelay
-from devstack.events import CHANGES
+from devstack.emulators.relay import WORKER_NAME, WebhookRelay
+from devstack.events import CHANGES, UNWATCHED_POLL_S
 from tests.support import sql, wait_until
 
 PROBE = """
@@ -265,6 +265,37 @@ def test_a_disabled_relay_drops_what_it_takes_and_records_nothing(
     post(db_url, f"{endpoint.url}/lost")
     wait_until(lambda: len(relay.dropped) == 1)
     assert (queued(db_url), responses(db_url), endpoint.seen) == ([], {}, [])
+
+
+def test_a_relay_turned_off_drops_a_request_queued_after_even_mid_transaction(
+    db_url: str, endpoint: Endpoint
+) -> None:
+    """The switch holds for every request queued after it, even one the worker takes in a
+    transaction it began before the switch: here that transaction waits on a lock the test holds on
+    the responses table (its first statement deletes expired ones) while the test switches and posts."""
+    relay = WebhookRelay(db_url, pause_s=0.2)
+    with psycopg.connect(db_url) as holder:
+        holder.execute("lock table net._http_response in access exclusive mode")
+        relay.start()  # it looks at the queue once on start: that transaction waits on the lock
+        try:
+            wait_until(lambda: worker_waits_on_a_lock(db_url), poll_s=UNWATCHED_POLL_S)
+            relay.enabled = False
+            post(db_url, f"{endpoint.url}/late")
+            holder.commit()
+            wait_until(lambda: len(relay.dropped) == 1)
+        finally:
+            relay.stop()
+    assert (queued(db_url), responses(db_url), endpoint.seen) == ([], {}, [])
+
+
+def worker_waits_on_a_lock(db_url: str) -> bool:
+    rows = sql(
+        db_url,
+        "select 1 from pg_stat_activity where application_name = %s and wait_event_type = 'Lock'",
+        WORKER_NAME,
+        role=None,  # another role's session shows no wait events
+    )
+    return bool(rows)
 
 
 PLAIN_ROLE = """

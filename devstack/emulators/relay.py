@@ -368,11 +368,13 @@ class WebhookRelay:
             CHANGES.notify()  # committed (or rolled back): the queue and the responses as others see them
 
     def _one_transaction(self, conn: psycopg.Connection[Any]) -> tuple[int, int]:
-        dropping = not self.enabled
         with conn.transaction():
             expired = conn.execute(EXPIRE, (self.ttl, self.batch_size)).rowcount
             rows = conn.execute(CONSUME, (self.batch_size,)).fetchall()
             requests = [_queued(row) for row in rows]
+            # Read once the batch is taken: a switch made before a request was queued holds for it,
+            # even when this transaction began before the switch (the worker wakes on its own start).
+            dropping = not self.enabled
             if requests and not dropping:
                 self.batches.append([r.id for r in requests])
                 for request, outcome in self._run_batch(requests):
