@@ -92,6 +92,7 @@ def test_nothing_of_this_project_is_imported_before_a_function_forks(probe: Func
 def test_a_kill_of_a_forked_function_ends_its_gunicorn_worker_and_frees_its_port(
     probe: FunctionProcess,
 ) -> None:
+    answer(probe)  # served by gunicorn's worker, which the arbiter forks once it listens
     workers = psutil.Process(probe.process.pid).children()
     assert workers, "gunicorn's worker"
     probe.kill(signal.SIGKILL)
