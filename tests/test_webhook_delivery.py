@@ -274,17 +274,16 @@ def test_a_relay_turned_off_drops_a_request_queued_after_even_mid_transaction(
     transaction it began before the switch: here that transaction waits on a lock the test holds on
     the responses table (its first statement deletes expired ones) while the test switches and posts."""
     relay = WebhookRelay(db_url, pause_s=0.2)
-    with psycopg.connect(db_url) as holder:
-        holder.execute("lock table net._http_response in access exclusive mode")
-        relay.start()  # it looks at the queue once on start: that transaction waits on the lock
-        try:
+    try:
+        with psycopg.connect(db_url) as holder:  # the lock is let go on leaving, whatever happened
+            holder.execute("lock table net._http_response in access exclusive mode")
+            relay.start()  # it looks at the queue once on start: that transaction waits on the lock
             wait_until(lambda: worker_waits_on_a_lock(db_url), poll_s=UNWATCHED_POLL_S)
             relay.enabled = False
             post(db_url, f"{endpoint.url}/late")
-            holder.commit()
-            wait_until(lambda: len(relay.dropped) == 1)
-        finally:
-            relay.stop()
+        wait_until(lambda: len(relay.dropped) == 1)
+    finally:
+        relay.stop()
     assert (queued(db_url), responses(db_url), endpoint.seen) == ([], {}, [])
 
 
