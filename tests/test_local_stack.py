@@ -135,12 +135,11 @@ def test_the_shared_database_is_emptied_as_truncate_cascade_would_before_each_te
 ) -> None:
     """The per-test reset truncates only what holds rows, but reaches as far as TRUNCATE ... CASCADE:
     tables it does not list whose foreign keys reach one it does are emptied too."""
-    reached = reset_tables
-    assert {"jobs", "job_attempts", "sona_job_charges", "auth.users", "storage.objects"} <= set(reached)
+    assert {"jobs", "job_attempts", "sona_job_charges", "auth.users", "storage.objects"} <= set(reset_tables)
     user = sql(db_url, "insert into auth.users default values returning id", role=None)[0]["id"]
     sql(db_url, "insert into public.jobs (user_id, prompt) values (%s, 'a row to empty')", user, role=None)
     sql(db_url, "insert into storage.buckets (id, name) values ('left-over', 'left-over')", role=None)
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(reset_sql)  # type: ignore[arg-type]
-        counts = {t: conn.execute(f"select count(*) from {t}").fetchone() for t in reached}  # type: ignore[arg-type]
-    assert counts == dict.fromkeys(reached, (0,))
+        counts = {t: conn.execute(f"select count(*) from {t}").fetchone() for t in reset_tables}  # type: ignore[arg-type]
+    assert counts == dict.fromkeys(reset_tables, (0,))
