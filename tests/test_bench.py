@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from devstack.bench.bench import Figure, beside_its_baseline, table, throughput_lines
+import pytest
+
+from devstack.bench.bench import (
+    Figure,
+    beside_its_baseline,
+    fastest_possible_drain_s,
+    table,
+    throughput_lines,
+)
 
 
 def test_a_cost_ratio_is_ours_over_the_baseline() -> None:
@@ -29,6 +37,9 @@ def test_the_throughput_line_names_each_jobs_cpu_and_the_wait_for_an_encoder_slo
     detail = {
         "cpu_ms_per_job": {"function": 55, "ffmpeg": 310, "stand-ins": 50},
         "median_step_ms": {"encode_mp3": 1000, "encode_ffmpeg": 380, "gain": 2, "generate": 2010},
+        "ideal_s": 10.25,
+        "cpus": 2,
+        "fastest_possible_s": 12.1,
     }
     text = throughput_lines(detail)
     assert "CPU 55 ms in the function's Python, 310 ms in ffmpeg, 50 ms in the local stand-ins" in text
@@ -80,3 +91,33 @@ def test_a_cold_starts_baseline_is_the_median_of_the_bare_starts_around_it() -> 
     assert order == ["bare", "ours", "bare", "bare"]
     assert timed == (0.6, 0.5)
     assert baseline == (0.4, 0.2)  # wall and CPU each take their own median
+
+
+@pytest.mark.parametrize(
+    ("jobs", "concurrency", "cpu_s_per_job", "cpus", "floor_s"),
+    [
+        pytest.param(40, 8, 0.0, 2, 10.0, id="no CPU: the waits alone, five rounds of 2 s"),
+        pytest.param(8, 8, 0.45, 2, 3.8, id="one round: the wait, then every job's CPU over both CPUs"),
+        pytest.param(
+            40, 8, 0.45, 2, 12.7, id="five rounds: the first round's CPU, then four of wait and share"
+        ),
+        pytest.param(40, 8, 0.45, 4, 11.35, id="twice the CPUs: half the share"),
+    ],
+)
+def test_the_fastest_possible_drain_adds_the_jobs_cpu_that_the_ideal_leaves_out(
+    jobs: int, concurrency: int, cpu_s_per_job: float, cpus: int, floor_s: float
+) -> None:
+    assert fastest_possible_drain_s(jobs, concurrency, 2.0, cpu_s_per_job, cpus) == pytest.approx(floor_s)
+
+
+def test_the_throughput_line_says_how_near_the_ideal_any_schedule_could_come() -> None:
+    detail = {
+        "cpu_ms_per_job": {"function": 52, "ffmpeg": 322, "stand-ins": 62},
+        "median_step_ms": {"encode_mp3": 474, "encode_ffmpeg": 400, "gain": 3},
+        "ideal_s": 10.25,
+        "cpus": 2,
+        "fastest_possible_s": 12.7,
+    }
+    assert "drain the jobs with that CPU on 2 CPUs: 12.7 s, 0.81 of the ideal at best" in throughput_lines(
+        detail
+    )

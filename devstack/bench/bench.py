@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -323,11 +324,33 @@ def throughput(
         ">= 0.9 of ideal",
         higher_is_better=True,
     )
+    cpu_s_per_job, cpus = sum(cpu.values()) / len(measured), os.cpu_count() or 1
     detail = {
         "cpu_ms_per_job": {name: round(spent * 1000 / len(measured)) for name, spent in cpu.items()},
         "median_step_ms": _median_steps(stack, measured),
+        "ideal_s": round(ideal, 3),
+        "cpus": cpus,
+        "fastest_possible_s": round(
+            fastest_possible_drain_s(jobs, concurrency, latency_s, cpu_s_per_job, cpus), 3
+        ),
     }
     return figure, detail
+
+
+def fastest_possible_drain_s(
+    jobs: int, concurrency: int, latency_s: float, cpu_s_per_job: float, cpus: int
+) -> float:
+    """A floor under the throughput run's wall time with what the ideal leaves out: the jobs' own CPU.
+    Each of the `concurrency` slots runs jobs/concurrency jobs (40 over 8 divides evenly), each
+    job a wait of latency_s and then its CPU, spread at best over every CPU (cpu_s_per_job/cpus).
+    The first round's waits all end together, so its last job cannot finish before every first-round
+    job's CPU is spent: latency + concurrency x share. Its slot then needs at least latency + share
+    for each of its other jobs. A job's CPU is taken as after its wait, where nearly all of it falls
+    (the encode, the uploads; the claim and the first stage before it are about 30 ms of 450); what
+    is counted per job (the function, its ffmpeg runs, the stand-ins) leaves out the database's."""
+    rounds = math.ceil(jobs / concurrency)
+    share = cpu_s_per_job / cpus
+    return rounds * latency_s + (concurrency + rounds - 1) * share
 
 
 def _job_cpu_seconds(worker: psutil.Process) -> dict[str, float]:
@@ -667,15 +690,19 @@ def table(report: dict[str, Any]) -> str:
 
 
 def throughput_lines(detail: dict[str, Any]) -> str:
-    """Where a throughput job's time goes: its CPU by process, and its steps' medians."""
+    """Where a throughput job's time goes: its CPU by process, and its steps' medians; and the
+    fastest drain that CPU allows, beside the ideal that leaves it out."""
     cpu = detail["cpu_ms_per_job"]
     steps = detail["median_step_ms"]
     waited = steps.get("encode_mp3", 0) - steps.get("encode_ffmpeg", 0) - steps.get("gain", 0)
+    floor, ideal = detail["fastest_possible_s"], detail["ideal_s"]
     return (
         f"throughput, per job: CPU {cpu['function']} ms in the function's Python, {cpu['ffmpeg']} ms in"
         f" ffmpeg, {cpu['stand-ins']} ms in the local stand-ins; median steps (ms): "
         + ", ".join(f"{key} {value:g}" for key, value in steps.items())
         + f"; waiting for an encoder slot: {waited:g} ms"
+        + f"\nthroughput, the fastest any schedule could drain the jobs with that CPU on {detail['cpus']}"
+        f" CPUs: {floor:g} s, {ideal / floor:.2f} of the ideal at best"
     )
 
 
