@@ -36,6 +36,7 @@ PRELOAD = (
     "pydantic.fields",
     "pydantic.types",
     "httpx",
+    "httpcore",  # httpx's transport (with h11, h2 and anyio), imported on its first request: 46 ms
     "requests",
     "urllib3",
     "storage3",
